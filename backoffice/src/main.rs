@@ -1,0 +1,172 @@
+//! `backoffice`: push a configuration to a machine through the SCM and report its ACK or
+//! NACK (exit 0 ACK, 1 NACK, 2 anything else), list machines, show a machine's status, or
+//! open an interactive shell.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use backoffice::config::BackofficeConfig;
+use backoffice::{Client, Stream};
+use clap::{Parser, Subcommand};
+use scm_telnet::Event;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "backoffice",
+    version,
+    about = "Operator back office for the SCM hub"
+)]
+struct Cli {
+    /// Configuration file (TOML); BACKOFFICE__SECTION__KEY variables override it.
+    #[arg(long)]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Push a configuration file to a machine; exit 0 on ACK, 1 on NACK, 2 otherwise.
+    Push {
+        /// Machine id.
+        #[arg(long)]
+        machine: u16,
+        /// Configuration file to send.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// List the machines.
+    Machines,
+    /// Show one machine.
+    Status {
+        /// Machine id.
+        id: u16,
+    },
+    /// The operator audit log.
+    Audit,
+    /// Interactive session with the SCM (type `quit` to leave).
+    Shell,
+    /// Validate the configuration and exit.
+    CheckConfig,
+}
+
+/// Exit status for anything that is neither ACK nor NACK.
+const OTHER: u8 = 2;
+
+fn load(path: &Path) -> anyhow::Result<BackofficeConfig> {
+    let env = scm_common::config::process_env(backoffice::config::ENV_PREFIX);
+    let cfg = BackofficeConfig::load(path, &env)?;
+    cfg.validate()
+        .map_err(|(k, m)| anyhow::anyhow!("invalid configuration: {k}: {m}"))?;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    scm_certs::tls::install_default_provider();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("backoffice: cannot start the async runtime: {e}");
+            return ExitCode::from(OTHER);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("backoffice: {e:#}");
+            ExitCode::from(OTHER)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let cfg = load(&cli.config)?;
+    if let Cmd::CheckConfig = cli.cmd {
+        println!("{}: configuration is valid", cli.config.display());
+        return Ok(0);
+    }
+    if let Cmd::Push { file, .. } = &cli.cmd {
+        // Read the file before connecting, so a typo does not cost a login.
+        std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
+    }
+    let mut client = backoffice::connect(&cfg).await?;
+    let code = match cli.cmd {
+        Cmd::Push { machine, file } => {
+            let content = std::fs::read_to_string(&file).with_context(|| {
+                format!("cannot read {} (it must be UTF-8 text)", file.display())
+            })?;
+            let r = client.push(machine, &content).await?;
+            let line = format!("{} {}", r.code, r.last());
+            match r.code {
+                250 => {
+                    println!("{line}");
+                    0
+                }
+                554 => {
+                    println!("{line}");
+                    1
+                }
+                _ => {
+                    eprintln!("{line}");
+                    OTHER
+                }
+            }
+        }
+        Cmd::Machines => print_reply(client.command("machines").await?),
+        Cmd::Status { id } => print_reply(client.command(&format!("status {id}")).await?),
+        Cmd::Audit => print_reply(client.command("audit").await?),
+        Cmd::Shell => return shell(client).await,
+        Cmd::CheckConfig => 0,
+    };
+    let _ = client.quit().await;
+    Ok(code)
+}
+
+fn print_reply(r: backoffice::Reply) -> u8 {
+    for l in &r.lines {
+        println!("{l}");
+    }
+    if (200..300).contains(&r.code) {
+        0
+    } else {
+        OTHER
+    }
+}
+
+/// Forwards standard input to the SCM line by line and prints what it sends.
+async fn shell(mut client: Client<Box<dyn Stream>>) -> anyhow::Result<u8> {
+    let mut out = tokio::io::stdout();
+    out.write_all(b"connected; type help, quit to leave\n")
+        .await?;
+    out.write_all(backoffice::client::PROMPT.as_bytes()).await?;
+    out.flush().await?;
+    let leftover = client.take_buffered();
+    out.write_all(&leftover).await?;
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            line = stdin.next_line(), if stdin_open => match line? {
+                Some(l) => client.conn_mut().send_line(&l).await?,
+                None => {
+                    stdin_open = false;
+                    let _ = client.conn_mut().send_line("quit").await;
+                }
+            },
+            ev = client.conn_mut().next_event() => match ev? {
+                None => break,
+                Some(Event::Data(d)) => { out.write_all(&d).await?; out.flush().await?; }
+                Some(_) => {}
+            },
+        }
+    }
+    out.write_all(b"\n").await?;
+    Ok(0)
+}

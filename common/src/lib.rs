@@ -1,0 +1,17 @@
+//! Plumbing shared by the three binaries: pre-bound listeners that announce themselves,
+//! a capped accept loop with one task per connection, shutdown on signals, configuration
+//! loading (TOML file plus environment overrides), logging set-up and secret masking.
+//!
+//! Protocol, TLS and telnet code live in their own crates (`scm-proto`, `scm-certs`,
+//! `scm-telnet`); this crate only holds what every server needs around them.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod logging;
+pub mod secret;
+pub mod serve;
+pub mod shutdown;
+
+pub use secret::Secret;
+pub use serve::{ServeOptions, bind, serve};
+pub use shutdown::shutdown_on_signals;

@@ -1,0 +1,263 @@
+//! The agent's configuration file: schema, defaults and checks (`machine-agent
+//! check-config`). Every key is documented in `docs/configuration.md`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use scm_common::config::{ConfigError, Env};
+use scm_common::logging::LogFormat;
+
+/// Environment variable prefix: `AGENT__SECTION__KEY`.
+pub const ENV_PREFIX: &str = "AGENT";
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This machine's id; must match its certificate.
+    pub machine_id: u16,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSection,
+    /// The SCM to report to.
+    pub scm: ScmSection,
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: ListenSection,
+    /// Certificates.
+    pub tls: TlsSection,
+    /// Where configurations are stored.
+    pub storage: StorageSection,
+    /// Timeouts and back-off.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `human` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// `[scm]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScmSection {
+    /// The SCM's agent link, `host:port`.
+    pub address: String,
+}
+
+/// `[listen]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenSection {
+    /// Config port (the SCM connects here to push CONFIG).
+    pub config: String,
+}
+
+impl Default for ListenSection {
+    fn default() -> Self {
+        Self {
+            config: "0.0.0.0:9301".into(),
+        }
+    }
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This machine's certificate (PEM), `urn:scm:machine:<id>`.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// Certificate revocation lists (PEM).
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    /// Directory for `config.current`, `config.previous` and `config.meta`.
+    pub dir: PathBuf,
+}
+
+/// `[timeouts]`, milliseconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TLS handshakes.
+    pub handshake_ms: u64,
+    /// A started frame must complete within this time.
+    pub frame_stall_ms: u64,
+    /// An idle config-port connection is closed after this time.
+    pub config_idle_ms: u64,
+    /// Heartbeat interval on the event link.
+    pub heartbeat_ms: u64,
+    /// Waiting for the SCM's answer to a request.
+    pub reply_ms: u64,
+    /// First reconnect delay; doubles up to `reconnect_max_ms`, with jitter.
+    pub reconnect_min_ms: u64,
+    /// Largest reconnect delay.
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            handshake_ms: 5_000,
+            frame_stall_ms: 10_000,
+            config_idle_ms: 30_000,
+            heartbeat_ms: 30_000,
+            reply_ms: 10_000,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 30_000,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Concurrent connections on the config port.
+    pub max_config_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_config_connections: 8,
+        }
+    }
+}
+
+/// A value that failed validation.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ValidationError {
+    /// The offending key.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl AgentConfig {
+    /// Parses TOML text plus environment overrides.
+    pub fn parse(text: &str, origin: &str, env: &Env) -> Result<Self, ConfigError> {
+        scm_common::config::parse(text, origin, ENV_PREFIX, env)
+    }
+
+    /// Reads a file; relative paths are resolved against its directory.
+    pub fn load(path: &Path, env: &Env) -> Result<Self, ConfigError> {
+        use scm_common::config::resolve;
+        let mut c: Self = scm_common::config::load(path, ENV_PREFIX, env)?;
+        c.tls.ca = resolve(path, &c.tls.ca);
+        c.tls.cert = resolve(path, &c.tls.cert);
+        c.tls.key = resolve(path, &c.tls.key);
+        for p in &mut c.tls.crls {
+            *p = resolve(path, p);
+        }
+        c.storage.dir = resolve(path, &c.storage.dir);
+        Ok(c)
+    }
+
+    /// Checks values serde cannot.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let bad = |key: &str, message: String| ValidationError {
+            key: key.into(),
+            message,
+        };
+        if !self.listen.config.is_empty()
+            && self.listen.config.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(bad(
+                "listen.config",
+                format!("{:?} is not IP:PORT", self.listen.config),
+            ));
+        }
+        if self.scm.address.is_empty() {
+            return Err(bad(
+                "scm.address",
+                "must name the SCM's agent port, host:port".into(),
+            ));
+        }
+        let t = &self.timeouts;
+        for (k, v) in [
+            ("timeouts.handshake_ms", t.handshake_ms),
+            ("timeouts.frame_stall_ms", t.frame_stall_ms),
+            ("timeouts.config_idle_ms", t.config_idle_ms),
+            ("timeouts.heartbeat_ms", t.heartbeat_ms),
+            ("timeouts.reply_ms", t.reply_ms),
+            ("timeouts.reconnect_min_ms", t.reconnect_min_ms),
+        ] {
+            if v == 0 {
+                return Err(bad(k, "must be greater than 0".into()));
+            }
+        }
+        if t.reconnect_max_ms < t.reconnect_min_ms {
+            return Err(bad(
+                "timeouts.reconnect_max_ms",
+                "must be at least timeouts.reconnect_min_ms".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// TLS file set.
+    pub fn tls_files(&self) -> scm_certs::tls::TlsFiles {
+        scm_certs::tls::TlsFiles {
+            ca: self.tls.ca.clone(),
+            cert: self.tls.cert.clone(),
+            key: self.tls.key.clone(),
+            crls: self.tls.crls.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "machine_id = 4\n[scm]\naddress = \"127.0.0.1:9300\"\n[tls]\nca = \"ca.pem\"\ncert = \"m.pem\"\nkey = \"k.pem\"\n[storage]\ndir = \"state\"\n";
+
+    #[test]
+    fn defaults_and_env() {
+        let env: Env = [("AGENT__LISTEN__CONFIG".into(), "127.0.0.1:0".into())].into();
+        let c = AgentConfig::parse(MIN, "t", &env).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.machine_id, 4);
+        assert_eq!(c.listen.config, "127.0.0.1:0");
+        assert_eq!(c.timeouts.heartbeat_ms, 30_000);
+    }
+
+    #[test]
+    fn unknown_key_named() {
+        let e = AgentConfig::parse(
+            &format!("{MIN}[timeouts]\nheartbeat = 3\n"),
+            "t",
+            &Env::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("heartbeat"), "{e}");
+    }
+
+    #[test]
+    fn backoff_bounds_checked() {
+        let env: Env = [("AGENT__TIMEOUTS__RECONNECT_MAX_MS".into(), "1".into())].into();
+        let c = AgentConfig::parse(MIN, "t", &env).unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "timeouts.reconnect_max_ms");
+    }
+}

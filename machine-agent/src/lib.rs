@@ -1,0 +1,132 @@
+//! The machine agent as a library: configuration, durable storage, the config port that
+//! receives CONFIG from the SCM, and the event link that reports to it.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod config_port;
+pub mod link;
+pub mod storage;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use scm_certs::tls::{self, TlsPolicy};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::config_port::ConfigPort;
+use crate::storage::ConfigStore;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// TLS material could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    /// Storage directory unusable.
+    #[error("{0}")]
+    Storage(#[from] storage::StorageError),
+    /// Socket error.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Loaded, ready-to-run agent.
+pub struct Agent {
+    cfg: AgentConfig,
+    port: Arc<ConfigPort>,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Loads certificates and opens storage.
+    pub fn prepare(cfg: AgentConfig) -> Result<Agent, StartError> {
+        let files = cfg.tls_files();
+        let server = tls::server_config(&files, TlsPolicy::default(), &[])?;
+        let client = tls::client_config(&files, TlsPolicy::default())?;
+        let store = ConfigStore::open(&cfg.storage.dir)?;
+        let ms = Duration::from_millis;
+        let port = Arc::new(ConfigPort {
+            machine_id: cfg.machine_id,
+            store: tokio::sync::Mutex::new(store),
+            acceptor: tokio_rustls::TlsAcceptor::from(server),
+            handshake: ms(cfg.timeouts.handshake_ms),
+            idle: ms(cfg.timeouts.config_idle_ms),
+            stall: ms(cfg.timeouts.frame_stall_ms),
+        });
+        Ok(Agent {
+            cfg,
+            port,
+            connector: tokio_rustls::TlsConnector::from(client),
+        })
+    }
+
+    /// Binds the config port (logs `listening on ADDR (config)`).
+    pub async fn bind(&self) -> Result<Option<TcpListener>, StartError> {
+        if self.cfg.listen.config.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            scm_common::bind(&self.cfg.listen.config, "config").await?,
+        ))
+    }
+
+    /// Runs the config port and the event link until shutdown.
+    pub async fn run(self, config_listener: Option<TcpListener>, shutdown: CancellationToken) {
+        let ms = Duration::from_millis;
+        let t = &self.cfg.timeouts;
+        let config_port = config_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
+            .unwrap_or(0);
+        let settings = link::LinkSettings {
+            machine_id: self.cfg.machine_id,
+            scm_address: self.cfg.scm.address.clone(),
+            config_port,
+            handshake: ms(t.handshake_ms),
+            heartbeat: ms(t.heartbeat_ms),
+            reply: ms(t.reply_ms),
+            stall: ms(t.frame_stall_ms),
+            reconnect_min: ms(t.reconnect_min_ms),
+            reconnect_max: ms(t.reconnect_max_ms),
+        };
+        // The link reads the applied state through its own handle on the same directory;
+        // saves are serialised by the config port's lock.
+        let store = {
+            let guard = self.port.store.lock().await;
+            Arc::new(tokio::sync::Mutex::new(guard.clone()))
+        };
+        let mut set = tokio::task::JoinSet::new();
+        if let Some(l) = config_listener {
+            let port = self.port.clone();
+            let opts =
+                scm_common::ServeOptions::new("config", self.cfg.limits.max_config_connections);
+            set.spawn(scm_common::serve(
+                l,
+                opts,
+                shutdown.clone(),
+                move |tcp, peer, token| port.clone().handle(tcp, peer, token),
+            ));
+        }
+        set.spawn(link::run(
+            settings,
+            self.connector.clone(),
+            store,
+            shutdown.clone(),
+        ));
+        while set.join_next().await.is_some() {
+            shutdown.cancel();
+        }
+    }
+}

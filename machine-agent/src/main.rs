@@ -1,0 +1,86 @@
+//! `machine-agent`: runs the agent (`--config FILE`) or checks its configuration
+//! (`check-config --config FILE`).
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use machine_agent::config::AgentConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "machine-agent",
+    version,
+    about = "Machine agent: stores configurations pushed by the SCM and reports to it"
+)]
+struct Cli {
+    /// Configuration file (TOML); AGENT__SECTION__KEY variables override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Validate the configuration (and load certificates) and exit.
+    CheckConfig,
+}
+
+fn load(path: &Path) -> anyhow::Result<AgentConfig> {
+    let env = scm_common::config::process_env(machine_agent::config::ENV_PREFIX);
+    let cfg = AgentConfig::load(path, &env)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("machine-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    scm_certs::tls::install_default_provider();
+    let path = cli
+        .config
+        .context("--config FILE is required (the agent's TOML configuration)")?;
+    let cfg = load(&path)?;
+    match cli.cmd {
+        Some(Cmd::CheckConfig) => {
+            let id = cfg.machine_id;
+            machine_agent::Agent::prepare(cfg)?;
+            println!(
+                "{}: configuration is valid (machine {id}; certificates and storage loaded)",
+                path.display()
+            );
+            Ok(())
+        }
+        None => {
+            scm_common::logging::init(cfg.log.format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(async move {
+                let shutdown = scm_common::shutdown_on_signals();
+                let id = cfg.machine_id;
+                let agent = machine_agent::Agent::prepare(cfg)?;
+                let listener = agent.bind().await?;
+                tracing::info!(
+                    "machine agent {} for machine {id} started",
+                    env!("CARGO_PKG_VERSION")
+                );
+                agent.run(listener, shutdown).await;
+                tracing::info!("machine agent stopped");
+                anyhow::Ok(())
+            })
+        }
+    }
+}

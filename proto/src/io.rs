@@ -1,0 +1,231 @@
+//! Reading and writing frames on an async byte stream, with the timeouts a
+//! hub needs against slow or hostile peers.
+//!
+//! [`FrameReader`] owns a bounded buffer (never more than one maximum frame:
+//! header plus the codec's data limit) and enforces two deadlines:
+//!
+//! - **idle**: how long to wait for the *first byte* of the next frame;
+//! - **stall**: how long a frame may take to arrive *in full*, measured from
+//!   the arrival of its first byte. A peer that starts a frame and then
+//!   trickles a byte now and then is still cut off when the stall time is up.
+//!
+//! Time is tokio time, so tests can run under `tokio::time::pause()`.
+//! [`write_frame`] is the matching writer.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::codec::Decoder;
+
+use crate::frame::{Frame, FrameCodec, FrameError, Header, needed_len};
+
+/// Bytes asked of the stream per read when the current frame needs less: a
+/// few small frames can arrive in one read without growing the buffer past
+/// one maximum frame.
+const READ_CHUNK: usize = 4096;
+
+/// Reads frames from `R` through a [`FrameCodec`], with idle and stall
+/// timeouts and a buffer bounded by the codec's maximum frame length.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    /// The byte stream (typically a TLS stream, or its read half).
+    reader: R,
+    /// Bytes read but not yet returned as frames. Never longer than
+    /// `codec.max_frame_len()`: reads are sized so that they cannot overshoot
+    /// the frame being assembled by more than that bound allows.
+    buf: BytesMut,
+    /// Decodes the buffer and enforces the link's maximum data length.
+    codec: FrameCodec,
+    /// When the first byte of the frame now in `buf` arrived; `None` while
+    /// `buf` is empty. The stall deadline is counted from here, not from the
+    /// last read, so trickling bytes does not extend it.
+    frame_started: Option<Instant>,
+    /// When the last read returned bytes: the arrival time of any bytes of
+    /// the next frame left over after a frame is decoded.
+    last_read_at: Instant,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// A reader of frames from `reader`, decoding with `codec`.
+    pub fn new(reader: R, codec: FrameCodec) -> Self {
+        FrameReader {
+            reader,
+            buf: BytesMut::new(),
+            codec,
+            frame_started: None,
+            last_read_at: Instant::now(),
+        }
+    }
+
+    /// Reads the next frame.
+    ///
+    /// - `Ok(Some(frame))`: a complete frame (unknown versions and codes
+    ///   included: answering those is the caller's job).
+    /// - `Ok(None)`: the stream ended cleanly, between frames.
+    /// - `Err(ReadError::Idle(idle))`: no byte of a new frame arrived within
+    ///   `idle` of this call (`None` waits for ever).
+    /// - `Err(ReadError::Stalled { .. })`: a frame had started but was not
+    ///   complete `stall` after its first byte arrived.
+    /// - `Err(ReadError::Frame(..))`: the header declared too much data
+    ///   ([`FrameError::DataTooLong`]), the stream ended mid-frame
+    ///   ([`FrameError::Truncated`]), or an I/O error.
+    ///
+    /// After an error the stream is not in a usable state; close it (after
+    /// sending a NACK where the protocol says so).
+    ///
+    /// Cancel safety: dropping the future loses no data; bytes already read
+    /// stay buffered, and the stall deadline of a started frame still counts
+    /// from its first byte. The idle deadline restarts with each call.
+    pub async fn read_frame(
+        &mut self,
+        idle: Option<Duration>,
+        stall: Duration,
+    ) -> Result<Option<Frame>, ReadError> {
+        let idle_deadline = idle.map(|d| Instant::now() + d);
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.buf)? {
+                self.frame_started = if self.buf.is_empty() {
+                    None
+                } else {
+                    // The next frame's first bytes came with the last read.
+                    Some(self.last_read_at)
+                };
+                return Ok(Some(frame));
+            }
+
+            let deadline = match self.frame_started {
+                Some(started) => {
+                    let deadline = started + stall;
+                    if Instant::now() >= deadline {
+                        return Err(self.stalled(stall));
+                    }
+                    Some(deadline)
+                }
+                None => idle_deadline,
+            };
+
+            let need = needed_len(&self.buf);
+            // `decode` returned None, so the buffer holds less than one frame
+            // of at most `max_frame_len` bytes: `room` is at least one.
+            let room = self.codec.max_frame_len().saturating_sub(self.buf.len());
+            let missing = need.saturating_sub(self.buf.len());
+            let want = missing.max(READ_CHUNK).min(room);
+            self.buf.reserve(want);
+            let mut limited = (&mut self.reader).take(want as u64);
+            let read = limited.read_buf(&mut self.buf);
+            let n = match deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
+                    Ok(result) => result.map_err(FrameError::Io)?,
+                    Err(_elapsed) => {
+                        return Err(match self.frame_started {
+                            Some(_) => self.stalled(stall),
+                            None => ReadError::Idle(idle.unwrap_or_default()),
+                        });
+                    }
+                },
+                None => read.await.map_err(FrameError::Io)?,
+            };
+
+            if n == 0 {
+                // End of stream: clean if between frames, else Truncated.
+                return Ok(self.codec.decode_eof(&mut self.buf)?);
+            }
+            self.last_read_at = Instant::now();
+            if self.frame_started.is_none() {
+                self.frame_started = Some(self.last_read_at);
+            }
+        }
+    }
+
+    fn stalled(&self, after: Duration) -> ReadError {
+        ReadError::Stalled {
+            have: self.buf.len(),
+            need: needed_len(&self.buf),
+            after,
+        }
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &R {
+        &self.reader
+    }
+
+    /// The underlying stream, mutably. Reading from it directly bypasses the
+    /// buffer and desynchronises the frame stream.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.reader
+    }
+
+    /// The underlying stream; buffered bytes are lost.
+    pub fn into_inner(self) -> R {
+        self.reader
+    }
+
+    /// How many bytes are buffered (read but not yet returned as a frame).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The header of the frame being received, if all 6 bytes of it have
+    /// arrived. After [`FrameError::DataTooLong`] or [`ReadError::Stalled`]
+    /// this tells the version and id to answer with (see
+    /// [`Frame::protocol_nack`]).
+    pub fn pending_header(&self) -> Option<Header> {
+        Header::parse(&self.buf)
+    }
+}
+
+/// Encodes `frame`, writes it in full and flushes.
+///
+/// # Errors
+///
+/// An I/O error from the stream, or an error of kind
+/// [`std::io::ErrorKind::InvalidInput`] wrapping [`FrameError::DataTooLong`]
+/// (nothing is written then) if the frame's data is longer than 65535 bytes.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
+    let mut buf = BytesMut::with_capacity(frame.encoded_len());
+    frame
+        .encode(&mut buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    w.write_all(&buf).await?;
+    w.flush().await
+}
+
+/// Why [`FrameReader::read_frame`] returned no frame.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// No byte of a new frame arrived within the idle timeout.
+    #[error("no frame started within the idle timeout of {0:?}")]
+    Idle(Duration),
+    /// A frame started but did not complete within the stall timeout,
+    /// counted from its first byte.
+    #[error(
+        "peer stalled mid-frame: {have} of the frame's {need} bytes arrived within {after:?} of its first byte"
+    )]
+    Stalled {
+        /// Bytes of the frame that had arrived (header included).
+        have: usize,
+        /// Bytes the frame needs (just the header length while the header
+        /// is incomplete).
+        need: usize,
+        /// The stall timeout that ran out.
+        after: Duration,
+    },
+    /// The byte stream is not a valid frame stream, or failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+impl ReadError {
+    /// Whether this is a timeout (idle or stalled), as opposed to a bad or
+    /// broken stream.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ReadError::Idle(_) | ReadError::Stalled { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests;

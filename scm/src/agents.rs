@@ -1,0 +1,442 @@
+//! The agent link: machines connect here over mutual TLS and send HELLO, MSG, heartbeats
+//! (and, later, card swipes). One task per connection; the TLS handshake runs inside it
+//! under a timeout; the frame's machine id must equal the id in the peer's certificate.
+//!
+//! Version 0 follows the original rules: HELLO from a known id is ACKed (or answered with
+//! a waiting CONFIG), an unknown id is NACKed and closed, and MSG is ACKed only when its id
+//! and peer address match that machine's last HELLO. Version 1 carries protobuf payloads
+//! and echoes request ids.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scm_certs::identity::{Identity, Role};
+use scm_proto::io::{FrameReader, ReadError, write_frame};
+use scm_proto::v1::{Message, NackReason};
+use scm_proto::{Code, Frame, FrameCodec, FrameError};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::{Hub, Session};
+use crate::push::{self, PushResult, Reply};
+use crate::store;
+
+/// Why an agent link ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The TLS handshake failed (reason label in the message).
+    #[error("TLS handshake refused ({reason}): {0}", reason = .0.reason())]
+    Handshake(#[from] scm_certs::tls::HandshakeError),
+    /// Reading a frame failed or timed out.
+    #[error("{0}")]
+    Read(#[from] ReadError),
+    /// Writing failed.
+    #[error("cannot write to the agent: {0}")]
+    Write(#[from] std::io::Error),
+    /// The link was closed on purpose after a NACK.
+    #[error("closed after NACK: {0}")]
+    Refused(String),
+    /// Database failure.
+    #[error("{0}")]
+    Store(#[from] store::StoreError),
+}
+
+/// Serves one agent connection.
+pub async fn handle(
+    hub: Arc<Hub>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), LinkError> {
+    let handshake = Duration::from_millis(hub.cfg.timeouts.handshake_ms);
+    let (tls, identity) =
+        scm_certs::tls::accept(&acceptor, tcp, handshake, &[Role::Machine]).await?;
+    let Identity::Machine(cert_id) = identity else {
+        return Err(LinkError::Refused("not a machine certificate".into()));
+    };
+    tracing::debug!(machine = cert_id, "agent link up");
+    let (r, mut w) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(r, FrameCodec::new(hub.cfg.limits.max_agent_frame_data));
+    let mut link = Link {
+        hub: hub.clone(),
+        cert_id,
+        peer,
+        link_id: hub.next_id(),
+        hello: None,
+    };
+    let idle = Duration::from_millis(hub.cfg.timeouts.agent_idle_ms);
+    let stall = Duration::from_millis(hub.cfg.timeouts.frame_stall_ms);
+    let result = loop {
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            f = reader.read_frame(Some(idle), stall) => f,
+        };
+        let frame = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => break Ok(()),
+            Err(ReadError::Frame(FrameError::DataTooLong { declared, max })) => {
+                let text = format!(
+                    "frame declares {declared} data bytes; this link accepts at most {max}"
+                );
+                let _ =
+                    write_frame(&mut w, &scm_proto::text_frame(Code::Nack, cert_id, &text)).await;
+                break Err(LinkError::Refused(text));
+            }
+            Err(e) => break Err(e.into()),
+        };
+        match link.on_frame(frame, &mut reader, &mut w).await {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    if link.hello.is_some() {
+        hub.unregister(cert_id, link.link_id);
+        tracing::info!(machine = cert_id, "agent disconnected");
+    }
+    let _ = w.shutdown().await;
+    result
+}
+
+struct Link {
+    hub: Arc<Hub>,
+    cert_id: u16,
+    peer: SocketAddr,
+    link_id: u64,
+    /// Protocol version of the accepted HELLO on this link.
+    hello: Option<u8>,
+}
+
+fn nack0(id: u16, text: &str) -> Frame {
+    scm_proto::text_frame(Code::Nack, id, text)
+}
+
+impl Link {
+    /// Handles one frame; `Ok(false)` closes the link.
+    async fn on_frame<R, W>(
+        &mut self,
+        frame: Frame,
+        reader: &mut FrameReader<R>,
+        w: &mut W,
+    ) -> Result<bool, LinkError>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let id = self.cert_id;
+        match frame.version {
+            0 | 1 => {}
+            v => {
+                let text =
+                    format!("unsupported protocol version {v}; this SCM speaks versions 0 and 1");
+                tracing::warn!(machine = id, "{text}");
+                write_frame(w, &nack0(id, &text)).await?;
+                return Ok(true);
+            }
+        }
+        let Some(code) = frame.code().filter(|c| c.is_known_in(frame.version)) else {
+            let text = format!(
+                "unknown code {} for protocol version {}",
+                frame.code, frame.version
+            );
+            tracing::warn!(machine = id, "{text}");
+            let reply = if frame.version == 0 {
+                nack0(id, &text)
+            } else {
+                scm_proto::reply_frame(&Message::nack(0, NackReason::UnknownCode, text), id)
+            };
+            write_frame(w, &reply).await?;
+            return Ok(true);
+        };
+        if frame.id != id {
+            let text = format!(
+                "frame names machine {} but the certificate belongs to machine {id}; a machine can only speak for itself",
+                frame.id
+            );
+            tracing::warn!(machine = id, claimed = frame.id, "{text}");
+            let reply = if frame.version == 0 {
+                nack0(frame.id, &text)
+            } else {
+                let rid = Message::decode(&frame).map(|m| m.request_id()).unwrap_or(0);
+                scm_proto::reply_frame(
+                    &Message::nack(rid, NackReason::WrongMachineId, text.clone()),
+                    frame.id,
+                )
+            };
+            write_frame(w, &reply).await?;
+            if code == Code::Hello {
+                return Err(LinkError::Refused(text));
+            }
+            return Ok(true);
+        }
+        if frame.version == 0 {
+            self.on_v0(code, frame, reader, w).await
+        } else {
+            self.on_v1(frame, w).await
+        }
+    }
+
+    fn known(&self) -> bool {
+        self.hub.cfg.machine(self.cert_id).is_some()
+    }
+
+    async fn accept_hello(
+        &mut self,
+        version: u8,
+        config_port: Option<u16>,
+    ) -> Result<(), LinkError> {
+        let id = self.cert_id;
+        let peer = self.peer.to_string();
+        self.hub
+            .store
+            .run(move |c| store::record_hello(c, id, &peer))
+            .await?;
+        self.hub.register(
+            id,
+            Session {
+                peer: self.peer,
+                version,
+                connected_since_ms: store::now_ms(),
+                config_port,
+                link_id: self.link_id,
+            },
+        );
+        self.hello = Some(version);
+        tracing::info!(machine = id, version, "agent said HELLO");
+        Ok(())
+    }
+
+    async fn on_v0<R, W>(
+        &mut self,
+        code: Code,
+        frame: Frame,
+        reader: &mut FrameReader<R>,
+        w: &mut W,
+    ) -> Result<bool, LinkError>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let id = self.cert_id;
+        match code {
+            Code::Hello => {
+                if !self.known() {
+                    let text = format!("machine {id} is not known to this SCM");
+                    write_frame(w, &nack0(id, &text)).await?;
+                    return Err(LinkError::Refused(text));
+                }
+                self.accept_hello(0, None).await?;
+                let pending = self
+                    .hub
+                    .store
+                    .run(move |c| store::pending_generation(c, id))
+                    .await?;
+                match pending {
+                    // In-band delivery: the waiting CONFIG is the answer to the HELLO.
+                    Some(g) => {
+                        let lock = self.hub.delivery_lock(id);
+                        let _guard = lock.lock().await;
+                        match push::config_frame(0, &g, 0) {
+                            Ok(f) => write_frame(w, &f).await?,
+                            Err(e) => {
+                                let r = PushResult::Nack {
+                                    generation: g.generation,
+                                    detail: format!("cannot be framed: {e}"),
+                                };
+                                push::record(&self.hub, id, &r).await?;
+                                write_frame(w, &scm_proto::text_frame(Code::Ack, id, "OK")).await?;
+                                return Ok(true);
+                            }
+                        }
+                        let t = Duration::from_millis(self.hub.cfg.timeouts.push_reply_ms);
+                        let result = match reader.read_frame(Some(t), t).await {
+                            Ok(Some(answer)) => match push::parse_reply(&answer, id, 0) {
+                                Ok(Reply::Ack(detail)) => PushResult::Ack {
+                                    generation: g.generation,
+                                    detail,
+                                },
+                                Ok(Reply::Nack(detail)) => PushResult::Nack {
+                                    generation: g.generation,
+                                    detail,
+                                },
+                                Err(e) => PushResult::Unreachable {
+                                    generation: g.generation,
+                                    detail: e,
+                                },
+                            },
+                            Ok(None) => PushResult::Unreachable {
+                                generation: g.generation,
+                                detail:
+                                    "machine closed the link before answering the in-band CONFIG"
+                                        .into(),
+                            },
+                            Err(e) => PushResult::Unreachable {
+                                generation: g.generation,
+                                detail: e.to_string(),
+                            },
+                        };
+                        push::record(&self.hub, id, &result).await?;
+                        Ok(!matches!(result, PushResult::Unreachable { .. }))
+                    }
+                    None => {
+                        write_frame(w, &scm_proto::text_frame(Code::Ack, id, "OK")).await?;
+                        Ok(true)
+                    }
+                }
+            }
+            Code::Msg => {
+                let ok = match self.hello {
+                    Some(_) => true,
+                    None => {
+                        // A version-0 machine may send MSG on a new connection: it must come
+                        // from the address of its last HELLO.
+                        let m = self
+                            .hub
+                            .store
+                            .run(move |c| store::get_machine(c, id))
+                            .await?;
+                        let last_ip = m
+                            .and_then(|m| m.last_peer)
+                            .and_then(|p| p.parse::<SocketAddr>().ok())
+                            .map(|a| a.ip());
+                        last_ip == Some(self.peer.ip())
+                    }
+                };
+                if ok {
+                    tracing::info!(machine = id, "MSG: {}", frame.text_lossy().escape_debug());
+                    write_frame(w, &scm_proto::text_frame(Code::Ack, id, "OK")).await?;
+                } else {
+                    write_frame(
+                        w,
+                        &nack0(
+                            id,
+                            "no HELLO from this machine at this address; say HELLO first",
+                        ),
+                    )
+                    .await?;
+                }
+                Ok(true)
+            }
+            Code::Ack | Code::Nack => {
+                tracing::debug!(machine = id, "unsolicited {}", code.name());
+                Ok(true)
+            }
+            _ => {
+                write_frame(
+                    w,
+                    &nack0(
+                        id,
+                        &format!("{} is not accepted from machines", code.name()),
+                    ),
+                )
+                .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn on_v1<W: AsyncWrite + Unpin>(
+        &mut self,
+        frame: Frame,
+        w: &mut W,
+    ) -> Result<bool, LinkError> {
+        let id = self.cert_id;
+        let msg = match Message::decode(&frame) {
+            Ok(m) => m,
+            Err(e) => {
+                let text = format!("cannot decode the payload: {e}");
+                write_frame(
+                    w,
+                    &scm_proto::reply_frame(&Message::nack(0, NackReason::Malformed, text), id),
+                )
+                .await?;
+                return Ok(true);
+            }
+        };
+        let rid = msg.request_id();
+        let reply = match msg {
+            Message::Hello(h) => {
+                if !self.known() {
+                    let text = format!("machine {id} is not known to this SCM");
+                    write_frame(
+                        w,
+                        &scm_proto::reply_frame(
+                            &Message::nack(rid, NackReason::UnknownMachine, text.clone()),
+                            id,
+                        ),
+                    )
+                    .await?;
+                    return Err(LinkError::Refused(text));
+                }
+                let port = u16::try_from(h.config_port).ok().filter(|p| *p != 0);
+                self.accept_hello(1, port).await?;
+                if !h.applied_sha256.is_empty() {
+                    let sha = hex::encode(&h.applied_sha256);
+                    self.hub
+                        .store
+                        .run(move |c| store::mark_applied_by_hash(c, id, &sha))
+                        .await?;
+                }
+                let m = self
+                    .hub
+                    .store
+                    .run(move |c| store::get_machine(c, id))
+                    .await?;
+                let desired = m.as_ref().map(|m| m.desired_generation).unwrap_or(0);
+                write_frame(
+                    w,
+                    &scm_proto::reply_frame(&Message::ack(rid, "welcome", desired), id),
+                )
+                .await?;
+                // Bring the machine up to date in the background.
+                let hub = self.hub.clone();
+                tokio::spawn(async move {
+                    match hub
+                        .store
+                        .run(move |c| store::pending_generation(c, id))
+                        .await
+                    {
+                        Ok(Some(g)) => {
+                            if let Err(e) = push::deliver(&hub, g).await {
+                                tracing::warn!(machine = id, "cannot record delivery: {e}");
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(machine = id, "cannot read pending configuration: {e}")
+                        }
+                    }
+                });
+                return Ok(true);
+            }
+            _ if self.hello.is_none() => {
+                Message::nack(rid, NackReason::NotAllowed, "say HELLO first")
+            }
+            Message::Msg(m) => {
+                tracing::info!(machine = id, "MSG: {}", m.text.escape_debug());
+                Message::ack(rid, "OK", 0)
+            }
+            Message::Heartbeat(_) => Message::ack(rid, "OK", 0),
+            Message::Swipe(_) => Message::nack(
+                rid,
+                NackReason::NotAllowed,
+                "card swipes are not enabled on this SCM",
+            ),
+            Message::Ack(_) | Message::Nack(_) => return Ok(true),
+            Message::Config(_) | Message::Reset(_) => Message::nack(
+                rid,
+                NackReason::NotAllowed,
+                format!(
+                    "{} is not accepted from machines",
+                    frame.code().map(|c| c.name()).unwrap_or("?")
+                ),
+            ),
+        };
+        write_frame(w, &scm_proto::reply_frame(&reply, id)).await?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,484 @@
+//! The SCM's configuration: the TOML file's schema, its defaults, and the checks that run
+//! before anything starts (`scm check-config`). Every key is documented in
+//! `docs/configuration.md`; unknown keys are rejected with their name.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use scm_common::Secret;
+use scm_common::config::{ConfigError, Env};
+use scm_common::logging::LogFormat;
+
+/// Environment variable prefix: `SCM__SECTION__KEY`.
+pub const ENV_PREFIX: &str = "SCM";
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScmConfig {
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSection,
+    /// Listen addresses.
+    #[serde(default)]
+    pub listen: ListenSection,
+    /// The SCM's certificate, key and trusted CA.
+    pub tls: TlsSection,
+    /// The SQLite database.
+    pub database: DatabaseSection,
+    /// Connection and size limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Operator login throttling.
+    #[serde(default)]
+    pub login: LoginSection,
+    /// Operator accounts.
+    #[serde(default, rename = "operator")]
+    pub operators: Vec<OperatorConfig>,
+    /// The machines this SCM knows.
+    #[serde(default, rename = "machine")]
+    pub machines: Vec<MachineConfig>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `human` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// `[listen]`: where each server listens. An empty string disables that listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenSection {
+    /// Agent event link (mutual TLS frames).
+    pub agents: String,
+    /// Plain telnet for operators; loopback by default.
+    pub telnet: String,
+    /// TLS-wrapped telnet for remote operators (operator certificate required).
+    pub telnet_tls: String,
+}
+
+impl Default for ListenSection {
+    fn default() -> Self {
+        Self {
+            agents: "0.0.0.0:9300".into(),
+            telnet: "127.0.0.1:2323".into(),
+            telnet_tls: "0.0.0.0:2324".into(),
+        }
+    }
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// CA certificate (PEM) that signs machines, operators and this SCM.
+    pub ca: PathBuf,
+    /// This SCM's certificate (PEM), with the `urn:scm:scm` identity.
+    pub cert: PathBuf,
+    /// This SCM's private key (PEM).
+    pub key: PathBuf,
+    /// Certificate revocation lists (PEM).
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// Also accept TLS 1.2 on the agent link and when connecting to machines' config
+    /// ports, for legacy version-0 machines. TLS 1.3 only when false.
+    #[serde(default)]
+    pub allow_tls12_for_machines: bool,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSection {
+    /// SQLite file; created if missing.
+    pub path: PathBuf,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Concurrent agent connections.
+    pub max_agent_connections: usize,
+    /// Concurrent operator (telnet) connections, per listener.
+    pub max_operator_connections: usize,
+    /// Largest DATA_LENGTH accepted on the agent link.
+    pub max_agent_frame_data: usize,
+    /// Largest configuration accepted from an operator, in bytes.
+    pub max_config_bytes: usize,
+    /// Longest telnet line, in bytes.
+    pub telnet_max_line: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_agent_connections: 10_000,
+            max_operator_connections: 32,
+            max_agent_frame_data: 16 * 1024,
+            max_config_bytes: 60 * 1024,
+            telnet_max_line: 4096,
+        }
+    }
+}
+
+/// `[timeouts]`, all in milliseconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TLS handshake, on every TLS port.
+    pub handshake_ms: u64,
+    /// A frame that has started must be complete within this time.
+    pub frame_stall_ms: u64,
+    /// An agent link with no frame for this long is closed (agents send heartbeats).
+    pub agent_idle_ms: u64,
+    /// Connecting to a machine's config port (TCP and TLS).
+    pub push_connect_ms: u64,
+    /// Waiting for a machine's ACK or NACK to a CONFIG.
+    pub push_reply_ms: u64,
+    /// Login must complete within this time.
+    pub login_ms: u64,
+    /// An operator session idle for this long is closed.
+    pub telnet_idle_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            handshake_ms: 5_000,
+            frame_stall_ms: 10_000,
+            agent_idle_ms: 90_000,
+            push_connect_ms: 3_000,
+            push_reply_ms: 15_000,
+            login_ms: 60_000,
+            telnet_idle_ms: 900_000,
+        }
+    }
+}
+
+impl Timeouts {
+    /// Converts a millisecond field.
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+}
+
+/// `[login]`: failed-login throttling per source address.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoginSection {
+    /// Failures from one address within `window_ms` before it is locked out.
+    pub max_failures: u32,
+    /// Window over which failures are counted.
+    pub window_ms: u64,
+    /// How long a locked-out address is refused.
+    pub lockout_ms: u64,
+    /// Pause after each failed attempt.
+    pub failure_delay_ms: u64,
+}
+
+impl Default for LoginSection {
+    fn default() -> Self {
+        Self {
+            max_failures: 5,
+            window_ms: 60_000,
+            lockout_ms: 300_000,
+            failure_delay_ms: 1_000,
+        }
+    }
+}
+
+/// What an operator may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorRole {
+    /// Everything.
+    Admin,
+    /// Look, never change.
+    ReadOnly,
+}
+
+impl OperatorRole {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::ReadOnly => "read_only",
+        }
+    }
+}
+
+/// `[[operator]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// Login name; also the name in the operator's certificate (`urn:scm:operator:NAME`).
+    pub name: String,
+    /// Argon2 PHC hash (`scm hash-password`). Empty: certificate login only.
+    #[serde(default)]
+    pub password_hash: Secret,
+    /// `admin` or `read_only`.
+    pub role: OperatorRole,
+}
+
+/// `[[machine]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Machine id (the frame ID field and the certificate's `urn:scm:machine:ID`).
+    pub id: u16,
+    /// Human name.
+    #[serde(default)]
+    pub name: String,
+    /// Protocol version the machine speaks: 0 (original) or 1 (this project's agents).
+    #[serde(default = "default_version")]
+    pub protocol_version: u8,
+    /// Where its config port is (`host:port`). If absent, the SCM uses the address of the
+    /// machine's last HELLO and the port it reported (version 1), or delivers in-band on
+    /// HELLO (version 0).
+    #[serde(default)]
+    pub config_addr: Option<String>,
+    /// Free-form labels.
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+fn default_version() -> u8 {
+    1
+}
+
+/// A configuration that failed validation.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ValidationError {
+    /// The offending key.
+    pub key: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ValidationError {
+    ValidationError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl ScmConfig {
+    /// Parses TOML text plus environment overrides.
+    pub fn parse(text: &str, origin: &str, env: &Env) -> Result<Self, ConfigError> {
+        scm_common::config::parse(text, origin, ENV_PREFIX, env)
+    }
+
+    /// Reads and parses a file; relative paths inside it are resolved against its
+    /// directory.
+    pub fn load(path: &Path, env: &Env) -> Result<Self, ConfigError> {
+        let mut cfg: Self = scm_common::config::load(path, ENV_PREFIX, env)?;
+        cfg.resolve_paths(path);
+        Ok(cfg)
+    }
+
+    /// Makes file paths relative to the configuration file absolute.
+    pub fn resolve_paths(&mut self, file: &Path) {
+        use scm_common::config::resolve;
+        self.tls.ca = resolve(file, &self.tls.ca);
+        self.tls.cert = resolve(file, &self.tls.cert);
+        self.tls.key = resolve(file, &self.tls.key);
+        for c in &mut self.tls.crls {
+            *c = resolve(file, c);
+        }
+        self.database.path = resolve(file, &self.database.path);
+    }
+
+    /// Checks what serde cannot: value ranges, duplicates, hashes.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let mut ids = HashSet::new();
+        for (i, m) in self.machines.iter().enumerate() {
+            if !ids.insert(m.id) {
+                return Err(invalid(
+                    format!("machine[{i}].id"),
+                    format!("machine id {} is listed twice; each id once", m.id),
+                ));
+            }
+            if m.protocol_version > 1 {
+                return Err(invalid(
+                    format!("machine[{i}].protocol_version"),
+                    format!(
+                        "{} is not a protocol version; use 0 or 1",
+                        m.protocol_version
+                    ),
+                ));
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, o) in self.operators.iter().enumerate() {
+            let ok = !o.name.is_empty()
+                && o.name.len() <= 64
+                && o.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(invalid(
+                    format!("operator[{i}].name"),
+                    "use 1 to 64 characters from A-Z a-z 0-9 . _ -",
+                ));
+            }
+            if !names.insert(o.name.as_str()) {
+                return Err(invalid(
+                    format!("operator[{i}].name"),
+                    format!("operator {:?} is listed twice", o.name),
+                ));
+            }
+            if !o.password_hash.is_empty()
+                && argon2::PasswordHash::new(o.password_hash.expose()).is_err()
+            {
+                return Err(invalid(
+                    format!("operator[{i}].password_hash"),
+                    "not an Argon2 PHC string; create one with `scm hash-password`",
+                ));
+            }
+        }
+        let l = &self.limits;
+        if l.max_agent_frame_data == 0 || l.max_agent_frame_data > scm_proto::MAX_DATA_LEN {
+            return Err(invalid(
+                "limits.max_agent_frame_data",
+                format!("must be 1..={}", scm_proto::MAX_DATA_LEN),
+            ));
+        }
+        if l.max_config_bytes == 0 || l.max_config_bytes > scm_proto::MAX_DATA_LEN - 64 {
+            return Err(invalid(
+                "limits.max_config_bytes",
+                format!(
+                    "must be 1..={} (a CONFIG frame carries at most {} bytes)",
+                    scm_proto::MAX_DATA_LEN - 64,
+                    scm_proto::MAX_DATA_LEN
+                ),
+            ));
+        }
+        if l.telnet_max_line < 80 {
+            return Err(invalid("limits.telnet_max_line", "must be at least 80"));
+        }
+        for (key, v) in [
+            ("timeouts.handshake_ms", self.timeouts.handshake_ms),
+            ("timeouts.frame_stall_ms", self.timeouts.frame_stall_ms),
+            ("timeouts.agent_idle_ms", self.timeouts.agent_idle_ms),
+            ("timeouts.push_connect_ms", self.timeouts.push_connect_ms),
+            ("timeouts.push_reply_ms", self.timeouts.push_reply_ms),
+            ("timeouts.login_ms", self.timeouts.login_ms),
+            ("timeouts.telnet_idle_ms", self.timeouts.telnet_idle_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        for (key, v) in [
+            ("listen.agents", &self.listen.agents),
+            ("listen.telnet", &self.listen.telnet),
+            ("listen.telnet_tls", &self.listen.telnet_tls),
+        ] {
+            if !v.is_empty() && v.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    key,
+                    format!("{v:?} is not an address; write IP:PORT such as 127.0.0.1:2323"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The machine with this id, if configured.
+    pub fn machine(&self, id: u16) -> Option<&MachineConfig> {
+        self.machines.iter().find(|m| m.id == id)
+    }
+
+    /// TLS file set for `scm-certs`.
+    pub fn tls_files(&self) -> scm_certs::tls::TlsFiles {
+        scm_certs::tls::TlsFiles {
+            ca: self.tls.ca.clone(),
+            cert: self.tls.cert.clone(),
+            key: self.tls.key.clone(),
+            crls: self.tls.crls.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[tls]
+ca = "ca.pem"
+cert = "scm.pem"
+key = "scm-key.pem"
+[database]
+path = "scm.db"
+[[machine]]
+id = 1
+[[machine]]
+id = 2
+protocol_version = 0
+config_addr = "10.0.0.2:9301"
+"#;
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = ScmConfig::parse(MIN, "t", &Env::new()).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listen.telnet, "127.0.0.1:2323");
+        assert_eq!(c.machines.len(), 2);
+        assert_eq!(c.machine(2).unwrap().protocol_version, 0);
+        assert_eq!(c.machine(1).unwrap().protocol_version, 1);
+    }
+
+    #[test]
+    fn env_overrides_listen_address() {
+        let env: Env = [("SCM__LISTEN__TELNET".into(), "127.0.0.1:0".into())].into();
+        let c = ScmConfig::parse(MIN, "t", &env).unwrap();
+        assert_eq!(c.listen.telnet, "127.0.0.1:0");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        let text = format!("{MIN}\n[limits]\nmax_agent_conections = 3\n");
+        let e = ScmConfig::parse(&text, "t", &Env::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_agent_conections"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_machine_is_rejected() {
+        let text = format!("{MIN}\n[[machine]]\nid = 1\n");
+        let c = ScmConfig::parse(&text, "t", &Env::new()).unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "machine[2].id");
+    }
+
+    #[test]
+    fn bad_password_hash_is_rejected() {
+        let text = format!(
+            "{MIN}\n[[operator]]\nname = \"a\"\nrole = \"admin\"\npassword_hash = \"plain\"\n"
+        );
+        let c = ScmConfig::parse(&text, "t", &Env::new()).unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "operator[0].password_hash");
+        assert!(!format!("{c:?}").contains("plain"), "hash masked in Debug");
+    }
+
+    #[test]
+    fn bad_listen_address_is_named() {
+        let env: Env = [("SCM__LISTEN__AGENTS".into(), "nowhere".into())].into();
+        let c = ScmConfig::parse(MIN, "t", &env).unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "listen.agents");
+    }
+}

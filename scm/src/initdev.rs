@@ -1,0 +1,236 @@
+//! `scm init-dev`: a development PKI (CA, SCM, operator, one certificate per machine) and
+//! ready-to-run configuration files for the SCM, each agent and the back office, all on
+//! 127.0.0.1 with the default ports.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use scm_certs::pki::{DevPkiOptions, Validity, write_dev_pki};
+
+/// Why `init-dev` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InitDevError {
+    /// Certificates could not be written.
+    #[error("{0}")]
+    Pki(#[from] scm_certs::pki::PkiError),
+    /// A file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The directory already holds a development set-up.
+    #[error("{0} already exists; choose another --out directory or remove it")]
+    Exists(PathBuf),
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// What `init-dev` created.
+#[derive(Debug)]
+pub struct InitDevResult {
+    /// The SCM's configuration file.
+    pub scm_config: PathBuf,
+    /// One configuration per agent.
+    pub agent_configs: Vec<(u16, PathBuf)>,
+    /// The back office's configuration.
+    pub backoffice_config: PathBuf,
+    /// The admin operator's generated password (also in backoffice.toml).
+    pub admin_password: String,
+}
+
+/// Default agent-link port of the SCM.
+pub const AGENT_PORT: u16 = 9300;
+/// Default plain telnet port.
+pub const TELNET_PORT: u16 = 2323;
+/// Default TLS telnet port.
+pub const TELNET_TLS_PORT: u16 = 2324;
+
+/// Parses `1,2,3` (also ranges like `1-5`).
+pub fn parse_machines(s: &str) -> Result<Vec<u16>, InitDevError> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || {
+            InitDevError::Usage(format!(
+                "{part:?} is not a machine id or range like 1-5 (ids 0-65535)"
+            ))
+        };
+        if let Some((a, b)) = part.split_once('-') {
+            let a: u16 = a.trim().parse().map_err(|_| bad())?;
+            let b: u16 = b.trim().parse().map_err(|_| bad())?;
+            if a > b {
+                return Err(bad());
+            }
+            out.extend(a..=b);
+        } else {
+            out.push(part.parse().map_err(|_| bad())?);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        return Err(InitDevError::Usage(
+            "--machines needs at least one id, e.g. 1,2,3".into(),
+        ));
+    }
+    if out.len() > 1000 {
+        return Err(InitDevError::Usage(
+            "at most 1000 machines in a development set-up".into(),
+        ));
+    }
+    Ok(out)
+}
+
+fn write(path: &Path, text: &str, private: bool) -> Result<(), InitDevError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| InitDevError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(path)
+        .map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+/// Writes the PKI and configuration files into `out`.
+pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevError> {
+    let scm_config = out.join("scm.toml");
+    if scm_config.exists() {
+        return Err(InitDevError::Exists(scm_config));
+    }
+    let files = write_dev_pki(
+        out,
+        &DevPkiOptions {
+            machines: machines.to_vec(),
+            operators: vec!["admin".into()],
+            hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            validity: Validity::days_from_now(825),
+        },
+    )?;
+    let name = |p: &Path| -> String {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let admin_password = {
+        const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+        (0..20)
+            .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+            .collect::<String>()
+    };
+    let hash = crate::auth::hash_password(&admin_password).map_err(InitDevError::Usage)?;
+
+    let mut scm = String::new();
+    let _ = write!(
+        scm,
+        "# SCM hub development configuration written by `scm init-dev`.\n\
+         # Every key is described in docs/configuration.md.\n\n\
+         [listen]\nagents = \"127.0.0.1:{AGENT_PORT}\"\ntelnet = \"127.0.0.1:{TELNET_PORT}\"\ntelnet_tls = \"127.0.0.1:{TELNET_TLS_PORT}\"\n\n\
+         [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+         [database]\npath = \"scm.db\"\n\n\
+         [[operator]]\nname = \"admin\"\nrole = \"admin\"\npassword_hash = \"{hash}\"\n",
+        name(&files.ca_cert),
+        name(&files.scm_cert),
+        name(&files.scm_key),
+    );
+    for id in machines {
+        let _ = write!(
+            scm,
+            "\n[[machine]]\nid = {id}\nname = \"machine-{id}\"\nprotocol_version = 1\nlabels = [\"dev\"]\n"
+        );
+    }
+    write(&scm_config, &scm, true)?;
+
+    let mut agent_configs = Vec::new();
+    for (i, (id, cert, key)) in files.machines.iter().enumerate() {
+        let port = AGENT_PORT as usize + 1 + i;
+        let path = out.join(format!("agent-{id}.toml"));
+        let text = format!(
+            "# Machine agent {id}, written by `scm init-dev`.\n\n\
+             machine_id = {id}\n\n\
+             [scm]\naddress = \"127.0.0.1:{AGENT_PORT}\"\n\n\
+             [listen]\nconfig = \"127.0.0.1:{port}\"\n\n\
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             [storage]\ndir = \"machine-{id}\"\n",
+            name(&files.ca_cert),
+            name(cert),
+            name(key),
+        );
+        write(&path, &text, false)?;
+        agent_configs.push((*id, path));
+    }
+
+    let (op_cert, op_key) = files
+        .operators
+        .iter()
+        .find(|(n, _, _)| n == "admin")
+        .map(|(_, c, k)| (name(c), name(k)))
+        .unwrap_or_default();
+    let backoffice_config = out.join("backoffice.toml");
+    let text = format!(
+        "# Back office, written by `scm init-dev`. Plain telnet on loopback with a password;\n\
+         # set scm.tls = true and scm.address to the TLS port to log in by certificate.\n\n\
+         [scm]\naddress = \"127.0.0.1:{TELNET_PORT}\"\ntls = false\n\n\
+         [login]\nuser = \"admin\"\npassword = \"{admin_password}\"\n\n\
+         [tls]\nca = \"{}\"\ncert = \"{op_cert}\"\nkey = \"{op_key}\"\n",
+        name(&files.ca_cert),
+    );
+    write(&backoffice_config, &text, true)?;
+
+    Ok(InitDevResult {
+        scm_config,
+        agent_configs,
+        backoffice_config,
+        admin_password,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_lists() {
+        assert_eq!(parse_machines("1,2,3").unwrap(), vec![1, 2, 3]);
+        assert_eq!(parse_machines("3, 1-2,2").unwrap(), vec![1, 2, 3]);
+        assert!(parse_machines("").is_err());
+        assert!(parse_machines("x").is_err());
+        assert!(parse_machines("70000").is_err());
+        assert!(parse_machines("5-1").is_err());
+    }
+
+    #[test]
+    fn writes_loadable_configs_and_refuses_to_overwrite() {
+        let d = tempfile::tempdir().unwrap();
+        let r = init_dev(d.path(), &[1, 2]).unwrap();
+        let cfg = crate::config::ScmConfig::load(&r.scm_config, &Default::default()).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.machines.len(), 2);
+        assert!(cfg.tls.ca.is_absolute() && cfg.tls.ca.exists());
+        let op = cfg.operators.first().unwrap();
+        assert!(crate::auth::verify_password(op, &r.admin_password));
+        assert_eq!(r.agent_configs.len(), 2);
+        let bo = std::fs::read_to_string(&r.backoffice_config).unwrap();
+        assert!(bo.contains(&r.admin_password));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&r.backoffice_config)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            init_dev(d.path(), &[1]),
+            Err(InitDevError::Exists(_))
+        ));
+    }
+}

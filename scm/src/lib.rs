@@ -1,0 +1,14 @@
+//! The SCM hub as a library: configuration, state, the agent link, operator sessions and
+//! configuration pushes. `main.rs` parses the command line and calls into it; integration
+//! tests run the real binary.
+#![forbid(unsafe_code)]
+
+pub mod agents;
+pub mod auth;
+pub mod config;
+pub mod hub;
+pub mod initdev;
+pub mod operator;
+pub mod push;
+pub mod server;
+pub mod store;

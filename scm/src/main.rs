@@ -1,0 +1,130 @@
+//! `scm`: the hub's command line (`serve`, `check-config`, `init-dev`, `hash-password`).
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use scm::config::ScmConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "scm",
+    version,
+    about = "The SCM hub: relays configurations to machine agents over mutual TLS and serves operators over telnet"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the hub.
+    Serve {
+        /// Configuration file (TOML); SCM__SECTION__KEY variables override it.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate the configuration (and load its certificates and database) and exit.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write a development PKI and ready-to-run configurations on 127.0.0.1.
+    InitDev {
+        /// Directory to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Machine ids, e.g. 1,2,3 or 1-10.
+        #[arg(long)]
+        machines: String,
+    },
+    /// Hash a password (read from standard input) for `[[operator]] password_hash`.
+    HashPassword,
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<ScmConfig> {
+    let env = scm_common::config::process_env(scm::config::ENV_PREFIX);
+    let cfg = ScmConfig::load(path, &env)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("scm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    scm_certs::tls::install_default_provider();
+    match cli.cmd {
+        Cmd::Serve { config } => {
+            let cfg = load(&config)?;
+            scm_common::logging::init(cfg.log.format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(async move {
+                let shutdown = scm_common::shutdown_on_signals();
+                let prepared = scm::server::prepare(cfg)?;
+                let listeners = scm::server::bind_all(&prepared.hub.cfg).await?;
+                tracing::info!("SCM hub {} started", env!("CARGO_PKG_VERSION"));
+                scm::server::serve(prepared, listeners, shutdown).await;
+                tracing::info!("SCM hub stopped");
+                anyhow::Ok(())
+            })
+        }
+        Cmd::CheckConfig { config } => {
+            let cfg = load(&config)?;
+            let machines = cfg.machines.len();
+            let operators = cfg.operators.len();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async { scm::server::prepare(cfg).map(drop) })?;
+            println!(
+                "{}: configuration is valid ({machines} machines, {operators} operators; certificates and database loaded)",
+                config.display()
+            );
+            Ok(())
+        }
+        Cmd::InitDev { out, machines } => {
+            let ids = scm::initdev::parse_machines(&machines)?;
+            let r = scm::initdev::init_dev(&out, &ids)?;
+            println!(
+                "wrote development PKI and configurations to {}",
+                out.display()
+            );
+            println!("  scm:        {}", r.scm_config.display());
+            for (id, p) in &r.agent_configs {
+                println!("  agent {id:<5} {}", p.display());
+            }
+            println!("  backoffice: {}", r.backoffice_config.display());
+            println!("operator login: admin / {}", r.admin_password);
+            Ok(())
+        }
+        Cmd::HashPassword => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("cannot read the password from standard input")?;
+            let pw = line.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!pw.is_empty(), "empty password; type one on standard input");
+            println!(
+                "{}",
+                scm::auth::hash_password(pw).map_err(anyhow::Error::msg)?
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,625 @@
+//! Operator sessions over telnet (plain on loopback, or TLS with an operator certificate).
+//!
+//! Works with standard telnet clients: options are negotiated with our own codec, the
+//! password is typed with echo off (WILL ECHO around the prompt), and every reply is one
+//! line `<3-digit code> <text>` in the style of SMTP/FTP (multi-line replies use
+//! `<code>-` on all but the last line). 2xx done, 3xx send more, 4xx try later, 5xx refused.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scm_certs::identity::{Identity, Role};
+use scm_telnet::{Event, Mode, TelnetConn, consts};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{OperatorConfig, OperatorRole};
+use crate::hub::Hub;
+use crate::push::{self, PushError, PushResult};
+use crate::store;
+
+/// The prompt shown before each command.
+pub const PROMPT: &str = "scm> ";
+
+/// Why a session ended abnormally.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// Telnet I/O failed.
+    #[error("{0}")]
+    Telnet(#[from] scm_telnet::ConnError),
+    /// TLS handshake refused.
+    #[error("TLS handshake refused ({reason}): {0}", reason = .0.reason())]
+    Handshake(#[from] scm_certs::tls::HandshakeError),
+    /// Timed out.
+    #[error("{0}")]
+    Timeout(&'static str),
+}
+
+/// Serves one plain-telnet connection.
+pub async fn handle_plain(
+    hub: Arc<Hub>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), SessionError> {
+    let mut s = Session::new(hub, TelnetConn::new(tcp, Mode::Lines), peer);
+    s.run(None, shutdown).await
+}
+
+/// Serves one TLS telnet connection: the operator certificate logs the operator in.
+pub async fn handle_tls(
+    hub: Arc<Hub>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), SessionError> {
+    let t = Duration::from_millis(hub.cfg.timeouts.handshake_ms);
+    let (tls, identity) = scm_certs::tls::accept(&acceptor, tcp, t, &[Role::Operator]).await?;
+    let name = match identity {
+        Identity::Operator(n) => n,
+        _ => return Ok(()),
+    };
+    let mut s = Session::new(hub, TelnetConn::new(tls, Mode::Lines), peer);
+    s.run(Some(name), shutdown).await
+}
+
+/// One line of input, or what happened instead.
+enum Input {
+    Line(String),
+    /// Ctrl-C (IAC IP).
+    Interrupt,
+    /// Over-long line (already answered).
+    TooLong,
+    /// Not UTF-8 (already answered).
+    Invalid,
+    Eof,
+}
+
+struct Session<S> {
+    hub: Arc<Hub>,
+    conn: TelnetConn<S>,
+    peer: SocketAddr,
+    operator: Option<OperatorConfig>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    fn new(hub: Arc<Hub>, mut conn: TelnetConn<S>, peer: SocketAddr) -> Self {
+        let max = hub.cfg.limits.telnet_max_line;
+        *conn.codec_mut() = scm_telnet::TelnetCodec::with_limits(Mode::Lines, max, 512);
+        // Suppress-go-ahead is harmless to accept; everything else is refused.
+        conn.negotiator_mut().allow_us(consts::opt::SGA, true);
+        Self {
+            hub,
+            conn,
+            peer,
+            operator: None,
+        }
+    }
+
+    fn actor(&self) -> String {
+        self.operator
+            .as_ref()
+            .map(|o| o.name.clone())
+            .unwrap_or_else(|| "-".into())
+    }
+
+    async fn audit(&self, action: &'static str, detail: String) {
+        let actor = self.actor();
+        let source = self.peer.to_string();
+        if let Err(e) = self
+            .hub
+            .store
+            .run(move |c| store::audit(c, &actor, &source, action, &detail))
+            .await
+        {
+            tracing::error!("cannot write the audit log: {e}");
+        }
+    }
+
+    async fn reply(&mut self, line: &str) -> Result<(), SessionError> {
+        self.conn.send_line(line).await?;
+        Ok(())
+    }
+
+    /// Reads the next line with a timeout, answering telnet commands on the way.
+    async fn read_input(&mut self, timeout: Duration) -> Result<Input, SessionError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.conn.next_event())
+                .await
+                .map_err(|_| SessionError::Timeout("operator session idle; closed"))??;
+            match ev {
+                None => return Ok(Input::Eof),
+                Some(Event::Line(bytes)) => {
+                    return Ok(match String::from_utf8(bytes) {
+                        Ok(s) => Input::Line(s),
+                        Err(_) => {
+                            self.reply("501 line is not valid UTF-8; ignored").await?;
+                            Input::Invalid
+                        }
+                    });
+                }
+                Some(Event::LineTooLong { limit }) => {
+                    self.reply(&format!("500 line longer than {limit} bytes; ignored"))
+                        .await?;
+                    return Ok(Input::TooLong);
+                }
+                Some(Event::Command(consts::IP)) => return Ok(Input::Interrupt),
+                Some(Event::Command(consts::AYT)) => {
+                    self.conn.send_text("\r\n[scm: yes]\r\n").await?;
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    async fn run(
+        &mut self,
+        cert_operator: Option<String>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SessionError> {
+        self.reply(&format!("220 SCM hub {} ready", env!("CARGO_PKG_VERSION")))
+            .await?;
+        match cert_operator {
+            Some(name) => match self.hub.operator(&name).cloned() {
+                Some(op) => {
+                    self.operator = Some(op.clone());
+                    self.audit("login", "by certificate".into()).await;
+                    self.reply(&format!(
+                        "230 logged in as {} ({}) by certificate; type help for commands",
+                        op.name,
+                        op.role.as_str()
+                    ))
+                    .await?;
+                }
+                None => {
+                    self.audit(
+                        "login_failed",
+                        format!("certificate for unknown operator {name}"),
+                    )
+                    .await;
+                    self.reply(&format!(
+                        "530 operator {name} from the certificate has no account on this SCM"
+                    ))
+                    .await?;
+                    return Ok(());
+                }
+            },
+            None => {
+                let login_time = Duration::from_millis(self.hub.cfg.timeouts.login_ms);
+                let done = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    r = tokio::time::timeout(login_time, self.login()) => r,
+                };
+                match done {
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) => return Ok(()),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        let _ = self.reply("421 login not completed in time; closing").await;
+                        return Err(SessionError::Timeout("login not completed in time"));
+                    }
+                }
+            }
+        }
+        self.commands(shutdown).await
+    }
+
+    /// Username and password exchange. `Ok(false)` ends the session.
+    async fn login(&mut self) -> Result<bool, SessionError> {
+        let ip = self.peer.ip();
+        let t = Duration::from_millis(self.hub.cfg.timeouts.login_ms);
+        for _attempt in 0..3 {
+            if let Some(left) = self.hub.throttle.locked(ip) {
+                self.reply(&format!(
+                    "421 too many failed logins from {ip}; try again in {} s",
+                    left.as_secs().max(1)
+                ))
+                .await?;
+                self.audit("login_refused", format!("{ip} is locked out"))
+                    .await;
+                return Ok(false);
+            }
+            self.conn.send_text("Username: ").await?;
+            let user = match self.read_input(t).await? {
+                Input::Line(l) => l.trim().to_string(),
+                Input::Eof => return Ok(false),
+                _ => continue,
+            };
+            self.conn.request_us(consts::opt::ECHO, true).await?;
+            self.conn.send_text("Password: ").await?;
+            let pass = self.read_input(t).await?;
+            self.conn.request_us(consts::opt::ECHO, false).await?;
+            self.conn.send_text("\r\n").await?;
+            let pass = match pass {
+                Input::Line(l) => l,
+                Input::Eof => return Ok(false),
+                _ => continue,
+            };
+            let op = self.hub.operator(&user).cloned();
+            let ok = match op.clone() {
+                Some(op) => {
+                    tokio::task::spawn_blocking(move || crate::auth::verify_password(&op, &pass))
+                        .await
+                        .unwrap_or(false)
+                }
+                None => false,
+            };
+            if let (true, Some(op)) = (ok, op) {
+                self.hub.throttle.success(ip);
+                self.operator = Some(op.clone());
+                self.audit("login", "by password".into()).await;
+                tracing::info!(operator = %op.name, "operator logged in");
+                self.reply(&format!(
+                    "230 logged in as {} ({}); type help for commands",
+                    op.name,
+                    op.role.as_str()
+                ))
+                .await?;
+                return Ok(true);
+            }
+            let locked = self.hub.throttle.failure(ip);
+            tracing::warn!(user = %user.escape_debug(), "failed login");
+            self.audit(
+                "login_failed",
+                format!("user {:?}", user.escape_debug().to_string()),
+            )
+            .await;
+            tokio::time::sleep(self.hub.throttle.failure_delay()).await;
+            if let Some(l) = locked {
+                self.reply(&format!(
+                    "421 too many failed logins from {ip}; try again in {} s",
+                    l.as_secs().max(1)
+                ))
+                .await?;
+                return Ok(false);
+            }
+            self.reply("530 login incorrect").await?;
+        }
+        self.reply("421 too many attempts; closing").await?;
+        Ok(false)
+    }
+
+    async fn commands(&mut self, shutdown: CancellationToken) -> Result<(), SessionError> {
+        let idle = Duration::from_millis(self.hub.cfg.timeouts.telnet_idle_ms);
+        loop {
+            self.conn.send_text(PROMPT).await?;
+            let input = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = self.reply("421 SCM shutting down").await;
+                    return Ok(());
+                }
+                i = self.read_input(idle) => i?,
+            };
+            let line = match input {
+                Input::Line(l) => l,
+                Input::Eof => return Ok(()),
+                Input::Interrupt => {
+                    self.conn.send_text("\r\n").await?;
+                    continue;
+                }
+                Input::TooLong | Input::Invalid => continue,
+            };
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let cmd = words.next().unwrap_or("").to_ascii_lowercase();
+            let args: Vec<&str> = words.collect();
+            match (cmd.as_str(), args.as_slice()) {
+                ("help", _) => self.help().await?,
+                ("machines", []) => self.machines().await?,
+                ("status", [id]) => match parse_id(id) {
+                    Some(id) => self.status(id).await?,
+                    None => {
+                        self.reply(&format!("501 {id:?} is not a machine id (0-65535)"))
+                            .await?
+                    }
+                },
+                ("push", [id]) => match parse_id(id) {
+                    Some(id) => self.push(id, idle).await?,
+                    None => {
+                        self.reply(&format!("501 {id:?} is not a machine id (0-65535)"))
+                            .await?
+                    }
+                },
+                ("audit", []) => self.audit_list().await?,
+                ("quit" | "exit" | "logout", []) => {
+                    self.reply("221 bye").await?;
+                    return Ok(());
+                }
+                ("status" | "push", _) => {
+                    self.reply(&format!("501 usage: {cmd} <machine id>"))
+                        .await?
+                }
+                ("machines" | "audit" | "quit", _) => {
+                    self.reply(&format!("501 usage: {cmd} (no arguments)"))
+                        .await?
+                }
+                _ => {
+                    let shown: String = cmd.chars().take(40).collect();
+                    self.reply(&format!(
+                        "500 unknown command {:?}; type help for the list",
+                        shown
+                    ))
+                    .await?
+                }
+            }
+        }
+    }
+
+    async fn help(&mut self) -> Result<(), SessionError> {
+        for l in [
+            "214-commands:",
+            "214-  machines          list machines, their connection and configuration state",
+            "214-  status <id>       details of one machine",
+            "214-  push <id>         send a configuration: type it, then a line holding only \".\"",
+            "214-                    (a line that starts with \".\" is sent with one more \".\")",
+            "214-  audit             the last operator actions",
+            "214-  quit              end the session",
+            "214 replies: 2xx done, 3xx send more, 4xx try later, 5xx refused",
+        ] {
+            self.reply(l).await?;
+        }
+        Ok(())
+    }
+
+    async fn store_error(&mut self, e: store::StoreError) -> Result<(), SessionError> {
+        tracing::error!("database error: {e}");
+        self.reply(&format!("451 {}", e.operator_hint())).await
+    }
+
+    async fn machines(&mut self) -> Result<(), SessionError> {
+        let rows = match self.hub.store.run(store::list_machines).await {
+            Ok(r) => r,
+            Err(e) => return self.store_error(e).await,
+        };
+        self.reply(&format!(
+            "250-{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  LAST ERROR",
+            "ID", "NAME", "VER", "LINK", "DESIRED", "APPLIED"
+        ))
+        .await?;
+        for m in &rows {
+            let link = if self.hub.session(m.id).is_some() {
+                "connected"
+            } else {
+                "down"
+            };
+            let err = m.last_error.clone().unwrap_or_else(|| "-".into());
+            self.reply(&format!(
+                "250-{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  {}",
+                m.id,
+                truncate(&m.name, 16),
+                m.protocol_version,
+                link,
+                m.desired_generation,
+                m.applied_generation,
+                truncate(&err, 60)
+            ))
+            .await?;
+        }
+        self.reply(&format!("250 {} machines", rows.len())).await
+    }
+
+    async fn status(&mut self, id: u16) -> Result<(), SessionError> {
+        let res = self
+            .hub
+            .store
+            .run(move |c| Ok((store::get_machine(c, id)?, store::attempts(c, id, 5)?)))
+            .await;
+        let (m, attempts) = match res {
+            Ok((Some(m), a)) => (m, a),
+            Ok((None, _)) => {
+                return self
+                    .reply(&format!(
+                        "550 machine {id} is not known; `machines` lists the known ones"
+                    ))
+                    .await;
+            }
+            Err(e) => return self.store_error(e).await,
+        };
+        let mut lines = vec![format!("machine {} ({})", m.id, m.name)];
+        lines.push(format!("protocol version: {}", m.protocol_version));
+        match self.hub.session(id) {
+            Some(s) => lines.push(format!(
+                "link: connected from {} since {}",
+                s.peer,
+                fmt_ms(s.connected_since_ms)
+            )),
+            None => lines.push("link: not connected".into()),
+        }
+        lines.push(format!(
+            "last HELLO: {}",
+            match (&m.last_hello_ms, &m.last_peer) {
+                (Some(t), Some(p)) => format!("{} from {p}", fmt_ms(*t)),
+                _ => "never".into(),
+            }
+        ));
+        lines.push(format!(
+            "config address: {}",
+            push::config_target(&self.hub, id)
+                .unwrap_or_else(|| "unknown (in-band at next HELLO)".into())
+        ));
+        let state = if m.desired_generation == 0 {
+            "no configuration pushed yet".to_string()
+        } else if m.desired_generation == m.applied_generation {
+            "up to date".to_string()
+        } else {
+            "pending".to_string()
+        };
+        lines.push(format!(
+            "generation: desired {}, applied {} ({state})",
+            m.desired_generation, m.applied_generation
+        ));
+        lines.push(format!(
+            "last error: {}",
+            m.last_error.unwrap_or_else(|| "-".into())
+        ));
+        for (g, at, outcome, detail) in attempts {
+            lines.push(format!(
+                "attempt: {} generation {g} {outcome}: {}",
+                fmt_ms(at),
+                truncate(&detail, 100)
+            ));
+        }
+        let n = lines.len();
+        for (i, l) in lines.into_iter().enumerate() {
+            let sep = if i + 1 == n { ' ' } else { '-' };
+            self.reply(&format!("211{sep}{l}")).await?;
+        }
+        Ok(())
+    }
+
+    async fn audit_list(&mut self) -> Result<(), SessionError> {
+        let rows = match self.hub.store.run(|c| store::list_audit(c, 20)).await {
+            Ok(r) => r,
+            Err(e) => return self.store_error(e).await,
+        };
+        for r in rows.iter().rev() {
+            self.reply(&format!(
+                "250-{} {} from {}: {} {}",
+                fmt_ms(r.at_ms),
+                r.actor,
+                r.source,
+                r.action,
+                truncate(&r.detail, 120)
+            ))
+            .await?;
+        }
+        self.reply(&format!("250 {} audit records shown", rows.len()))
+            .await
+    }
+
+    async fn push(&mut self, id: u16, idle: Duration) -> Result<(), SessionError> {
+        let Some(op) = self.operator.clone() else {
+            return self.reply("530 log in first").await;
+        };
+        if self.hub.cfg.machine(id).is_none() {
+            return self
+                .reply(&format!(
+                    "550 machine {id} is not known; `machines` lists the known ones"
+                ))
+                .await;
+        }
+        if op.role == OperatorRole::ReadOnly {
+            self.audit("push_refused", format!("machine {id}: read-only operator"))
+                .await;
+            return self
+                .reply(&format!(
+                    "550 operator {} is read-only and cannot push",
+                    op.name
+                ))
+                .await;
+        }
+        let max = self.hub.cfg.limits.max_config_bytes;
+        self.reply(&format!(
+            "354 send the configuration for machine {id}; end with a line holding only \".\""
+        ))
+        .await?;
+        let mut body: Vec<u8> = Vec::new();
+        let mut too_large = false;
+        loop {
+            match self.read_input(idle).await? {
+                Input::Eof => return Ok(()),
+                Input::Interrupt => {
+                    return self.reply("500 push cancelled; nothing sent").await;
+                }
+                // Already answered line by line; the whole push is refused at the end.
+                Input::TooLong | Input::Invalid => too_large = true,
+                Input::Line(l) => {
+                    if l == "." {
+                        break;
+                    }
+                    let l = l.strip_prefix('.').unwrap_or(&l);
+                    if body.len() + l.len() + 1 > max {
+                        too_large = true;
+                    } else {
+                        body.extend_from_slice(l.as_bytes());
+                        body.push(b'\n');
+                    }
+                }
+            }
+        }
+        if too_large {
+            return self
+                .reply(&format!(
+                    "552 configuration refused (larger than {max} bytes, a line over the limit, or not UTF-8); nothing sent"
+                ))
+                .await;
+        }
+        if body.is_empty() {
+            return self.reply("501 empty configuration; nothing sent").await;
+        }
+        let size = body.len();
+        let result = push::push(&self.hub, id, body, &op.name).await;
+        let (line, detail) = match &result {
+            Ok(PushResult::Ack { generation, detail }) => (
+                format!(
+                    "250 ACK machine {id} generation {generation}: {}",
+                    one_line(detail)
+                ),
+                format!("machine {id} generation {generation} ({size} bytes): ack"),
+            ),
+            Ok(PushResult::Nack { generation, detail }) => (
+                format!(
+                    "554 NACK machine {id} generation {generation}: {}",
+                    one_line(detail)
+                ),
+                format!(
+                    "machine {id} generation {generation} ({size} bytes): nack {}",
+                    one_line(detail)
+                ),
+            ),
+            Ok(PushResult::Unreachable { generation, detail }) => (
+                format!(
+                    "450 machine {id} unreachable; generation {generation} pending, delivered at its next HELLO: {}",
+                    one_line(detail)
+                ),
+                format!("machine {id} generation {generation} ({size} bytes): pending"),
+            ),
+            Err(PushError::UnknownMachine(_)) | Err(PushError::TooLarge { .. }) => {
+                let e = result
+                    .as_ref()
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                (format!("550 {e}"), format!("machine {id}: refused: {e}"))
+            }
+            Err(e) => (format!("451 {e}"), format!("machine {id}: error: {e}")),
+        };
+        self.audit("push", detail).await;
+        self.reply(&line).await
+    }
+}
+
+fn parse_id(s: &str) -> Option<u16> {
+    s.parse().ok()
+}
+
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(300)
+        .collect()
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    let t: String = s.chars().take(n).collect();
+    one_line(&t)
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC.
+pub fn fmt_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}

@@ -1,0 +1,305 @@
+//! Configuration pushes: store a new generation, then deliver it to the machine by
+//! connecting to its config port over mutual TLS (the machine is the TLS server), send a
+//! CONFIG frame and wait for its ACK or NACK. A machine that cannot be reached keeps the
+//! generation pending; it is delivered when the machine next says HELLO.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scm_certs::identity::Identity;
+use scm_proto::io::{FrameReader, write_frame};
+use scm_proto::v1::{self, Message};
+use scm_proto::{Code, Frame, FrameCodec};
+use tokio::net::TcpStream;
+
+use crate::hub::Hub;
+use crate::store::{self, Generation, Outcome, StoreError};
+
+/// What became of a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushResult {
+    /// The machine stored the generation.
+    Ack {
+        /// Generation.
+        generation: u64,
+        /// The machine's text.
+        detail: String,
+    },
+    /// The machine refused the generation (final for it).
+    Nack {
+        /// Generation.
+        generation: u64,
+        /// The machine's reason.
+        detail: String,
+    },
+    /// The machine could not be reached; the generation stays pending.
+    Unreachable {
+        /// Generation.
+        generation: u64,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// Why a push could not even be attempted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PushError {
+    /// No such machine.
+    #[error("machine {0} is not known to this SCM; `machines` lists the known ones")]
+    UnknownMachine(u16),
+    /// Configuration too large.
+    #[error("configuration is {size} bytes; at most {max} bytes can be sent")]
+    TooLarge {
+        /// Size given.
+        size: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// Database failure.
+    #[error("{hint}", hint = .0.operator_hint())]
+    Store(#[from] StoreError),
+}
+
+/// Stores `content` as machine `id`'s desired configuration and delivers it now.
+pub async fn push(
+    hub: &Arc<Hub>,
+    id: u16,
+    content: Vec<u8>,
+    actor: &str,
+) -> Result<PushResult, PushError> {
+    if hub.cfg.machine(id).is_none() {
+        return Err(PushError::UnknownMachine(id));
+    }
+    if content.len() > hub.cfg.limits.max_config_bytes {
+        return Err(PushError::TooLarge {
+            size: content.len(),
+            max: hub.cfg.limits.max_config_bytes,
+        });
+    }
+    let actor_owned = actor.to_string();
+    let (generation, _new) = hub
+        .store
+        .run(move |c| store::create_generation(c, id, &content, &actor_owned))
+        .await?;
+    let Some(generation) = hub
+        .store
+        .run(move |c| store::get_generation(c, id, generation))
+        .await?
+    else {
+        return Err(PushError::Store(StoreError::Task(format!(
+            "generation {generation} of machine {id} vanished"
+        ))));
+    };
+    Ok(deliver(hub, generation).await?)
+}
+
+/// Where machine `id`'s config port is, if known.
+pub fn config_target(hub: &Hub, id: u16) -> Option<String> {
+    if let Some(addr) = hub.cfg.machine(id).and_then(|m| m.config_addr.clone()) {
+        return Some(addr);
+    }
+    let s = hub.session(id)?;
+    let port = s.config_port.filter(|p| *p != 0)?;
+    Some(SocketAddr::new(s.peer.ip(), port).to_string())
+}
+
+/// Delivers one generation over the machine's config port and records the outcome.
+pub async fn deliver(hub: &Arc<Hub>, generation: Generation) -> Result<PushResult, StoreError> {
+    let id = generation.machine_id;
+    let lock = hub.delivery_lock(id);
+    let _guard = lock.lock().await;
+    let g = generation.generation;
+    let result = match config_target(hub, id) {
+        None => PushResult::Unreachable {
+            generation: g,
+            detail: "machine has no known config address and is not connected; it gets the configuration at its next HELLO".into(),
+        },
+        Some(target) => match send_config(hub, &target, &generation).await {
+            Ok(Reply::Ack(detail)) => PushResult::Ack {
+                generation: g,
+                detail,
+            },
+            Ok(Reply::Nack(detail)) => PushResult::Nack {
+                generation: g,
+                detail,
+            },
+            Err(e) => PushResult::Unreachable {
+                generation: g,
+                detail: format!("{target}: {e}"),
+            },
+        },
+    };
+    record(hub, id, &result).await?;
+    Ok(result)
+}
+
+/// Records a delivery result in the database.
+pub async fn record(hub: &Hub, id: u16, result: &PushResult) -> Result<(), StoreError> {
+    let (g, outcome, detail) = match result {
+        PushResult::Ack { generation, detail } => (*generation, Outcome::Ack, detail.clone()),
+        PushResult::Nack { generation, detail } => (*generation, Outcome::Nack, detail.clone()),
+        PushResult::Unreachable { generation, detail } => {
+            (*generation, Outcome::Unreachable, detail.clone())
+        }
+    };
+    tracing::info!(machine = id, generation = g, outcome = ?outcome, "{detail}");
+    hub.store
+        .run(move |c| store::record_attempt(c, id, g, outcome, &detail))
+        .await
+}
+
+/// A machine's answer to a CONFIG.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// ACK with its text.
+    Ack(String),
+    /// NACK with its reason.
+    Nack(String),
+}
+
+/// The CONFIG frame for this machine's protocol version.
+pub fn config_frame(
+    version: u8,
+    generation: &Generation,
+    request_id: u64,
+) -> Result<Frame, scm_proto::FrameError> {
+    let id = generation.machine_id;
+    if version == 0 {
+        Frame::v0(Code::Config, id, generation.content.clone())
+    } else {
+        let sha = hex::decode(&generation.sha256).unwrap_or_default();
+        Message::Config(v1::Config {
+            request_id,
+            generation: generation.generation,
+            content: generation.content.clone(),
+            sha256: sha,
+        })
+        .to_frame(id)
+    }
+}
+
+/// Interprets a frame received in answer to a CONFIG.
+pub fn parse_reply(frame: &Frame, id: u16, request_id: u64) -> Result<Reply, String> {
+    if frame.id != id {
+        return Err(format!("answer names machine {} instead of {id}", frame.id));
+    }
+    if frame.version == 0 {
+        return match frame.code() {
+            Some(Code::Ack) => Ok(Reply::Ack(frame.text_lossy())),
+            Some(Code::Nack) => Ok(Reply::Nack(frame.text_lossy())),
+            _ => Err(format!("unexpected answer code {}", frame.code)),
+        };
+    }
+    match Message::decode(frame) {
+        Ok(Message::Ack(a)) if a.request_id == request_id => Ok(Reply::Ack(a.detail)),
+        Ok(Message::Nack(n)) if n.request_id == request_id => Ok(Reply::Nack(format!(
+            "{} ({})",
+            n.detail,
+            n.reason().as_str_name()
+        ))),
+        Ok(m) => Err(format!(
+            "unexpected answer {} with request id {}",
+            m.code().name(),
+            m.request_id()
+        )),
+        Err(e) => Err(format!("malformed answer: {e}")),
+    }
+}
+
+async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result<Reply, String> {
+    let id = generation.machine_id;
+    let version = hub.cfg.machine(id).map(|m| m.protocol_version).unwrap_or(1);
+    let connect_timeout = Duration::from_millis(hub.cfg.timeouts.push_connect_ms);
+    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(target))
+        .await
+        .map_err(|_| format!("no TCP connection within {connect_timeout:?}"))?
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = scm_certs::tls::connect(
+        &hub.machine_connector,
+        tcp,
+        &Identity::Machine(id),
+        connect_timeout,
+    )
+    .await
+    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let (r, mut w) = tokio::io::split(tls);
+    let request_id = hub_request_id(hub);
+    let frame = config_frame(version, generation, request_id)
+        .map_err(|e| format!("configuration does not fit in a frame: {e}"))?;
+    write_frame(&mut w, &frame)
+        .await
+        .map_err(|e| format!("cannot send CONFIG: {e}"))?;
+    let mut reader = FrameReader::new(r, FrameCodec::new(4096));
+    let reply_timeout = Duration::from_millis(hub.cfg.timeouts.push_reply_ms);
+    let answer = reader
+        .read_frame(Some(reply_timeout), reply_timeout)
+        .await
+        .map_err(|e| format!("no answer to CONFIG: {e}"))?
+        .ok_or_else(|| {
+            "the machine closed the connection without answering (was the SCM's certificate refused?)".to_string()
+        })?;
+    // Close with close_notify so the machine sees a clean end of the session.
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+    parse_reply(&answer, id, request_id)
+}
+
+fn hub_request_id(hub: &Hub) -> u64 {
+    hub.next_id()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation() -> Generation {
+        Generation {
+            machine_id: 7,
+            generation: 3,
+            content: b"k=v\n".to_vec(),
+            sha256: store::sha256_hex(b"k=v\n"),
+        }
+    }
+
+    #[test]
+    fn v0_config_frame_is_raw() {
+        let f = config_frame(0, &generation(), 1).unwrap();
+        assert_eq!(
+            f.to_bytes().unwrap().as_ref(),
+            b"\x00\x02\x07\x00\x04\x00k=v\n"
+        );
+    }
+
+    #[test]
+    fn v1_config_frame_carries_generation_and_hash() {
+        let f = config_frame(1, &generation(), 99).unwrap();
+        match Message::decode(&f).unwrap() {
+            Message::Config(c) => {
+                assert_eq!((c.request_id, c.generation), (99, 3));
+                assert_eq!(c.content, b"k=v\n");
+                assert_eq!(hex::encode(c.sha256), generation().sha256);
+            }
+            m => panic!("{m:?}"),
+        }
+    }
+
+    #[test]
+    fn replies_are_matched_to_the_request() {
+        let ack = scm_proto::reply_frame(&Message::ack(5, "stored", 3), 7);
+        assert_eq!(parse_reply(&ack, 7, 5), Ok(Reply::Ack("stored".into())));
+        assert!(parse_reply(&ack, 7, 6).is_err(), "wrong request id");
+        assert!(parse_reply(&ack, 8, 5).is_err(), "wrong machine");
+        let nack = scm_proto::reply_frame(
+            &Message::nack(5, v1::NackReason::WrongMachineId, "not me"),
+            7,
+        );
+        match parse_reply(&nack, 7, 5) {
+            Ok(Reply::Nack(t)) => assert!(t.contains("not me") && t.contains("WRONG_MACHINE_ID")),
+            r => panic!("{r:?}"),
+        }
+        let v0 = Frame::v0(Code::Nack, 7, &b"bad"[..]).unwrap();
+        assert_eq!(parse_reply(&v0, 7, 0), Ok(Reply::Nack("bad".into())));
+    }
+}

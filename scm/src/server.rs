@@ -1,0 +1,149 @@
+//! Wires the SCM together: opens the database, loads the TLS material, and runs every
+//! listener (agent link, plain telnet, TLS telnet) on pre-bound sockets until the
+//! shutdown token is cancelled.
+
+use std::sync::Arc;
+
+use scm_certs::tls::{self, TlsPolicy};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ScmConfig;
+use crate::hub::Hub;
+use crate::store::{self, Store};
+use crate::{agents, operator};
+
+/// The SCM's listeners, bound by the caller.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// Agent event link.
+    pub agents: Option<TcpListener>,
+    /// Plain telnet.
+    pub telnet: Option<TcpListener>,
+    /// TLS telnet.
+    pub telnet_tls: Option<TcpListener>,
+}
+
+/// Why the SCM could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A listen address could not be bound.
+    #[error("{0}")]
+    Bind(#[from] std::io::Error),
+    /// TLS material could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] scm_certs::tls::TlsError),
+    /// The database could not be opened.
+    #[error("{}", .0.operator_hint())]
+    Store(#[from] store::StoreError),
+}
+
+/// Binds every configured listener (an empty address disables it) and logs each
+/// `listening on ADDR (NAME)` line.
+pub async fn bind_all(cfg: &ScmConfig) -> Result<Listeners, StartError> {
+    async fn one(addr: &str, name: &str) -> Result<Option<TcpListener>, StartError> {
+        if addr.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(scm_common::bind(addr, name).await?))
+    }
+    Ok(Listeners {
+        agents: one(&cfg.listen.agents, "agents").await?,
+        telnet: one(&cfg.listen.telnet, "telnet").await?,
+        telnet_tls: one(&cfg.listen.telnet_tls, "telnet-tls").await?,
+    })
+}
+
+/// Loads what `serve` needs and fails early, so `check-config` can run it too.
+pub struct Prepared {
+    /// Shared state.
+    pub hub: Arc<Hub>,
+    agent_acceptor: tokio_rustls::TlsAcceptor,
+    operator_acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").finish_non_exhaustive()
+    }
+}
+
+/// Opens the database and loads TLS material.
+pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
+    let files = cfg.tls_files();
+    let machine_policy = TlsPolicy {
+        allow_tls12: cfg.tls.allow_tls12_for_machines,
+    };
+    let agent_cfg = tls::server_config(&files, machine_policy, &[])?;
+    let operator_cfg = tls::server_config(&files, TlsPolicy::default(), &[])?;
+    let client_cfg = tls::client_config(&files, machine_policy)?;
+    let store = Store::open(&cfg.database.path)?;
+    let machines: Vec<(u16, String, u8)> = cfg
+        .machines
+        .iter()
+        .map(|m| (m.id, m.name.clone(), m.protocol_version))
+        .collect();
+    store.run_blocking(|c| store::sync_machines(c, &machines))?;
+    let hub = Hub::new(cfg, store, tokio_rustls::TlsConnector::from(client_cfg));
+    Ok(Prepared {
+        hub,
+        agent_acceptor: tokio_rustls::TlsAcceptor::from(agent_cfg),
+        operator_acceptor: tokio_rustls::TlsAcceptor::from(operator_cfg),
+    })
+}
+
+/// Runs every listener until `shutdown` is cancelled, then waits for them to stop.
+pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: CancellationToken) {
+    let Prepared {
+        hub,
+        agent_acceptor,
+        operator_acceptor,
+    } = prepared;
+    let limits = hub.cfg.limits.clone();
+    let mut set = JoinSet::new();
+    if let Some(l) = listeners.agents {
+        let hub = hub.clone();
+        let opts = scm_common::ServeOptions::new("agents", limits.max_agent_connections);
+        set.spawn(scm_common::serve(
+            l,
+            opts,
+            shutdown.clone(),
+            move |tcp, peer, token| {
+                agents::handle(hub.clone(), agent_acceptor.clone(), tcp, peer, token)
+            },
+        ));
+    }
+    if let Some(l) = listeners.telnet {
+        let hub = hub.clone();
+        let opts = scm_common::ServeOptions::new("telnet", limits.max_operator_connections);
+        set.spawn(scm_common::serve(
+            l,
+            opts,
+            shutdown.clone(),
+            move |tcp, peer, token| operator::handle_plain(hub.clone(), tcp, peer, token),
+        ));
+    }
+    if let Some(l) = listeners.telnet_tls {
+        let hub = hub.clone();
+        let opts = scm_common::ServeOptions::new("telnet-tls", limits.max_operator_connections);
+        set.spawn(scm_common::serve(
+            l,
+            opts,
+            shutdown.clone(),
+            move |tcp, peer, token| {
+                operator::handle_tls(hub.clone(), operator_acceptor.clone(), tcp, peer, token)
+            },
+        ));
+    }
+    while let Some(r) = set.join_next().await {
+        if let Err(e) = r {
+            tracing::error!("a listener task failed: {e}");
+        }
+        if !shutdown.is_cancelled() {
+            tracing::error!("a listener stopped without shutdown; shutting down the SCM");
+            shutdown.cancel();
+        }
+    }
+}

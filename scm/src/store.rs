@@ -1,0 +1,608 @@
+//! The SCM's durable state in SQLite (WAL mode): machines, every configuration generation
+//! per machine, every push attempt and its outcome, and the operator audit log.
+//!
+//! All access goes through [`Store::run`], which moves the blocking SQLite call off the
+//! async workers. The schema is created and migrated on open.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Why a database operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The blocking task was cancelled or panicked.
+    #[error("database task failed: {0}")]
+    Task(String),
+}
+
+impl StoreError {
+    /// A short explanation for operators, with what to do.
+    pub fn operator_hint(&self) -> String {
+        let text = self.to_string();
+        if text.contains("locked") || text.contains("busy") {
+            format!("{text}; another process holds the database, try again")
+        } else if text.contains("readonly") || text.contains("read-only") {
+            format!("{text}; the database file is read-only, fix its permissions")
+        } else {
+            text
+        }
+    }
+}
+
+/// One machine as the SCM knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineRow {
+    /// Machine id.
+    pub id: u16,
+    /// Human name.
+    pub name: String,
+    /// Protocol version.
+    pub protocol_version: u8,
+    /// Peer address of the last HELLO.
+    pub last_peer: Option<String>,
+    /// Unix ms of the last HELLO.
+    pub last_hello_ms: Option<i64>,
+    /// Generation the operators want on the machine (0: none yet).
+    pub desired_generation: u64,
+    /// Generation the machine last acknowledged (0: none).
+    pub applied_generation: u64,
+    /// Last error (NACK reason or delivery failure), if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// One stored configuration generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    /// Machine id.
+    pub machine_id: u16,
+    /// Generation number, from 1, per machine.
+    pub generation: u64,
+    /// Content.
+    pub content: Vec<u8>,
+    /// SHA-256 of the content, hex.
+    pub sha256: String,
+}
+
+/// Outcome of one delivery attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The machine stored it.
+    Ack,
+    /// The machine refused it; final for that generation.
+    Nack,
+    /// The machine could not be reached; stays pending.
+    Unreachable,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Ack => "ack",
+            Self::Nack => "nack",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Unix ms.
+    pub at_ms: i64,
+    /// Who (operator name, or `-` before login).
+    pub actor: String,
+    /// From where (peer address).
+    pub source: String,
+    /// What (`login`, `login_failed`, `push`, ...).
+    pub action: String,
+    /// Details.
+    pub detail: String,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS machines (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    protocol_version INTEGER NOT NULL DEFAULT 1,
+    last_peer TEXT,
+    last_hello_ms INTEGER,
+    desired_generation INTEGER NOT NULL DEFAULT 0,
+    applied_generation INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS configs (
+    machine_id INTEGER NOT NULL REFERENCES machines(id),
+    generation INTEGER NOT NULL,
+    content BLOB NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    PRIMARY KEY (machine_id, generation)
+);
+CREATE TABLE IF NOT EXISTS push_attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    machine_id INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS push_attempts_machine ON push_attempts(machine_id, generation);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    source TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+PRAGMA user_version = 1;
+"#;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` in WAL mode and migrates it.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let err = |source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Runs `f` with the connection on a blocking thread.
+    pub async fn run<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard).map_err(|source| StoreError::Sqlite { path, source })
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Runs `f` on the current thread (start-up and tests).
+    pub fn run_blocking<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
+    ) -> Result<R, StoreError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard).map_err(|source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Inserts or updates the configured machines (name and protocol version).
+pub fn sync_machines(c: &mut Connection, machines: &[(u16, String, u8)]) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    for (id, name, version) in machines {
+        tx.execute(
+            "INSERT INTO machines (id, name, protocol_version) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET name = excluded.name, protocol_version = excluded.protocol_version",
+            params![id, name, version],
+        )?;
+    }
+    tx.commit()
+}
+
+fn machine_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MachineRow> {
+    Ok(MachineRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        protocol_version: r.get(2)?,
+        last_peer: r.get(3)?,
+        last_hello_ms: r.get(4)?,
+        desired_generation: r.get::<_, i64>(5)? as u64,
+        applied_generation: r.get::<_, i64>(6)? as u64,
+        last_error: r.get(7)?,
+    })
+}
+
+const MACHINE_COLS: &str = "id, name, protocol_version, last_peer, last_hello_ms, desired_generation, applied_generation, last_error";
+
+/// All machines, by id.
+pub fn list_machines(c: &mut Connection) -> rusqlite::Result<Vec<MachineRow>> {
+    let mut st = c.prepare(&format!("SELECT {MACHINE_COLS} FROM machines ORDER BY id"))?;
+    let rows = st.query_map([], machine_from_row)?;
+    rows.collect()
+}
+
+/// One machine.
+pub fn get_machine(c: &mut Connection, id: u16) -> rusqlite::Result<Option<MachineRow>> {
+    c.query_row(
+        &format!("SELECT {MACHINE_COLS} FROM machines WHERE id = ?1"),
+        [id],
+        machine_from_row,
+    )
+    .optional()
+}
+
+/// Records a HELLO: the peer address and time.
+pub fn record_hello(c: &mut Connection, id: u16, peer: &str) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE machines SET last_peer = ?2, last_hello_ms = ?3 WHERE id = ?1",
+        params![id, peer, now_ms()],
+    )?;
+    Ok(())
+}
+
+/// Stores `content` as the machine's desired configuration. If it equals the current
+/// desired generation's content, no new generation is made. Returns the generation and
+/// whether it is new.
+pub fn create_generation(
+    c: &mut Connection,
+    id: u16,
+    content: &[u8],
+    actor: &str,
+) -> rusqlite::Result<(u64, bool)> {
+    let sha = sha256_hex(content);
+    let tx = c.transaction()?;
+    let desired: i64 = tx.query_row(
+        "SELECT desired_generation FROM machines WHERE id = ?1",
+        [id],
+        |r| r.get(0),
+    )?;
+    let current_sha: Option<String> = tx
+        .query_row(
+            "SELECT sha256 FROM configs WHERE machine_id = ?1 AND generation = ?2",
+            params![id, desired],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if current_sha.as_deref() == Some(sha.as_str()) {
+        tx.commit()?;
+        return Ok((desired as u64, false));
+    }
+    let next: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(generation), 0) + 1 FROM configs WHERE machine_id = ?1",
+        [id],
+        |r| r.get(0),
+    )?;
+    tx.execute(
+        "INSERT INTO configs (machine_id, generation, content, sha256, created_ms, created_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![id, next, content, sha, now_ms(), actor],
+    )?;
+    tx.execute(
+        "UPDATE machines SET desired_generation = ?2, last_error = NULL WHERE id = ?1",
+        params![id, next],
+    )?;
+    tx.commit()?;
+    Ok((next as u64, true))
+}
+
+/// One stored generation.
+pub fn get_generation(
+    c: &mut Connection,
+    id: u16,
+    generation: u64,
+) -> rusqlite::Result<Option<Generation>> {
+    c.query_row(
+        "SELECT content, sha256 FROM configs WHERE machine_id = ?1 AND generation = ?2",
+        params![id, generation as i64],
+        |r| {
+            Ok(Generation {
+                machine_id: id,
+                generation,
+                content: r.get(0)?,
+                sha256: r.get(1)?,
+            })
+        },
+    )
+    .optional()
+}
+
+/// The generation that still has to reach the machine: the desired one, if it is newer
+/// than the applied one and the machine has not refused it.
+pub fn pending_generation(c: &mut Connection, id: u16) -> rusqlite::Result<Option<Generation>> {
+    let Some(m) = get_machine(c, id)? else {
+        return Ok(None);
+    };
+    if m.desired_generation == 0 || m.desired_generation == m.applied_generation {
+        return Ok(None);
+    }
+    let nacked: bool = c.query_row(
+        "SELECT EXISTS(SELECT 1 FROM push_attempts WHERE machine_id = ?1 AND generation = ?2 AND outcome = 'nack')",
+        params![id, m.desired_generation as i64],
+        |r| r.get(0),
+    )?;
+    if nacked {
+        return Ok(None);
+    }
+    get_generation(c, id, m.desired_generation)
+}
+
+/// Records the outcome of a delivery attempt and updates the machine's summary.
+pub fn record_attempt(
+    c: &mut Connection,
+    id: u16,
+    generation: u64,
+    outcome: Outcome,
+    detail: &str,
+) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    tx.execute(
+        "INSERT INTO push_attempts (machine_id, generation, at_ms, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, generation as i64, now_ms(), outcome.as_str(), detail],
+    )?;
+    match outcome {
+        Outcome::Ack => tx.execute(
+            "UPDATE machines SET applied_generation = MAX(applied_generation, ?2), last_error = NULL WHERE id = ?1",
+            params![id, generation as i64],
+        )?,
+        Outcome::Nack | Outcome::Unreachable => tx.execute(
+            "UPDATE machines SET last_error = ?2 WHERE id = ?1",
+            params![id, format!("generation {generation}: {} ({detail})", outcome.as_str())],
+        )?,
+    };
+    tx.commit()
+}
+
+/// Marks a generation applied because the machine reported its content hash (for example
+/// after it stored a configuration but died before it could ACK).
+pub fn mark_applied_by_hash(
+    c: &mut Connection,
+    id: u16,
+    sha256: &str,
+) -> rusqlite::Result<Option<u64>> {
+    let generation: Option<i64> = c
+        .query_row(
+            "SELECT MAX(generation) FROM configs WHERE machine_id = ?1 AND sha256 = ?2",
+            params![id, sha256],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    if let Some(g) = generation {
+        c.execute(
+            "UPDATE machines SET applied_generation = ?2 WHERE id = ?1 AND applied_generation <> ?2",
+            params![id, g],
+        )?;
+    }
+    Ok(generation.map(|g| g as u64))
+}
+
+/// Attempts for one machine, newest first.
+pub fn attempts(
+    c: &mut Connection,
+    id: u16,
+    limit: u32,
+) -> rusqlite::Result<Vec<(u64, i64, String, String)>> {
+    let mut st = c.prepare(
+        "SELECT generation, at_ms, outcome, detail FROM push_attempts WHERE machine_id = ?1 ORDER BY id DESC LIMIT ?2",
+    )?;
+    let rows = st.query_map(params![id, limit], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?))
+    })?;
+    rows.collect()
+}
+
+/// Appends to the audit log.
+pub fn audit(
+    c: &mut Connection,
+    actor: &str,
+    source: &str,
+    action: &str,
+    detail: &str,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO audit (at_ms, actor, source, action, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![now_ms(), actor, source, action, detail],
+    )?;
+    Ok(())
+}
+
+/// The newest audit records, newest first.
+pub fn list_audit(c: &mut Connection, limit: u32) -> rusqlite::Result<Vec<AuditRow>> {
+    let mut st = c.prepare(
+        "SELECT at_ms, actor, source, action, detail FROM audit ORDER BY id DESC LIMIT ?1",
+    )?;
+    let rows = st.query_map([limit], |r| {
+        Ok(AuditRow {
+            at_ms: r.get(0)?,
+            actor: r.get(1)?,
+            source: r.get(2)?,
+            action: r.get(3)?,
+            detail: r.get(4)?,
+        })
+    })?;
+    rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(&d.path().join("scm.db")).unwrap();
+        s.run_blocking(|c| sync_machines(c, &[(1, "one".into(), 1), (2, "two".into(), 0)]))
+            .unwrap();
+        (d, s)
+    }
+
+    #[test]
+    fn wal_mode_is_on() {
+        let (_d, s) = store();
+        let mode: String = s
+            .run_blocking(|c| c.query_row("PRAGMA journal_mode", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn same_content_makes_no_new_generation() {
+        let (_d, s) = store();
+        let (g1, new1) = s
+            .run_blocking(|c| create_generation(c, 1, b"a=1\n", "op"))
+            .unwrap();
+        let (g2, new2) = s
+            .run_blocking(|c| create_generation(c, 1, b"a=1\n", "op"))
+            .unwrap();
+        let (g3, new3) = s
+            .run_blocking(|c| create_generation(c, 1, b"a=2\n", "op"))
+            .unwrap();
+        assert_eq!((g1, new1, g2, new2, g3, new3), (1, true, 1, false, 2, true));
+        let (g4, _) = s
+            .run_blocking(|c| create_generation(c, 2, b"x", "op"))
+            .unwrap();
+        assert_eq!(g4, 1, "generations count per machine");
+    }
+
+    #[test]
+    fn pending_until_acked_and_never_after_nack() {
+        let (_d, s) = store();
+        s.run_blocking(|c| create_generation(c, 1, b"a", "op"))
+            .unwrap();
+        let p = s
+            .run_blocking(|c| pending_generation(c, 1))
+            .unwrap()
+            .unwrap();
+        assert_eq!((p.generation, p.content.as_slice()), (1, &b"a"[..]));
+        s.run_blocking(|c| record_attempt(c, 1, 1, Outcome::Unreachable, "refused"))
+            .unwrap();
+        assert!(
+            s.run_blocking(|c| pending_generation(c, 1))
+                .unwrap()
+                .is_some()
+        );
+        s.run_blocking(|c| record_attempt(c, 1, 1, Outcome::Ack, "ok"))
+            .unwrap();
+        assert!(
+            s.run_blocking(|c| pending_generation(c, 1))
+                .unwrap()
+                .is_none()
+        );
+        let m = s.run_blocking(|c| get_machine(c, 1)).unwrap().unwrap();
+        assert_eq!(
+            (m.desired_generation, m.applied_generation, m.last_error),
+            (1, 1, None)
+        );
+
+        s.run_blocking(|c| create_generation(c, 1, b"b", "op"))
+            .unwrap();
+        s.run_blocking(|c| record_attempt(c, 1, 2, Outcome::Nack, "bad key"))
+            .unwrap();
+        assert!(
+            s.run_blocking(|c| pending_generation(c, 1))
+                .unwrap()
+                .is_none()
+        );
+        let m = s.run_blocking(|c| get_machine(c, 1)).unwrap().unwrap();
+        assert!(m.last_error.unwrap().contains("bad key"));
+    }
+
+    #[test]
+    fn applied_by_hash() {
+        let (_d, s) = store();
+        s.run_blocking(|c| create_generation(c, 1, b"a", "op"))
+            .unwrap();
+        let g = s
+            .run_blocking(|c| mark_applied_by_hash(c, 1, &sha256_hex(b"a")))
+            .unwrap();
+        assert_eq!(g, Some(1));
+        assert_eq!(
+            s.run_blocking(|c| mark_applied_by_hash(c, 1, &sha256_hex(b"zz")))
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            s.run_blocking(|c| get_machine(c, 1))
+                .unwrap()
+                .unwrap()
+                .applied_generation,
+            1
+        );
+    }
+
+    #[test]
+    fn state_survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("scm.db");
+        {
+            let s = Store::open(&p).unwrap();
+            s.run_blocking(|c| sync_machines(c, &[(7, "m".into(), 1)]))
+                .unwrap();
+            s.run_blocking(|c| create_generation(c, 7, b"cfg", "op"))
+                .unwrap();
+            s.run_blocking(|c| audit(c, "op", "127.0.0.1:1", "push", "machine 7"))
+                .unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        let m = s.run_blocking(|c| get_machine(c, 7)).unwrap().unwrap();
+        assert_eq!(m.desired_generation, 1);
+        let a = s.run_blocking(|c| list_audit(c, 10)).unwrap();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].action, "push");
+    }
+
+    #[test]
+    fn read_only_database_gives_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ro.db");
+        drop(Store::open(&p).unwrap());
+        let ro =
+            Connection::open_with_flags(&p, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let s = Store {
+            conn: Arc::new(Mutex::new(ro)),
+            path: p.clone(),
+        };
+        let e = s
+            .run_blocking(|c| audit(c, "a", "b", "c", "d"))
+            .unwrap_err();
+        let hint = e.operator_hint();
+        assert!(hint.contains("read-only"), "{hint}");
+        assert!(hint.contains("ro.db"), "{hint}");
+    }
+}
