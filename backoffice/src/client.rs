@@ -262,7 +262,7 @@ mod tests {
         let server = tokio::spawn(async move {
             let mut got = Vec::new();
             b.write_all(b"220 ready\r\nUsername: ").await.unwrap();
-            let mut read_line = async |b: &mut tokio::io::DuplexStream| {
+            let read_line = async |b: &mut tokio::io::DuplexStream| {
                 let mut line = Vec::new();
                 loop {
                     let c = b.read_u8().await.unwrap();

@@ -84,10 +84,10 @@ pub async fn serve<H, Fut, E>(
     loop {
         // Reap finished connection tasks so the set does not grow.
         while let Some(res) = tasks.try_join_next() {
-            if let Err(e) = res {
-                if e.is_panic() {
-                    tracing::error!(listener = %opts.name, "connection task panicked: {e}");
-                }
+            if let Err(e) = res
+                && e.is_panic()
+            {
+                tracing::error!(listener = %opts.name, "connection task panicked: {e}");
             }
         }
         let permit = tokio::select! {

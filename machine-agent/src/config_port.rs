@@ -89,14 +89,8 @@ fn nack(version: u8, machine_id: u16, request_id: u64, reason: NackReason, text:
 /// Checks one frame (pure: no I/O), so every refusal is unit-tested.
 pub fn decide(machine_id: u16, frame: &Frame) -> Decision {
     let version = frame.version;
-    if version > 1 {
-        return Decision::Nack(nack(
-            0,
-            machine_id,
-            0,
-            NackReason::UnknownVersion,
-            format!("unsupported protocol version {version}; this agent speaks versions 0 and 1"),
-        ));
+    if let Some(n) = frame.nack_if_unknown() {
+        return Decision::Nack(n);
     }
     let request_id = if version == 1 {
         Message::decode(frame).map(|m| m.request_id()).unwrap_or(0)
@@ -104,16 +98,11 @@ pub fn decide(machine_id: u16, frame: &Frame) -> Decision {
         0
     };
     if frame.code() != Some(Code::Config) {
-        let reason = if frame.code().is_some_and(|c| c.is_known_in(version)) {
-            NackReason::NotAllowed
-        } else {
-            NackReason::UnknownCode
-        };
         return Decision::Nack(nack(
             version,
             machine_id,
             request_id,
-            reason,
+            NackReason::NotAllowed,
             format!("code {} is not CONFIG (2); nothing written", frame.code),
         ));
     }
@@ -185,13 +174,15 @@ impl ConfigPort {
             let frame = match frame {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(ReadError::Frame(FrameError::DataTooLong { declared, max })) => {
-                    let text = format!("frame declares {declared} bytes; at most {max}");
-                    let _ = write_frame(
-                        &mut w,
-                        &scm_proto::text_frame(Code::Nack, self.machine_id, &text),
-                    )
-                    .await;
+                Err(ReadError::Frame(e @ FrameError::DataTooLong { .. })) => {
+                    let text = e.to_string();
+                    let (version, id) = reader
+                        .pending_header()
+                        .map(|h| (h.version, h.id))
+                        .unwrap_or((0, self.machine_id));
+                    let nack =
+                        Frame::protocol_nack(version, id, NackReason::Malformed, text.clone());
+                    let _ = write_frame(&mut w, &nack).await;
                     return Err(PortError::Refused(text));
                 }
                 Err(e) => return Err(e.into()),
@@ -218,7 +209,19 @@ impl ConfigPort {
                 version,
             } => {
                 let store = self.store.lock().await;
-                let already = store.applied().is_some_and(|a| {
+                let applied = store.applied();
+                if let Some(a) = applied
+                    .as_ref()
+                    .filter(|a| generation != 0 && a.generation > generation)
+                {
+                    let text = format!(
+                        "generation {generation} is older than the applied generation {}; nothing written",
+                        a.generation
+                    );
+                    tracing::warn!("CONFIG refused: {text}");
+                    return nack(version, id, request_id, NackReason::NotAllowed, text);
+                }
+                let already = applied.is_some_and(|a| {
                     generation != 0
                         && a.generation == generation
                         && a.sha256[..] == sha2::Sha256::digest(&content)[..]
@@ -349,6 +352,71 @@ mod tests {
         assert_eq!(nack_of(decide(3, &f)).reason(), NackReason::Malformed);
         let garbage = Frame::new(1, Code::Config, 3, vec![0xff, 0xff, 0xff]).unwrap();
         assert_eq!(nack_of(decide(3, &garbage)).reason(), NackReason::Malformed);
+    }
+
+    fn port(dir: &std::path::Path) -> ConfigPort {
+        scm_certs::tls::install_default_provider();
+        let ca = scm_certs::pki::Ca::generate("t", &scm_certs::pki::Validity::days_from_now(1)).unwrap();
+        let leaf = ca
+            .issue(&scm_certs::pki::LeafSpec::new(
+                scm_certs::identity::Identity::Machine(3),
+                scm_certs::pki::Validity::days_from_now(1),
+            ))
+            .unwrap();
+        let cfg = scm_certs::tls::server_config_from_pem(
+            ca.cert_pem(),
+            &leaf.cert_pem,
+            &leaf.key_pem,
+            &[],
+            Default::default(),
+            &[],
+        )
+        .unwrap();
+        ConfigPort {
+            machine_id: 3,
+            store: tokio::sync::Mutex::new(ConfigStore::open(dir).unwrap()),
+            acceptor: tokio_rustls::TlsAcceptor::from(cfg),
+            handshake: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+            stall: Duration::from_secs(1),
+        }
+    }
+
+    fn config(generation: u64, content: &[u8]) -> Frame {
+        Message::Config(v1::Config {
+            request_id: generation,
+            generation,
+            content: content.to_vec(),
+            sha256: Vec::new(),
+        })
+        .to_frame(3)
+        .unwrap()
+    }
+
+    fn answer(f: Frame) -> Message {
+        Message::decode(&f).unwrap()
+    }
+
+    #[tokio::test]
+    async fn older_generation_refused_same_generation_idempotent() {
+        let d = tempfile::tempdir().unwrap();
+        let p = port(d.path());
+        assert!(matches!(answer(p.apply(&config(5, b"five")).await), Message::Ack(a) if a.generation == 5));
+        match answer(p.apply(&config(3, b"three")).await) {
+            Message::Nack(n) => {
+                assert_eq!(n.reason(), NackReason::NotAllowed);
+                assert!(n.detail.contains("older"), "{}", n.detail);
+            }
+            m => panic!("{m:?}"),
+        }
+        assert_eq!(std::fs::read(d.path().join("config.current")).unwrap(), b"five");
+        match answer(p.apply(&config(5, b"five")).await) {
+            Message::Ack(a) => assert!(a.detail.contains("already applied"), "{}", a.detail),
+            m => panic!("{m:?}"),
+        }
+        assert!(!d.path().join("config.previous").exists(), "the repeat wrote nothing");
+        assert!(matches!(answer(p.apply(&config(6, b"six")).await), Message::Ack(_)));
+        assert_eq!(std::fs::read(d.path().join("config.previous")).unwrap(), b"five");
     }
 
     #[test]

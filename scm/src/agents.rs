@@ -78,12 +78,14 @@ pub async fn handle(
         let frame = match frame {
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
-            Err(ReadError::Frame(FrameError::DataTooLong { declared, max })) => {
-                let text = format!(
-                    "frame declares {declared} data bytes; this link accepts at most {max}"
-                );
-                let _ =
-                    write_frame(&mut w, &scm_proto::text_frame(Code::Nack, cert_id, &text)).await;
+            Err(ReadError::Frame(e @ FrameError::DataTooLong { .. })) => {
+                let text = e.to_string();
+                let (version, id) = reader
+                    .pending_header()
+                    .map(|h| (h.version, h.id))
+                    .unwrap_or((0, cert_id));
+                let nack = Frame::protocol_nack(version, id, NackReason::Malformed, text.clone());
+                let _ = write_frame(&mut w, &nack).await;
                 break Err(LinkError::Refused(text));
             }
             Err(e) => break Err(e.into()),
@@ -128,28 +130,12 @@ impl Link {
         W: AsyncWrite + Unpin,
     {
         let id = self.cert_id;
-        match frame.version {
-            0 | 1 => {}
-            v => {
-                let text =
-                    format!("unsupported protocol version {v}; this SCM speaks versions 0 and 1");
-                tracing::warn!(machine = id, "{text}");
-                write_frame(w, &nack0(id, &text)).await?;
-                return Ok(true);
-            }
+        if let Some(nack) = frame.nack_if_unknown() {
+            tracing::warn!(machine = id, "refused {frame}: unknown version or code");
+            write_frame(w, &nack).await?;
+            return Ok(true);
         }
-        let Some(code) = frame.code().filter(|c| c.is_known_in(frame.version)) else {
-            let text = format!(
-                "unknown code {} for protocol version {}",
-                frame.code, frame.version
-            );
-            tracing::warn!(machine = id, "{text}");
-            let reply = if frame.version == 0 {
-                nack0(id, &text)
-            } else {
-                scm_proto::reply_frame(&Message::nack(0, NackReason::UnknownCode, text), id)
-            };
-            write_frame(w, &reply).await?;
+        let Some(code) = frame.code() else {
             return Ok(true);
         };
         if frame.id != id {

@@ -72,9 +72,9 @@ enum Input {
     Line(String),
     /// Ctrl-C (IAC IP).
     Interrupt,
-    /// Over-long line (already answered).
+    /// Over-long line (already answered, except in a push body).
     TooLong,
-    /// Not UTF-8 (already answered).
+    /// Not UTF-8 (already answered, except in a push body).
     Invalid,
     Eof,
 }
@@ -126,7 +126,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Reads the next line with a timeout, answering telnet commands on the way.
-    async fn read_input(&mut self, timeout: Duration) -> Result<Input, SessionError> {
+    /// Over-long and non-UTF-8 lines are answered at once, except in a push body
+    /// (`in_body`): that push gets one final reply (552) instead of one per bad line.
+    async fn read_input(
+        &mut self,
+        timeout: Duration,
+        in_body: bool,
+    ) -> Result<Input, SessionError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let ev = tokio::time::timeout_at(deadline, self.conn.next_event())
@@ -138,14 +144,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return Ok(match String::from_utf8(bytes) {
                         Ok(s) => Input::Line(s),
                         Err(_) => {
-                            self.reply("501 line is not valid UTF-8; ignored").await?;
+                            if !in_body {
+                                self.reply("501 line is not valid UTF-8; ignored").await?;
+                            }
                             Input::Invalid
                         }
                     });
                 }
                 Some(Event::LineTooLong { limit }) => {
-                    self.reply(&format!("500 line longer than {limit} bytes; ignored"))
-                        .await?;
+                    if !in_body {
+                        self.reply(&format!("500 line longer than {limit} bytes; ignored"))
+                            .await?;
+                    }
                     return Ok(Input::TooLong);
                 }
                 Some(Event::Command(consts::IP)) => return Ok(Input::Interrupt),
@@ -225,14 +235,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(false);
             }
             self.conn.send_text("Username: ").await?;
-            let user = match self.read_input(t).await? {
+            let user = match self.read_input(t, false).await? {
                 Input::Line(l) => l.trim().to_string(),
                 Input::Eof => return Ok(false),
                 _ => continue,
             };
             self.conn.request_us(consts::opt::ECHO, true).await?;
             self.conn.send_text("Password: ").await?;
-            let pass = self.read_input(t).await?;
+            let pass = self.read_input(t, false).await?;
             self.conn.request_us(consts::opt::ECHO, false).await?;
             self.conn.send_text("\r\n").await?;
             let pass = match pass {
@@ -293,7 +303,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     let _ = self.reply("421 SCM shutting down").await;
                     return Ok(());
                 }
-                i = self.read_input(idle) => i?,
+                i = self.read_input(idle, false) => i?,
             };
             let line = match input {
                 Input::Line(l) => l,
@@ -524,12 +534,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut body: Vec<u8> = Vec::new();
         let mut too_large = false;
         loop {
-            match self.read_input(idle).await? {
+            match self.read_input(idle, true).await? {
                 Input::Eof => return Ok(()),
                 Input::Interrupt => {
                     return self.reply("500 push cancelled; nothing sent").await;
                 }
-                // Already answered line by line; the whole push is refused at the end.
+                // Not answered line by line: the whole push is refused at the end.
                 Input::TooLong | Input::Invalid => too_large = true,
                 Input::Line(l) => {
                     if l == "." {

@@ -111,5 +111,8 @@ pub fn init() {
     sctls::install_default_provider();
 }
 
+/// The bound on every wait in async test code.
+pub const WAITING: Duration = WAIT;
+
 /// Shared helper: a short timeout.
 pub const SHORT: Duration = Duration::from_millis(300);

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The main job: build the workspace, create a development fleet (SCM + 3 agents) on
+# 127.0.0.1, push a configuration end to end with the back office, and keep the fleet
+# running so an operator can telnet in. Ctrl-C stops everything.
+#
+#   DEMO_DIR=./dev   where the PKI, configurations, logs and agent state go
+#   DEMO_EXIT=1      stop after the demonstration instead of waiting (used by CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=${DEMO_DIR:-./dev}
+BIN=./target/debug
+
+echo "== building (cargo build) =="
+cargo build --quiet -p scm -p machine-agent -p backoffice
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+# Waits (bounded) until FILE contains TEXT.
+wait_for() {
+  local file=$1 text=$2 i
+  for i in $(seq 1 300); do
+    grep -q -- "$text" "$file" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "timed out waiting for '$text' in $file:" >&2
+  cat "$file" >&2
+  exit 1
+}
+
+if [ ! -f "$DIR/scm.toml" ]; then
+  echo "== creating a development PKI and configurations in $DIR =="
+  $BIN/scm init-dev --out "$DIR" --machines 1,2,3 | tee "$DIR.init.txt"
+  mv "$DIR.init.txt" "$DIR/init.txt"
+fi
+
+echo "== starting the SCM =="
+$BIN/scm serve --config "$DIR/scm.toml" >"$DIR/scm.log" 2>&1 &
+pids+=($!)
+wait_for "$DIR/scm.log" "(telnet)"
+grep "listening on" "$DIR/scm.log" | sed 's/.*INFO /  /'
+
+for id in 1 2 3; do
+  $BIN/machine-agent --config "$DIR/agent-$id.toml" >"$DIR/agent-$id.log" 2>&1 &
+  pids+=($!)
+done
+for id in 1 2 3; do
+  wait_for "$DIR/agent-$id.log" "connected to SCM"
+  echo "  agent $id connected"
+done
+
+echo
+echo "== pushing a configuration to machine 2 with the back office =="
+cfg="$DIR/example.cfg"
+printf '# example machine configuration\ntray.default = 2\ncolor = true\n' >"$cfg"
+set +e
+$BIN/backoffice --config "$DIR/backoffice.toml" push --machine 2 --file "$cfg"
+rc=$?
+set -e
+echo "backoffice exit code: $rc (0 = ACK)"
+echo "stored on machine 2 ($DIR/machine-2/config.current):"
+sed 's/^/  | /' "$DIR/machine-2/config.current"
+echo
+echo "== fleet as the SCM sees it =="
+$BIN/backoffice --config "$DIR/backoffice.toml" machines
+[ "$rc" -eq 0 ] || { echo "the push was not acknowledged" >&2; exit 1; }
+
+if [ "${DEMO_EXIT:-0}" = "1" ]; then
+  echo "demo finished (DEMO_EXIT=1)"
+  exit 0
+fi
+echo
+echo "The fleet keeps running. Log in as an operator with any telnet client:"
+echo "  telnet 127.0.0.1 2323      (user admin, password in $DIR/init.txt)"
+echo "  $BIN/backoffice --config $DIR/backoffice.toml shell"
+echo "Logs: $DIR/*.log. Press Ctrl-C to stop."
+wait

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: unit tests, and end-to-end tests that start the real
+# binaries and drive them with real telnet clients. Installs what the tests need first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v telnet >/dev/null 2>&1 || need+=(inetutils-telnet)
+command -v busybox >/dev/null 2>&1 || need+=(busybox)
+command -v script >/dev/null 2>&1 || need+=(bsdutils)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing test tools: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "missing test tools: ${need[*]}; install them (Debian: apt-get install ${need[*]})" >&2
+    exit 1
+  fi
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+# The end-to-end tests run the binaries; build them once up front.
+cargo build --quiet -p scm -p machine-agent -p backoffice
+profile=default
+[ "${CI:-}" = "true" ] && profile=ci
+cargo nextest run --workspace --profile "$profile" "$@"
+cargo test --workspace --doc --quiet
