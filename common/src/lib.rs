@@ -6,6 +6,7 @@
 //! `scm-telnet`); this crate only holds what every server needs around them.
 #![forbid(unsafe_code)]
 
+pub mod card;
 pub mod config;
 pub mod logging;
 pub mod secret;

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod config_port;
 pub mod link;
+pub mod readers;
 pub mod storage;
 
 use std::sync::Arc;

@@ -1,0 +1,1 @@
+//! Placeholder: card swipe sources (being written).

@@ -1,0 +1,1 @@
+//! Placeholder: the Generic network card reader bridge (being written).
