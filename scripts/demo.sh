@@ -11,7 +11,7 @@ DIR=${DEMO_DIR:-./dev}
 BIN=./target/debug
 
 echo "== building (cargo build) =="
-cargo build --quiet -p scm -p machine-agent -p backoffice
+cargo build --quiet --workspace --bins
 
 pids=()
 cleanup() {

@@ -25,7 +25,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # The end-to-end tests run the binaries; build them once up front.
-cargo build --quiet -p scm -p machine-agent -p backoffice
+cargo build --quiet --workspace --bins
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
 cargo nextest run --workspace --profile "$profile" "$@"

@@ -45,6 +45,8 @@ enum Cmd {
         /// Machine id.
         id: u16,
     },
+    /// Recent card swipes (masked) and what became of them.
+    Swipes,
     /// The operator audit log.
     Audit,
     /// Interactive session with the SCM (type `quit` to leave).
@@ -122,6 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Machines => print_reply(client.command("machines").await?),
         Cmd::Status { id } => print_reply(client.command(&format!("status {id}")).await?),
         Cmd::Audit => print_reply(client.command("audit").await?),
+        Cmd::Swipes => print_reply(client.command("swipes").await?),
         Cmd::Shell => return shell(client).await,
         Cmd::CheckConfig => 0,
     };

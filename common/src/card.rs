@@ -101,7 +101,11 @@ impl CardRules {
         if b.is_empty() {
             return Err(CardError::Empty);
         }
-        if let Some((i, &c)) = b.iter().enumerate().find(|(_, c)| !self.charset.allows(**c)) {
+        if let Some((i, &c)) = b
+            .iter()
+            .enumerate()
+            .find(|(_, c)| !self.charset.allows(**c))
+        {
             let what = match c {
                 b' ' | b'\t' => "space",
                 0..=31 | 127 => "control character",
@@ -167,15 +171,25 @@ mod tests {
             Err(CardError::TooLong { len: 65, max: 64 })
         );
         match r.validate("12 34") {
-            Err(CardError::BadChar { pos: 3, what: "space", .. }) => {}
+            Err(CardError::BadChar {
+                pos: 3,
+                what: "space",
+                ..
+            }) => {}
             e => panic!("{e:?}"),
         }
         match r.validate("12\x0734") {
-            Err(CardError::BadChar { what: "control character", .. }) => {}
+            Err(CardError::BadChar {
+                what: "control character",
+                ..
+            }) => {}
             e => panic!("{e:?}"),
         }
         match r.validate("12é") {
-            Err(CardError::BadChar { what: "non-ASCII byte", .. }) => {}
+            Err(CardError::BadChar {
+                what: "non-ASCII byte",
+                ..
+            }) => {}
             e => panic!("{e:?}"),
         }
     }
@@ -188,15 +202,28 @@ mod tests {
             max_len: 8,
         };
         assert!(digits.validate("1234").is_ok());
-        assert!(matches!(digits.validate("12a4"), Err(CardError::BadChar { pos: 3, .. })));
-        assert!(matches!(digits.validate("123"), Err(CardError::TooShort { len: 3, min: 4 })));
+        assert!(matches!(
+            digits.validate("12a4"),
+            Err(CardError::BadChar { pos: 3, .. })
+        ));
+        assert!(matches!(
+            digits.validate("123"),
+            Err(CardError::TooShort { len: 3, min: 4 })
+        ));
         let hex = CardRules {
             charset: Charset::Hex,
             ..CardRules::default()
         };
         assert!(hex.validate("DEADbeef").is_ok());
         assert!(hex.validate("xyz").is_err());
-        assert!(CardRules { min_len: 0, ..CardRules::default() }.check().is_err());
+        assert!(
+            CardRules {
+                min_len: 0,
+                ..CardRules::default()
+            }
+            .check()
+            .is_err()
+        );
     }
 
     #[test]

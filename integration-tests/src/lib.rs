@@ -27,17 +27,20 @@ pub fn bin(name: &str) -> PathBuf {
     let dir = BUILT.get_or_init(|| {
         let root = workspace_root();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "scm",
-                "-p",
-                "machine-agent",
-                "-p",
-                "backoffice",
-            ])
+        let mut cmd = Command::new(cargo);
+        // Variables cargo sets for this test process (CARGO_MANIFEST_DIR, ...) would make
+        // build scripts that watch them (ring's does) rebuild everything: drop them.
+        for (k, _) in std::env::vars() {
+            let per_package =
+                k.starts_with("CARGO_") && !matches!(k.as_str(), "CARGO_HOME" | "CARGO_TARGET_DIR");
+            if per_package || k == "RUST_RECURSION_COUNT" || k == "LD_LIBRARY_PATH" {
+                cmd.env_remove(&k);
+            }
+        }
+        let status = cmd
+            // The same command as scripts/test.sh and scripts/demo.sh, so that it finds
+            // everything already built.
+            .args(["build", "--quiet", "--workspace", "--bins"])
             .current_dir(&root)
             .status()
             .expect("run cargo build for the binaries");
@@ -127,8 +130,22 @@ impl Proc {
     /// Waits until the log contains `needle` at least `count` times; returns the line of
     /// the last occurrence. Panics (with the logs) after [`WAIT`].
     pub fn wait_for_n(&self, needle: &str, count: usize) -> String {
+        self.wait_in(&self.log, "log", needle, count)
+    }
+
+    /// Like [`Proc::wait_for_n`], on standard output.
+    pub fn wait_stdout_n(&self, needle: &str, count: usize) -> String {
+        self.wait_in(&self.stdout, "stdout", needle, count)
+    }
+
+    /// Waits until standard output contains `needle`.
+    pub fn wait_stdout(&self, needle: &str) -> String {
+        self.wait_stdout_n(needle, 1)
+    }
+
+    fn wait_in(&self, log: &Log, what: &str, needle: &str, count: usize) -> String {
         let deadline = Instant::now() + WAIT;
-        let mut t = self.log.text.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = log.text.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if t.matches(needle).count() >= count {
                 let pos = t.rmatch_indices(needle).next().map(|(i, _)| i).unwrap_or(0);
@@ -140,13 +157,17 @@ impl Proc {
             if now >= deadline {
                 let logs = t.clone();
                 drop(t);
+                let stderr = if what == "log" {
+                    String::new()
+                } else {
+                    self.logs()
+                };
                 panic!(
-                    "{}: {needle:?} (x{count}) not logged within {WAIT:?}; logs:\n{logs}",
+                    "{}: {needle:?} (x{count}) not in its {what} within {WAIT:?}:\n{logs}\n{stderr}",
                     self.name
                 );
             }
-            t = self
-                .log
+            t = log
                 .grew
                 .wait_timeout(t, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
@@ -214,6 +235,10 @@ impl Drop for Proc {
         let _ = self.child.wait();
         if std::thread::panicking() {
             eprintln!("----- logs of {} -----\n{}", self.name, self.logs());
+            let out = self.stdout();
+            if !out.is_empty() {
+                eprintln!("----- stdout of {} -----\n{out}", self.name);
+            }
         }
     }
 }
@@ -288,6 +313,22 @@ impl Fleet {
             &[],
         );
         assert_eq!(code, 0, "init-dev failed: {stdout}{stderr}");
+        // Generic device ports are in [[generic]] tables, which environment variables cannot
+        // address: put them on port 0 in the file.
+        let scm_toml = out.join("scm.toml");
+        let text = std::fs::read_to_string(&scm_toml).expect("read scm.toml");
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("listen = \"127.0.0.1:") {
+                    "listen = \"127.0.0.1:0\"".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&scm_toml, text + "\n").expect("write scm.toml");
         let password = stdout
             .lines()
             .find_map(|l| l.strip_prefix("operator login: admin / "))

@@ -35,6 +35,15 @@ pub struct AgentConfig {
     /// Limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Card readers on this machine.
+    #[serde(default, rename = "reader")]
+    pub readers: Vec<crate::readers::ReaderConfig>,
+    /// Swipe time to live, debounce and queue.
+    #[serde(default)]
+    pub swipes: crate::swipes::SwipeSettings,
+    /// Card number rules.
+    #[serde(default)]
+    pub cards: scm_common::card::CardRules,
 }
 
 /// `[log]`
@@ -170,6 +179,9 @@ impl AgentConfig {
             *p = resolve(path, p);
         }
         c.storage.dir = resolve(path, &c.storage.dir);
+        for r in &mut c.readers {
+            r.resolve_paths(path);
+        }
         Ok(c)
     }
 
@@ -205,6 +217,25 @@ impl AgentConfig {
             if v == 0 {
                 return Err(bad(k, "must be greater than 0".into()));
             }
+        }
+        let mut ids = std::collections::HashSet::new();
+        for r in &self.readers {
+            r.validate()
+                .map_err(|(key, message)| ValidationError { key, message })?;
+            if !ids.insert(r.id.as_str()) {
+                return Err(bad(
+                    &format!("reader[{}].id", r.id),
+                    "listed twice; reader ids must be unique".into(),
+                ));
+            }
+        }
+        self.cards.check().map_err(|m| bad("cards", m))?;
+        let s = &self.swipes;
+        if s.ttl_ms == 0 || s.queue_max == 0 || s.in_flight_max == 0 {
+            return Err(bad(
+                "swipes",
+                "ttl_ms, queue_max and in_flight_max must be greater than 0".into(),
+            ));
         }
         if t.reconnect_max_ms < t.reconnect_min_ms {
             return Err(bad(

@@ -356,7 +356,8 @@ mod tests {
 
     fn port(dir: &std::path::Path) -> ConfigPort {
         scm_certs::tls::install_default_provider();
-        let ca = scm_certs::pki::Ca::generate("t", &scm_certs::pki::Validity::days_from_now(1)).unwrap();
+        let ca =
+            scm_certs::pki::Ca::generate("t", &scm_certs::pki::Validity::days_from_now(1)).unwrap();
         let leaf = ca
             .issue(&scm_certs::pki::LeafSpec::new(
                 scm_certs::identity::Identity::Machine(3),
@@ -401,7 +402,9 @@ mod tests {
     async fn older_generation_refused_same_generation_idempotent() {
         let d = tempfile::tempdir().unwrap();
         let p = port(d.path());
-        assert!(matches!(answer(p.apply(&config(5, b"five")).await), Message::Ack(a) if a.generation == 5));
+        assert!(
+            matches!(answer(p.apply(&config(5, b"five")).await), Message::Ack(a) if a.generation == 5)
+        );
         match answer(p.apply(&config(3, b"three")).await) {
             Message::Nack(n) => {
                 assert_eq!(n.reason(), NackReason::NotAllowed);
@@ -409,14 +412,26 @@ mod tests {
             }
             m => panic!("{m:?}"),
         }
-        assert_eq!(std::fs::read(d.path().join("config.current")).unwrap(), b"five");
+        assert_eq!(
+            std::fs::read(d.path().join("config.current")).unwrap(),
+            b"five"
+        );
         match answer(p.apply(&config(5, b"five")).await) {
             Message::Ack(a) => assert!(a.detail.contains("already applied"), "{}", a.detail),
             m => panic!("{m:?}"),
         }
-        assert!(!d.path().join("config.previous").exists(), "the repeat wrote nothing");
-        assert!(matches!(answer(p.apply(&config(6, b"six")).await), Message::Ack(_)));
-        assert_eq!(std::fs::read(d.path().join("config.previous")).unwrap(), b"five");
+        assert!(
+            !d.path().join("config.previous").exists(),
+            "the repeat wrote nothing"
+        );
+        assert!(matches!(
+            answer(p.apply(&config(6, b"six")).await),
+            Message::Ack(_)
+        ));
+        assert_eq!(
+            std::fs::read(d.path().join("config.previous")).unwrap(),
+            b"five"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config_port;
 pub mod link;
 pub mod readers;
 pub mod storage;
+pub mod swipes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,7 @@ pub enum StartError {
 /// Loaded, ready-to-run agent.
 pub struct Agent {
     cfg: AgentConfig,
+    queue: Arc<swipes::SwipeQueue>,
     port: Arc<ConfigPort>,
     connector: tokio_rustls::TlsConnector,
 }
@@ -65,7 +67,12 @@ impl Agent {
             idle: ms(cfg.timeouts.config_idle_ms),
             stall: ms(cfg.timeouts.frame_stall_ms),
         });
+        let queue = Arc::new(swipes::SwipeQueue::new(
+            cfg.swipes.clone(),
+            cfg.cards.clone(),
+        ));
         Ok(Agent {
+            queue,
             cfg,
             port,
             connector: tokio_rustls::TlsConnector::from(client),
@@ -101,6 +108,7 @@ impl Agent {
             stall: ms(t.frame_stall_ms),
             reconnect_min: ms(t.reconnect_min_ms),
             reconnect_max: ms(t.reconnect_max_ms),
+            readers: self.cfg.readers.iter().map(|r| r.id.clone()).collect(),
         };
         // The link reads the applied state through its own handle on the same directory;
         // saves are serialised by the config port's lock.
@@ -124,10 +132,30 @@ impl Agent {
             settings,
             self.connector.clone(),
             store,
+            self.queue.clone(),
             shutdown.clone(),
         ));
-        while set.join_next().await.is_some() {
+        // Readers feed one bounded channel; the pipeline validates and queues.
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let mut readers = tokio::task::JoinSet::new();
+        for r in self.cfg.readers.clone() {
+            readers.spawn(readers::run(
+                r,
+                tx.clone(),
+                shutdown.clone(),
+                ms(t.reconnect_min_ms),
+                ms(t.reconnect_max_ms),
+            ));
+        }
+        drop(tx);
+        let pipeline = tokio::spawn(swipes::pipeline(rx, self.queue.clone(), shutdown.clone()));
+        // Readers that end (a file, stdin, a script) are fine; the agent stops on shutdown
+        // or when one of its servers stops.
+        if set.join_next().await.is_some() {
             shutdown.cancel();
         }
+        while set.join_next().await.is_some() {}
+        readers.shutdown().await;
+        pipeline.abort();
     }
 }

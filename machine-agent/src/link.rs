@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::storage::ConfigStore;
+use crate::swipes::SwipeQueue;
 
 /// Settings for the link.
 #[derive(Debug, Clone)]
@@ -36,6 +37,8 @@ pub struct LinkSettings {
     pub reconnect_min: Duration,
     /// Back-off bounds.
     pub reconnect_max: Duration,
+    /// Reader ids, announced in HELLO.
+    pub readers: Vec<String>,
 }
 
 /// Why one link attempt ended.
@@ -72,14 +75,16 @@ pub async fn run(
     settings: LinkSettings,
     connector: tokio_rustls::TlsConnector,
     store: Arc<tokio::sync::Mutex<ConfigStore>>,
+    queue: Arc<SwipeQueue>,
     shutdown: CancellationToken,
 ) {
     let mut attempt = 0u32;
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = session(&settings, &connector, &store, &mut attempt) => r,
+            r = session(&settings, &connector, &store, &queue, &mut attempt) => r,
         };
+        queue.link_lost();
         if let Err(e) = result {
             tracing::warn!("{e}");
         }
@@ -97,6 +102,7 @@ async fn session(
     s: &LinkSettings,
     connector: &tokio_rustls::TlsConnector,
     store: &Arc<tokio::sync::Mutex<ConfigStore>>,
+    queue: &SwipeQueue,
     attempt: &mut u32,
 ) -> Result<(), LinkError> {
     let connect_err = |reason: String| LinkError::Connect {
@@ -124,7 +130,7 @@ async fn session(
             .as_ref()
             .map(|a| a.sha256.to_vec())
             .unwrap_or_default(),
-        readers: Vec::new(),
+        readers: s.readers.clone(),
     });
     write_frame(&mut w, &scm_proto::reply_frame(&hello, s.machine_id))
         .await
@@ -167,10 +173,26 @@ async fn session(
     let mut tick = tokio::time::interval(s.heartbeat);
     tick.tick().await;
     let mut outstanding: Option<(u64, tokio::time::Instant)> = None;
+    let mut send_swipes = true;
     loop {
+        if send_swipes {
+            send_swipes = false;
+            let batch = queue.take_unsent(|| {
+                request_id += 1;
+                request_id
+            });
+            for m in &batch {
+                write_frame(&mut w, &scm_proto::reply_frame(m, s.machine_id))
+                    .await
+                    .map_err(|e| LinkError::Lost(e.to_string()))?;
+            }
+        }
         let deadline = outstanding
             .map(|(_, t)| t + s.reply)
             .unwrap_or_else(|| tokio::time::Instant::now() + s.heartbeat * 4);
+        let swipe_deadline = queue
+            .next_deadline()
+            .unwrap_or_else(|| tokio::time::Instant::now() + s.heartbeat);
         tokio::select! {
             _ = tick.tick() => {
                 if outstanding.is_none() {
@@ -180,6 +202,8 @@ async fn session(
                     outstanding = Some((request_id, tokio::time::Instant::now()));
                 }
             }
+            _ = queue.changed() => send_swipes = true,
+            _ = tokio::time::sleep_until(swipe_deadline) => send_swipes = true,
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(LinkError::Lost("no answer from the SCM in time".into()));
             }
@@ -187,8 +211,20 @@ async fn session(
                 let f = f.map_err(|e| LinkError::Lost(e.to_string()))?
                     .ok_or_else(|| LinkError::Lost("the SCM closed the link".into()))?;
                 match Message::decode(&f) {
-                    Ok(Message::Ack(a)) if outstanding.is_some_and(|(id, _)| id == a.request_id) => outstanding = None,
-                    Ok(Message::Nack(n)) => tracing::warn!("SCM NACK: {} ({})", n.detail, n.reason().as_str_name()),
+                    Ok(Message::Ack(a)) => {
+                        if queue.answered(a.request_id, true, v1::NackReason::Unspecified, &a.detail) {
+                            send_swipes = true;
+                        } else if outstanding.is_some_and(|(id, _)| id == a.request_id) {
+                            outstanding = None;
+                        }
+                    }
+                    Ok(Message::Nack(n)) => {
+                        if queue.answered(n.request_id, false, n.reason(), &n.detail) {
+                            send_swipes = true;
+                        } else {
+                            tracing::warn!("SCM NACK: {} ({})", n.detail, n.reason().as_str_name());
+                        }
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::warn!("undecodable frame from the SCM: {e}"),
                 }

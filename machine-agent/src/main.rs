@@ -68,7 +68,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            rt.block_on(async move {
+            let result = rt.block_on(async move {
                 let shutdown = scm_common::shutdown_on_signals();
                 let id = cfg.machine_id;
                 let agent = machine_agent::Agent::prepare(cfg)?;
@@ -80,7 +80,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 agent.run(listener, shutdown).await;
                 tracing::info!("machine agent stopped");
                 anyhow::Ok(())
-            })
+            });
+            // A stdin reader may sit in a blocking read; do not wait for it forever.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
     }
 }

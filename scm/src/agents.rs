@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::hub::{Hub, Session};
 use crate::push::{self, PushResult, Reply};
 use crate::store;
+use crate::swipes::Verdict;
 
 /// Why an agent link ended.
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +175,7 @@ impl Link {
         &mut self,
         version: u8,
         config_port: Option<u16>,
+        readers: Vec<String>,
     ) -> Result<(), LinkError> {
         let id = self.cert_id;
         let peer = self.peer.to_string();
@@ -188,6 +190,7 @@ impl Link {
                 version,
                 connected_since_ms: store::now_ms(),
                 config_port,
+                readers,
                 link_id: self.link_id,
             },
         );
@@ -215,7 +218,7 @@ impl Link {
                     write_frame(w, &nack0(id, &text)).await?;
                     return Err(LinkError::Refused(text));
                 }
-                self.accept_hello(0, None).await?;
+                self.accept_hello(0, None, Vec::new()).await?;
                 let pending = self
                     .hub
                     .store
@@ -359,7 +362,13 @@ impl Link {
                     return Err(LinkError::Refused(text));
                 }
                 let port = u16::try_from(h.config_port).ok().filter(|p| *p != 0);
-                self.accept_hello(1, port).await?;
+                let readers: Vec<String> = h
+                    .readers
+                    .iter()
+                    .take(64)
+                    .map(|r| r.chars().take(32).collect())
+                    .collect();
+                self.accept_hello(1, port, readers).await?;
                 if !h.applied_sha256.is_empty() {
                     let sha = hex::encode(&h.applied_sha256);
                     self.hub
@@ -407,11 +416,10 @@ impl Link {
                 Message::ack(rid, "OK", 0)
             }
             Message::Heartbeat(_) => Message::ack(rid, "OK", 0),
-            Message::Swipe(_) => Message::nack(
-                rid,
-                NackReason::NotAllowed,
-                "card swipes are not enabled on this SCM",
-            ),
+            Message::Swipe(s) => match self.hub.swipes.receive(id, &s).await {
+                Verdict::Ack(detail) => Message::ack(rid, detail, 0),
+                Verdict::Nack(reason, detail) => Message::nack(rid, reason, detail),
+            },
             Message::Ack(_) | Message::Nack(_) => return Ok(true),
             Message::Config(_) | Message::Reset(_) => Message::nack(
                 rid,

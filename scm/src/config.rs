@@ -44,6 +44,18 @@ pub struct ScmConfig {
     /// The machines this SCM knows.
     #[serde(default, rename = "machine")]
     pub machines: Vec<MachineConfig>,
+    /// Card swipe handling.
+    #[serde(default)]
+    pub swipes: crate::swipes::SwipeSettings,
+    /// Card number rules (checked again at the SCM).
+    #[serde(default)]
+    pub cards: scm_common::card::CardRules,
+    /// Generic-mode card reader devices presented to print servers.
+    #[serde(default, rename = "generic")]
+    pub generic: Vec<crate::generic::GenericDevice>,
+    /// Settings for every Generic device.
+    #[serde(default)]
+    pub bridge: crate::generic::BridgeSettings,
 }
 
 /// `[log]`
@@ -345,6 +357,24 @@ impl ScmConfig {
                 return Err(invalid(
                     format!("operator[{i}].password_hash"),
                     "not an Argon2 PHC string; create one with `scm hash-password`",
+                ));
+            }
+        }
+        self.cards.check().map_err(|m| invalid("cards", m))?;
+        let sw = &self.swipes;
+        if sw.default_ttl_ms == 0 || sw.max_ttl_ms < sw.default_ttl_ms || sw.dedup_max == 0 {
+            return Err(invalid(
+                "swipes",
+                "need 0 < default_ttl_ms <= max_ttl_ms and dedup_max > 0",
+            ));
+        }
+        crate::generic::validate(&self.generic, &self.bridge)
+            .map_err(|(key, message)| invalid(key, message))?;
+        for (i, g) in self.generic.iter().enumerate() {
+            if self.machine(g.machine).is_none() {
+                return Err(invalid(
+                    format!("generic[{i}].machine"),
+                    format!("machine {} is not listed in [[machine]]", g.machine),
                 ));
             }
         }

@@ -1,1 +1,956 @@
-//! Placeholder: the Generic network card reader bridge (being written).
+//! The Generic network card reader bridge: the SCM plays the card reader ("terminal") of
+//! PaperCut's Generic connection mode toward a print server.
+//!
+//! The print server is configured with one TCP address and port per device and connects
+//! to the SCM. For each configured device (a machine id plus a reader id) the bridge:
+//!
+//! * listens on the device's own port and serves only peers on the device's allow list;
+//! * reads and discards whatever the server sends (probe strings, `\r` keep-alives, the
+//!   single-letter commands `v`, `e`, `b`) through a fixed [`READ_BUF`]-byte buffer, and
+//!   answers a chunk whose last non-whitespace byte is `v` with `version_reply` + `\r`;
+//! * writes `<card>\n` for each swipe routed to the device. It never writes any other
+//!   LF-terminated text, because the server takes every such line as a card number;
+//! * keeps the newest connection only: a new one replaces (closes) the current one;
+//! * turns on TCP keep-alive and `TCP_USER_TIMEOUT`, and bounds every write by
+//!   `write_timeout_ms`, so neither a half-open connection nor a server that never reads
+//!   can hold the bridge.
+//!
+//! Swipes wait in a bounded per-device queue while no server is connected, until their
+//! expiry instant; then they are dropped and reported [`Outcome::Expired`]. A swipe is
+//! never written after it expired: expiry is checked right before writing, and a write
+//! still in progress at the expiry instant is abandoned (and its connection closed, since
+//! a partial line may have gone out).
+//!
+//! Card numbers are bearer tokens: they only appear masked in logs and `Debug` output.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use scm_common::ServeOptions;
+use scm_common::card::mask;
+
+#[cfg(test)]
+mod tests;
+
+/// Size of the buffer each connection reads the server's bytes into. Everything read is
+/// discarded, so a connection never holds more than this much of the server's input.
+pub const READ_BUF: usize = 1024;
+
+/// Longest reader id.
+const MAX_READER_LEN: usize = 64;
+/// Longest `version_reply`.
+const MAX_VERSION_REPLY_LEN: usize = 64;
+/// Largest `queue_max`.
+const MAX_QUEUE: usize = 100_000;
+/// Largest keep-alive idle time and interval (Linux's limit for `TCP_KEEPIDLE`/`TCP_KEEPINTVL`).
+const MAX_KEEPALIVE_SECS: u64 = 32_767;
+/// Largest keep-alive probe count (Linux's limit for `TCP_KEEPCNT`).
+const MAX_KEEPALIVE_RETRIES: u32 = 127;
+
+fn default_version_reply() -> String {
+    "SCM-Generic-1.0".into()
+}
+
+/// `[[generic]]` in the SCM configuration: one device.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GenericDevice {
+    /// The machine the device belongs to.
+    pub machine: u16,
+    /// The reader id on that machine (ASCII letters, digits, `-`, `_`, `.`; 1 to 64).
+    pub reader: String,
+    /// Where the print server connects, an IP address and port such as `0.0.0.0:7778`.
+    pub listen: String,
+    /// Print-server addresses allowed to connect; every other peer is closed at once.
+    pub allow: Vec<IpAddr>,
+    /// Answer to the server's `v` (version request), sent followed by `\r`. Empty: never
+    /// answer.
+    #[serde(default = "default_version_reply")]
+    pub version_reply: String,
+}
+
+/// `[bridge]` in the SCM configuration: settings for every Generic device.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BridgeSettings {
+    /// Most swipes waiting per device; further swipes are refused.
+    pub queue_max: usize,
+    /// A write to the print server that takes longer closes the connection.
+    pub write_timeout_ms: u64,
+    /// Idle time before the first TCP keep-alive probe (whole seconds, rounded up).
+    pub keepalive_idle_ms: u64,
+    /// Time between keep-alive probes (whole seconds, rounded up).
+    pub keepalive_interval_ms: u64,
+    /// Unanswered probes before the connection is declared dead.
+    pub keepalive_retries: u32,
+    /// `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged.
+    pub user_timeout_ms: u64,
+    /// Connections served at once per device listener.
+    pub max_connections_per_device: usize,
+}
+
+impl Default for BridgeSettings {
+    fn default() -> Self {
+        Self {
+            queue_max: 64,
+            write_timeout_ms: 5000,
+            keepalive_idle_ms: 30_000,
+            keepalive_interval_ms: 10_000,
+            keepalive_retries: 3,
+            user_timeout_ms: 30_000,
+            max_connections_per_device: 4,
+        }
+    }
+}
+
+/// Checks the devices and the settings. The error is `(key, message)`, with keys such as
+/// `generic[2].listen` or `bridge.queue_max`.
+pub fn validate(
+    devices: &[GenericDevice],
+    settings: &BridgeSettings,
+) -> Result<(), (String, String)> {
+    let err = |key: String, msg: String| Err((key, msg));
+    let s = settings;
+    let nonzero: [(&str, u64); 7] = [
+        ("queue_max", s.queue_max as u64),
+        ("write_timeout_ms", s.write_timeout_ms),
+        ("keepalive_idle_ms", s.keepalive_idle_ms),
+        ("keepalive_interval_ms", s.keepalive_interval_ms),
+        ("keepalive_retries", u64::from(s.keepalive_retries)),
+        ("user_timeout_ms", s.user_timeout_ms),
+        (
+            "max_connections_per_device",
+            s.max_connections_per_device as u64,
+        ),
+    ];
+    for (name, v) in nonzero {
+        if v == 0 {
+            return err(format!("bridge.{name}"), "must be at least 1".into());
+        }
+    }
+    if s.queue_max > MAX_QUEUE {
+        return err(
+            "bridge.queue_max".into(),
+            format!("{} is too large; at most {MAX_QUEUE}", s.queue_max),
+        );
+    }
+    for (name, v) in [
+        ("keepalive_idle_ms", s.keepalive_idle_ms),
+        ("keepalive_interval_ms", s.keepalive_interval_ms),
+    ] {
+        if v > MAX_KEEPALIVE_SECS * 1000 {
+            return err(
+                format!("bridge.{name}"),
+                format!("{v} is too large; at most {}", MAX_KEEPALIVE_SECS * 1000),
+            );
+        }
+    }
+    if s.keepalive_retries > MAX_KEEPALIVE_RETRIES {
+        return err(
+            "bridge.keepalive_retries".into(),
+            format!(
+                "{} is too large; at most {MAX_KEEPALIVE_RETRIES}",
+                s.keepalive_retries
+            ),
+        );
+    }
+
+    let mut listens: Vec<(usize, SocketAddr)> = Vec::new();
+    for (i, d) in devices.iter().enumerate() {
+        let key = |field: &str| format!("generic[{i}].{field}");
+        if let Err(m) = check_reader(&d.reader) {
+            return err(key("reader"), m);
+        }
+        if let Some(j) = devices[..i]
+            .iter()
+            .position(|o| o.machine == d.machine && o.reader == d.reader)
+        {
+            return err(
+                key("reader"),
+                format!(
+                    "machine {} reader {:?} is already configured in generic[{j}]; configure each machine and reader once",
+                    d.machine, d.reader
+                ),
+            );
+        }
+        let addr: SocketAddr = match d.listen.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                return err(
+                    key("listen"),
+                    format!(
+                        "{:?} is not an IP address and port; use e.g. \"0.0.0.0:7778\"",
+                        d.listen
+                    ),
+                );
+            }
+        };
+        if let Some((j, other)) = listens.iter().find(|(_, o)| listen_conflict(*o, addr)) {
+            return err(
+                key("listen"),
+                format!(
+                    "{addr} is already used by generic[{j}] ({other}); give each device its own port"
+                ),
+            );
+        }
+        listens.push((i, addr));
+        if d.allow.is_empty() {
+            return err(
+                key("allow"),
+                "is empty; list the print server addresses allowed to connect".into(),
+            );
+        }
+        if let Some(k) = d.allow.iter().position(IpAddr::is_unspecified) {
+            return err(
+                format!("generic[{i}].allow[{k}]"),
+                format!(
+                    "{} matches no peer; list the print server's own address",
+                    d.allow[k]
+                ),
+            );
+        }
+        if d.version_reply.len() > MAX_VERSION_REPLY_LEN
+            || !d.version_reply.bytes().all(|b| (0x20..0x7f).contains(&b))
+        {
+            return err(
+                key("version_reply"),
+                format!(
+                    "must be printable ASCII (no line breaks), at most {MAX_VERSION_REPLY_LEN} characters; \"\" disables the answer"
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_reader(reader: &str) -> Result<(), String> {
+    if reader.is_empty() || reader.len() > MAX_READER_LEN {
+        return Err(format!("must have 1 to {MAX_READER_LEN} characters"));
+    }
+    if !reader
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(format!(
+            "{reader:?} may only contain ASCII letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether two listen addresses would collide (port 0 never does: the system picks one).
+fn listen_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Identifies a device: a machine and one of its readers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeviceKey {
+    /// Machine id.
+    pub machine: u16,
+    /// Reader id.
+    pub reader: String,
+}
+
+impl fmt::Display for DeviceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.machine, self.reader)
+    }
+}
+
+/// A swipe to deliver. Its `Debug` output masks the card number.
+#[derive(Clone)]
+pub struct BridgeSwipe {
+    /// The agent's event id, echoed in the [`OutcomeReport`].
+    pub event_id: String,
+    /// The card number (written as is, followed by `\n`).
+    pub card: String,
+    /// After this instant the swipe is dropped, never written.
+    pub expires_at: Instant,
+}
+
+impl fmt::Debug for BridgeSwipe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BridgeSwipe")
+            .field("event_id", &self.event_id)
+            .field("card", &mask(&self.card))
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// How a swipe left the bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written, with its `\n`, to the print server at `peer`.
+    Delivered {
+        /// The print server's address.
+        peer: SocketAddr,
+    },
+    /// Dropped undelivered at its expiry instant.
+    Expired,
+}
+
+/// One swipe's outcome, sent on the bridge's outcome channel.
+#[derive(Debug, Clone)]
+pub struct OutcomeReport {
+    /// The device.
+    pub key: DeviceKey,
+    /// The swipe's event id.
+    pub event_id: String,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// Why [`GenericBridge::submit`] refused a swipe.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// No Generic device is configured for that machine and reader.
+    #[error("no Generic device is configured for this machine and reader")]
+    NoDevice,
+    /// The device's queue holds `max` swipes already.
+    #[error("the device's queue is full ({max} swipes waiting); swipe refused")]
+    QueueFull {
+        /// The queue's bound (`queue_max`).
+        max: usize,
+    },
+}
+
+/// What [`GenericBridge::status`] reports per device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceStatus {
+    /// The device.
+    pub key: DeviceKey,
+    /// The address its listener is bound to, once bound.
+    pub listen: Option<SocketAddr>,
+    /// The connected print server and since when (Unix milliseconds).
+    pub connected: Option<(SocketAddr, i64)>,
+    /// Swipes waiting (including one being written).
+    pub queued: usize,
+    /// Swipes delivered so far.
+    pub delivered: u64,
+    /// Swipes expired undelivered so far.
+    pub expired: u64,
+    /// Connections refused because the peer was not on the allow list.
+    pub refused_peers: u64,
+}
+
+/// The bridge: every configured Generic device, its queue and its connection.
+pub struct GenericBridge {
+    devices: Vec<Device>,
+    settings: BridgeSettings,
+    outcomes: mpsc::Sender<OutcomeReport>,
+    /// Wakes the expiry task when a swipe is queued.
+    expiry_wake: Notify,
+    /// Outcome reports dropped because the channel was full or closed.
+    lost_reports: AtomicU64,
+}
+
+impl fmt::Debug for GenericBridge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GenericBridge")
+            .field(
+                "devices",
+                &self
+                    .devices
+                    .iter()
+                    .map(|d| d.key.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .field("settings", &self.settings)
+            .field("lost_reports", &self.lost_reports.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Device {
+    key: DeviceKey,
+    cfg: GenericDevice,
+    /// `cfg.allow` in canonical form (IPv4-mapped IPv6 addresses as IPv4).
+    allow: Vec<IpAddr>,
+    state: Mutex<DeviceState>,
+}
+
+#[derive(Debug, Default)]
+struct DeviceState {
+    queue: VecDeque<BridgeSwipe>,
+    /// Swipes taken from the queue and being written; they count against `queue_max`.
+    in_flight: usize,
+    conn: Option<Conn>,
+    next_conn_id: u64,
+    listen: Option<SocketAddr>,
+    delivered: u64,
+    expired: u64,
+    refused_peers: u64,
+}
+
+/// The device's current connection.
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    peer: SocketAddr,
+    since_ms: i64,
+    /// Cancelled when a newer connection replaces this one.
+    stop: CancellationToken,
+    /// Tells the connection that a swipe is waiting.
+    wake: Arc<Notify>,
+}
+
+impl Device {
+    fn lock(&self) -> MutexGuard<'_, DeviceState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn allows(&self, ip: IpAddr) -> bool {
+        self.allow.contains(&ip.to_canonical())
+    }
+
+    /// Wakes the current connection, if any.
+    fn wake_conn(st: &DeviceState) -> Option<Arc<Notify>> {
+        st.conn.as_ref().map(|c| c.wake.clone())
+    }
+}
+
+impl GenericBridge {
+    /// Creates the bridge. `outcomes` receives one report per swipe that leaves the
+    /// bridge (delivered or expired); a full channel loses the report (counted and
+    /// logged) rather than blocking the bridge.
+    pub fn new(
+        devices: Vec<GenericDevice>,
+        settings: BridgeSettings,
+        outcomes: mpsc::Sender<OutcomeReport>,
+    ) -> Arc<GenericBridge> {
+        let devices = devices
+            .into_iter()
+            .map(|cfg| Device {
+                key: DeviceKey {
+                    machine: cfg.machine,
+                    reader: cfg.reader.clone(),
+                },
+                allow: cfg.allow.iter().map(IpAddr::to_canonical).collect(),
+                cfg,
+                state: Mutex::new(DeviceState::default()),
+            })
+            .collect();
+        Arc::new(GenericBridge {
+            devices,
+            settings,
+            outcomes,
+            expiry_wake: Notify::new(),
+            lost_reports: AtomicU64::new(0),
+        })
+    }
+
+    /// Binds every device's listener (logging `listening on ADDR (generic M/R)`); the
+    /// order matches the devices given to [`GenericBridge::new`].
+    pub async fn bind(&self) -> std::io::Result<Vec<TcpListener>> {
+        let mut listeners = Vec::with_capacity(self.devices.len());
+        for d in &self.devices {
+            let listener = scm_common::bind(&d.cfg.listen, &format!("generic {}", d.key)).await?;
+            d.lock().listen = Some(listener.local_addr()?);
+            listeners.push(listener);
+        }
+        Ok(listeners)
+    }
+
+    /// Serves every listener (one per device, in device order) and expires queued swipes,
+    /// until `shutdown` is cancelled.
+    pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>, shutdown: CancellationToken) {
+        if listeners.len() != self.devices.len() {
+            tracing::warn!(
+                "{} Generic devices but {} listeners; devices without a listener only queue and expire swipes",
+                self.devices.len(),
+                listeners.len()
+            );
+        }
+        let mut tasks = JoinSet::new();
+        tasks.spawn(self.clone().expire_loop(shutdown.clone()));
+        for (idx, listener) in listeners.into_iter().enumerate().take(self.devices.len()) {
+            let dev = &self.devices[idx];
+            if let Ok(local) = listener.local_addr() {
+                dev.lock().listen = Some(local);
+            }
+            let opts = ServeOptions::new(
+                format!("generic {}", dev.key),
+                self.settings.max_connections_per_device,
+            );
+            let bridge = self.clone();
+            tasks.spawn(scm_common::serve(
+                listener,
+                opts,
+                shutdown.clone(),
+                move |stream, peer, token| {
+                    let bridge = bridge.clone();
+                    async move { bridge.handle(idx, stream, peer, token).await }
+                },
+            ));
+        }
+        while let Some(res) = tasks.join_next().await {
+            if let Err(e) = res
+                && e.is_panic()
+            {
+                tracing::error!("a Generic bridge task panicked: {e}");
+            }
+        }
+    }
+
+    /// Whether a Generic device is configured for this machine and reader.
+    pub fn has_device(&self, machine: u16, reader: &str) -> bool {
+        self.find(machine, reader).is_some()
+    }
+
+    /// Queues a swipe for the device; returns at once. A swipe that has already expired
+    /// is reported [`Outcome::Expired`] right away.
+    pub fn submit(
+        &self,
+        machine: u16,
+        reader: &str,
+        swipe: BridgeSwipe,
+    ) -> Result<(), SubmitError> {
+        let dev = self.find(machine, reader).ok_or(SubmitError::NoDevice)?;
+        if swipe.expires_at <= Instant::now() {
+            dev.lock().expired += 1;
+            self.expired(dev, swipe);
+            return Ok(());
+        }
+        let wake = {
+            let mut st = dev.lock();
+            if st.queue.len() + st.in_flight >= self.settings.queue_max {
+                tracing::debug!(
+                    device = %dev.key,
+                    event = %swipe.event_id,
+                    card = %mask(&swipe.card),
+                    "queue full; swipe refused"
+                );
+                return Err(SubmitError::QueueFull {
+                    max: self.settings.queue_max,
+                });
+            }
+            tracing::debug!(
+                device = %dev.key,
+                event = %swipe.event_id,
+                card = %mask(&swipe.card),
+                "swipe queued"
+            );
+            st.queue.push_back(swipe);
+            Device::wake_conn(&st)
+        };
+        if let Some(w) = wake {
+            w.notify_one();
+        }
+        self.expiry_wake.notify_one();
+        Ok(())
+    }
+
+    /// Status of every device of a machine (all devices if `machine` is `None`).
+    pub fn status(&self, machine: Option<u16>) -> Vec<DeviceStatus> {
+        self.devices
+            .iter()
+            .filter(|d| machine.is_none_or(|m| d.key.machine == m))
+            .map(|d| {
+                let st = d.lock();
+                DeviceStatus {
+                    key: d.key.clone(),
+                    listen: st.listen,
+                    connected: st.conn.as_ref().map(|c| (c.peer, c.since_ms)),
+                    queued: st.queue.len() + st.in_flight,
+                    delivered: st.delivered,
+                    expired: st.expired,
+                    refused_peers: st.refused_peers,
+                }
+            })
+            .collect()
+    }
+
+    fn find(&self, machine: u16, reader: &str) -> Option<&Device> {
+        self.devices
+            .iter()
+            .find(|d| d.key.machine == machine && d.key.reader == reader)
+    }
+
+    /// Sends a report without ever waiting.
+    fn report(&self, dev: &Device, event_id: String, outcome: Outcome) {
+        let report = OutcomeReport {
+            key: dev.key.clone(),
+            event_id,
+            outcome,
+        };
+        if let Err(e) = self.outcomes.try_send(report) {
+            let lost = self.lost_reports.fetch_add(1, Ordering::Relaxed) + 1;
+            let (why, r) = match e {
+                mpsc::error::TrySendError::Full(r) => ("full", r),
+                mpsc::error::TrySendError::Closed(r) => ("closed", r),
+            };
+            tracing::warn!(
+                device = %dev.key,
+                event = %r.event_id,
+                "outcome channel {why}: the report {:?} is lost ({lost} lost so far)",
+                r.outcome
+            );
+        }
+    }
+
+    /// Logs and reports a swipe that expired undelivered (already counted by the caller).
+    fn expired(&self, dev: &Device, swipe: BridgeSwipe) {
+        tracing::info!(
+            device = %dev.key,
+            event = %swipe.event_id,
+            card = %mask(&swipe.card),
+            "swipe expired undelivered"
+        );
+        self.report(dev, swipe.event_id, Outcome::Expired);
+    }
+
+    /// Drops expired swipes from every queue; returns the earliest remaining expiry.
+    fn purge_expired(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        for dev in &self.devices {
+            let mut gone = Vec::new();
+            {
+                let mut st = dev.lock();
+                if st.queue.iter().any(|s| s.expires_at <= now) {
+                    let (keep, drop): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut st.queue)
+                        .into_iter()
+                        .partition(|s| s.expires_at > now);
+                    st.queue = keep;
+                    st.expired += drop.len() as u64;
+                    gone.extend(drop);
+                }
+                if let Some(t) = st.queue.iter().map(|s| s.expires_at).min() {
+                    next = Some(next.map_or(t, |n| n.min(t)));
+                }
+            }
+            for swipe in gone {
+                self.expired(dev, swipe);
+            }
+        }
+        next
+    }
+
+    async fn expire_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let next = self.purge_expired();
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.expiry_wake.notified() => {}
+                () = sleep_until(next) => {}
+            }
+        }
+    }
+
+    /// One accepted connection.
+    async fn handle(
+        self: Arc<Self>,
+        idx: usize,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let dev = &self.devices[idx];
+        if !dev.allows(peer.ip()) {
+            dev.lock().refused_peers += 1;
+            tracing::warn!(
+                device = %dev.key,
+                "refused the connection from {peer}: not in the allow list of generic device {}",
+                dev.key
+            );
+            return Ok(()); // dropping the stream closes it
+        }
+        if let Err(e) = tune_socket(&stream, &self.settings) {
+            tracing::warn!(device = %dev.key, "cannot set keep-alive options for {peer}: {e}");
+        }
+        let stop = shutdown.child_token();
+        let wake = Arc::new(Notify::new());
+        let id = {
+            let mut st = dev.lock();
+            st.next_conn_id += 1;
+            let id = st.next_conn_id;
+            let new = Conn {
+                id,
+                peer,
+                since_ms: unix_ms(),
+                stop: stop.clone(),
+                wake: wake.clone(),
+            };
+            if let Some(old) = st.conn.replace(new) {
+                tracing::info!(
+                    device = %dev.key,
+                    "print server {peer} connected; closing the older connection from {}",
+                    old.peer
+                );
+                old.stop.cancel();
+            } else {
+                tracing::info!(device = %dev.key, "print server {peer} connected");
+            }
+            id
+        };
+        let res = self.run_conn(dev, &mut stream, peer, &stop, &wake).await;
+        {
+            let mut st = dev.lock();
+            if st.conn.as_ref().is_some_and(|c| c.id == id) {
+                st.conn = None;
+            }
+        }
+        if res.is_ok() {
+            tracing::info!(device = %dev.key, "print server {peer} disconnected");
+        }
+        drop(stream);
+        res
+    }
+
+    async fn run_conn(
+        &self,
+        dev: &Device,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+        stop: &CancellationToken,
+        wake: &Notify,
+    ) -> std::io::Result<()> {
+        // Fixed size by construction: the server's input never grows memory.
+        let mut buf = [0u8; READ_BUF];
+        let (mut rd, mut wr) = stream.split();
+        loop {
+            self.deliver_pending(dev, &mut wr, peer, stop).await?;
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return Ok(()),
+                () = wake.notified() => {}
+                r = rd.read(&mut buf) => {
+                    let n = r?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    self.on_input(dev, &buf[..n], &mut wr, stop).await?;
+                }
+            }
+        }
+    }
+
+    /// Acts on a chunk the server sent; everything but a trailing `v` is ignored.
+    async fn on_input<W: AsyncWrite + Unpin>(
+        &self,
+        dev: &Device,
+        chunk: &[u8],
+        wr: &mut W,
+        stop: &CancellationToken,
+    ) -> std::io::Result<()> {
+        match last_command(chunk) {
+            Some(b'v') => {
+                let reply = &dev.cfg.version_reply;
+                if reply.is_empty() {
+                    tracing::debug!("version request (v); not answered");
+                } else {
+                    tracing::debug!("version request (v); answering");
+                    let line = format!("{reply}\r");
+                    let deadline = Instant::now() + self.write_timeout();
+                    let res = self
+                        .write_until(wr, line.as_bytes(), deadline, false, stop)
+                        .await;
+                    if res.is_err() && stop.is_cancelled() {
+                        return Ok(()); // replaced or shutting down: not an error
+                    }
+                    res?;
+                }
+            }
+            Some(b'e') => tracing::debug!("the server flags an error to the user (e)"),
+            Some(b'b') => tracing::debug!("the server asks for an audible indication (b)"),
+            _ => tracing::trace!("discarded {} bytes from the server", chunk.len()),
+        }
+        Ok(())
+    }
+
+    /// Writes every queued swipe that has not expired.
+    async fn deliver_pending<W: AsyncWrite + Unpin>(
+        &self,
+        dev: &Device,
+        wr: &mut W,
+        peer: SocketAddr,
+        stop: &CancellationToken,
+    ) -> std::io::Result<()> {
+        loop {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            let Some(swipe) = self.take_next(dev) else {
+                return Ok(());
+            };
+            let line = format!("{}\n", swipe.card);
+            // Bounded by the write timeout, and by the expiry: never delivered late.
+            let by_timeout = Instant::now() + self.write_timeout();
+            let (deadline, expiry_first) = if swipe.expires_at < by_timeout {
+                (swipe.expires_at, true)
+            } else {
+                (by_timeout, false)
+            };
+            match self
+                .write_until(wr, line.as_bytes(), deadline, expiry_first, stop)
+                .await
+            {
+                Ok(()) => {
+                    {
+                        let mut st = dev.lock();
+                        st.in_flight -= 1;
+                        st.delivered += 1;
+                    }
+                    tracing::info!(
+                        device = %dev.key,
+                        event = %swipe.event_id,
+                        card = %mask(&swipe.card),
+                        "card delivered to {peer}"
+                    );
+                    self.report(dev, swipe.event_id, Outcome::Delivered { peer });
+                }
+                Err(e) => {
+                    self.put_back(dev, swipe);
+                    if stop.is_cancelled() {
+                        return Ok(());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Takes the next swipe to write (dropping expired ones on the way).
+    fn take_next(&self, dev: &Device) -> Option<BridgeSwipe> {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        let next = {
+            let mut st = dev.lock();
+            loop {
+                match st.queue.pop_front() {
+                    None => break None,
+                    Some(s) if s.expires_at <= now => {
+                        st.expired += 1;
+                        gone.push(s);
+                    }
+                    Some(s) => {
+                        st.in_flight += 1;
+                        break Some(s);
+                    }
+                }
+            }
+        };
+        for s in gone {
+            self.expired(dev, s);
+        }
+        next
+    }
+
+    /// A write failed: the swipe goes back to the front of the queue for the next
+    /// connection, unless it has expired.
+    fn put_back(&self, dev: &Device, swipe: BridgeSwipe) {
+        let (wake, swipe) = {
+            let mut st = dev.lock();
+            st.in_flight -= 1;
+            if swipe.expires_at > Instant::now() {
+                st.queue.push_front(swipe);
+                (Device::wake_conn(&st), None)
+            } else {
+                st.expired += 1;
+                (None, Some(swipe))
+            }
+        };
+        match swipe {
+            Some(s) => self.expired(dev, s),
+            None => {
+                tracing::debug!(device = %dev.key, "swipe put back in the queue");
+                self.expiry_wake.notify_one();
+            }
+        }
+        if let Some(w) = wake {
+            w.notify_one();
+        }
+    }
+
+    async fn write_until<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        bytes: &[u8],
+        deadline: Instant,
+        expiry_first: bool,
+        stop: &CancellationToken,
+    ) -> std::io::Result<()> {
+        use std::io::{Error, ErrorKind};
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => Err(Error::new(ErrorKind::Interrupted, "connection closed during a write")),
+            r = tokio::time::timeout_at(deadline, wr.write_all(bytes)) => match r {
+                Ok(r) => r,
+                Err(_) if expiry_first => Err(Error::new(
+                    ErrorKind::TimedOut,
+                    "the swipe expired before the print server took it; closing the connection",
+                )),
+                Err(_) => Err(Error::new(
+                    ErrorKind::TimedOut,
+                    format!(
+                        "write did not complete within {} ms; closing the connection",
+                        self.settings.write_timeout_ms
+                    ),
+                )),
+            },
+        }
+    }
+
+    fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.write_timeout_ms)
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The last non-whitespace byte of a chunk: the command in PaperCut's sample terminal.
+fn last_command(chunk: &[u8]) -> Option<u8> {
+    chunk
+        .iter()
+        .rev()
+        .find(|b| !b.is_ascii_whitespace())
+        .copied()
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Whole seconds, rounded up, at least 1 (the kernel counts keep-alive times in seconds).
+fn secs_ceil(ms: u64) -> Duration {
+    Duration::from_secs(ms.div_ceil(1000).max(1))
+}
+
+/// Turns on TCP keep-alive (idle, interval, retries) and sets `TCP_USER_TIMEOUT`.
+fn tune_socket(stream: &TcpStream, s: &BridgeSettings) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new().with_time(secs_ceil(s.keepalive_idle_ms));
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let ka = ka
+        .with_interval(secs_ceil(s.keepalive_interval_ms))
+        .with_retries(s.keepalive_retries);
+    sock.set_tcp_keepalive(&ka)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_user_timeout(Some(Duration::from_millis(s.user_timeout_ms)))?;
+    Ok(())
+}

@@ -22,6 +22,8 @@ pub struct Session {
     pub connected_since_ms: i64,
     /// Config port the agent reported (version 1).
     pub config_port: Option<u16>,
+    /// Card readers the agent announced (version 1).
+    pub readers: Vec<String>,
     /// Distinguishes links of the same machine (the newest wins).
     pub link_id: u64,
 }
@@ -36,6 +38,8 @@ pub struct Hub {
     pub throttle: Throttle,
     /// TLS client toward machines' config ports.
     pub machine_connector: tokio_rustls::TlsConnector,
+    /// Card swipes (journal, de-duplication, bridges).
+    pub swipes: Arc<crate::swipes::Swipes>,
     sessions: Mutex<HashMap<u16, Session>>,
     delivery_locks: Mutex<HashMap<u16, Arc<tokio::sync::Mutex<()>>>>,
     ids: AtomicU64,
@@ -55,6 +59,7 @@ impl Hub {
         cfg: ScmConfig,
         store: Store,
         machine_connector: tokio_rustls::TlsConnector,
+        swipes: Arc<crate::swipes::Swipes>,
     ) -> Arc<Hub> {
         let throttle = Throttle::new(cfg.login.clone());
         Arc::new(Hub {
@@ -62,6 +67,7 @@ impl Hub {
             store,
             throttle,
             machine_connector,
+            swipes,
             sessions: Mutex::new(HashMap::new()),
             delivery_locks: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),

@@ -49,6 +49,8 @@ pub const AGENT_PORT: u16 = 9300;
 pub const TELNET_PORT: u16 = 2323;
 /// Default TLS telnet port.
 pub const TELNET_TLS_PORT: u16 = 2324;
+/// First Generic card reader device port (one per machine, counting up).
+pub const GENERIC_PORT: u16 = 7778;
 
 /// Parses `1,2,3` (also ranges like `1-5`).
 pub fn parse_machines(s: &str) -> Result<Vec<u16>, InitDevError> {
@@ -149,6 +151,18 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
             "\n[[machine]]\nid = {id}\nname = \"machine-{id}\"\nprotocol_version = 1\nlabels = [\"dev\"]\n"
         );
     }
+    let _ = write!(
+        scm,
+        "\n# One Generic-mode card reader device per machine: a print server on this host\n\
+         # connects to the port and reads `<card>\\n` for each swipe on reader r1.\n"
+    );
+    for (i, id) in machines.iter().enumerate() {
+        let port = usize::from(GENERIC_PORT) + i;
+        let _ = write!(
+            scm,
+            "\n[[generic]]\nmachine = {id}\nreader = \"r1\"\nlisten = \"127.0.0.1:{port}\"\nallow = [\"127.0.0.1\"]\n"
+        );
+    }
     write(&scm_config, &scm, true)?;
 
     let mut agent_configs = Vec::new();
@@ -161,7 +175,10 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
              [scm]\naddress = \"127.0.0.1:{AGENT_PORT}\"\n\n\
              [listen]\nconfig = \"127.0.0.1:{port}\"\n\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
-             [storage]\ndir = \"machine-{id}\"\n",
+             [storage]\ndir = \"machine-{id}\"\n\n\
+             # Card reader r1: write a card number and a newline into the FIFO to swipe,\n\
+             # e.g. echo 12345678 > machine-{id}-r1.fifo\n\
+             [[reader]]\nid = \"r1\"\nkind = \"fifo\"\npath = \"machine-{id}-r1.fifo\"\n",
             name(&files.ca_cert),
             name(cert),
             name(key),
@@ -216,6 +233,10 @@ mod tests {
         let cfg = crate::config::ScmConfig::load(&r.scm_config, &Default::default()).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.machines.len(), 2);
+        assert_eq!(cfg.generic.len(), 2);
+        assert_eq!(cfg.generic[1].listen, "127.0.0.1:7779");
+        let agent = std::fs::read_to_string(&r.agent_configs[0].1).unwrap();
+        assert!(agent.contains("path = \"machine-1-r1.fifo\""), "{agent}");
         assert!(cfg.tls.ca.is_absolute() && cfg.tls.ca.exists());
         let op = cfg.operators.first().unwrap();
         assert!(crate::auth::verify_password(op, &r.admin_password));

@@ -13,3 +13,4 @@ pub mod operator;
 pub mod push;
 pub mod server;
 pub mod store;
+pub mod swipes;

@@ -77,7 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(async move {
                 let shutdown = scm_common::shutdown_on_signals();
                 let prepared = scm::server::prepare(cfg)?;
-                let listeners = scm::server::bind_all(&prepared.hub.cfg).await?;
+                let listeners = scm::server::bind_all(&prepared).await?;
                 tracing::info!("SCM hub {} started", env!("CARGO_PKG_VERSION"));
                 scm::server::serve(prepared, listeners, shutdown).await;
                 tracing::info!("SCM hub stopped");

@@ -339,6 +339,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 },
                 ("audit", []) => self.audit_list().await?,
+                ("swipes", []) => self.swipes().await?,
                 ("quit" | "exit" | "logout", []) => {
                     self.reply("221 bye").await?;
                     return Ok(());
@@ -347,7 +348,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.reply(&format!("501 usage: {cmd} <machine id>"))
                         .await?
                 }
-                ("machines" | "audit" | "quit", _) => {
+                ("machines" | "audit" | "swipes" | "quit", _) => {
                     self.reply(&format!("501 usage: {cmd} (no arguments)"))
                         .await?
                 }
@@ -370,6 +371,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "214-  status <id>       details of one machine",
             "214-  push <id>         send a configuration: type it, then a line holding only \".\"",
             "214-                    (a line that starts with \".\" is sent with one more \".\")",
+            "214-  swipes            the last card swipes (masked) and what became of them",
             "214-  audit             the last operator actions",
             "214-  quit              end the session",
             "214 replies: 2xx done, 3xx send more, 4xx try later, 5xx refused",
@@ -470,6 +472,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "last error: {}",
             m.last_error.unwrap_or_else(|| "-".into())
         ));
+        if let Some(s) = self.hub.session(id) {
+            lines.push(format!(
+                "readers: {}",
+                if s.readers.is_empty() {
+                    "none announced".to_string()
+                } else {
+                    s.readers.join(", ")
+                }
+            ));
+        }
+        for d in self.hub.swipes.bridge().status(Some(id)) {
+            let conn = match d.connected {
+                Some((peer, since)) => {
+                    format!("print server connected from {peer} since {}", fmt_ms(since))
+                }
+                None => "no print server connected".to_string(),
+            };
+            let listen = d
+                .listen
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "not listening".into());
+            lines.push(format!(
+                "generic {}: {conn}; listening on {listen}; {} queued, {} delivered, {} expired, {} refused peers",
+                d.key, d.queued, d.delivered, d.expired, d.refused_peers
+            ));
+        }
         for (g, at, outcome, detail) in attempts {
             lines.push(format!(
                 "attempt: {} generation {g} {outcome}: {}",
@@ -483,6 +511,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply(&format!("211{sep}{l}")).await?;
         }
         Ok(())
+    }
+
+    async fn swipes(&mut self) -> Result<(), SessionError> {
+        let rows = match self.hub.store.run(|c| crate::swipes::list(c, 20)).await {
+            Ok(r) => r,
+            Err(e) => return self.store_error(e).await,
+        };
+        for r in rows.iter().rev() {
+            self.reply(&format!(
+                "250-{} machine {} reader {} card {} {}: {}",
+                fmt_ms(r.received_ms),
+                r.machine,
+                r.reader,
+                r.card_masked,
+                r.outcome,
+                truncate(&r.detail, 120)
+            ))
+            .await?;
+        }
+        let st = &self.hub.swipes.stats;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.reply(&format!(
+            "250 {} swipes shown; since start: {} delivered, {} expired, {} duplicate, {} rejected, {} busy, {} without route",
+            rows.len(),
+            st.delivered.load(Relaxed),
+            st.expired.load(Relaxed),
+            st.duplicate.load(Relaxed),
+            st.rejected.load(Relaxed),
+            st.busy.load(Relaxed),
+            st.no_route.load(Relaxed),
+        ))
+        .await
     }
 
     async fn audit_list(&mut self) -> Result<(), SessionError> {

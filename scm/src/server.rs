@@ -10,8 +10,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ScmConfig;
+use crate::generic::GenericBridge;
 use crate::hub::Hub;
 use crate::store::{self, Store};
+use crate::swipes::Swipes;
 use crate::{agents, operator};
 
 /// The SCM's listeners, bound by the caller.
@@ -23,6 +25,8 @@ pub struct Listeners {
     pub telnet: Option<TcpListener>,
     /// TLS telnet.
     pub telnet_tls: Option<TcpListener>,
+    /// One per Generic card reader device, in configuration order.
+    pub generic: Vec<TcpListener>,
 }
 
 /// Why the SCM could not start.
@@ -42,7 +46,8 @@ pub enum StartError {
 
 /// Binds every configured listener (an empty address disables it) and logs each
 /// `listening on ADDR (NAME)` line.
-pub async fn bind_all(cfg: &ScmConfig) -> Result<Listeners, StartError> {
+pub async fn bind_all(prepared: &Prepared) -> Result<Listeners, StartError> {
+    let cfg = &prepared.hub.cfg;
     async fn one(addr: &str, name: &str) -> Result<Option<TcpListener>, StartError> {
         if addr.is_empty() {
             return Ok(None);
@@ -53,10 +58,13 @@ pub async fn bind_all(cfg: &ScmConfig) -> Result<Listeners, StartError> {
         agents: one(&cfg.listen.agents, "agents").await?,
         telnet: one(&cfg.listen.telnet, "telnet").await?,
         telnet_tls: one(&cfg.listen.telnet_tls, "telnet-tls").await?,
+        generic: prepared.hub.swipes.bridge().bind().await?,
     })
 }
 
 /// Loads what `serve` needs and fails early, so `check-config` can run it too.
+///
+/// Must be called inside a tokio runtime (it starts the swipe journal's tasks).
 pub struct Prepared {
     /// Shared state.
     pub hub: Arc<Hub>,
@@ -86,7 +94,25 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         .map(|m| (m.id, m.name.clone(), m.protocol_version))
         .collect();
     store.run_blocking(|c| store::sync_machines(c, &machines))?;
-    let hub = Hub::new(cfg, store, tokio_rustls::TlsConnector::from(client_cfg));
+    let (outcome_tx, outcome_rx) = tokio::sync::mpsc::channel(4096);
+    let bridge = GenericBridge::new(cfg.generic.clone(), cfg.bridge.clone(), outcome_tx);
+    let swipes = Swipes::start(
+        &cfg.database.path,
+        cfg.swipes.clone(),
+        cfg.cards.clone(),
+        bridge,
+        outcome_rx,
+    )
+    .map_err(|source| store::StoreError::Sqlite {
+        path: cfg.database.path.clone(),
+        source,
+    })?;
+    let hub = Hub::new(
+        cfg,
+        store,
+        tokio_rustls::TlsConnector::from(client_cfg),
+        swipes,
+    );
     Ok(Prepared {
         hub,
         agent_acceptor: tokio_rustls::TlsAcceptor::from(agent_cfg),
@@ -124,6 +150,10 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             shutdown.clone(),
             move |tcp, peer, token| operator::handle_plain(hub.clone(), tcp, peer, token),
         ));
+    }
+    if !listeners.generic.is_empty() {
+        let bridge = hub.swipes.bridge().clone();
+        set.spawn(bridge.serve(listeners.generic, shutdown.clone()));
     }
     if let Some(l) = listeners.telnet_tls {
         let hub = hub.clone();

@@ -154,7 +154,21 @@ CREATE TABLE IF NOT EXISTS audit (
     action TEXT NOT NULL,
     detail TEXT NOT NULL
 );
-PRAGMA user_version = 1;
+CREATE TABLE IF NOT EXISTS swipes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL,
+    machine_id INTEGER NOT NULL,
+    reader TEXT NOT NULL,
+    card_masked TEXT NOT NULL,
+    swiped_at_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS swipes_event ON swipes(event_id);
+CREATE INDEX IF NOT EXISTS swipes_received ON swipes(received_ms);
+PRAGMA user_version = 2;
 "#;
 
 /// Milliseconds since the Unix epoch.

@@ -5,6 +5,7 @@ mod crash;
 mod frames;
 mod mtls;
 mod relay;
+mod swipes;
 mod telnet;
 mod v0;
 

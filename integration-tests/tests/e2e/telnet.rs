@@ -101,9 +101,9 @@ fn raw_until_closed(s: &mut TcpStream) -> Vec<u8> {
 struct Scm {
     password: String,
     telnet: SocketAddr,
-    telnet_tls: SocketAddr,
     agent: Option<Proc>,
-    scm: Proc,
+    /// Kept running (and its logs printed if the test fails).
+    _scm: Proc,
     /// Last, so that it is removed after the processes are gone.
     dir: tempfile::TempDir,
 }
@@ -114,7 +114,6 @@ impl Scm {
         let scm = Fleet::start_scm(dir.path(), env);
         let agents_addr = scm.listening("agents");
         let telnet = scm.listening("telnet");
-        let telnet_tls = scm.listening("telnet-tls");
         let agent = with_agent.then(|| {
             let a = Fleet::start_agent(dir.path(), 1, agents_addr, &[]);
             a.wait_for("connected to SCM");
@@ -123,9 +122,8 @@ impl Scm {
         Scm {
             password,
             telnet,
-            telnet_tls,
             agent,
-            scm,
+            _scm: scm,
             dir,
         }
     }
@@ -740,7 +738,8 @@ fn failed_logins_are_throttled_logged_audited_and_the_lockout_expires() {
         c.until_closed(),
         "\r\n421 too many failed logins from 127.0.0.1; try again in 1 s\r\n"
     );
-    // Retry until the SCM asks for a user name again; every round waits for its answer.
+    // Retry until the SCM asks for a user name again; every round waits for the SCM's
+    // answer and its close.
     let deadline = Instant::now() + WAIT;
     let mut refused = 0;
     let mut d = loop {
@@ -757,6 +756,9 @@ fn failed_logins_are_throttled_logged_audited_and_the_lockout_expires() {
             );
             break d;
         }
+        // The SCM closes after it wrote its audit record: waiting for that keeps the
+        // records in order and the number of rounds small.
+        raw_until_closed(&mut d.stream);
         refused += 1;
     };
     assert!(
@@ -935,9 +937,12 @@ fn backoffice_shell_forwards_stdin() {
         "{text:?}"
     );
     sh.write(b"quit\n");
-    sh.until("221 bye");
+    // The shell prints a newline once the SCM has closed the session.
+    sh.until("221 bye\r\n\n");
     // The back office reads stdin with tokio's blocking reader, which keeps the process
-    // alive until stdin ends or another line is typed; close it as a pipe would.
+    // alive until stdin ends or another line is typed: close it as a pipe would. (Closed
+    // before the session ended, stdin's end makes the shell send a second `quit` that
+    // races with the SCM's close and can end in "connection reset", exit 2.)
     sh.close_stdin();
     assert_eq!(sh.wait_exit(), Some(0), "{}", sh.all());
 
@@ -945,7 +950,9 @@ fn backoffice_shell_forwards_stdin() {
     let mut sh = Interactive::spawn(&bin("backoffice"), &["--config", cfg, "shell"], &env);
     sh.until("connected; type help, quit to leave");
     sh.write(b"status 1\n");
-    sh.until("211 last error: -");
+    sh.until("211-machine 1 (machine-1)\r\n");
+    sh.until("\r\n211 ");
+    sh.until("\r\n");
     sh.close_stdin();
     sh.until("221 bye");
     assert_eq!(sh.wait_exit(), Some(0), "{}", sh.all());

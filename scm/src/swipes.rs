@@ -1,0 +1,485 @@
+//! Card swipes at the SCM: each SWIPE from an agent is validated again (card rules, ids),
+//! de-duplicated by its event id, written to the swipe journal (masked), and handed to the
+//! card-reader bridge of its device with a deadline. The journal records what became of
+//! every swipe: queued, delivered (where), expired, duplicate, rejected, or no route.
+//!
+//! De-duplication survives restarts: an event id is committed to the journal before the
+//! swipe is forwarded, and the ids of recent swipes are loaded back at start, so a swipe
+//! an agent sends again after an SCM restart is not delivered twice.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, params};
+use scm_common::card::{CardRules, mask};
+use scm_proto::v1::{self, NackReason};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::generic::{BridgeSwipe, GenericBridge, Outcome, OutcomeReport, SubmitError};
+use crate::store::now_ms;
+
+/// `[swipes]` in the SCM configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwipeSettings {
+    /// Lifetime of a swipe whose SWIPE says `ttl_ms = 0`.
+    pub default_ttl_ms: u64,
+    /// Longest lifetime accepted; longer ones are cut to this.
+    pub max_ttl_ms: u64,
+    /// How many event ids are remembered for de-duplication.
+    pub dedup_max: usize,
+    /// Journal writes waiting to be committed.
+    pub journal_queue: usize,
+}
+
+impl Default for SwipeSettings {
+    fn default() -> Self {
+        Self {
+            default_ttl_ms: 10_000,
+            max_ttl_ms: 60_000,
+            dedup_max: 200_000,
+            journal_queue: 10_000,
+        }
+    }
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct SwipeStats {
+    /// Accepted and handed to a bridge.
+    pub queued: AtomicU64,
+    /// Accepted with no bridge device for their reader.
+    pub no_route: AtomicU64,
+    /// Repeats of an event id already seen.
+    pub duplicate: AtomicU64,
+    /// Refused (invalid card or ids).
+    pub rejected: AtomicU64,
+    /// Refused because the device's queue was full.
+    pub busy: AtomicU64,
+    /// Written to a print server.
+    pub delivered: AtomicU64,
+    /// Dropped when their time to live ran out.
+    pub expired: AtomicU64,
+    /// Journal records lost because the journal queue was full or the database failed.
+    pub journal_lost: AtomicU64,
+}
+
+/// The answer to one SWIPE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// ACK with this detail.
+    Ack(String),
+    /// NACK with this reason and detail.
+    Nack(NackReason, String),
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    ids: HashMap<String, i64>,
+    order: VecDeque<(i64, String)>,
+}
+
+impl Seen {
+    /// Remembers `id` until `forget_at_ms`; false if it was already there. Forgets ids
+    /// whose time has come, and the oldest ones beyond `max`.
+    fn insert(&mut self, id: &str, forget_at_ms: i64, max: usize, now: i64) -> bool {
+        while let Some((t, _)) = self.order.front() {
+            if *t > now && self.order.len() < max.max(1) {
+                break;
+            }
+            if let Some((t, old)) = self.order.pop_front() {
+                // Only if this entry is still the current one for that id.
+                if self.ids.get(&old) == Some(&t) {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+        if self.ids.contains_key(id) {
+            return false;
+        }
+        self.ids.insert(id.to_string(), forget_at_ms);
+        self.order.push_back((forget_at_ms, id.to_string()));
+        true
+    }
+
+    fn remove(&mut self, id: &str) {
+        self.ids.remove(id);
+    }
+}
+
+/// One journal row.
+#[derive(Debug, Clone)]
+struct Row {
+    event_id: String,
+    machine: u16,
+    reader: String,
+    card_masked: String,
+    swiped_at_ms: i64,
+    outcome: &'static str,
+    detail: String,
+}
+
+#[derive(Debug)]
+enum JournalOp {
+    Insert(Row, Option<oneshot::Sender<()>>),
+    Outcome {
+        event_id: String,
+        outcome: &'static str,
+        detail: String,
+    },
+}
+
+/// Swipe handling shared by every agent link.
+pub struct Swipes {
+    settings: SwipeSettings,
+    rules: CardRules,
+    seen: Mutex<Seen>,
+    journal: mpsc::Sender<JournalOp>,
+    bridge: Arc<GenericBridge>,
+    /// Counters.
+    pub stats: SwipeStats,
+}
+
+impl std::fmt::Debug for Swipes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Swipes")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+fn valid_id(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl Swipes {
+    /// Opens the journal (its own SQLite connection on the SCM's database), loads recent
+    /// event ids, and starts the journal writer and the bridge-outcome consumer.
+    pub fn start(
+        db_path: &Path,
+        settings: SwipeSettings,
+        rules: CardRules,
+        bridge: Arc<GenericBridge>,
+        outcomes: mpsc::Receiver<OutcomeReport>,
+    ) -> Result<Arc<Swipes>, rusqlite::Error> {
+        let conn = Connection::open(db_path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        // The journal does not fsync each commit: a process crash loses nothing (the WAL
+        // is in the OS cache); a power loss may lose the last moments of the journal.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let now = now_ms();
+        let horizon = now - settings.max_ttl_ms as i64 - 60_000;
+        let mut seen = Seen::default();
+        {
+            let mut st = conn.prepare(
+                "SELECT event_id, received_ms FROM swipes WHERE received_ms >= ?1 ORDER BY id",
+            )?;
+            let rows = st.query_map([horizon], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })?;
+            for r in rows {
+                let (id, at) = r?;
+                seen.insert(
+                    &id,
+                    at + settings.max_ttl_ms as i64 + 60_000,
+                    settings.dedup_max,
+                    now,
+                );
+            }
+        }
+        tracing::info!(
+            "swipe journal: {} recent event ids loaded for de-duplication",
+            seen.ids.len()
+        );
+        let (tx, rx) = mpsc::channel(settings.journal_queue.max(16));
+        let swipes = Arc::new(Swipes {
+            settings,
+            rules,
+            seen: Mutex::new(seen),
+            journal: tx,
+            bridge,
+            stats: SwipeStats::default(),
+        });
+        let s2 = swipes.clone();
+        tokio::task::spawn_blocking(move || journal_writer(conn, rx, s2));
+        let s3 = swipes.clone();
+        tokio::spawn(async move { s3.consume_outcomes(outcomes).await });
+        Ok(swipes)
+    }
+
+    /// The bridge.
+    pub fn bridge(&self) -> &Arc<GenericBridge> {
+        &self.bridge
+    }
+
+    fn journal(&self, op: JournalOp) {
+        if self.journal.try_send(op).is_err() {
+            self.stats.journal_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("swipe journal queue full; a journal record was lost");
+        }
+    }
+
+    async fn consume_outcomes(&self, mut rx: mpsc::Receiver<OutcomeReport>) {
+        while let Some(r) = rx.recv().await {
+            let (outcome, detail) = match r.outcome {
+                Outcome::Delivered { peer } => {
+                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    ("delivered", format!("generic {} to {peer}", r.key))
+                }
+                Outcome::Expired => {
+                    self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                    (
+                        "expired",
+                        format!("no print server took it in time on generic {}", r.key),
+                    )
+                }
+            };
+            self.journal(JournalOp::Outcome {
+                event_id: r.event_id,
+                outcome,
+                detail,
+            });
+        }
+    }
+
+    /// Handles one SWIPE from machine `machine` (the id already checked against the
+    /// certificate).
+    pub async fn receive(&self, machine: u16, s: &v1::Swipe) -> Verdict {
+        let masked = mask(&s.card);
+        let row = |outcome, detail: String| Row {
+            event_id: s.event_id.chars().take(64).collect(),
+            machine,
+            reader: s.reader_id.chars().take(32).collect(),
+            card_masked: masked.clone(),
+            swiped_at_ms: s.swiped_at_unix_ms as i64,
+            outcome,
+            detail,
+        };
+        if !valid_id(&s.event_id, 64) || !valid_id(&s.reader_id, 32) {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Verdict::Nack(
+                NackReason::Malformed,
+                "event_id (1-64) and reader_id (1-32) must be letters, digits, '.', '_' or '-'"
+                    .into(),
+            );
+        }
+        if let Err(e) = self.rules.validate(&s.card) {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(machine, reader = %s.reader_id, card = %masked, "swipe refused: {e}");
+            self.journal(JournalOp::Insert(row("rejected", e.to_string()), None));
+            return Verdict::Nack(NackReason::InvalidCard, e.to_string());
+        }
+        let ttl = match s.ttl_ms {
+            0 => self.settings.default_ttl_ms,
+            t => u64::from(t).min(self.settings.max_ttl_ms),
+        };
+        let now = now_ms();
+        let fresh = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.insert(
+                &s.event_id,
+                now + self.settings.max_ttl_ms as i64 + 60_000,
+                self.settings.dedup_max,
+                now,
+            )
+        };
+        if !fresh {
+            self.stats.duplicate.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(machine, reader = %s.reader_id, card = %masked, event = %s.event_id, "duplicate swipe; not forwarded again");
+            return Verdict::Ack("duplicate; already received".into());
+        }
+        let expires_at = tokio::time::Instant::now() + Duration::from_millis(ttl);
+        let routed = self.bridge.has_device(machine, &s.reader_id);
+        let (outcome, detail) = if routed {
+            (
+                "queued",
+                format!("queued for generic {machine}/{}", s.reader_id),
+            )
+        } else {
+            (
+                "no_route",
+                format!(
+                    "no bridge device for {machine}/{}; recorded only",
+                    s.reader_id
+                ),
+            )
+        };
+        // Commit the event id before forwarding, so a restart cannot forward it twice.
+        let (done_tx, done_rx) = oneshot::channel();
+        if self
+            .journal
+            .try_send(JournalOp::Insert(
+                row(outcome, detail.clone()),
+                Some(done_tx),
+            ))
+            .is_err()
+        {
+            self.seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&s.event_id);
+            self.stats.busy.fetch_add(1, Ordering::Relaxed);
+            return Verdict::Nack(NackReason::Busy, "swipe journal busy; try again".into());
+        }
+        if done_rx.await.is_err() {
+            self.stats.journal_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("swipe journal write failed; forwarding anyway");
+        }
+        if !routed {
+            self.stats.no_route.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(machine, reader = %s.reader_id, card = %masked, "{detail}");
+            return Verdict::Ack(detail);
+        }
+        let swipe = BridgeSwipe {
+            event_id: s.event_id.clone(),
+            card: s.card.clone(),
+            expires_at,
+        };
+        match self.bridge.submit(machine, &s.reader_id, swipe) {
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(machine, reader = %s.reader_id, card = %masked, event = %s.event_id, ttl_ms = ttl, "swipe accepted");
+                Verdict::Ack(detail)
+            }
+            Err(e @ SubmitError::QueueFull { .. }) => {
+                self.seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&s.event_id);
+                self.stats.busy.fetch_add(1, Ordering::Relaxed);
+                self.journal(JournalOp::Outcome {
+                    event_id: s.event_id.clone(),
+                    outcome: "busy",
+                    detail: e.to_string(),
+                });
+                Verdict::Nack(NackReason::Busy, e.to_string())
+            }
+            Err(e) => {
+                self.stats.no_route.fetch_add(1, Ordering::Relaxed);
+                Verdict::Ack(format!("{e}; recorded only"))
+            }
+        }
+    }
+}
+
+fn journal_writer(mut conn: Connection, mut rx: mpsc::Receiver<JournalOp>, swipes: Arc<Swipes>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            let now = now_ms();
+            for op in &batch {
+                match op {
+                    JournalOp::Insert(r, _) => {
+                        tx.execute(
+                            "INSERT INTO swipes (event_id, machine_id, reader, card_masked, swiped_at_ms, received_ms, outcome, detail, updated_ms)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?6)",
+                            params![r.event_id, r.machine, r.reader, r.card_masked, r.swiped_at_ms, now, r.outcome, r.detail],
+                        )?;
+                    }
+                    JournalOp::Outcome {
+                        event_id,
+                        outcome,
+                        detail,
+                    } => {
+                        tx.execute(
+                            "UPDATE swipes SET outcome = ?2, detail = ?3, updated_ms = ?4
+                             WHERE id = (SELECT MAX(id) FROM swipes WHERE event_id = ?1)",
+                            params![event_id, outcome, detail, now],
+                        )?;
+                    }
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(e) = result {
+            swipes
+                .stats
+                .journal_lost
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            tracing::error!("swipe journal: cannot write {} records: {e}", batch.len());
+        }
+        for op in batch {
+            if let JournalOp::Insert(_, Some(done)) = op {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// One row of the swipe listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwipeRow {
+    /// Unix ms received.
+    pub received_ms: i64,
+    /// Machine.
+    pub machine: u16,
+    /// Reader.
+    pub reader: String,
+    /// Masked card.
+    pub card_masked: String,
+    /// Outcome.
+    pub outcome: String,
+    /// Details.
+    pub detail: String,
+}
+
+/// The newest swipes, newest first.
+pub fn list(c: &mut Connection, limit: u32) -> rusqlite::Result<Vec<SwipeRow>> {
+    let mut st = c.prepare(
+        "SELECT received_ms, machine_id, reader, card_masked, outcome, detail FROM swipes ORDER BY id DESC LIMIT ?1",
+    )?;
+    let rows = st.query_map([limit], |r| {
+        Ok(SwipeRow {
+            received_ms: r.get(0)?,
+            machine: r.get(1)?,
+            reader: r.get(2)?,
+            card_masked: r.get(3)?,
+            outcome: r.get(4)?,
+            detail: r.get(5)?,
+        })
+    })?;
+    rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_set_dedups_forgets_and_is_bounded() {
+        let mut s = Seen::default();
+        assert!(s.insert("a", 100, 10, 0));
+        assert!(!s.insert("a", 100, 10, 0));
+        assert!(s.insert("b", 200, 10, 150), "a forgotten after its time");
+        assert!(s.insert("a", 300, 10, 150));
+        let mut bounded = Seen::default();
+        for i in 0..100 {
+            bounded.insert(&format!("e{i}"), 1_000, 10, 0);
+        }
+        assert!(bounded.ids.len() <= 11, "{}", bounded.ids.len());
+        assert!(bounded.order.len() <= 11);
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(valid_id("r1", 32));
+        assert!(valid_id("0f3a-b_c.d", 64));
+        assert!(!valid_id("", 32));
+        assert!(!valid_id("r 1", 32));
+        assert!(!valid_id(&"x".repeat(33), 32));
+    }
+}
