@@ -69,6 +69,23 @@ echo "== fleet as the SCM sees it =="
 $BIN/backoffice --config "$DIR/backoffice.toml" machines
 [ "$rc" -eq 0 ] || { echo "the push was not acknowledged" >&2; exit 1; }
 
+echo
+echo "== a card swipe: machine 1's reader -> agent -> SCM -> Generic bridge -> print server =="
+ports=$(grep -o 'listening on [0-9.:]* (generic [0-9]*/r1)' "$DIR/scm.log" | awk '{print $3}')
+sim_args=()
+for p in $ports; do sim_args+=(--connect "$p"); done
+$BIN/print-server-sim "${sim_args[@]}" --keepalive-ms 5000 >"$DIR/print-server.log" 2>&1 &
+pids+=($!)
+wait_for "$DIR/print-server.log" "CONNECTED"
+wait_for "$DIR/agent-1.log" "reader r1"
+echo "  swiping card 12345678 on machine 1 (echo 12345678 > $DIR/machine-1-r1.fifo)"
+echo 12345678 >"$DIR/machine-1-r1.fifo"
+wait_for "$DIR/print-server.log" "CARD 12345678"
+echo "  the print-server simulator read: $(grep 'CARD 12345678' "$DIR/print-server.log" | head -1)"
+echo
+echo "== swipes as the SCM journals them (card numbers masked) =="
+$BIN/backoffice --config "$DIR/backoffice.toml" swipes
+
 if [ "${DEMO_EXIT:-0}" = "1" ]; then
   echo "demo finished (DEMO_EXIT=1)"
   exit 0
@@ -77,5 +94,6 @@ echo
 echo "The fleet keeps running. Log in as an operator with any telnet client:"
 echo "  telnet 127.0.0.1 2323      (user admin, password in $DIR/init.txt)"
 echo "  $BIN/backoffice --config $DIR/backoffice.toml shell"
+echo "Swipe a card: echo 87654321 > $DIR/machine-2-r1.fifo   (the print server's view: $DIR/print-server.log)"
 echo "Logs: $DIR/*.log. Press Ctrl-C to stop."
 wait

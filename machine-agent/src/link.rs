@@ -116,7 +116,7 @@ async fn session(
     let _ = tcp.set_nodelay(true);
     let tls = scm_certs::tls::connect(connector, tcp, &Identity::Scm, s.handshake)
         .await
-        .map_err(|e| connect_err(format!("TLS: {e}")))?;
+        .map_err(|e| connect_err(format!("TLS handshake refused ({}): {e}", e.reason())))?;
     let (r, mut w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r, FrameCodec::new(4096));
     let applied = store.lock().await.applied();

@@ -707,11 +707,14 @@ impl GenericBridge {
                 st.conn = None;
             }
         }
-        if res.is_ok() {
-            tracing::info!(device = %dev.key, "print server {peer} disconnected");
+        match &res {
+            Ok(()) => tracing::info!(device = %dev.key, "print server {peer} disconnected"),
+            // Timed out = keep-alive or TCP_USER_TIMEOUT found the peer gone (half-open).
+            Err(e) => tracing::warn!(device = %dev.key, "print server {peer} disconnected: {e}"),
         }
         drop(stream);
-        res
+        // Already logged with the device; nothing more for the accept loop to say.
+        Ok(())
     }
 
     async fn run_conn(

@@ -3,6 +3,7 @@
 
 mod crash;
 mod frames;
+mod halfopen;
 mod mtls;
 mod relay;
 mod swipes;
