@@ -79,7 +79,10 @@ fn main() -> ExitCode {
             return ExitCode::from(OTHER);
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // The shell's standard-input reader may sit in a blocking read: do not wait for it.
+    rt.shutdown_background();
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("backoffice: {e:#}");
@@ -154,19 +157,29 @@ async fn shell(mut client: Client<Box<dyn Stream>>) -> anyhow::Result<u8> {
     out.write_all(&leftover).await?;
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
+    let mut quit_sent = false;
     loop {
         tokio::select! {
             line = stdin.next_line(), if stdin_open => match line? {
-                Some(l) => client.conn_mut().send_line(&l).await?,
+                Some(l) => {
+                    quit_sent |= matches!(l.trim(), "quit" | "exit" | "logout");
+                    client.conn_mut().send_line(&l).await?;
+                }
                 None => {
                     stdin_open = false;
-                    let _ = client.conn_mut().send_line("quit").await;
+                    if !quit_sent {
+                        quit_sent = true;
+                        let _ = client.conn_mut().send_line("quit").await;
+                    }
                 }
             },
-            ev = client.conn_mut().next_event() => match ev? {
-                None => break,
-                Some(Event::Data(d)) => { out.write_all(&d).await?; out.flush().await?; }
-                Some(_) => {}
+            ev = client.conn_mut().next_event() => match ev {
+                Ok(None) => break,
+                Ok(Some(Event::Data(d))) => { out.write_all(&d).await?; out.flush().await?; }
+                Ok(Some(_)) => {}
+                // The SCM may close hard right after `221 bye`: that is the end, not an error.
+                Err(_) if quit_sent => break,
+                Err(e) => return Err(e.into()),
             },
         }
     }

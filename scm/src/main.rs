@@ -74,7 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            rt.block_on(async move {
+            let result = rt.block_on(async move {
                 let shutdown = scm_common::shutdown_on_signals();
                 let prepared = scm::server::prepare(cfg)?;
                 let listeners = scm::server::bind_all(&prepared).await?;
@@ -82,7 +82,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 scm::server::serve(prepared, listeners, shutdown).await;
                 tracing::info!("SCM hub stopped");
                 anyhow::Ok(())
-            })
+            });
+            // The swipe journal's writer finishes its last batch once the hub is gone; do
+            // not wait for any blocking task longer than this.
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+            result
         }
         Cmd::CheckConfig { config } => {
             let cfg = load(&config)?;

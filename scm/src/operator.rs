@@ -158,7 +158,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     return Ok(Input::TooLong);
                 }
-                Some(Event::Command(consts::IP)) => return Ok(Input::Interrupt),
+                Some(Event::Command(consts::IP)) => {
+                    // Ctrl-C: forget the half-typed line too.
+                    self.conn.codec_mut().clear_line();
+                    return Ok(Input::Interrupt);
+                }
                 Some(Event::Command(consts::AYT)) => {
                     self.conn.send_text("\r\n[scm: yes]\r\n").await?;
                 }

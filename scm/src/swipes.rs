@@ -141,7 +141,7 @@ pub struct Swipes {
     journal: mpsc::Sender<JournalOp>,
     bridge: Arc<GenericBridge>,
     /// Counters.
-    pub stats: SwipeStats,
+    pub stats: Arc<SwipeStats>,
 }
 
 impl std::fmt::Debug for Swipes {
@@ -205,12 +205,14 @@ impl Swipes {
             seen: Mutex::new(seen),
             journal: tx,
             bridge,
-            stats: SwipeStats::default(),
+            stats: Arc::new(SwipeStats::default()),
         });
-        let s2 = swipes.clone();
-        tokio::task::spawn_blocking(move || journal_writer(conn, rx, s2));
-        let s3 = swipes.clone();
-        tokio::spawn(async move { s3.consume_outcomes(outcomes).await });
+        // Neither task keeps `Swipes` alive: when the SCM drops it, the journal channel
+        // closes and the writer finishes its last batch and ends.
+        let stats = swipes.stats.clone();
+        tokio::task::spawn_blocking(move || journal_writer(conn, rx, stats));
+        let weak = Arc::downgrade(&swipes);
+        tokio::spawn(consume_outcomes(weak, outcomes));
         Ok(swipes)
     }
 
@@ -226,27 +228,25 @@ impl Swipes {
         }
     }
 
-    async fn consume_outcomes(&self, mut rx: mpsc::Receiver<OutcomeReport>) {
-        while let Some(r) = rx.recv().await {
-            let (outcome, detail) = match r.outcome {
-                Outcome::Delivered { peer } => {
-                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                    ("delivered", format!("generic {} to {peer}", r.key))
-                }
-                Outcome::Expired => {
-                    self.stats.expired.fetch_add(1, Ordering::Relaxed);
-                    (
-                        "expired",
-                        format!("no print server took it in time on generic {}", r.key),
-                    )
-                }
-            };
-            self.journal(JournalOp::Outcome {
-                event_id: r.event_id,
-                outcome,
-                detail,
-            });
-        }
+    fn outcome(&self, r: OutcomeReport) {
+        let (outcome, detail) = match r.outcome {
+            Outcome::Delivered { peer } => {
+                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                ("delivered", format!("generic {} to {peer}", r.key))
+            }
+            Outcome::Expired => {
+                self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                (
+                    "expired",
+                    format!("no print server took it in time on generic {}", r.key),
+                )
+            }
+        };
+        self.journal(JournalOp::Outcome {
+            event_id: r.event_id,
+            outcome,
+            detail,
+        });
     }
 
     /// Handles one SWIPE from machine `machine` (the id already checked against the
@@ -369,7 +369,16 @@ impl Swipes {
     }
 }
 
-fn journal_writer(mut conn: Connection, mut rx: mpsc::Receiver<JournalOp>, swipes: Arc<Swipes>) {
+async fn consume_outcomes(swipes: std::sync::Weak<Swipes>, mut rx: mpsc::Receiver<OutcomeReport>) {
+    while let Some(r) = rx.recv().await {
+        let Some(s) = swipes.upgrade() else {
+            return;
+        };
+        s.outcome(r);
+    }
+}
+
+fn journal_writer(mut conn: Connection, mut rx: mpsc::Receiver<JournalOp>, stats: Arc<SwipeStats>) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < 1024 {
@@ -406,8 +415,7 @@ fn journal_writer(mut conn: Connection, mut rx: mpsc::Receiver<JournalOp>, swipe
             tx.commit()
         })();
         if let Err(e) = result {
-            swipes
-                .stats
+            stats
                 .journal_lost
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             tracing::error!("swipe journal: cannot write {} records: {e}", batch.len());

@@ -189,6 +189,13 @@ impl TelnetCodec {
         self.max_line
     }
 
+    /// Drops the line being assembled (Lines mode), e.g. when the user pressed Ctrl-C
+    /// (`IAC IP`): what was typed before it must not be glued to the next command.
+    pub fn clear_line(&mut self) {
+        self.line.clear();
+        self.discarding = false;
+    }
+
     /// Feeds one byte to the state machine.
     fn step(&mut self, b: u8) -> Option<Event> {
         match self.state {
@@ -453,6 +460,16 @@ pub(crate) mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn clear_line_drops_what_was_typed_before_ctrl_c() {
+        let mut c = TelnetCodec::new(Mode::Lines);
+        let ev = feed(&mut c, &[b"b=", &[0xff, IP]]);
+        assert_eq!(ev, vec![Event::Command(IP)]);
+        c.clear_line();
+        let ev = feed(&mut c, &[b"machines\r\n"]);
+        assert_eq!(ev, vec![Event::Line(b"machines".to_vec())]);
     }
 
     /// Every split in two and three pieces, and one byte per read, give the same events.

@@ -52,25 +52,48 @@ impl TestHost {
             here: here.clone(),
             there: there.clone(),
         };
-        sh(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if]);
+        sh(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+        ]);
         sh(&["ip", "link", "set", &peer_if, "netns", &ns]);
         sh(&["ip", "addr", "add", &format!("{here}/30"), "dev", &host_if]);
         sh(&["ip", "link", "set", &host_if, "up"]);
-        sh(&["ip", "netns", "exec", &ns, "ip", "addr", "add", &format!("{there}/30"), "dev", &peer_if]);
-        sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", &peer_if, "up"]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{there}/30"),
+            "dev",
+            &peer_if,
+        ]);
+        sh(&[
+            "ip", "netns", "exec", &ns, "ip", "link", "set", &peer_if, "up",
+        ]);
         sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
         host
     }
 
     /// Cuts or restores the link (on our side, so the test host cannot tell).
     fn link(&self, up: bool) {
-        sh(&["ip", "link", "set", &self.host_if, if up { "up" } else { "down" }]);
+        sh(&[
+            "ip",
+            "link",
+            "set",
+            &self.host_if,
+            if up { "up" } else { "down" },
+        ]);
     }
 }
 
 impl Drop for TestHost {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
 }
@@ -113,7 +136,12 @@ fn half_open_print_server_connection_is_detected_and_replaced() {
     );
     let agents = scm.listening("agents");
     let port = scm.listening("generic 1/r1");
-    let agent = Fleet::start_agent(dir.path(), 1, agents, &[("AGENT__SWIPES__TTL_MS", "20000".into())]);
+    let agent = Fleet::start_agent(
+        dir.path(),
+        1,
+        agents,
+        &[("AGENT__SWIPES__TTL_MS", "20000".into())],
+    );
     agent.wait_for("connected to SCM");
     agent.wait_for("reader r1");
 
@@ -123,10 +151,14 @@ fn half_open_print_server_connection_is_detected_and_replaced() {
         "print-server-sim (test host)",
         std::path::Path::new("ip"),
         &[
-            "netns", "exec", &host.ns,
+            "netns",
+            "exec",
+            &host.ns,
             sim_bin.to_str().unwrap(),
-            "--connect", &target,
-            "--keepalive-ms", "300",
+            "--connect",
+            &target,
+            "--keepalive-ms",
+            "300",
         ],
         &[],
     );
@@ -137,7 +169,10 @@ fn half_open_print_server_connection_is_detected_and_replaced() {
     // The test host vanishes without closing anything: the SCM's connection is half-open.
     host.link(false);
     let line = scm.wait_for("disconnected: Connection timed out");
-    assert!(line.contains(&host.there) && line.contains("device=1/r1"), "{line}");
+    assert!(
+        line.contains(&host.there) && line.contains("device=1/r1"),
+        "{line}"
+    );
 
     // A swipe made meanwhile waits for a print server, and the SCM still serves.
     swipe(&dev, "HALF0002");
