@@ -413,7 +413,8 @@ fn agent_refuses_a_server_that_is_not_the_scm() {
         password,
     };
     let agent1 = Fleet::start_agent(fleet.dir.path(), 1, impostor, &[]);
-    let failure = format!("cannot connect to the SCM at {impostor}: TLS: ");
+    let failure =
+        format!("cannot connect to the SCM at {impostor}: TLS handshake refused (wrong_peer): ");
     let line = agent1.wait_for_n(&failure, 2);
     assert!(
         line.contains("not valid for name \"scm.hub.internal\""),
