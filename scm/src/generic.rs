@@ -99,6 +99,10 @@ pub struct BridgeSettings {
     pub user_timeout_ms: u64,
     /// Connections served at once per device listener.
     pub max_connections_per_device: usize,
+    /// SO_SNDBUF of each print-server connection. Small on purpose: card lines waiting in
+    /// the kernel for a print server that does not read would reach it late; with a small
+    /// buffer the bridge's writes block instead and `write_timeout_ms` cuts the server off.
+    pub send_buffer_bytes: usize,
 }
 
 impl Default for BridgeSettings {
@@ -111,6 +115,7 @@ impl Default for BridgeSettings {
             keepalive_retries: 3,
             user_timeout_ms: 30_000,
             max_connections_per_device: 4,
+            send_buffer_bytes: 4096,
         }
     }
 }
@@ -123,7 +128,8 @@ pub fn validate(
 ) -> Result<(), (String, String)> {
     let err = |key: String, msg: String| Err((key, msg));
     let s = settings;
-    let nonzero: [(&str, u64); 7] = [
+    let nonzero: [(&str, u64); 8] = [
+        ("send_buffer_bytes", s.send_buffer_bytes as u64),
         ("queue_max", s.queue_max as u64),
         ("write_timeout_ms", s.write_timeout_ms),
         ("keepalive_idle_ms", s.keepalive_idle_ms),
@@ -953,6 +959,7 @@ fn tune_socket(stream: &TcpStream, s: &BridgeSettings) -> std::io::Result<()> {
         .with_interval(secs_ceil(s.keepalive_interval_ms))
         .with_retries(s.keepalive_retries);
     sock.set_tcp_keepalive(&ka)?;
+    sock.set_send_buffer_size(s.send_buffer_bytes)?;
     #[cfg(any(target_os = "linux", target_os = "android"))]
     sock.set_tcp_user_timeout(Some(Duration::from_millis(s.user_timeout_ms)))?;
     Ok(())

@@ -370,3 +370,85 @@ fn swipe_frame_with_another_machine_id_is_refused() {
     s.wait_stdout("CARD REAL2222");
     assert!(!s.stdout().contains("SPOOF123"));
 }
+
+#[test]
+fn a_print_server_that_never_reads_is_cut_off_and_memory_stays_bounded() {
+    let (dir, _pw) = Fleet::init(&[1]);
+    let dev = dir.path().join("dev");
+    let scm = Fleet::start_scm(
+        dir.path(),
+        &[
+            ("SCM__BRIDGE__WRITE_TIMEOUT_MS", "500".into()),
+            ("SCM__BRIDGE__QUEUE_MAX", "32".into()),
+        ],
+    );
+    let agents = scm.listening("agents");
+    let port = scm.listening("generic 1/r1");
+    let agent = Fleet::start_agent(
+        dir.path(),
+        1,
+        agents,
+        &[
+            ("AGENT__SWIPES__TTL_MS", "3000".into()),
+            ("AGENT__SWIPES__QUEUE_MAX", "5000".into()),
+        ],
+    );
+    agent.wait_for("connected to SCM");
+    agent.wait_for("reader r1");
+    // A print server with a tiny receive window that never reads: the SCM's writes block.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(1024).unwrap();
+    sock.connect(&port.into()).unwrap();
+    let stuck: TcpStream = sock.into();
+    scm.wait_for("print server 127.0.0.1:");
+    let before = rss_kib(scm.pid());
+    // Long distinct cards until the connection's buffers are full.
+    let mut batch = String::new();
+    for i in 0..4000 {
+        batch.push_str(&format!("{i:064}\n"));
+    }
+    let fifo = dev.join("machine-1-r1.fifo");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .unwrap()
+        .write_all(batch.as_bytes())
+        .unwrap();
+    let line = scm.wait_for("write did not complete within 500 ms");
+    assert!(line.contains("device=1/r1"), "{line}");
+    // Swipes that found no reader in time expire rather than pile up.
+    scm.wait_for("expired");
+    let after = rss_kib(scm.pid());
+    assert!(
+        after < before + 32 * 1024,
+        "the SCM grew from {before} KiB to {after} KiB"
+    );
+    drop(stuck);
+    // A print server that reads gets the next swipe.
+    let s = sim(port, &[]);
+    s.wait_stdout("CONNECTED");
+    swipe(&dev, 1, "READER01");
+    s.wait_stdout("CARD READER01");
+    let (code, status, _) = run(
+        &bin("backoffice"),
+        &[
+            "--config",
+            dev.join("backoffice.toml").to_str().unwrap(),
+            "status",
+            "1",
+        ],
+        &[(
+            "BACKOFFICE__SCM__ADDRESS",
+            scm.listening("telnet").to_string(),
+        )],
+    );
+    assert_eq!(code, 0);
+    let bridge = status
+        .lines()
+        .find(|l| l.contains("generic 1/r1"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(
+        !bridge.contains(" 0 expired"),
+        "swipes to the stuck server were expired: {bridge}"
+    );
+}

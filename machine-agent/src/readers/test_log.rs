@@ -51,7 +51,10 @@ impl Logs {
             .with_ansi(false)
             .with_max_level(tracing::Level::TRACE)
             .finish();
-        tracing::subscriber::set_default(subscriber)
+        let guard = tracing::subscriber::set_default(subscriber);
+        // Other tests on other threads may have cached "not interested" for our callsites.
+        tracing::callsite::rebuild_interest_cache();
+        guard
     }
 
     pub(super) fn contents(&self) -> String {

@@ -156,6 +156,8 @@ impl Capture {
 async fn probes_are_discarded_v_gets_cr_reply_and_card_arrives_with_lf() {
     let capture = Capture::default();
     let _guard = tracing::subscriber::set_default(capture.clone());
+    // Other tests on other threads may have cached "not interested" for these callsites.
+    tracing::callsite::rebuild_interest_cache();
     let mut h = Harness::one(BridgeSettings::default()).await;
     let mut c = TcpStream::connect(h.addrs[0]).await.unwrap();
     let me = c.local_addr().unwrap();
@@ -353,6 +355,8 @@ async fn queue_is_bounded_and_swipes_expire_in_paused_time() {
 async fn peer_not_on_allow_list_is_closed_counted_and_logged() {
     let capture = Capture::default();
     let _guard = tracing::subscriber::set_default(capture.clone());
+    // Other tests on other threads may have cached "not interested" for these callsites.
+    tracing::callsite::rebuild_interest_cache();
     let h = Harness::start(vec![device("r1", "127.0.0.2")], BridgeSettings::default()).await;
     let mut c = TcpStream::connect(h.addrs[0]).await.unwrap();
     let me = c.local_addr().unwrap();
