@@ -260,6 +260,30 @@ pub fn run(bin: &Path, args: &[&str], env: &[(&str, String)]) -> (i32, String, S
     )
 }
 
+/// Runs the back office with configuration file `cfg` against the SCM telnet port
+/// `telnet`; returns (exit code, stdout, stderr).
+pub fn backoffice_with(cfg: &Path, telnet: SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let mut full = vec!["--config", cfg.to_str().unwrap_or("")];
+    full.extend_from_slice(args);
+    run(
+        &bin("backoffice"),
+        &full,
+        &[("BACKOFFICE__SCM__ADDRESS", telnet.to_string())],
+    )
+}
+
+/// Swipes `card` on reader `r1` of `machine` by writing it into the FIFO that `scm
+/// init-dev` configured in `dev`.
+pub fn swipe(dev: &Path, machine: u16, card: &str) {
+    let fifo = dev.join(format!("machine-{machine}-r1.fifo"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .unwrap_or_else(|e| panic!("open {}: {e}", fifo.display()));
+    f.write_all(format!("{card}\n").as_bytes())
+        .unwrap_or_else(|e| panic!("write to {}: {e}", fifo.display()));
+}
+
 /// A development fleet made by `scm init-dev`: one SCM and its agents, all on port 0.
 #[derive(Debug)]
 pub struct Fleet {
@@ -421,14 +445,7 @@ impl Fleet {
 
     /// Runs the back office with this fleet's configuration.
     pub fn backoffice(&self, args: &[&str]) -> (i32, String, String) {
-        let cfg = self.dev().join("backoffice.toml");
-        let mut full = vec!["--config", cfg.to_str().unwrap_or("")];
-        full.extend_from_slice(args);
-        run(
-            &bin("backoffice"),
-            &full,
-            &[("BACKOFFICE__SCM__ADDRESS", self.telnet.to_string())],
-        )
+        backoffice_with(&self.dev().join("backoffice.toml"), self.telnet, args)
     }
 }
 

@@ -10,7 +10,7 @@
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use integration_tests::{Fleet, Proc, bin};
+use integration_tests::{Fleet, Proc, bin, swipe};
 
 /// A network namespace with a veth link to this one; removed on drop.
 struct TestHost {
@@ -98,15 +98,6 @@ impl Drop for TestHost {
     }
 }
 
-fn swipe(dev: &std::path::Path, card: &str) {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dev.join("machine-1-r1.fifo"))
-        .expect("open the FIFO");
-    f.write_all(format!("{card}\n").as_bytes()).unwrap();
-}
-
 #[test]
 fn half_open_print_server_connection_is_detected_and_replaced() {
     if std::env::var("SCM_TEST_SKIP_NETNS").as_deref() == Ok("1") {
@@ -163,7 +154,7 @@ fn half_open_print_server_connection_is_detected_and_replaced() {
         &[],
     );
     sim.wait_stdout("CONNECTED");
-    swipe(&dev, "HALF0001");
+    swipe(&dev, 1, "HALF0001");
     sim.wait_stdout("CARD HALF0001");
 
     // The test host vanishes without closing anything: the SCM's connection is half-open.
@@ -175,7 +166,7 @@ fn half_open_print_server_connection_is_detected_and_replaced() {
     );
 
     // A swipe made meanwhile waits for a print server, and the SCM still serves.
-    swipe(&dev, "HALF0002");
+    swipe(&dev, 1, "HALF0002");
     agent.wait_for_n("swipe acknowledged by the SCM", 2);
 
     // The link comes back; the print server notices its dead connection and reconnects:

@@ -1,7 +1,7 @@
 //! The config relay end to end: back office -> telnet -> SCM -> mutual TLS -> agent, with
 //! ACK, NACK, unreachable-then-delivered, and the command-line contract.
 
-use integration_tests::{Fleet, bin, run};
+use integration_tests::{Fleet, backoffice_with, bin, run};
 
 fn write_cfg(dir: &std::path::Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
@@ -83,19 +83,7 @@ fn nack_is_reported_and_nothing_is_written() {
     agent.wait_for("connected to SCM");
     let f = write_cfg(dir.path(), "c.cfg", "x = 1\n");
     let cfg = dir.path().join("dev/backoffice.toml");
-    let (code, out, err) = run(
-        &bin("backoffice"),
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "push",
-            "--machine",
-            "1",
-            "--file",
-            &f,
-        ],
-        &[("BACKOFFICE__SCM__ADDRESS", telnet.to_string())],
-    );
+    let (code, out, err) = backoffice_with(&cfg, telnet, &["push", "--machine", "1", "--file", &f]);
     assert_eq!(code, 1, "NACK exits 1: {out}{err}");
     assert!(out.starts_with("554 NACK machine 1 generation 1:"), "{out}");
     assert!(out.contains("STORAGE_FAILED"), "{out}");

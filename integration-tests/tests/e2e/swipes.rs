@@ -5,9 +5,8 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 
-use integration_tests::{Fleet, Proc, WAIT, bin, run};
+use integration_tests::{Fleet, Proc, WAIT, backoffice_with, bin, run, swipe};
 use scm_certs::identity::Identity;
 use scm_proto::v1::{self, Message, NackReason};
 
@@ -19,16 +18,6 @@ fn sim(addr: SocketAddr, extra: &[&str]) -> Proc {
     let mut args = vec!["--connect", a.as_str(), "--keepalive-ms", "200"];
     args.extend_from_slice(extra);
     Proc::spawn("print-server-sim", &bin("print-server-sim"), &args, &[])
-}
-
-/// Swipes a card by writing it into the reader's FIFO.
-fn swipe(dev: &Path, machine: u16, card: &str) {
-    let fifo = dev.join(format!("machine-{machine}-r1.fifo"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)
-        .unwrap_or_else(|e| panic!("open {}: {e}", fifo.display()));
-    f.write_all(format!("{card}\n").as_bytes()).unwrap();
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -156,11 +145,7 @@ fn a_swipe_waits_for_a_print_server_then_expires_and_is_never_delivered_late() {
     );
     let cfg = dev.join("backoffice.toml");
     let telnet = scm.listening("telnet");
-    let (_, out, _) = run(
-        &bin("backoffice"),
-        &["--config", cfg.to_str().unwrap(), "swipes"],
-        &[("BACKOFFICE__SCM__ADDRESS", telnet.to_string())],
-    );
+    let (_, out, _) = backoffice_with(&cfg, telnet, &["swipes"]);
     let late = out
         .lines()
         .find(|l| l.contains("****0002"))

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use integration_tests::{Fleet, bin, run};
+use integration_tests::{Fleet, backoffice_with, bin, run};
 use scm_certs::identity::Identity;
 use scm_certs::pki::Validity;
 use scm_certs::tls::{self as sctls, TlsPolicy};
@@ -166,18 +166,10 @@ fn v0_config_through_the_machine_config_port() {
         let cfg = cfg.clone();
         let file = file.clone();
         move || {
-            run(
-                &bin("backoffice"),
-                &[
-                    "--config",
-                    cfg.to_str().unwrap(),
-                    "push",
-                    "--machine",
-                    "2",
-                    "--file",
-                    file.to_str().unwrap(),
-                ],
-                &[("BACKOFFICE__SCM__ADDRESS", telnet.to_string())],
+            backoffice_with(
+                &cfg,
+                telnet,
+                &["push", "--machine", "2", "--file", file.to_str().unwrap()],
             )
         }
     };
