@@ -1,6 +1,7 @@
 //! Plumbing shared by the three binaries: pre-bound listeners that announce themselves,
 //! a capped accept loop with one task per connection, shutdown on signals, configuration
-//! loading (TOML file plus environment overrides), logging set-up and secret masking.
+//! loading (TOML file plus environment overrides), logging set-up, secret masking, and the
+//! metrics registry with its small HTTP server (`/metrics`, `/health`).
 //!
 //! Protocol, TLS and telnet code live in their own crates (`scm-proto`, `scm-certs`,
 //! `scm-telnet`); this crate only holds what every server needs around them.
@@ -8,7 +9,9 @@
 
 pub mod card;
 pub mod config;
+pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod secret;
 pub mod serve;
 pub mod shutdown;

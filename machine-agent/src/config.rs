@@ -69,12 +69,16 @@ pub struct ScmSection {
 pub struct ListenSection {
     /// Config port (the SCM connects here to push CONFIG).
     pub config: String,
+    /// Prometheus metrics and health (`GET /metrics`, `GET /health`, plain HTTP); empty
+    /// disables it. A bind failure is logged and the agent runs without metrics.
+    pub metrics: String,
 }
 
 impl Default for ListenSection {
     fn default() -> Self {
         Self {
             config: "0.0.0.0:9301".into(),
+            metrics: "127.0.0.1:9465".into(),
         }
     }
 }
@@ -191,13 +195,13 @@ impl AgentConfig {
             key: key.into(),
             message,
         };
-        if !self.listen.config.is_empty()
-            && self.listen.config.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(bad(
-                "listen.config",
-                format!("{:?} is not IP:PORT", self.listen.config),
-            ));
+        for (key, v) in [
+            ("listen.config", &self.listen.config),
+            ("listen.metrics", &self.listen.metrics),
+        ] {
+            if !v.is_empty() && v.parse::<std::net::SocketAddr>().is_err() {
+                return Err(bad(key, format!("{v:?} is not IP:PORT")));
+            }
         }
         if self.scm.address.is_empty() {
             return Err(bad(
@@ -290,5 +294,18 @@ mod tests {
         let env: Env = [("AGENT__TIMEOUTS__RECONNECT_MAX_MS".into(), "1".into())].into();
         let c = AgentConfig::parse(MIN, "t", &env).unwrap();
         assert_eq!(c.validate().unwrap_err().key, "timeouts.reconnect_max_ms");
+    }
+
+    #[test]
+    fn metrics_listener_default_override_and_check() {
+        let c = AgentConfig::parse(MIN, "t", &Env::new()).unwrap();
+        assert_eq!(c.listen.metrics, "127.0.0.1:9465");
+        let env: Env = [("AGENT__LISTEN__METRICS".into(), "127.0.0.1:0".into())].into();
+        let c = AgentConfig::parse(MIN, "t", &env).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listen.metrics, "127.0.0.1:0");
+        let env: Env = [("AGENT__LISTEN__METRICS".into(), "localhost".into())].into();
+        let c = AgentConfig::parse(MIN, "t", &env).unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "listen.metrics");
     }
 }

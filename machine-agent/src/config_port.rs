@@ -163,7 +163,9 @@ impl ConfigPort {
         shutdown: CancellationToken,
     ) -> Result<(), PortError> {
         let (tls, _identity) =
-            scm_certs::tls::accept(&self.acceptor, tcp, self.handshake, &[Role::Scm]).await?;
+            scm_certs::tls::accept(&self.acceptor, tcp, self.handshake, &[Role::Scm])
+                .await
+                .inspect_err(|e| crate::metrics::global().handshake_failed(e))?;
         let (r, mut w) = tokio::io::split(tls);
         let mut reader = FrameReader::new(r, FrameCodec::default());
         loop {
@@ -188,6 +190,14 @@ impl ConfigPort {
                 Err(e) => return Err(e.into()),
             };
             let reply = self.apply(&frame).await;
+            if frame.code() == Some(Code::Config) {
+                let outcome = if reply.code() == Some(Code::Ack) {
+                    "ack"
+                } else {
+                    "nack"
+                };
+                crate::metrics::global().configs.inc(&[outcome]);
+            }
             write_frame(&mut w, &reply).await?;
         }
         let _ = w.shutdown().await;

@@ -1,10 +1,12 @@
 //! The machine agent as a library: configuration, durable storage, the config port that
-//! receives CONFIG from the SCM, and the event link that reports to it.
+//! receives CONFIG from the SCM, the event link that reports to it, and the metrics and
+//! health endpoint.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod config_port;
 pub mod link;
+pub mod metrics;
 pub mod readers;
 pub mod storage;
 pub mod swipes;
@@ -89,8 +91,29 @@ impl Agent {
         ))
     }
 
-    /// Runs the config port and the event link until shutdown.
-    pub async fn run(self, config_listener: Option<TcpListener>, shutdown: CancellationToken) {
+    /// Binds the metrics and health listener (logs `listening on ADDR (metrics)`). A bind
+    /// failure is logged and the agent runs without metrics.
+    pub async fn bind_metrics(&self) -> Option<TcpListener> {
+        let addr = &self.cfg.listen.metrics;
+        if addr.is_empty() {
+            return None;
+        }
+        match scm_common::bind(addr, "metrics").await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!("{e}; metrics disabled");
+                None
+            }
+        }
+    }
+
+    /// Runs the config port, the event link and the metrics endpoint until shutdown.
+    pub async fn run(
+        self,
+        config_listener: Option<TcpListener>,
+        metrics_listener: Option<TcpListener>,
+        shutdown: CancellationToken,
+    ) {
         let ms = Duration::from_millis;
         let t = &self.cfg.timeouts;
         let config_port = config_listener
@@ -126,6 +149,18 @@ impl Agent {
                 opts,
                 shutdown.clone(),
                 move |tcp, peer, token| port.clone().handle(tcp, peer, token),
+            ));
+        }
+        if let Some(l) = metrics_listener {
+            let endpoints = Arc::new(metrics::Endpoints {
+                queue: self.queue.clone(),
+            });
+            set.spawn(scm_common::http::serve(
+                l,
+                "metrics",
+                endpoints,
+                scm_common::http::HttpOptions::default(),
+                shutdown.clone(),
             ));
         }
         set.spawn(link::run(

@@ -85,6 +85,7 @@ pub async fn run(
             r = session(&settings, &connector, &store, &queue, &mut attempt) => r,
         };
         queue.link_lost();
+        crate::metrics::global().link_lost();
         if let Err(e) = result {
             tracing::warn!("{e}");
         }
@@ -116,7 +117,10 @@ async fn session(
     let _ = tcp.set_nodelay(true);
     let tls = scm_certs::tls::connect(connector, tcp, &Identity::Scm, s.handshake)
         .await
-        .map_err(|e| connect_err(format!("TLS handshake refused ({}): {e}", e.reason())))?;
+        .map_err(|e| {
+            crate::metrics::global().handshake_failed(&e);
+            connect_err(format!("TLS handshake refused ({}): {e}", e.reason()))
+        })?;
     let (r, mut w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r, FrameCodec::new(4096));
     let applied = store.lock().await.applied();
@@ -170,6 +174,7 @@ async fn session(
         }
     }
     *attempt = 0;
+    crate::metrics::global().link_established();
     let mut tick = tokio::time::interval(s.heartbeat);
     tick.tick().await;
     let mut outstanding: Option<(u64, tokio::time::Instant)> = None;

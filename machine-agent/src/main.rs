@@ -73,11 +73,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let id = cfg.machine_id;
                 let agent = machine_agent::Agent::prepare(cfg)?;
                 let listener = agent.bind().await?;
+                let metrics = agent.bind_metrics().await;
                 tracing::info!(
                     "machine agent {} for machine {id} started",
                     env!("CARGO_PKG_VERSION")
                 );
-                agent.run(listener, shutdown).await;
+                agent.run(listener, metrics, shutdown).await;
                 tracing::info!("machine agent stopped");
                 anyhow::Ok(())
             });

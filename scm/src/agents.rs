@@ -80,6 +80,7 @@ pub async fn handle(
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
             Err(ReadError::Frame(e @ FrameError::DataTooLong { .. })) => {
+                crate::metrics::global().frames_refused.inc(&["oversize"]);
                 let text = e.to_string();
                 let (version, id) = reader
                     .pending_header()
@@ -89,7 +90,12 @@ pub async fn handle(
                 let _ = write_frame(&mut w, &nack).await;
                 break Err(LinkError::Refused(text));
             }
-            Err(e) => break Err(e.into()),
+            Err(e) => {
+                if matches!(e, ReadError::Stalled { .. }) {
+                    crate::metrics::global().frames_refused.inc(&["stall"]);
+                }
+                break Err(e.into());
+            }
         };
         match link.on_frame(frame, &mut reader, &mut w).await {
             Ok(true) => {}
@@ -132,6 +138,12 @@ impl Link {
     {
         let id = self.cert_id;
         if let Some(nack) = frame.nack_if_unknown() {
+            let reason = if scm_proto::frame::SUPPORTED_VERSIONS.contains(&frame.version) {
+                "unknown_code"
+            } else {
+                "unknown_version"
+            };
+            crate::metrics::global().frames_refused.inc(&[reason]);
             tracing::warn!(machine = id, "refused {frame}: unknown version or code");
             write_frame(w, &nack).await?;
             return Ok(true);
@@ -194,6 +206,9 @@ impl Link {
                 link_id: self.link_id,
             },
         );
+        if self.hello.is_none() {
+            crate::metrics::global().agent_connections.inc();
+        }
         self.hello = Some(version);
         tracing::info!(machine = id, version, "agent said HELLO");
         Ok(())
@@ -229,6 +244,7 @@ impl Link {
                     Some(g) => {
                         let lock = self.hub.delivery_lock(id);
                         let _guard = lock.lock().await;
+                        let started = std::time::Instant::now();
                         match push::config_frame(0, &g, 0) {
                             Ok(f) => write_frame(w, &f).await?,
                             Err(e) => {
@@ -236,6 +252,7 @@ impl Link {
                                     generation: g.generation,
                                     detail: format!("cannot be framed: {e}"),
                                 };
+                                crate::metrics::push_done(&r, None);
                                 push::record(&self.hub, id, &r).await?;
                                 write_frame(w, &scm_proto::text_frame(Code::Ack, id, "OK")).await?;
                                 return Ok(true);
@@ -268,6 +285,7 @@ impl Link {
                                 detail: e.to_string(),
                             },
                         };
+                        crate::metrics::push_done(&result, Some(started.elapsed()));
                         push::record(&self.hub, id, &result).await?;
                         Ok(!matches!(result, PushResult::Unreachable { .. }))
                     }

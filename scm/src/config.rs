@@ -77,6 +77,9 @@ pub struct ListenSection {
     pub telnet: String,
     /// TLS-wrapped telnet for remote operators (operator certificate required).
     pub telnet_tls: String,
+    /// Prometheus metrics and health (`GET /metrics`, `GET /health`, plain HTTP). A bind
+    /// failure here is logged and the SCM runs without metrics.
+    pub metrics: String,
 }
 
 impl Default for ListenSection {
@@ -85,6 +88,7 @@ impl Default for ListenSection {
             agents: "0.0.0.0:9300".into(),
             telnet: "127.0.0.1:2323".into(),
             telnet_tls: "0.0.0.0:2324".into(),
+            metrics: "127.0.0.1:9464".into(),
         }
     }
 }
@@ -415,6 +419,7 @@ impl ScmConfig {
             ("listen.agents", &self.listen.agents),
             ("listen.telnet", &self.listen.telnet),
             ("listen.telnet_tls", &self.listen.telnet_tls),
+            ("listen.metrics", &self.listen.metrics),
         ] {
             if !v.is_empty() && v.parse::<std::net::SocketAddr>().is_err() {
                 return Err(invalid(
@@ -510,5 +515,18 @@ config_addr = "10.0.0.2:9301"
         let env: Env = [("SCM__LISTEN__AGENTS".into(), "nowhere".into())].into();
         let c = ScmConfig::parse(MIN, "t", &env).unwrap();
         assert_eq!(c.validate().unwrap_err().key, "listen.agents");
+    }
+
+    #[test]
+    fn metrics_listener_defaults_to_loopback_and_can_be_overridden() {
+        let c = ScmConfig::parse(MIN, "t", &Env::new()).unwrap();
+        assert_eq!(c.listen.metrics, "127.0.0.1:9464");
+        let env: Env = [("SCM__LISTEN__METRICS".into(), "".into())].into();
+        let c = ScmConfig::parse(MIN, "t", &env).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listen.metrics, "", "empty disables");
+        let env: Env = [("SCM__LISTEN__METRICS".into(), "9464".into())].into();
+        let c = ScmConfig::parse(MIN, "t", &env).unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "listen.metrics");
     }
 }

@@ -287,6 +287,8 @@ pub struct BridgeSwipe {
     pub card: String,
     /// After this instant the swipe is dropped, never written.
     pub expires_at: Instant,
+    /// When the SCM received it (for `scm_swipe_forward_seconds`).
+    pub received_at: Instant,
 }
 
 impl fmt::Debug for BridgeSwipe {
@@ -817,6 +819,9 @@ impl GenericBridge {
                         st.in_flight -= 1;
                         st.delivered += 1;
                     }
+                    crate::metrics::global()
+                        .swipe_forward
+                        .observe_duration(swipe.received_at.elapsed());
                     tracing::info!(
                         device = %dev.key,
                         event = %swipe.event_id,

@@ -51,6 +51,10 @@ pub const TELNET_PORT: u16 = 2323;
 pub const TELNET_TLS_PORT: u16 = 2324;
 /// First Generic card reader device port (one per machine, counting up).
 pub const GENERIC_PORT: u16 = 7778;
+/// The SCM's metrics and health port.
+pub const SCM_METRICS_PORT: u16 = 9464;
+/// First agent metrics and health port (one per machine, counting up).
+pub const AGENT_METRICS_PORT: u16 = 9465;
 
 /// Parses `1,2,3` (also ranges like `1-5`).
 pub fn parse_machines(s: &str) -> Result<Vec<u16>, InitDevError> {
@@ -137,7 +141,7 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
         scm,
         "# SCM hub development configuration written by `scm init-dev`.\n\
          # Every key is described in docs/configuration.md.\n\n\
-         [listen]\nagents = \"127.0.0.1:{AGENT_PORT}\"\ntelnet = \"127.0.0.1:{TELNET_PORT}\"\ntelnet_tls = \"127.0.0.1:{TELNET_TLS_PORT}\"\n\n\
+         [listen]\nagents = \"127.0.0.1:{AGENT_PORT}\"\ntelnet = \"127.0.0.1:{TELNET_PORT}\"\ntelnet_tls = \"127.0.0.1:{TELNET_TLS_PORT}\"\nmetrics = \"127.0.0.1:{SCM_METRICS_PORT}\"\n\n\
          [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
          [database]\npath = \"scm.db\"\n\n\
          [[operator]]\nname = \"admin\"\nrole = \"admin\"\npassword_hash = \"{hash}\"\n",
@@ -168,12 +172,13 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
     let mut agent_configs = Vec::new();
     for (i, (id, cert, key)) in files.machines.iter().enumerate() {
         let port = AGENT_PORT as usize + 1 + i;
+        let metrics_port = usize::from(AGENT_METRICS_PORT) + i;
         let path = out.join(format!("agent-{id}.toml"));
         let text = format!(
             "# Machine agent {id}, written by `scm init-dev`.\n\n\
              machine_id = {id}\n\n\
              [scm]\naddress = \"127.0.0.1:{AGENT_PORT}\"\n\n\
-             [listen]\nconfig = \"127.0.0.1:{port}\"\n\n\
+             [listen]\nconfig = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [storage]\ndir = \"machine-{id}\"\n\n\
              # Card reader r1: write a card number and a newline into the FIFO to swipe,\n\

@@ -9,6 +9,7 @@ pub mod config;
 pub mod generic;
 pub mod hub;
 pub mod initdev;
+pub mod metrics;
 pub mod operator;
 pub mod push;
 pub mod server;

@@ -108,6 +108,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn audit(&self, action: &'static str, detail: String) {
+        match action {
+            "login" => crate::metrics::global().logins.inc(&["ok"]),
+            "login_failed" => crate::metrics::global().logins.inc(&["failed"]),
+            "login_refused" => crate::metrics::global().logins.inc(&["locked"]),
+            _ => {}
+        }
         let actor = self.actor();
         let source = self.peer.to_string();
         if let Err(e) = self

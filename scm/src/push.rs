@@ -111,6 +111,7 @@ pub async fn deliver(hub: &Arc<Hub>, generation: Generation) -> Result<PushResul
     let lock = hub.delivery_lock(id);
     let _guard = lock.lock().await;
     let g = generation.generation;
+    let started = std::time::Instant::now();
     let result = match config_target(hub, id) {
         None => PushResult::Unreachable {
             generation: g,
@@ -131,6 +132,7 @@ pub async fn deliver(hub: &Arc<Hub>, generation: Generation) -> Result<PushResul
             },
         },
     };
+    crate::metrics::push_done(&result, Some(started.elapsed()));
     record(hub, id, &result).await?;
     Ok(result)
 }

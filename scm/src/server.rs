@@ -1,6 +1,6 @@
 //! Wires the SCM together: opens the database, loads the TLS material, and runs every
-//! listener (agent link, plain telnet, TLS telnet) on pre-bound sockets until the
-//! shutdown token is cancelled.
+//! listener (agent link, plain telnet, TLS telnet, Generic devices, metrics) on pre-bound
+//! sockets until the shutdown token is cancelled.
 
 use std::sync::Arc;
 
@@ -27,6 +27,8 @@ pub struct Listeners {
     pub telnet_tls: Option<TcpListener>,
     /// One per Generic card reader device, in configuration order.
     pub generic: Vec<TcpListener>,
+    /// Metrics and health (HTTP).
+    pub metrics: Option<TcpListener>,
 }
 
 /// Why the SCM could not start.
@@ -45,7 +47,8 @@ pub enum StartError {
 }
 
 /// Binds every configured listener (an empty address disables it) and logs each
-/// `listening on ADDR (NAME)` line.
+/// `listening on ADDR (NAME)` line. Only the metrics listener may fail to bind: the SCM
+/// then logs the error and runs without metrics.
 pub async fn bind_all(prepared: &Prepared) -> Result<Listeners, StartError> {
     let cfg = &prepared.hub.cfg;
     async fn one(addr: &str, name: &str) -> Result<Option<TcpListener>, StartError> {
@@ -59,6 +62,13 @@ pub async fn bind_all(prepared: &Prepared) -> Result<Listeners, StartError> {
         telnet: one(&cfg.listen.telnet, "telnet").await?,
         telnet_tls: one(&cfg.listen.telnet_tls, "telnet-tls").await?,
         generic: prepared.hub.swipes.bridge().bind().await?,
+        metrics: match one(&cfg.listen.metrics, "metrics").await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("{e}; metrics disabled");
+                None
+            }
+        },
     })
 }
 
@@ -137,7 +147,14 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             opts,
             shutdown.clone(),
             move |tcp, peer, token| {
-                agents::handle(hub.clone(), agent_acceptor.clone(), tcp, peer, token)
+                let link = agents::handle(hub.clone(), agent_acceptor.clone(), tcp, peer, token);
+                async move {
+                    let r = link.await;
+                    if let Err(agents::LinkError::Handshake(e)) = &r {
+                        crate::metrics::handshake_failed("agents", e);
+                    }
+                    r
+                }
             },
         ));
     }
@@ -163,8 +180,26 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             opts,
             shutdown.clone(),
             move |tcp, peer, token| {
-                operator::handle_tls(hub.clone(), operator_acceptor.clone(), tcp, peer, token)
+                let session =
+                    operator::handle_tls(hub.clone(), operator_acceptor.clone(), tcp, peer, token);
+                async move {
+                    let r = session.await;
+                    if let Err(operator::SessionError::Handshake(e)) = &r {
+                        crate::metrics::handshake_failed("telnet-tls", e);
+                    }
+                    r
+                }
             },
+        ));
+    }
+    if let Some(l) = listeners.metrics {
+        let endpoints = Arc::new(crate::metrics::Endpoints::new(hub.clone()));
+        set.spawn(scm_common::http::serve(
+            l,
+            "metrics",
+            endpoints,
+            scm_common::http::HttpOptions::default(),
+            shutdown.clone(),
         ));
     }
     while let Some(r) = set.join_next().await {

@@ -252,6 +252,7 @@ impl Swipes {
     /// Handles one SWIPE from machine `machine` (the id already checked against the
     /// certificate).
     pub async fn receive(&self, machine: u16, s: &v1::Swipe) -> Verdict {
+        let received_at = tokio::time::Instant::now();
         let masked = mask(&s.card);
         let row = |outcome, detail: String| Row {
             event_id: s.event_id.chars().take(64).collect(),
@@ -341,6 +342,7 @@ impl Swipes {
             event_id: s.event_id.clone(),
             card: s.card.clone(),
             expires_at,
+            received_at,
         };
         match self.bridge.submit(machine, &s.reader_id, swipe) {
             Ok(()) => {

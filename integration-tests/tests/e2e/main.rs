@@ -4,6 +4,7 @@
 mod crash;
 mod frames;
 mod halfopen;
+mod metrics;
 mod mtls;
 mod relay;
 mod swipes;

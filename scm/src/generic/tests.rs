@@ -33,6 +33,7 @@ fn swipe(event: &str, card: &str, ttl: Duration) -> BridgeSwipe {
         event_id: event.into(),
         card: card.into(),
         expires_at: Instant::now() + ttl,
+        received_at: Instant::now(),
     }
 }
 

@@ -1,0 +1,361 @@
+//! The SCM's Prometheus metrics and health check, served on `[listen] metrics`
+//! (`GET /metrics`, `GET /health`; see `docs/operations.md` for the list).
+//!
+//! Event counters live in one process-wide [`ScmMetrics`] ([`global`]), incremented where
+//! the events happen; values the SCM already keeps (connected agents, swipe counters,
+//! Generic device state, the audit log) are read when the metrics are scraped. Every label
+//! value comes from a small fixed set or from the configuration: never a card number, an
+//! address or anything a peer chooses.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use scm_common::metrics::{Counter, CounterFamily, Exposition, Histogram, Kind, LATENCY_BUCKETS};
+
+use crate::generic::DeviceStatus;
+use crate::hub::Hub;
+use crate::push::PushResult;
+use crate::swipes::SwipeStats;
+
+/// Counters and histograms of events.
+#[derive(Debug)]
+pub struct ScmMetrics {
+    /// Agent links whose HELLO was accepted.
+    pub agent_connections: Counter,
+    /// TLS handshakes refused, by listener and reason.
+    pub handshake_failures: CounterFamily,
+    /// Deliveries by outcome.
+    pub pushes: CounterFamily,
+    /// Time from starting a delivery to the machine's ACK or NACK.
+    pub push_duration: Histogram,
+    /// Time from receiving a SWIPE to having written the card to a print server.
+    pub swipe_forward: Histogram,
+    /// Frames refused on the agent link, by reason.
+    pub frames_refused: CounterFamily,
+    /// Operator logins by result (`ok`, `failed`, `locked`).
+    pub logins: CounterFamily,
+}
+
+impl Default for ScmMetrics {
+    fn default() -> Self {
+        Self {
+            agent_connections: Counter::default(),
+            handshake_failures: CounterFamily::new(&["listener", "reason"]),
+            pushes: CounterFamily::with(&["outcome"], &[&["ack"], &["nack"], &["unreachable"]]),
+            push_duration: Histogram::new(LATENCY_BUCKETS),
+            swipe_forward: Histogram::new(LATENCY_BUCKETS),
+            frames_refused: CounterFamily::with(
+                &["reason"],
+                &[
+                    &["unknown_version"],
+                    &["unknown_code"],
+                    &["oversize"],
+                    &["stall"],
+                ],
+            ),
+            logins: CounterFamily::with(&["result"], &[&["ok"], &["failed"], &["locked"]]),
+        }
+    }
+}
+
+static GLOBAL: LazyLock<ScmMetrics> = LazyLock::new(ScmMetrics::default);
+
+/// The process's metrics.
+pub fn global() -> &'static ScmMetrics {
+    &GLOBAL
+}
+
+/// Counts a delivery's outcome and, when the machine answered, how long it took.
+pub fn push_done(result: &PushResult, elapsed: Option<Duration>) {
+    global().push_done(result, elapsed);
+}
+
+impl ScmMetrics {
+    /// Counts a delivery's outcome and, when the machine answered, how long it took.
+    pub fn push_done(&self, result: &PushResult, elapsed: Option<Duration>) {
+        let outcome = match result {
+            PushResult::Ack { .. } => "ack",
+            PushResult::Nack { .. } => "nack",
+            PushResult::Unreachable { .. } => "unreachable",
+        };
+        self.pushes.inc(&[outcome]);
+        if outcome != "unreachable"
+            && let Some(d) = elapsed
+        {
+            self.push_duration.observe_duration(d);
+        }
+    }
+}
+
+/// Counts a refused TLS handshake on `listener` (`agents`, `telnet-tls`).
+pub fn handshake_failed(listener: &'static str, e: &scm_certs::tls::HandshakeError) {
+    global().handshake_failures.inc(&[listener, e.reason()]);
+}
+
+/// Everything a scrape shows, gathered.
+#[derive(Debug)]
+pub struct Snapshot<'a> {
+    /// Event counters.
+    pub metrics: &'a ScmMetrics,
+    /// Machines with a live link.
+    pub agents_connected: usize,
+    /// Swipe counters.
+    pub swipes: &'a SwipeStats,
+    /// Generic devices.
+    pub devices: Vec<DeviceStatus>,
+}
+
+/// Renders the text exposition.
+pub fn render(s: &Snapshot<'_>) -> String {
+    let m = s.metrics;
+    let mut e = Exposition::new();
+    e.gauge(
+        "scm_agents_connected",
+        "Machines with a live agent link (HELLO accepted).",
+        i64::try_from(s.agents_connected).unwrap_or(i64::MAX),
+    );
+    e.counter(
+        "scm_agent_connections_total",
+        "Agent links whose HELLO was accepted.",
+        m.agent_connections.get(),
+    );
+    e.family(
+        "scm_handshake_failures_total",
+        "TLS handshakes refused, by listener (agents, telnet-tls) and reason.",
+        &m.handshake_failures,
+    );
+    e.family(
+        "scm_pushes_total",
+        "Configuration deliveries to machines, by outcome (ack, nack, unreachable).",
+        &m.pushes,
+    );
+    e.histogram(
+        "scm_push_duration_seconds",
+        "Time from starting a delivery to the machine's ACK or NACK.",
+        &m.push_duration,
+    );
+    let sw = s.swipes;
+    e.header(
+        "scm_swipes_total",
+        Kind::Counter,
+        "Card swipes received from agents, by what became of them.",
+    );
+    for (outcome, c) in [
+        ("queued", &sw.queued),
+        ("no_route", &sw.no_route),
+        ("duplicate", &sw.duplicate),
+        ("rejected", &sw.rejected),
+        ("busy", &sw.busy),
+        ("delivered", &sw.delivered),
+        ("expired", &sw.expired),
+    ] {
+        e.sample(
+            "scm_swipes_total",
+            &[("outcome", outcome)],
+            c.load(Ordering::Relaxed),
+        );
+    }
+    e.histogram(
+        "scm_swipe_forward_seconds",
+        "Time from receiving a SWIPE to having written the card to the print server.",
+        &m.swipe_forward,
+    );
+    e.header(
+        "scm_bridge_connections",
+        Kind::Gauge,
+        "1 when a print server is connected to the Generic device, else 0.",
+    );
+    let names: Vec<String> = s.devices.iter().map(|d| d.key.to_string()).collect();
+    for (d, name) in s.devices.iter().zip(&names) {
+        e.sample(
+            "scm_bridge_connections",
+            &[("device", name)],
+            u8::from(d.connected.is_some()),
+        );
+    }
+    e.header(
+        "scm_bridge_refused_peers_total",
+        Kind::Counter,
+        "Connections to a Generic device refused because the peer is not on its allow list.",
+    );
+    for (d, name) in s.devices.iter().zip(&names) {
+        e.sample(
+            "scm_bridge_refused_peers_total",
+            &[("device", name)],
+            d.refused_peers,
+        );
+    }
+    e.family(
+        "scm_operator_logins_total",
+        "Operator logins since the SCM started, by result (locked: refused because the source is locked out).",
+        &m.logins,
+    );
+    e.family(
+        "scm_frames_refused_total",
+        "Frames refused on the agent link, by reason.",
+        &m.frames_refused,
+    );
+    e.finish()
+}
+
+/// How long a health check may take.
+const DB_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `/metrics` and `/health` for the SCM.
+#[derive(Debug)]
+pub struct Endpoints {
+    hub: Arc<Hub>,
+}
+
+impl Endpoints {
+    /// Endpoints over this hub.
+    pub fn new(hub: Arc<Hub>) -> Endpoints {
+        Endpoints { hub }
+    }
+}
+
+impl scm_common::http::Endpoints for Endpoints {
+    async fn metrics(&self) -> String {
+        render(&Snapshot {
+            metrics: global(),
+            agents_connected: self.hub.connected(),
+            swipes: &self.hub.swipes.stats,
+            devices: self.hub.swipes.bridge().status(None),
+        })
+    }
+
+    async fn health(&self) -> Result<(), String> {
+        let q = self
+            .hub
+            .store
+            .run(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)));
+        match tokio::time::timeout(DB_TIMEOUT, q).await {
+            Ok(Ok(1)) => Ok(()),
+            Ok(Ok(v)) => Err(format!("database answered {v} to SELECT 1")),
+            Ok(Err(e)) => Err(format!("database unreachable: {e}")),
+            Err(_) => Err(format!(
+                "database did not answer within {} s",
+                DB_TIMEOUT.as_secs()
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generic::DeviceKey;
+
+    #[test]
+    fn renders_every_family_with_bounded_labels() {
+        let m = ScmMetrics::default();
+        m.agent_connections.inc();
+        m.logins.inc(&["ok"]);
+        m.logins.inc(&["ok"]);
+        m.logins.inc(&["failed"]);
+        m.handshake_failures.inc(&["agents", "unknown_ca"]);
+        m.pushes.inc(&["ack"]);
+        m.push_duration.observe(0.02);
+        m.frames_refused.inc(&["oversize"]);
+        let sw = SwipeStats::default();
+        sw.delivered.fetch_add(2, Ordering::Relaxed);
+        sw.duplicate.fetch_add(1, Ordering::Relaxed);
+        let devices = vec![
+            DeviceStatus {
+                key: DeviceKey {
+                    machine: 1,
+                    reader: "r1".into(),
+                },
+                listen: None,
+                connected: Some(("127.0.0.1:5000".parse().unwrap(), 0)),
+                queued: 0,
+                delivered: 2,
+                expired: 0,
+                refused_peers: 3,
+            },
+            DeviceStatus {
+                key: DeviceKey {
+                    machine: 2,
+                    reader: "r1".into(),
+                },
+                listen: None,
+                connected: None,
+                queued: 0,
+                delivered: 0,
+                expired: 0,
+                refused_peers: 0,
+            },
+        ];
+        let text = render(&Snapshot {
+            metrics: &m,
+            agents_connected: 2,
+            swipes: &sw,
+            devices,
+        });
+        for line in [
+            "scm_agents_connected 2",
+            "scm_agent_connections_total 1",
+            "scm_handshake_failures_total{listener=\"agents\",reason=\"unknown_ca\"} 1",
+            "scm_pushes_total{outcome=\"ack\"} 1",
+            "scm_pushes_total{outcome=\"nack\"} 0",
+            "scm_pushes_total{outcome=\"unreachable\"} 0",
+            "scm_push_duration_seconds_bucket{le=\"0.025\"} 1",
+            "scm_push_duration_seconds_count 1",
+            "scm_swipes_total{outcome=\"delivered\"} 2",
+            "scm_swipes_total{outcome=\"duplicate\"} 1",
+            "scm_swipes_total{outcome=\"expired\"} 0",
+            "scm_swipe_forward_seconds_count 0",
+            "scm_bridge_connections{device=\"1/r1\"} 1",
+            "scm_bridge_connections{device=\"2/r1\"} 0",
+            "scm_bridge_refused_peers_total{device=\"1/r1\"} 3",
+            "scm_operator_logins_total{result=\"ok\"} 2",
+            "scm_operator_logins_total{result=\"failed\"} 1",
+            "scm_operator_logins_total{result=\"locked\"} 0",
+            "scm_frames_refused_total{reason=\"oversize\"} 1",
+            "scm_frames_refused_total{reason=\"stall\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Every sample belongs to a family that has a TYPE line.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| text.contains(&format!("# TYPE {f} histogram")))
+                .unwrap_or(name);
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "no TYPE for {l}"
+            );
+        }
+    }
+
+    #[test]
+    fn push_outcomes_are_counted_and_only_answers_timed() {
+        let m = ScmMetrics::default();
+        let r = |ack| {
+            if ack {
+                PushResult::Ack {
+                    generation: 1,
+                    detail: String::new(),
+                }
+            } else {
+                PushResult::Unreachable {
+                    generation: 1,
+                    detail: String::new(),
+                }
+            }
+        };
+        m.push_done(&r(false), Some(Duration::from_millis(5)));
+        assert_eq!(m.pushes.get(&["unreachable"]), 1);
+        assert_eq!(m.push_duration.count(), 0, "no answer, no duration");
+        m.push_done(&r(true), Some(Duration::from_millis(5)));
+        assert_eq!(m.pushes.get(&["ack"]), 1);
+        assert_eq!(m.push_duration.count(), 1);
+    }
+}
