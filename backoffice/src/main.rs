@@ -47,6 +47,20 @@ enum Cmd {
     },
     /// Recent card swipes (masked) and what became of them.
     Swipes,
+    /// A machine's configuration generations.
+    History {
+        /// Machine id.
+        id: u16,
+    },
+    /// Make an earlier generation current again; exit codes as for push.
+    Rollback {
+        /// Machine id.
+        #[arg(long)]
+        machine: u16,
+        /// Generation to return to.
+        #[arg(long)]
+        generation: u64,
+    },
     /// The operator audit log.
     Audit,
     /// Interactive session with the SCM (type `quit` to leave).
@@ -108,22 +122,17 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 format!("cannot read {} (it must be UTF-8 text)", file.display())
             })?;
             let r = client.push(machine, &content).await?;
-            let line = format!("{} {}", r.code, r.last());
-            match r.code {
-                250 => {
-                    println!("{line}");
-                    0
-                }
-                554 => {
-                    println!("{line}");
-                    1
-                }
-                _ => {
-                    eprintln!("{line}");
-                    OTHER
-                }
-            }
+            outcome_code(&r)
         }
+        Cmd::Rollback {
+            machine,
+            generation,
+        } => outcome_code(
+            &client
+                .command(&format!("rollback {machine} {generation}"))
+                .await?,
+        ),
+        Cmd::History { id } => print_reply(client.command(&format!("history {id}")).await?),
         Cmd::Machines => print_reply(client.command("machines").await?),
         Cmd::Status { id } => print_reply(client.command(&format!("status {id}")).await?),
         Cmd::Audit => print_reply(client.command("audit").await?),
@@ -133,6 +142,25 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     };
     let _ = client.quit().await;
     Ok(code)
+}
+
+/// Prints a push or rollback answer; 0 on ACK, 1 on NACK, 2 otherwise.
+fn outcome_code(r: &backoffice::Reply) -> u8 {
+    let line = format!("{} {}", r.code, r.last());
+    match r.code {
+        250 => {
+            println!("{line}");
+            0
+        }
+        554 => {
+            println!("{line}");
+            1
+        }
+        _ => {
+            eprintln!("{line}");
+            OTHER
+        }
+    }
 }
 
 fn print_reply(r: backoffice::Reply) -> u8 {

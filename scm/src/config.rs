@@ -56,6 +56,9 @@ pub struct ScmConfig {
     /// Settings for every Generic device.
     #[serde(default)]
     pub bridge: crate::generic::BridgeSettings,
+    /// Retries of pending pushes.
+    #[serde(default)]
+    pub retry: crate::retry::RetrySettings,
 }
 
 /// `[log]`
@@ -365,6 +368,9 @@ impl ScmConfig {
             }
         }
         self.cards.check().map_err(|m| invalid("cards", m))?;
+        if self.retry.initial_ms == 0 || self.retry.max_ms < self.retry.initial_ms {
+            return Err(invalid("retry", "need 0 < initial_ms <= max_ms"));
+        }
         let sw = &self.swipes;
         if sw.default_ttl_ms == 0 || sw.max_ttl_ms < sw.default_ttl_ms || sw.dedup_max == 0 {
             return Err(invalid(

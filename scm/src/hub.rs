@@ -40,6 +40,8 @@ pub struct Hub {
     pub machine_connector: tokio_rustls::TlsConnector,
     /// Card swipes (journal, de-duplication, bridges).
     pub swipes: Arc<crate::swipes::Swipes>,
+    /// Wakes the retry task.
+    pub retry_kick: Arc<crate::retry::Kick>,
     sessions: Mutex<HashMap<u16, Session>>,
     delivery_locks: Mutex<HashMap<u16, Arc<tokio::sync::Mutex<()>>>>,
     ids: AtomicU64,
@@ -68,6 +70,7 @@ impl Hub {
             throttle,
             machine_connector,
             swipes,
+            retry_kick: Arc::default(),
             sessions: Mutex::new(HashMap::new()),
             delivery_locks: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),

@@ -12,6 +12,7 @@ pub mod initdev;
 pub mod metrics;
 pub mod operator;
 pub mod push;
+pub mod retry;
 pub mod server;
 pub mod store;
 pub mod swipes;

@@ -349,12 +349,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 },
                 ("audit", []) => self.audit_list().await?,
+                ("history", [id]) => match parse_id(id) {
+                    Some(id) => self.history(id).await?,
+                    None => {
+                        self.reply(&format!("501 {id:?} is not a machine id (0-65535)"))
+                            .await?
+                    }
+                },
+                ("rollback", [id, generation]) => match (parse_id(id), generation.parse::<u64>()) {
+                    (Some(id), Ok(g)) if g > 0 => self.rollback(id, g).await?,
+                    _ => {
+                        self.reply("501 usage: rollback <machine id> <generation>")
+                            .await?
+                    }
+                },
                 ("swipes", []) => self.swipes().await?,
                 ("quit" | "exit" | "logout", []) => {
                     self.reply("221 bye").await?;
                     return Ok(());
                 }
-                ("status" | "push", _) => {
+                ("rollback", _) => {
+                    self.reply("501 usage: rollback <machine id> <generation>")
+                        .await?
+                }
+                ("status" | "push" | "history", _) => {
                     self.reply(&format!("501 usage: {cmd} <machine id>"))
                         .await?
                 }
@@ -381,6 +399,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "214-  status <id>       details of one machine",
             "214-  push <id>         send a configuration: type it, then a line holding only \".\"",
             "214-                    (a line that starts with \".\" is sent with one more \".\")",
+            "214-  history <id>      the machine's configuration generations",
+            "214-  rollback <id> <g> make generation g's content current again (a new generation)",
             "214-  swipes            the last card swipes (masked) and what became of them",
             "214-  audit             the last operator actions",
             "214-  quit              end the session",
@@ -575,6 +595,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .await
     }
 
+    async fn history(&mut self, id: u16) -> Result<(), SessionError> {
+        if self.hub.cfg.machine(id).is_none() {
+            return self
+                .reply(&format!(
+                    "550 machine {id} is not known; `machines` lists the known ones"
+                ))
+                .await;
+        }
+        let rows = match self.hub.store.run(move |c| store::history(c, id, 20)).await {
+            Ok(r) => r,
+            Err(e) => return self.store_error(e).await,
+        };
+        for r in &rows {
+            self.reply(&format!(
+                "250-generation {} {} bytes sha256 {} by {} at {}: {}",
+                r.generation,
+                r.len,
+                &r.sha256[..r.sha256.len().min(16)],
+                r.created_by,
+                fmt_ms(r.created_ms),
+                r.last_outcome.as_deref().unwrap_or("not sent")
+            ))
+            .await?;
+        }
+        self.reply(&format!("250 {} generations of machine {id}", rows.len()))
+            .await
+    }
+
+    async fn rollback(&mut self, id: u16, to: u64) -> Result<(), SessionError> {
+        let Some(op) = self.operator.clone() else {
+            return self.reply("530 log in first").await;
+        };
+        if op.role == OperatorRole::ReadOnly {
+            self.audit(
+                "push_refused",
+                format!("rollback of machine {id}: read-only operator"),
+            )
+            .await;
+            return self
+                .reply(&format!(
+                    "550 operator {} is read-only and cannot push",
+                    op.name
+                ))
+                .await;
+        }
+        let result = push::rollback(&self.hub, id, to, &op.name).await;
+        let line = match &result {
+            Ok(None) => {
+                format!("550 machine {id} has no generation {to}; `history {id}` lists them")
+            }
+            Ok(Some(r)) => push_reply(id, r),
+            Err(e @ PushError::UnknownMachine(_)) => format!("550 {e}"),
+            Err(e) => format!("451 {e}"),
+        };
+        self.audit(
+            "rollback",
+            format!("machine {id} to generation {to}: {}", one_line(&line)),
+        )
+        .await;
+        self.reply(&line).await
+    }
+
     async fn push(&mut self, id: u16, idle: Duration) -> Result<(), SessionError> {
         let Some(op) = self.operator.clone() else {
             return self.reply("530 log in first").await;
@@ -637,43 +719,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let size = body.len();
         let result = push::push(&self.hub, id, body, &op.name).await;
-        let (line, detail) = match &result {
-            Ok(PushResult::Ack { generation, detail }) => (
-                format!(
-                    "250 ACK machine {id} generation {generation}: {}",
-                    one_line(detail)
-                ),
-                format!("machine {id} generation {generation} ({size} bytes): ack"),
-            ),
-            Ok(PushResult::Nack { generation, detail }) => (
-                format!(
-                    "554 NACK machine {id} generation {generation}: {}",
-                    one_line(detail)
-                ),
-                format!(
-                    "machine {id} generation {generation} ({size} bytes): nack {}",
-                    one_line(detail)
-                ),
-            ),
-            Ok(PushResult::Unreachable { generation, detail }) => (
-                format!(
-                    "450 machine {id} unreachable; generation {generation} pending, delivered at its next HELLO: {}",
-                    one_line(detail)
-                ),
-                format!("machine {id} generation {generation} ({size} bytes): pending"),
-            ),
+        let line = match &result {
+            Ok(r) => push_reply(id, r),
             Err(PushError::UnknownMachine(_)) | Err(PushError::TooLarge { .. }) => {
-                let e = result
-                    .as_ref()
-                    .err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_default();
-                (format!("550 {e}"), format!("machine {id}: refused: {e}"))
+                format!(
+                    "550 {}",
+                    result
+                        .as_ref()
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default()
+                )
             }
-            Err(e) => (format!("451 {e}"), format!("machine {id}: error: {e}")),
+            Err(e) => format!("451 {e}"),
+        };
+        let detail = match &result {
+            Ok(PushResult::Ack { generation, .. }) => {
+                format!("machine {id} generation {generation} ({size} bytes): ack")
+            }
+            Ok(PushResult::Nack { generation, detail }) => format!(
+                "machine {id} generation {generation} ({size} bytes): nack {}",
+                one_line(detail)
+            ),
+            Ok(PushResult::Unreachable { generation, .. }) => {
+                format!("machine {id} generation {generation} ({size} bytes): pending")
+            }
+            Err(e) => format!("machine {id}: refused: {e}"),
         };
         self.audit("push", detail).await;
         self.reply(&line).await
+    }
+}
+
+/// The operator's one-line answer for a delivery result.
+fn push_reply(id: u16, r: &PushResult) -> String {
+    match r {
+        PushResult::Ack { generation, detail } => format!(
+            "250 ACK machine {id} generation {generation}: {}",
+            one_line(detail)
+        ),
+        PushResult::Nack { generation, detail } => format!(
+            "554 NACK machine {id} generation {generation}: {}",
+            one_line(detail)
+        ),
+        PushResult::Unreachable { generation, detail } => format!(
+            "450 machine {id} unreachable; generation {generation} pending, retried with back-off and at its next HELLO: {}",
+            one_line(detail)
+        ),
     }
 }
 

@@ -95,6 +95,27 @@ pub async fn push(
     Ok(deliver(hub, generation).await?)
 }
 
+/// Makes an earlier generation's content the desired configuration again (as a new
+/// generation, so the agent's ordering holds) and delivers it.
+pub async fn rollback(
+    hub: &Arc<Hub>,
+    id: u16,
+    to: u64,
+    actor: &str,
+) -> Result<Option<PushResult>, PushError> {
+    if hub.cfg.machine(id).is_none() {
+        return Err(PushError::UnknownMachine(id));
+    }
+    let Some(old) = hub
+        .store
+        .run(move |c| store::get_generation(c, id, to))
+        .await?
+    else {
+        return Ok(None);
+    };
+    push(hub, id, old.content, actor).await.map(Some)
+}
+
 /// Where machine `id`'s config port is, if known.
 pub fn config_target(hub: &Hub, id: u16) -> Option<String> {
     if let Some(addr) = hub.cfg.machine(id).and_then(|m| m.config_addr.clone()) {
@@ -134,6 +155,9 @@ pub async fn deliver(hub: &Arc<Hub>, generation: Generation) -> Result<PushResul
     };
     crate::metrics::push_done(&result, Some(started.elapsed()));
     record(hub, id, &result).await?;
+    if matches!(result, PushResult::Unreachable { .. }) {
+        hub.retry_kick.kick();
+    }
     Ok(result)
 }
 

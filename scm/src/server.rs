@@ -168,6 +168,11 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             move |tcp, peer, token| operator::handle_plain(hub.clone(), tcp, peer, token),
         ));
     }
+    set.spawn(crate::retry::run(
+        hub.clone(),
+        hub.retry_kick.clone(),
+        shutdown.clone(),
+    ));
     if !listeners.generic.is_empty() {
         let bridge = hub.swipes.bridge().clone();
         set.spawn(bridge.serve(listeners.generic, shutdown.clone()));

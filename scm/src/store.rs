@@ -377,6 +377,57 @@ pub fn pending_generation(c: &mut Connection, id: u16) -> rusqlite::Result<Optio
     get_generation(c, id, m.desired_generation)
 }
 
+/// One generation in a machine's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRow {
+    /// Generation number.
+    pub generation: u64,
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub len: usize,
+    /// Unix ms created.
+    pub created_ms: i64,
+    /// Operator who created it.
+    pub created_by: String,
+    /// Outcome of its last delivery attempt, if any.
+    pub last_outcome: Option<String>,
+}
+
+/// A machine's generations, newest first.
+pub fn history(c: &mut Connection, id: u16, limit: u32) -> rusqlite::Result<Vec<HistoryRow>> {
+    let mut st = c.prepare(
+        "SELECT g.generation, g.sha256, LENGTH(g.content), g.created_ms, g.created_by,
+                (SELECT p.outcome FROM push_attempts p WHERE p.machine_id = g.machine_id
+                   AND p.generation = g.generation ORDER BY p.id DESC LIMIT 1)
+         FROM configs g WHERE g.machine_id = ?1 ORDER BY g.generation DESC LIMIT ?2",
+    )?;
+    let rows = st.query_map(params![id, limit], |r| {
+        Ok(HistoryRow {
+            generation: r.get::<_, i64>(0)? as u64,
+            sha256: r.get(1)?,
+            len: r.get::<_, i64>(2)? as usize,
+            created_ms: r.get(3)?,
+            created_by: r.get(4)?,
+            last_outcome: r.get(5)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Every machine with a pending generation: `(machine, desired generation)`.
+pub fn pending_all(c: &mut Connection) -> rusqlite::Result<Vec<(u16, u64)>> {
+    let mut st = c.prepare(
+        "SELECT m.id, m.desired_generation FROM machines m
+         WHERE m.desired_generation > m.applied_generation
+           AND NOT EXISTS (SELECT 1 FROM push_attempts p WHERE p.machine_id = m.id
+                           AND p.generation = m.desired_generation AND p.outcome = 'nack')
+         ORDER BY m.id",
+    )?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+    rows.collect()
+}
+
 /// Records the outcome of a delivery attempt and updates the machine's summary.
 pub fn record_attempt(
     c: &mut Connection,
@@ -555,6 +606,46 @@ mod tests {
         );
         let m = s.run_blocking(|c| get_machine(c, 1)).unwrap().unwrap();
         assert!(m.last_error.unwrap().contains("bad key"));
+    }
+
+    #[test]
+    fn pending_all_lists_undelivered_and_not_nacked() {
+        let (_d, s) = store();
+        s.run_blocking(|c| create_generation(c, 1, b"a", "op"))
+            .unwrap();
+        s.run_blocking(|c| create_generation(c, 2, b"b", "op"))
+            .unwrap();
+        assert_eq!(s.run_blocking(pending_all).unwrap(), vec![(1, 1), (2, 1)]);
+        s.run_blocking(|c| record_attempt(c, 1, 1, Outcome::Ack, "ok"))
+            .unwrap();
+        s.run_blocking(|c| record_attempt(c, 2, 1, Outcome::Nack, "no"))
+            .unwrap();
+        assert!(s.run_blocking(pending_all).unwrap().is_empty());
+        s.run_blocking(|c| create_generation(c, 2, b"c", "op"))
+            .unwrap();
+        assert_eq!(s.run_blocking(pending_all).unwrap(), vec![(2, 2)]);
+    }
+
+    #[test]
+    fn history_lists_generations_with_their_last_outcome() {
+        let (_d, s) = store();
+        s.run_blocking(|c| create_generation(c, 1, b"one", "alice"))
+            .unwrap();
+        s.run_blocking(|c| record_attempt(c, 1, 1, Outcome::Unreachable, "x"))
+            .unwrap();
+        s.run_blocking(|c| record_attempt(c, 1, 1, Outcome::Ack, "ok"))
+            .unwrap();
+        s.run_blocking(|c| create_generation(c, 1, b"two!", "bob"))
+            .unwrap();
+        let h = s.run_blocking(|c| history(c, 1, 10)).unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(
+            (h[0].generation, h[0].len, h[0].created_by.as_str()),
+            (2, 4, "bob")
+        );
+        assert_eq!(h[0].last_outcome, None);
+        assert_eq!(h[1].last_outcome.as_deref(), Some("ack"));
+        assert_eq!(h[1].sha256, sha256_hex(b"one"));
     }
 
     #[test]

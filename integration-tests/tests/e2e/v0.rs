@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::{Pems, WAITING, connector, dev_issue, dev_pems, init, rt};
 
 /// One version-0 frame, encoded by hand: VERSION, CODE, ID (LE), DATA_LENGTH (LE), DATA.
-fn v0(code: u8, id: u16, data: &[u8]) -> Vec<u8> {
+pub(crate) fn v0(code: u8, id: u16, data: &[u8]) -> Vec<u8> {
     let mut b = vec![0u8, code];
     b.extend_from_slice(&id.to_le_bytes());
     b.extend_from_slice(&(data.len() as u16).to_le_bytes());
@@ -53,12 +53,12 @@ async fn link(addr: SocketAddr, p: &Pems) -> Link {
     .expect("TLS to the SCM")
 }
 
-const ACK: u8 = 150;
+pub(crate) const ACK: u8 = 150;
 const NACK: u8 = 151;
 
 /// Rewrites machine `id` in scm.toml to protocol version 0, optionally with a config
 /// address.
-fn make_v0(dev: &std::path::Path, id: u16, config_addr: Option<SocketAddr>) {
+pub(crate) fn make_v0(dev: &std::path::Path, id: u16, config_addr: Option<SocketAddr>) {
     let p = dev.join("scm.toml");
     let text = std::fs::read_to_string(&p).unwrap();
     let from = format!("id = {id}\nname = \"machine-{id}\"\nprotocol_version = 1\n");
@@ -126,7 +126,7 @@ fn v0_hello_and_msg_rules() {
 
 /// A version-0 machine's config port: accepts the SCM's connection, reads one CONFIG by
 /// hand, answers with `answer(content)` and returns what it received.
-async fn serve_one_config(
+pub(crate) async fn serve_one_config(
     listener: &TcpListener,
     acceptor: &tokio_rustls::TlsAcceptor,
     answer: impl Fn(&[u8]) -> Vec<u8>,
