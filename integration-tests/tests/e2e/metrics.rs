@@ -4,7 +4,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Instant;
 
 use integration_tests::{Fleet, Proc, WAIT, bin, run, swipe};
 use scm_certs::identity::Identity;
@@ -30,32 +29,25 @@ fn get(addr: SocketAddr, path: &str) -> String {
     )
 }
 
-/// Scrapes `/metrics` until every line in `want` is present (the counters are updated
-/// just after the events the test can observe); returns the last scrape.
-fn scrape_until(addr: SocketAddr, want: &[&str]) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let answer = get(addr, "/metrics");
-        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-        assert!(
-            answer.contains("\r\nContent-Type: text/plain; version=0.0.4"),
-            "{answer}"
-        );
-        let missing: Vec<&str> = want
-            .iter()
-            .copied()
-            .filter(|w| !answer.lines().any(|l| l == *w))
-            .collect();
-        if missing.is_empty() {
-            return answer;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still missing {missing:?} from {addr}:\n{answer}"
-        );
-        // Poll the condition again shortly (bounded by WAIT above).
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+/// Scrapes `/metrics` once and checks that every line in `want` is present. Callers wait
+/// first for the log lines that follow the counted events.
+fn scrape_expect(addr: SocketAddr, want: &[&str]) -> String {
+    let answer = get(addr, "/metrics");
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(
+        answer.contains("\r\nContent-Type: text/plain; version=0.0.4"),
+        "{answer}"
+    );
+    let missing: Vec<&str> = want
+        .iter()
+        .copied()
+        .filter(|w| !answer.lines().any(|l| l == *w))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missing {missing:?} from {addr}:\n{answer}"
+    );
+    answer
 }
 
 fn sim(addr: SocketAddr) -> Proc {
@@ -159,6 +151,9 @@ fn scm_and_agent_expose_exact_metrics_and_health() {
     agent.wait_for("reader r1");
     swipe(&dir.path().join("dev"), 1, "12345678");
     printer.wait_stdout("CARD 12345678 FROM");
+    // Each counter changes before the log line that reports its event.
+    scm.wait_for("card delivered to");
+    agent.wait_for("swipe acknowledged by the SCM");
 
     // A client with a certificate from another CA, refused at the handshake.
     let dev = dir.path().join("dev");
@@ -177,7 +172,7 @@ fn scm_and_agent_expose_exact_metrics_and_health() {
     });
     scm.wait_for("TLS handshake refused (unknown_ca)");
 
-    let scm_text = scrape_until(
+    let scm_text = scrape_expect(
         scm_metrics,
         &[
             "scm_agents_connected 2",
@@ -199,7 +194,7 @@ fn scm_and_agent_expose_exact_metrics_and_health() {
             "scm_frames_refused_total{reason=\"oversize\"} 0",
         ],
     );
-    let agent_text = scrape_until(
+    let agent_text = scrape_expect(
         agent_metrics,
         &[
             "agent_scm_link_up 1",
