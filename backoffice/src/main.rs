@@ -212,5 +212,7 @@ async fn shell(mut client: Client<Box<dyn Stream>>) -> anyhow::Result<u8> {
         }
     }
     out.write_all(b"\n").await?;
+    // Flush: the runtime is shut down without waiting once this returns.
+    out.flush().await?;
     Ok(0)
 }

@@ -131,6 +131,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(())
     }
 
+    /// A multi-line reply: every line but the last as `<code>-<text>`, the last as
+    /// `<code> <text>`, written with one flush.
+    async fn reply_lines(&mut self, code: u16, lines: Vec<String>) -> Result<(), SessionError> {
+        let n = lines.len();
+        for (i, l) in lines.into_iter().enumerate() {
+            let sep = if i + 1 == n { ' ' } else { '-' };
+            self.conn
+                .feed(scm_telnet::Out::Text(format!("{code}{sep}{l}\r\n")))
+                .await?;
+        }
+        self.conn.flush().await?;
+        Ok(())
+    }
+
     /// Reads the next line with a timeout, answering telnet commands on the way.
     /// Over-long and non-UTF-8 lines are answered at once, except in a push body
     /// (`in_body`): that push gets one final reply (552) instead of one per bad line.
@@ -421,11 +435,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(r) => r,
             Err(e) => return self.store_error(e).await,
         };
-        self.reply(&format!(
-            "250-{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  LAST ERROR",
+        let mut lines = vec![format!(
+            "{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  LAST ERROR",
             "ID", "NAME", "VER", "LINK", "DESIRED", "APPLIED"
-        ))
-        .await?;
+        )];
         for m in &rows {
             let link = if self.hub.session(m.id).is_some() {
                 "connected"
@@ -433,8 +446,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "down"
             };
             let err = m.last_error.clone().unwrap_or_else(|| "-".into());
-            self.reply(&format!(
-                "250-{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  {}",
+            lines.push(format!(
+                "{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  {}",
                 m.id,
                 truncate(&m.name, 16),
                 m.protocol_version,
@@ -442,10 +455,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 m.desired_generation,
                 m.applied_generation,
                 truncate(&err, 60)
-            ))
-            .await?;
+            ));
         }
-        self.reply(&format!("250 {} machines", rows.len())).await
+        lines.push(format!("{} machines", rows.len()));
+        self.reply_lines(250, lines).await
     }
 
     async fn status(&mut self, id: u16) -> Result<(), SessionError> {
@@ -535,12 +548,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 truncate(&detail, 100)
             ));
         }
-        let n = lines.len();
-        for (i, l) in lines.into_iter().enumerate() {
-            let sep = if i + 1 == n { ' ' } else { '-' };
-            self.reply(&format!("211{sep}{l}")).await?;
-        }
-        Ok(())
+        self.reply_lines(211, lines).await
     }
 
     async fn swipes(&mut self) -> Result<(), SessionError> {
@@ -548,31 +556,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(r) => r,
             Err(e) => return self.store_error(e).await,
         };
-        for r in rows.iter().rev() {
-            self.reply(&format!(
-                "250-{} machine {} reader {} card {} {}: {}",
-                fmt_ms(r.received_ms),
-                r.machine,
-                r.reader,
-                r.card_masked,
-                r.outcome,
-                truncate(&r.detail, 120)
-            ))
-            .await?;
-        }
+        let mut lines: Vec<String> = rows
+            .iter()
+            .rev()
+            .map(|r| {
+                format!(
+                    "{} machine {} reader {} card {} {}: {}",
+                    fmt_ms(r.received_ms),
+                    r.machine,
+                    r.reader,
+                    r.card_masked,
+                    r.outcome,
+                    truncate(&r.detail, 120)
+                )
+            })
+            .collect();
+        // Delivered and expired are counted by the bridge itself, per device.
+        let devices = self.hub.swipes.bridge().status(None);
+        let delivered: u64 = devices.iter().map(|d| d.delivered).sum();
+        let expired: u64 = devices.iter().map(|d| d.expired).sum();
         let st = &self.hub.swipes.stats;
         use std::sync::atomic::Ordering::Relaxed;
-        self.reply(&format!(
-            "250 {} swipes shown; since start: {} delivered, {} expired, {} duplicate, {} rejected, {} busy, {} without route",
+        lines.push(format!(
+            "{} swipes shown; since start: {} delivered, {} expired, {} duplicate, {} rejected, {} busy, {} without route",
             rows.len(),
-            st.delivered.load(Relaxed),
-            st.expired.load(Relaxed),
+            delivered,
+            expired,
             st.duplicate.load(Relaxed),
             st.rejected.load(Relaxed),
             st.busy.load(Relaxed),
             st.no_route.load(Relaxed),
-        ))
-        .await
+        ));
+        self.reply_lines(250, lines).await
     }
 
     async fn audit_list(&mut self) -> Result<(), SessionError> {
@@ -580,19 +595,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(r) => r,
             Err(e) => return self.store_error(e).await,
         };
-        for r in rows.iter().rev() {
-            self.reply(&format!(
-                "250-{} {} from {}: {} {}",
-                fmt_ms(r.at_ms),
-                r.actor,
-                r.source,
-                r.action,
-                truncate(&r.detail, 120)
-            ))
-            .await?;
-        }
-        self.reply(&format!("250 {} audit records shown", rows.len()))
-            .await
+        let mut lines: Vec<String> = rows
+            .iter()
+            .rev()
+            .map(|r| {
+                format!(
+                    "{} {} from {}: {} {}",
+                    fmt_ms(r.at_ms),
+                    r.actor,
+                    r.source,
+                    r.action,
+                    truncate(&r.detail, 120)
+                )
+            })
+            .collect();
+        lines.push(format!("{} audit records shown", rows.len()));
+        self.reply_lines(250, lines).await
     }
 
     async fn history(&mut self, id: u16) -> Result<(), SessionError> {
@@ -607,20 +625,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(r) => r,
             Err(e) => return self.store_error(e).await,
         };
-        for r in &rows {
-            self.reply(&format!(
-                "250-generation {} {} bytes sha256 {} by {} at {}: {}",
-                r.generation,
-                r.len,
-                &r.sha256[..r.sha256.len().min(16)],
-                r.created_by,
-                fmt_ms(r.created_ms),
-                r.last_outcome.as_deref().unwrap_or("not sent")
-            ))
-            .await?;
-        }
-        self.reply(&format!("250 {} generations of machine {id}", rows.len()))
-            .await
+        let mut lines: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "generation {} {} bytes sha256 {} by {} at {}: {}",
+                    r.generation,
+                    r.len,
+                    &r.sha256[..r.sha256.len().min(16)],
+                    r.created_by,
+                    fmt_ms(r.created_ms),
+                    r.last_outcome.as_deref().unwrap_or("not sent")
+                )
+            })
+            .collect();
+        lines.push(format!("{} generations of machine {id}", rows.len()));
+        self.reply_lines(250, lines).await
     }
 
     async fn rollback(&mut self, id: u16, to: u64) -> Result<(), SessionError> {

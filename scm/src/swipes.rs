@@ -60,10 +60,6 @@ pub struct SwipeStats {
     pub rejected: AtomicU64,
     /// Refused because the device's queue was full.
     pub busy: AtomicU64,
-    /// Written to a print server.
-    pub delivered: AtomicU64,
-    /// Dropped when their time to live ran out.
-    pub expired: AtomicU64,
     /// Journal records lost because the journal queue was full or the database failed.
     pub journal_lost: AtomicU64,
 }
@@ -230,17 +226,11 @@ impl Swipes {
 
     fn outcome(&self, r: OutcomeReport) {
         let (outcome, detail) = match r.outcome {
-            Outcome::Delivered { peer } => {
-                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                ("delivered", format!("generic {} to {peer}", r.key))
-            }
-            Outcome::Expired => {
-                self.stats.expired.fetch_add(1, Ordering::Relaxed);
-                (
-                    "expired",
-                    format!("no print server took it in time on generic {}", r.key),
-                )
-            }
+            Outcome::Delivered { peer } => ("delivered", format!("generic {} to {peer}", r.key)),
+            Outcome::Expired => (
+                "expired",
+                format!("no print server took it in time on generic {}", r.key),
+            ),
         };
         self.journal(JournalOp::Outcome {
             event_id: r.event_id,
