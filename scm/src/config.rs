@@ -137,6 +137,8 @@ pub struct Limits {
     pub max_config_bytes: usize,
     /// Longest telnet line, in bytes.
     pub telnet_max_line: usize,
+    /// Deliveries in flight at once during a push to a group or to all machines.
+    pub push_concurrency: usize,
 }
 
 impl Default for Limits {
@@ -147,6 +149,7 @@ impl Default for Limits {
             max_agent_frame_data: 16 * 1024,
             max_config_bytes: 60 * 1024,
             telnet_max_line: 4096,
+            push_concurrency: 64,
         }
     }
 }
@@ -267,7 +270,11 @@ pub struct MachineConfig {
     /// HELLO (version 0).
     #[serde(default)]
     pub config_addr: Option<String>,
-    /// Free-form labels.
+    /// Groups the machine belongs to; `push group:NAME` targets every member.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Free-form labels (for example `site=north`); `push label:TEXT` targets every
+    /// machine carrying exactly that label.
     #[serde(default)]
     pub labels: Vec<String>,
 }
@@ -328,6 +335,16 @@ impl ScmConfig {
                     format!("machine[{i}].id"),
                     format!("machine id {} is listed twice; each id once", m.id),
                 ));
+            }
+            for (key, names) in [("groups", &m.groups), ("labels", &m.labels)] {
+                if let Some(bad) = names.iter().find(|n| !crate::fleet::valid_name(n)) {
+                    return Err(invalid(
+                        format!("machine[{i}].{key}"),
+                        format!(
+                            "{bad:?} is not a valid name; use 1 to 64 characters from A-Z a-z 0-9 . _ - = :"
+                        ),
+                    ));
+                }
             }
             if m.protocol_version > 1 {
                 return Err(invalid(
@@ -404,6 +421,9 @@ impl ScmConfig {
                     scm_proto::MAX_DATA_LEN
                 ),
             ));
+        }
+        if l.push_concurrency == 0 || l.push_concurrency > 4096 {
+            return Err(invalid("limits.push_concurrency", "must be 1..=4096"));
         }
         if l.telnet_max_line < 80 {
             return Err(invalid("limits.telnet_max_line", "must be at least 80"));
