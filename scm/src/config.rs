@@ -121,6 +121,14 @@ pub struct TlsSection {
 pub struct DatabaseSection {
     /// SQLite file; created if missing.
     pub path: PathBuf,
+    /// How long a write waits for another process's lock before it fails with a clear
+    /// error (the operator is told to try again; nothing is half-stored).
+    #[serde(default = "default_busy_timeout")]
+    pub busy_timeout_ms: u64,
+}
+
+fn default_busy_timeout() -> u64 {
+    5_000
 }
 
 /// `[limits]`
@@ -429,6 +437,7 @@ impl ScmConfig {
             return Err(invalid("limits.telnet_max_line", "must be at least 80"));
         }
         for (key, v) in [
+            ("database.busy_timeout_ms", self.database.busy_timeout_ms),
             ("timeouts.handshake_ms", self.timeouts.handshake_ms),
             ("timeouts.frame_stall_ms", self.timeouts.frame_stall_ms),
             ("timeouts.agent_idle_ms", self.timeouts.agent_idle_ms),

@@ -97,7 +97,10 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
     let agent_cfg = tls::server_config(&files, machine_policy, &[])?;
     let operator_cfg = tls::server_config(&files, TlsPolicy::default(), &[])?;
     let client_cfg = tls::client_config(&files, machine_policy)?;
-    let store = Store::open(&cfg.database.path)?;
+    let store = Store::open_with_timeout(
+        &cfg.database.path,
+        std::time::Duration::from_millis(cfg.database.busy_timeout_ms),
+    )?;
     let machines: Vec<(u16, String, u8)> = cfg
         .machines
         .iter()

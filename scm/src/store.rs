@@ -190,15 +190,23 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path` in WAL mode and migrates it.
+    /// Opens (creating if needed) the database at `path` in WAL mode and migrates it;
+    /// a write waits up to 5 s for another process's lock.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with_timeout(path, std::time::Duration::from_secs(5))
+    }
+
+    /// [`Store::open`] with the given lock wait.
+    pub fn open_with_timeout(
+        path: &Path,
+        busy_timeout: std::time::Duration,
+    ) -> Result<Store, StoreError> {
         let err = |source| StoreError::Sqlite {
             path: path.to_path_buf(),
             source,
         };
         let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
+        conn.busy_timeout(busy_timeout).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL")

@@ -2,6 +2,7 @@
 //! over real sockets, TLS and telnet. One test binary, one module per area.
 
 mod crash;
+mod faults;
 mod fleet;
 mod frames;
 mod halfopen;

@@ -396,7 +396,9 @@ fn inetutils_telnet_logs_in_pushes_survives_ctrl_c_and_quits() {
         "Ctrl-C must not arrive as text: {text:?}"
     );
     assert!(
-        text.contains("250-1      machine-1        1   connected        1       1  dev,odd              -"),
+        text.contains(
+            "250-1      machine-1        1   connected        1       1  dev,odd              -"
+        ),
         "{text:?}"
     );
     tn.until("scm> ");
@@ -934,7 +936,9 @@ fn backoffice_shell_forwards_stdin() {
     sh.write(b"machines\n");
     let text = sh.until("250 1 machines");
     assert!(
-        text.contains("250-1      machine-1        1   connected        0       0  dev,odd              -"),
+        text.contains(
+            "250-1      machine-1        1   connected        0       0  dev,odd              -"
+        ),
         "{text:?}"
     );
     sh.write(b"quit\n");
