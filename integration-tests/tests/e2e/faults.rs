@@ -397,7 +397,7 @@ fn read_only_operator_push_is_refused_and_audited() {
     let audit = t.until("scm> ");
     for what in ["machine 1", "all", "group:dev"] {
         assert!(
-            audit.contains(&format!("viewer from 127.0.0.1:"))
+            audit.contains("viewer from 127.0.0.1:")
                 && audit.contains(&format!("push_refused {what}: read-only operator")),
             "{what}: {audit}"
         );
