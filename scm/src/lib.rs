@@ -5,6 +5,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod command;
 pub mod config;
 pub mod fleet;
 pub mod generic;
