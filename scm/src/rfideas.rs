@@ -1145,6 +1145,7 @@ impl RfideasBridge {
                                 &http::response(408, "Request Timeout", &body, &[], true),
                             )
                             .await;
+                        linger(&mut stream).await;
                         return Ok(());
                     }
                     Ok(Err(e)) => return Err(e),
@@ -1173,6 +1174,7 @@ impl RfideasBridge {
                             &http::response(code, reason, &format!("{e}\n"), &[], true),
                         )
                         .await;
+                    linger(&mut stream).await;
                     return Ok(());
                 }
             };
@@ -1193,7 +1195,7 @@ impl RfideasBridge {
             );
             self.write(&mut stream, &bytes).await?;
             if !keep {
-                let _ = tokio::time::timeout(header_timeout, stream.shutdown()).await;
+                linger(&mut stream).await;
                 return Ok(());
             }
         }
@@ -1471,6 +1473,29 @@ impl RfideasBridge {
         }
         Ok(())
     }
+}
+
+/// How long a closing connection's unread input is drained.
+const LINGER: Duration = Duration::from_secs(1);
+/// Most bytes drained from a closing connection.
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Closes our side, then reads and discards what the client still sends (bounded in time
+/// and bytes), so the kernel does not answer unread input with a reset that would destroy
+/// the response before the client read it.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    let _ = tokio::time::timeout(LINGER, s.shutdown()).await;
+    let mut sink = [0u8; 2048];
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut total = 0;
+        while total < LINGER_BYTES {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 fn trunc(s: &str, n: usize) -> String {

@@ -493,10 +493,14 @@ fn journal_writer(mut conn: Connection, mut rx: mpsc::Receiver<JournalOp>, stats
                         detail,
                     } => {
                         // A swipe sent to two bridges (Generic and 241) gets two outcomes:
-                        // `delivered` wins, and the second detail is appended.
+                        // `delivered` wins over `failed`, which wins over the rest; the
+                        // second detail is appended.
                         tx.execute(
                             "UPDATE swipes SET
-                                outcome = CASE WHEN outcome = 'delivered' THEN outcome ELSE ?2 END,
+                                outcome = CASE
+                                    WHEN outcome = 'delivered' THEN outcome
+                                    WHEN outcome = 'failed' AND ?2 <> 'delivered' THEN outcome
+                                    ELSE ?2 END,
                                 detail = CASE WHEN outcome = 'queued' THEN ?3 ELSE detail || '; ' || ?3 END,
                                 updated_ms = ?4
                              WHERE id = (SELECT MAX(id) FROM swipes WHERE event_id = ?1)",
