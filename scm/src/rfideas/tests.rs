@@ -931,3 +931,32 @@ async fn listeners_and_status() {
     shutdown.cancel();
     timeout(WAIT, task).await.unwrap().unwrap();
 }
+
+/// The example in docs/bridge-241.md, byte for byte.
+#[tokio::test]
+async fn the_documented_example_is_exact() {
+    let h = harness_with(
+        vec![device(1, "reader-1.localhost")],
+        RfideasSettings::default(),
+    );
+    let req = "GET /config?mode=client&server_url=https%3A%2F%2Fpapercut.example%3A9192%2Frfid%3Fcard%3D%7Bcard%7D%26mac%3D%7Bdevice%7D%26t%3D%7Btime%7D HTTP/1.1\r\nHost: reader-1.localhost\r\n\r\n";
+    let resp = exchange(&h, "127.0.0.1", req.as_bytes()).await;
+    let expected = "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 126\r\nCache-Control: no-store\r\nX-Device-Id: 02:53:43:00:01:ff\r\nX-Device-Host: reader-1.localhost\r\n\r\nmode=client\nserver_url=https%3A%2F%2Fpapercut.example%3A9192%2Frfid%3Fcard%3D%7Bcard%7D%26mac%3D%7Bdevice%7D%26t%3D%7Btime%7D\n";
+    assert_eq!(resp, expected);
+    let t = client::render(
+        "https://papercut.example:9192/rfid?card={card}&mac={device}&t={time}",
+        &client::Vars {
+            card: "12345678",
+            device: "02:53:43:00:01:ff",
+            time_ms: 1_795_298_400_000,
+            machine: 1,
+            reader: "r1",
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        t.path_and_query,
+        "/rfid?card=12345678&mac=02%3A53%3A43%3A00%3A01%3Aff&t=1795298400"
+    );
+    assert_eq!(t.authority(), "papercut.example:9192");
+}
