@@ -542,7 +542,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ));
         }
         for d in self.hub.swipes.rfideas().status(Some(id)) {
-            lines.push(d.summary());
+            lines.push(d.summary(fmt_ms));
         }
         for (g, at, outcome, detail) in attempts {
             lines.push(format!(

@@ -475,10 +475,10 @@ pub struct DeviceStatus {
 }
 
 impl DeviceStatus {
-    /// One line for the operator's `status`.
-    pub fn summary(&self) -> String {
+    /// One line for the operator's `status`; `time` formats Unix milliseconds.
+    pub fn summary(&self, time: impl Fn(i64) -> String) -> String {
         let cfg = match self.last_config {
-            Some((t, peer)) => format!("last configured by {peer} at {t} ms"),
+            Some((t, peer)) => format!("last configured by {peer} at {}", time(t)),
             None => "not configured by a print server since start".into(),
         };
         let url = self
@@ -486,7 +486,7 @@ impl DeviceStatus {
             .clone()
             .unwrap_or_else(|| "no swipe URL".into());
         let err = match &self.last_error {
-            Some((t, e)) => format!("last error at {t} ms: {e}"),
+            Some((t, e)) => format!("last error at {}: {e}", time(*t)),
             None => "no errors".into(),
         };
         format!(

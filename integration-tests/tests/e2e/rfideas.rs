@@ -397,7 +397,7 @@ fn bad_requests_on_the_configuration_port_and_the_server_still_serves() {
 fn slowloris_clients_time_out_while_other_devices_are_served() {
     let rig = Rig::start(
         &[1, 2],
-        &[("SCM__RFIDEAS_BRIDGE__HEADER_TIMEOUT_MS", "1500".into())],
+        &[("SCM__RFIDEAS_BRIDGE__HEADER_TIMEOUT_MS", "3000".into())],
         10_000,
     );
     let slow: Vec<TcpStream> = (0..8)
@@ -413,7 +413,7 @@ fn slowloris_clients_time_out_while_other_devices_are_served() {
     let resp = http(rig.rfideas, &get("/settings", "reader-2.localhost"), None);
     assert_eq!(status(&resp), "200", "{resp}");
     assert!(
-        t0.elapsed() < Duration::from_millis(1500),
+        t0.elapsed() < Duration::from_millis(2900),
         "{:?}",
         t0.elapsed()
     );
@@ -426,7 +426,7 @@ fn slowloris_clients_time_out_while_other_devices_are_served() {
     }
     let took = t0.elapsed();
     assert!(
-        took >= Duration::from_millis(1400) && took < Duration::from_secs(10),
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(15),
         "{took:?}"
     );
     let resp = http(rig.rfideas, &get("/settings", "reader-1.localhost"), None);

@@ -922,7 +922,7 @@ async fn listeners_and_status() {
     assert_eq!(st.listen, Some(own));
     assert_eq!(st.settings, 1);
     assert!(st.last_config.is_some());
-    let line = st.summary();
+    let line = st.summary(|t| t.to_string());
     assert!(
         line.starts_with("rfideas 1/r1 (host reader-1.example, id 02:53:43:00:01:"),
         "{line}"
