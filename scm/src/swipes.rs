@@ -588,3 +588,67 @@ mod tests {
         assert!(!valid_id(&"x".repeat(33), 32));
     }
 }
+
+#[cfg(test)]
+mod journal_tests {
+    use super::*;
+
+    /// Journals a swipe and then the given outcomes; returns (outcome, detail).
+    fn journal(outcomes: &[(&'static str, &str)]) -> (String, String) {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("scm.db");
+        drop(crate::store::Store::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let stats = Arc::new(SwipeStats::default());
+        let writer = std::thread::spawn(move || journal_writer(conn, rx, stats));
+        let row = Row {
+            event_id: "e1".into(),
+            machine: 1,
+            reader: "r1".into(),
+            card_masked: "****1234".into(),
+            swiped_at_ms: 0,
+            outcome: "queued",
+            detail: "queued for generic 1/r1 and rfideas 1/r1".into(),
+        };
+        tx.blocking_send(JournalOp::Insert(row, None)).unwrap();
+        for (o, detail) in outcomes {
+            tx.blocking_send(JournalOp::Outcome {
+                event_id: "e1".into(),
+                outcome: o,
+                detail: detail.to_string(),
+            })
+            .unwrap();
+        }
+        drop(tx);
+        writer.join().unwrap();
+        let c = Connection::open(&path).unwrap();
+        c.query_row("SELECT outcome, detail FROM swipes", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn one_bridge_replaces_queued() {
+        assert_eq!(journal(&[("expired", "g")]), ("expired".into(), "g".into()));
+    }
+
+    #[test]
+    fn with_two_bridges_delivered_wins_then_failed() {
+        for order in [
+            [("delivered", "rf"), ("expired", "g")],
+            [("expired", "g"), ("delivered", "rf")],
+        ] {
+            let (o, d) = journal(&order);
+            assert_eq!(o, "delivered");
+            assert_eq!(d, format!("{}; {}", order[0].1, order[1].1));
+        }
+        assert_eq!(journal(&[("failed", "rf"), ("expired", "g")]).0, "failed");
+        assert_eq!(journal(&[("expired", "g"), ("failed", "rf")]).0, "failed");
+        assert_eq!(
+            journal(&[("failed", "rf"), ("delivered", "g")]).0,
+            "delivered"
+        );
+    }
+}

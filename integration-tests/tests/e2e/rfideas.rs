@@ -22,7 +22,18 @@ struct Rig {
 
 impl Rig {
     fn start(machines: &[u16], scm_env: &[(&'static str, String)], ttl_ms: u64) -> Rig {
+        Rig::start_edited(machines, scm_env, ttl_ms, |_| {})
+    }
+
+    /// Like [`Rig::start`], after `edit` changed the init-dev directory.
+    fn start_edited(
+        machines: &[u16],
+        scm_env: &[(&'static str, String)],
+        ttl_ms: u64,
+        edit: impl FnOnce(&Path),
+    ) -> Rig {
         let (dir, _pw) = Fleet::init(machines);
+        edit(&dir.path().join("dev"));
         let mut env = vec![("SCM__LISTEN__METRICS", "127.0.0.1:0".to_string())];
         env.extend(scm_env.iter().cloned());
         let scm = Fleet::start_scm(dir.path(), &env);
@@ -575,4 +586,40 @@ fn print_server_down_swipes_expire_are_counted_and_never_sent_late() {
     let st = rig.backoffice(&["status", "1"]);
     assert!(st.contains("1 delivered, 1 expired"), "{st}");
     assert!(rig.agents.len() == 1);
+}
+
+/// Removes the `[[generic]]` devices from init-dev's scm.toml: 241 mode only.
+fn without_generic(dev: &Path) {
+    let path = dev.join("scm.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out = Vec::new();
+    let mut skipping = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            skipping = line == "[[generic]]";
+        }
+        if !skipping {
+            out.push(line);
+        }
+    }
+    assert!(text.contains("[[generic]]") && !out.contains(&"[[generic]]"));
+    std::fs::write(&path, out.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn a_device_in_241_mode_only() {
+    let rig = Rig::start_edited(&[1, 2], &[], 10_000, without_generic);
+    assert!(!rig.scm.logs().contains("(generic "), "{}", rig.scm.logs());
+    let s = configuring_sim(&rig, "reader-1.localhost", &["--set", URL]);
+    s.wait_stdout("CONFIGURED");
+    swipe(&rig.dev(), 1, "ONLY0241");
+    s.wait_stdout("CARD ONLY0241");
+    let l = rig.wait_listing("****0241", "delivered");
+    assert!(l.contains("rfideas 1/r1 to 127.0.0.1:"), "{l}");
+    assert!(!l.contains("generic"), "{l}");
+    // Machine 2's device was never configured by a print server: recorded with the reason.
+    swipe(&rig.dev(), 2, "NOURL002");
+    let l = rig.wait_listing("****L002", "failed");
+    assert!(l.contains("no swipe URL"), "{l}");
+    assert!(!s.stdout().contains("NOURL002"));
 }
