@@ -1104,6 +1104,16 @@ impl RfideasBridge {
         fixed: Option<usize>,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
+        // A peer that may not configure any device here is answered 403 at once, without
+        // waiting for its request: unlisted peers cannot hold connection slots (slowloris)
+        // and learn nothing about the devices.
+        if let Some(reply) = self.refuse_unlisted(peer, fixed) {
+            self.count(reply.status);
+            let bytes = http::response(reply.status, reply.reason, &reply.body, &[], true);
+            let _ = self.write(&mut stream, &bytes).await;
+            linger(&mut stream).await;
+            return Ok(());
+        }
         let max = self.settings.max_head_bytes;
         let header_timeout = Duration::from_millis(self.settings.header_timeout_ms);
         let idle_timeout = Duration::from_millis(self.settings.idle_timeout_ms);
@@ -1223,21 +1233,8 @@ impl RfideasBridge {
         fixed: Option<usize>,
     ) -> Reply {
         let ip = peer.ip().to_canonical();
-        // Unlisted sources learn nothing, not even which hosts exist.
-        let allowed_somewhere = match fixed {
-            Some(i) => self.devices[i].allows(ip),
-            None => self.devices.iter().any(|d| d.allows(ip)),
-        };
-        if !allowed_somewhere {
-            if let Some(i) = fixed {
-                self.devices[i].lock().refused_peers += 1;
-            }
-            tracing::warn!(%peer, "refused a 241 request from {ip}: not a configured print server address");
-            return Reply::error(
-                403,
-                "Forbidden",
-                format!("{ip} is not a configured print server address for this device"),
-            );
+        if let Some(reply) = self.refuse_unlisted(peer, fixed) {
+            return reply;
         }
         if head.method != "GET" {
             return Reply {
@@ -1342,6 +1339,28 @@ impl RfideasBridge {
                 msg,
             ),
         }
+    }
+
+    /// `403` for a peer on no allow list of this listener's devices (then nothing else is
+    /// looked at, so unlisted sources learn nothing, not even which hosts exist).
+    fn refuse_unlisted(&self, peer: SocketAddr, fixed: Option<usize>) -> Option<Reply> {
+        let ip = peer.ip().to_canonical();
+        let allowed = match fixed {
+            Some(i) => self.devices[i].allows(ip),
+            None => self.devices.iter().any(|d| d.allows(ip)),
+        };
+        if allowed {
+            return None;
+        }
+        if let Some(i) = fixed {
+            self.devices[i].lock().refused_peers += 1;
+        }
+        tracing::warn!(%peer, "refused a 241 request from {ip}: not a configured print server address");
+        Some(Reply::error(
+            403,
+            "Forbidden",
+            format!("{ip} is not a configured print server address for this device"),
+        ))
     }
 
     fn settings_reply(&self, dev: &Device) -> Reply {

@@ -960,3 +960,61 @@ async fn the_documented_example_is_exact() {
     );
     assert_eq!(t.authority(), "papercut.example:9192");
 }
+
+#[tokio::test]
+async fn unlisted_peer_gets_403_without_sending_anything() {
+    let h = harness();
+    let (mut client, server) = tokio::io::duplex(4096);
+    let task = tokio::spawn(h.bridge.clone().handle_conn(
+        server,
+        peer("10.9.9.9"),
+        None,
+        CancellationToken::new(),
+    ));
+    let mut out = Vec::new();
+    // No request sent at all: the answer does not wait for one.
+    let mut b = [0u8; 512];
+    while !out.ends_with(b"\n") {
+        let n = timeout(WAIT, client.read(&mut b)).await.unwrap().unwrap();
+        assert!(n > 0);
+        out.extend_from_slice(&b[..n]);
+    }
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(status_of(&text), 403, "{text}");
+    assert!(!text.contains("reader-"), "{text}");
+    drop(client);
+    task.await.unwrap().unwrap();
+}
+
+#[test]
+fn a_missing_ca_file_is_named() {
+    let db = tempfile::tempdir().unwrap();
+    let store = Store::open(&db.path().join("scm.db")).unwrap();
+    let (tx, _rx) = mpsc::channel(1);
+    let missing = db.path().join("nope.pem");
+    let e = RfideasBridge::new(
+        vec![device(1, "a")],
+        RfideasSettings::default(),
+        &missing,
+        store.clone(),
+        tx.clone(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("nope.pem") && e.contains("[rfideas_bridge] ca"),
+        "{e}"
+    );
+    let empty = db.path().join("empty.pem");
+    std::fs::write(&empty, "no pem here").unwrap();
+    let e = RfideasBridge::new(
+        vec![device(1, "a")],
+        RfideasSettings::default(),
+        &empty,
+        store,
+        tx,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no PEM certificate"), "{e}");
+}
