@@ -59,6 +59,12 @@ pub struct ScmConfig {
     /// Retries of pending pushes.
     #[serde(default)]
     pub retry: crate::retry::RetrySettings,
+    /// RFIDeas 241 Client Mode devices presented to print servers.
+    #[serde(default, rename = "rfideas")]
+    pub rfideas: Vec<crate::rfideas::RfideasDevice>,
+    /// Settings for every 241 device.
+    #[serde(default)]
+    pub rfideas_bridge: crate::rfideas::RfideasSettings,
 }
 
 /// `[log]`
@@ -83,6 +89,9 @@ pub struct ListenSection {
     /// Prometheus metrics and health (`GET /metrics`, `GET /health`, plain HTTP). A bind
     /// failure here is logged and the SCM runs without metrics.
     pub metrics: String,
+    /// RFIDeas 241 configuration requests (plain HTTP, devices told apart by `Host`).
+    /// Bound only when `[[rfideas]]` devices are configured.
+    pub rfideas: String,
 }
 
 impl Default for ListenSection {
@@ -92,6 +101,7 @@ impl Default for ListenSection {
             telnet: "127.0.0.1:2323".into(),
             telnet_tls: "0.0.0.0:2324".into(),
             metrics: "127.0.0.1:9464".into(),
+            rfideas: "0.0.0.0:8241".into(),
         }
     }
 }
@@ -332,6 +342,9 @@ impl ScmConfig {
             *c = resolve(file, c);
         }
         self.database.path = resolve(file, &self.database.path);
+        if let Some(ca) = &mut self.rfideas_bridge.ca {
+            *ca = resolve(file, ca);
+        }
     }
 
     /// Checks what serde cannot: value ranges, duplicates, hashes.
@@ -413,6 +426,9 @@ impl ScmConfig {
                 ));
             }
         }
+        let ids: Vec<u16> = self.machines.iter().map(|m| m.id).collect();
+        crate::rfideas::validate(&self.rfideas, &self.rfideas_bridge, &ids)
+            .map_err(|(key, message)| invalid(key, message))?;
         let l = &self.limits;
         if l.max_agent_frame_data == 0 || l.max_agent_frame_data > scm_proto::MAX_DATA_LEN {
             return Err(invalid(
@@ -455,6 +471,7 @@ impl ScmConfig {
             ("listen.telnet", &self.listen.telnet),
             ("listen.telnet_tls", &self.listen.telnet_tls),
             ("listen.metrics", &self.listen.metrics),
+            ("listen.rfideas", &self.listen.rfideas),
         ] {
             if !v.is_empty() && v.parse::<std::net::SocketAddr>().is_err() {
                 return Err(invalid(

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod operator;
 pub mod push;
 pub mod retry;
+pub mod rfideas;
 pub mod server;
 pub mod store;
 pub mod swipes;

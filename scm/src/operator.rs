@@ -523,6 +523,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 d.key, d.queued, d.delivered, d.expired, d.refused_peers
             ));
         }
+        for d in self.hub.swipes.rfideas().status(Some(id)) {
+            lines.push(d.summary(fmt_ms));
+        }
         for (g, at, outcome, detail) in attempts {
             lines.push(format!(
                 "attempt: {} generation {g} {outcome}: {}",

@@ -9,6 +9,7 @@ mod halfopen;
 mod metrics;
 mod mtls;
 mod relay;
+mod rfideas;
 mod swipes;
 mod telnet;
 mod v0;
