@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod secret;
 pub mod serve;
 pub mod shutdown;
+pub mod text;
 
 pub use secret::Secret;
 pub use serve::{ServeOptions, bind, serve};

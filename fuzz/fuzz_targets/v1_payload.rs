@@ -3,16 +3,18 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use scm_proto::Frame;
+use scm_proto::{Code, Frame};
 use scm_proto::v1::Message;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&code, payload)) = data.split_first() else {
         return;
     };
-    let Ok(frame) = Frame::new(1, code, 7, payload.to_vec()) else {
+    let Ok(frame) = Frame::new(1, Code::Hello, 7, payload.to_vec()) else {
         return;
     };
+    // Any CODE byte, known or not.
+    let frame = Frame { code, ..frame };
     let _ = frame.nack_if_unknown();
     if let Ok(m) = Message::decode(&frame) {
         let _ = m.code();

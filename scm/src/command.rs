@@ -2,6 +2,8 @@
 //! in, a [`Command`] or the exact refusal reply out. Kept pure so it can be unit-tested
 //! exhaustively and fuzzed.
 
+use scm_common::text::quoted;
+
 use crate::fleet::Target;
 
 /// One operator command.
@@ -41,10 +43,8 @@ pub fn parse(line: &str) -> Result<Command, String> {
     let cmd = words.next().unwrap_or("").to_ascii_lowercase();
     let args: Vec<&str> = words.collect();
     let machine_id = |s: &str| -> Result<u16, String> {
-        s.parse::<u16>().map_err(|_| {
-            let shown: String = s.chars().take(40).collect();
-            format!("501 {shown:?} is not a machine id (0-65535)")
-        })
+        s.parse::<u16>()
+            .map_err(|_| format!("501 {} is not a machine id (0-65535)", quoted(s, 40)))
     };
     match (cmd.as_str(), args.as_slice()) {
         ("help", _) => Ok(Command::Help),
@@ -140,6 +140,11 @@ mod tests {
         }
         let long = "x".repeat(5000);
         let e = parse(&long).unwrap_err();
-        assert!(e.len() < 100, "echoes at most 40 characters: {e}");
+        assert!(e.len() < 100, "echoes at most 40 bytes: {e}");
+        // Found by fuzzing (operator_command, fixture echo-bounded-after-escaping): a
+        // target of control characters escaped to several bytes each.
+        let nasty = format!("push g{}", "\u{1d}".repeat(200));
+        let e = parse(&nasty).unwrap_err();
+        assert!(e.len() < 160, "{} bytes: {e}", e.len());
     }
 }

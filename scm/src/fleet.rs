@@ -12,6 +12,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use scm_common::text::quoted;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
@@ -38,13 +39,13 @@ pub enum Target {
 #[non_exhaustive]
 pub enum SelectError {
     /// Not a target at all.
-    #[error("{0:?} is not a target; use a machine id (0-65535), group:NAME, label:TEXT or all")]
+    #[error("{} is not a target; use a machine id (0-65535), group:NAME, label:TEXT or all", quoted(.0, 40))]
     Invalid(String),
     /// No such machine.
     #[error("machine {0} is not known to this SCM; `machines` lists the known ones")]
     UnknownMachine(u16),
     /// No machine is in the group.
-    #[error("no machine is in group {name:?}; known groups: {known}")]
+    #[error("no machine is in group {}; known groups: {known}", quoted(name, 64))]
     UnknownGroup {
         /// The group asked for.
         name: String,
@@ -52,7 +53,7 @@ pub enum SelectError {
         known: String,
     },
     /// No machine carries the label.
-    #[error("no machine carries label {0:?}; `machines` shows each machine's labels")]
+    #[error("no machine carries label {}; `machines` shows each machine's labels", quoted(.0, 64))]
     UnknownLabel(String),
     /// The SCM has no machines configured.
     #[error("no machines are configured; add [[machine]] entries to the SCM's configuration")]
@@ -71,23 +72,23 @@ impl FromStr for Target {
             return if valid_name(name) {
                 Ok(Target::Group(name.to_owned()))
             } else {
-                Err(SelectError::Invalid(s.chars().take(80).collect()))
+                Err(SelectError::Invalid(s.to_owned()))
             };
         }
         if let Some(label) = s.strip_prefix("label:") {
             return if valid_name(label) {
                 Ok(Target::Label(label.to_owned()))
             } else {
-                Err(SelectError::Invalid(s.chars().take(80).collect()))
+                Err(SelectError::Invalid(s.to_owned()))
             };
         }
         if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
             return s
                 .parse::<u16>()
                 .map(Target::Machine)
-                .map_err(|_| SelectError::Invalid(s.chars().take(80).collect()));
+                .map_err(|_| SelectError::Invalid(s.to_owned()));
         }
-        Err(SelectError::Invalid(s.chars().take(80).collect()))
+        Err(SelectError::Invalid(s.to_owned()))
     }
 }
 

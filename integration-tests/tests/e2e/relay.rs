@@ -89,7 +89,7 @@ fn nack_is_reported_and_nothing_is_written() {
     assert!(out.contains("STORAGE_FAILED"), "{out}");
     assert!(!dir.path().join("dev/machine-1/config.current").exists());
     // A NACK is final for the generation: the agent is not asked again on reconnect.
-    assert!(agent.logs().contains("cannot store the configuration"));
+    agent.wait_for("cannot store the configuration");
 }
 
 #[test]
