@@ -59,6 +59,9 @@ pub struct ScmConfig {
     /// Retries of pending pushes.
     #[serde(default)]
     pub retry: crate::retry::RetrySettings,
+    /// The event bus (admin API `WatchEvents`).
+    #[serde(default)]
+    pub events: crate::events::EventSettings,
 }
 
 /// `[log]`
@@ -83,6 +86,8 @@ pub struct ListenSection {
     /// Prometheus metrics and health (`GET /metrics`, `GET /health`, plain HTTP). A bind
     /// failure here is logged and the SCM runs without metrics.
     pub metrics: String,
+    /// The gRPC admin API (mutual TLS 1.3, operator certificates).
+    pub admin: String,
 }
 
 impl Default for ListenSection {
@@ -92,6 +97,7 @@ impl Default for ListenSection {
             telnet: "127.0.0.1:2323".into(),
             telnet_tls: "0.0.0.0:2324".into(),
             metrics: "127.0.0.1:9464".into(),
+            admin: "127.0.0.1:7443".into(),
         }
     }
 }
@@ -405,6 +411,9 @@ impl ScmConfig {
                 ),
             ));
         }
+        if self.events.capacity == 0 || self.events.capacity > 1 << 20 {
+            return Err(invalid("events.capacity", "must be 1..=1048576"));
+        }
         if l.telnet_max_line < 80 {
             return Err(invalid("limits.telnet_max_line", "must be at least 80"));
         }
@@ -426,6 +435,7 @@ impl ScmConfig {
             ("listen.telnet", &self.listen.telnet),
             ("listen.telnet_tls", &self.listen.telnet_tls),
             ("listen.metrics", &self.listen.metrics),
+            ("listen.admin", &self.listen.admin),
         ] {
             if !v.is_empty() && v.parse::<std::net::SocketAddr>().is_err() {
                 return Err(invalid(

@@ -3,9 +3,11 @@
 //! tests run the real binary.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod agents;
 pub mod auth;
 pub mod config;
+pub mod events;
 pub mod generic;
 pub mod hub;
 pub mod initdev;

@@ -136,6 +136,8 @@ pub struct Swipes {
     seen: Mutex<Seen>,
     journal: mpsc::Sender<JournalOp>,
     bridge: Arc<GenericBridge>,
+    /// Where every answered swipe is published (masked).
+    events: crate::events::Events,
     /// Counters.
     pub stats: Arc<SwipeStats>,
 }
@@ -164,6 +166,7 @@ impl Swipes {
         rules: CardRules,
         bridge: Arc<GenericBridge>,
         outcomes: mpsc::Receiver<OutcomeReport>,
+        events: crate::events::Events,
     ) -> Result<Arc<Swipes>, rusqlite::Error> {
         let conn = Connection::open(db_path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
@@ -201,6 +204,7 @@ impl Swipes {
             seen: Mutex::new(seen),
             journal: tx,
             bridge,
+            events,
             stats: Arc::new(SwipeStats::default()),
         });
         // Neither task keeps `Swipes` alive: when the SCM drops it, the journal channel
@@ -240,8 +244,15 @@ impl Swipes {
     }
 
     /// Handles one SWIPE from machine `machine` (the id already checked against the
-    /// certificate).
+    /// certificate), and publishes the answer on the event bus (card masked).
     pub async fn receive(&self, machine: u16, s: &v1::Swipe) -> Verdict {
+        let verdict = self.answer(machine, s).await;
+        self.events
+            .swipe(machine, &s.reader_id, mask(&s.card), &verdict);
+        verdict
+    }
+
+    async fn answer(&self, machine: u16, s: &v1::Swipe) -> Verdict {
         let received_at = tokio::time::Instant::now();
         let masked = mask(&s.card);
         let row = |outcome, detail: String| Row {
