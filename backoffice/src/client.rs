@@ -55,6 +55,9 @@ enum Chunk {
     Prompt(String),
 }
 
+/// The code of the progress lines of a fleet push (`151-940/1000 ACK, ...`).
+pub const PROGRESS: u16 = 151;
+
 /// Parses `NNN text` / `NNN-text`; returns (code, is_last, text).
 pub fn parse_reply_line(line: &str) -> Option<(u16, bool, &str)> {
     let b = line.as_bytes();
@@ -138,6 +141,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// Reads one complete reply (continuation lines up to the final one).
     pub async fn read_reply(&mut self) -> Result<Reply, ClientError> {
+        self.read_reply_progress(|_| {}).await
+    }
+
+    /// Reads one complete reply, handing `151-` progress lines to `progress` as they
+    /// arrive instead of keeping them in the reply.
+    pub async fn read_reply_progress(
+        &mut self,
+        mut progress: impl FnMut(&str),
+    ) -> Result<Reply, ClientError> {
         let mut lines = Vec::new();
         loop {
             match self.next_chunk().await? {
@@ -146,6 +158,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                         lines.push(text.to_string());
                         return Ok(Reply { code, lines });
                     }
+                    Some((PROGRESS, false, text)) => progress(text),
                     Some((_, false, text)) => lines.push(text.to_string()),
                     None => lines.push(l),
                 },
@@ -206,10 +219,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.read_reply().await
     }
 
-    /// Pushes a configuration: `push ID`, the dot-stuffed body, `.`; returns the final
-    /// reply (250 ACK, 554 NACK, 450 pending, 5xx refused).
+    /// Pushes a configuration to one machine: `push ID`, the dot-stuffed body, `.`;
+    /// returns the final reply (250 ACK, 554 NACK, 450 pending, 5xx refused).
     pub async fn push(&mut self, machine: u16, content: &str) -> Result<Reply, ClientError> {
-        let r = self.command(&format!("push {machine}")).await?;
+        self.push_to(&machine.to_string(), content, |_| {}).await
+    }
+
+    /// Pushes a configuration to a target (`7`, `group:NAME`, `label:TEXT`, `all`);
+    /// progress lines of a fleet push go to `progress` as they arrive.
+    pub async fn push_to(
+        &mut self,
+        target: &str,
+        content: &str,
+        progress: impl FnMut(&str),
+    ) -> Result<Reply, ClientError> {
+        let r = self.command(&format!("push {target}")).await?;
         if r.code != 354 {
             return Ok(r);
         }
@@ -221,7 +245,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             }
         }
         self.conn.send_line(".").await?;
-        self.read_reply().await
+        self.read_reply_progress(progress).await
     }
 
     /// Ends the session politely.

@@ -29,11 +29,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Push a configuration file to a machine; exit 0 on ACK, 1 on NACK, 2 otherwise.
+    /// Push a configuration file to a machine, a group or all machines; exit 0 when every
+    /// machine ACKed, 1 when one NACKed, 2 otherwise (pending, superseded, refused).
     Push {
-        /// Machine id.
+        /// Machine id (the same as `--target ID`).
+        #[arg(long, conflicts_with = "target", required_unless_present = "target")]
+        machine: Option<u16>,
+        /// Target: a machine id, `group:NAME`, `label:TEXT` or `all`. Progress is shown on
+        /// standard error while a fleet push runs.
         #[arg(long)]
-        machine: u16,
+        target: Option<String>,
         /// Configuration file to send.
         #[arg(long)]
         file: PathBuf,
@@ -127,11 +132,23 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     }
     let mut client = backoffice::connect(&cfg).await?;
     let code = match cli.cmd {
-        Cmd::Push { machine, file } => {
+        Cmd::Push {
+            machine,
+            target,
+            file,
+        } => {
             let content = std::fs::read_to_string(&file).with_context(|| {
                 format!("cannot read {} (it must be UTF-8 text)", file.display())
             })?;
-            let r = client.push(machine, &content).await?;
+            let target = target.unwrap_or_else(|| machine.unwrap_or_default().to_string());
+            let r = client
+                .push_to(&target, &content, |p| eprintln!("progress: {p}"))
+                .await?;
+            if r.lines.len() > 1 {
+                for l in &r.lines[..r.lines.len() - 1] {
+                    println!("{l}");
+                }
+            }
             outcome_code(&r)
         }
         Cmd::Rollback {

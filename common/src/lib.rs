@@ -9,6 +9,7 @@
 
 pub mod card;
 pub mod config;
+pub mod failpoint;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -255,6 +255,10 @@ impl ConfigPort {
                 match result {
                     Ok(text) => {
                         tracing::info!(generation, "configuration {text}");
+                        if !already {
+                            // Fault tests: stored durably, not yet ACKed.
+                            scm_common::failpoint::pause("agent-after-durable-write").await;
+                        }
                         if version == 1 {
                             scm_proto::reply_frame(&Message::ack(request_id, text, generation), id)
                         } else {

@@ -253,8 +253,8 @@ pub fn machine_to_proto(
     }
 }
 
-fn machine_groups(_cfg: &MachineConfig) -> Vec<String> {
-    Vec::new()
+fn machine_groups(cfg: &MachineConfig) -> Vec<String> {
+    cfg.groups.clone()
 }
 
 /// Maps a history row to the API's `GenerationInfo`.
@@ -503,6 +503,7 @@ mod tests {
             name: "press-7".into(),
             protocol_version: 1,
             config_addr: None,
+            groups: vec!["presses".into()],
             labels: vec!["hall-a".into()],
         }
     }
@@ -513,6 +514,7 @@ mod tests {
         assert_eq!(m.id, 7);
         assert_eq!(m.name, "press-7");
         assert_eq!(m.labels, vec!["hall-a".to_string()]);
+        assert_eq!(m.groups, vec!["presses".to_string()]);
         assert!(!m.connected);
         assert_eq!(
             (m.connected_since_ms, m.last_hello_ms, m.desired_generation),

@@ -391,10 +391,17 @@ impl Link {
                 self.accept_hello(1, port, readers).await?;
                 if !h.applied_sha256.is_empty() {
                     let sha = hex::encode(&h.applied_sha256);
-                    self.hub
+                    let marked = self
+                        .hub
                         .store
                         .run(move |c| store::mark_applied_by_hash(c, id, &sha))
                         .await?;
+                    if let Some(g) = marked {
+                        tracing::info!(
+                            machine = id,
+                            "machine reports generation {g} applied (content hash in its HELLO)"
+                        );
+                    }
                 }
                 let m = self
                     .hub

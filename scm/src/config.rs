@@ -127,6 +127,14 @@ pub struct TlsSection {
 pub struct DatabaseSection {
     /// SQLite file; created if missing.
     pub path: PathBuf,
+    /// How long a write waits for another process's lock before it fails with a clear
+    /// error (the operator is told to try again; nothing is half-stored).
+    #[serde(default = "default_busy_timeout")]
+    pub busy_timeout_ms: u64,
+}
+
+fn default_busy_timeout() -> u64 {
+    5_000
 }
 
 /// `[limits]`
@@ -143,6 +151,8 @@ pub struct Limits {
     pub max_config_bytes: usize,
     /// Longest telnet line, in bytes.
     pub telnet_max_line: usize,
+    /// Deliveries in flight at once during a push to a group or to all machines.
+    pub push_concurrency: usize,
 }
 
 impl Default for Limits {
@@ -153,6 +163,7 @@ impl Default for Limits {
             max_agent_frame_data: 16 * 1024,
             max_config_bytes: 60 * 1024,
             telnet_max_line: 4096,
+            push_concurrency: 64,
         }
     }
 }
@@ -273,7 +284,11 @@ pub struct MachineConfig {
     /// HELLO (version 0).
     #[serde(default)]
     pub config_addr: Option<String>,
-    /// Free-form labels.
+    /// Groups the machine belongs to; `push group:NAME` targets every member.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Free-form labels (for example `site=north`); `push label:TEXT` targets every
+    /// machine carrying exactly that label.
     #[serde(default)]
     pub labels: Vec<String>,
 }
@@ -334,6 +349,16 @@ impl ScmConfig {
                     format!("machine[{i}].id"),
                     format!("machine id {} is listed twice; each id once", m.id),
                 ));
+            }
+            for (key, names) in [("groups", &m.groups), ("labels", &m.labels)] {
+                if let Some(bad) = names.iter().find(|n| !crate::fleet::valid_name(n)) {
+                    return Err(invalid(
+                        format!("machine[{i}].{key}"),
+                        format!(
+                            "{bad:?} is not a valid name; use 1 to 64 characters from A-Z a-z 0-9 . _ - = :"
+                        ),
+                    ));
+                }
             }
             if m.protocol_version > 1 {
                 return Err(invalid(
@@ -414,10 +439,14 @@ impl ScmConfig {
         if self.events.capacity == 0 || self.events.capacity > 1 << 20 {
             return Err(invalid("events.capacity", "must be 1..=1048576"));
         }
+        if l.push_concurrency == 0 || l.push_concurrency > 4096 {
+            return Err(invalid("limits.push_concurrency", "must be 1..=4096"));
+        }
         if l.telnet_max_line < 80 {
             return Err(invalid("limits.telnet_max_line", "must be at least 80"));
         }
         for (key, v) in [
+            ("database.busy_timeout_ms", self.database.busy_timeout_ms),
             ("timeouts.handshake_ms", self.timeouts.handshake_ms),
             ("timeouts.frame_stall_ms", self.timeouts.frame_stall_ms),
             ("timeouts.agent_idle_ms", self.timeouts.agent_idle_ms),

@@ -198,7 +198,7 @@ impl Events {
             machine,
             generation,
             outcome,
-            detail: detail.to_string(),
+            detail,
         });
     }
 
@@ -227,13 +227,18 @@ impl Events {
 }
 
 /// Generation, outcome and detail of a delivery result.
-pub fn push_parts(result: &PushResult) -> (u64, PushOutcome, &str) {
+pub fn push_parts(result: &PushResult) -> (u64, PushOutcome, String) {
     match result {
-        PushResult::Ack { generation, detail } => (*generation, PushOutcome::Ack, detail),
-        PushResult::Nack { generation, detail } => (*generation, PushOutcome::Nack, detail),
+        PushResult::Ack { generation, detail } => (*generation, PushOutcome::Ack, detail.clone()),
+        PushResult::Nack { generation, detail } => (*generation, PushOutcome::Nack, detail.clone()),
         PushResult::Unreachable { generation, detail } => {
-            (*generation, PushOutcome::Pending, detail)
+            (*generation, PushOutcome::Pending, detail.clone())
         }
+        PushResult::Superseded { generation, by } => (
+            *generation,
+            PushOutcome::Superseded,
+            format!("generation {by} is newer and is the one delivered; not sent"),
+        ),
     }
 }
 
@@ -341,6 +346,22 @@ mod tests {
                 detail: "refused".into()
             }
         );
+        bus.push(
+            3,
+            &PushResult::Superseded {
+                generation: 2,
+                by: 5,
+            },
+        );
+        match &expect_event(&mut s).await.kind {
+            EventKind::Push {
+                outcome, detail, ..
+            } => {
+                assert_eq!(*outcome, PushOutcome::Superseded);
+                assert!(detail.contains("generation 5"), "{detail}");
+            }
+            k => panic!("{k:?}"),
+        }
         let card = "12345678";
         bus.swipe(
             3,

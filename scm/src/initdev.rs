@@ -154,7 +154,9 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
     for id in machines {
         let _ = write!(
             scm,
-            "\n[[machine]]\nid = {id}\nname = \"machine-{id}\"\nprotocol_version = 1\nlabels = [\"dev\"]\n"
+            "\n[[machine]]\nid = {id}\nname = \"machine-{id}\"\nprotocol_version = 1\n\
+             groups = [\"dev\", \"{parity}\"]\nlabels = [\"site=dev\"]\n",
+            parity = if id % 2 == 0 { "even" } else { "odd" }
         );
     }
     let _ = write!(

@@ -8,6 +8,7 @@ pub mod agents;
 pub mod auth;
 pub mod config;
 pub mod events;
+pub mod fleet;
 pub mod generic;
 pub mod hub;
 pub mod initdev;

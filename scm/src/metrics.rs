@@ -78,9 +78,11 @@ impl ScmMetrics {
             PushResult::Ack { .. } => "ack",
             PushResult::Nack { .. } => "nack",
             PushResult::Unreachable { .. } => "unreachable",
+            PushResult::Superseded { .. } => "superseded",
         };
         self.pushes.inc(&[outcome]);
         if outcome != "unreachable"
+            && outcome != "superseded"
             && let Some(d) = elapsed
         {
             self.push_duration.observe_duration(d);

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{OperatorConfig, OperatorRole};
+use crate::fleet::{self, Progress, Target};
 use crate::hub::Hub;
 use crate::push::{self, PushError, PushResult};
 use crate::store;
@@ -355,13 +356,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             .await?
                     }
                 },
-                ("push", [id]) => match parse_id(id) {
-                    Some(id) => self.push(id, idle).await?,
-                    None => {
-                        self.reply(&format!("501 {id:?} is not a machine id (0-65535)"))
-                            .await?
-                    }
+                ("push", [target]) => match target.parse::<Target>() {
+                    Ok(t) => self.push(t, idle).await?,
+                    Err(e) => self.reply(&format!("501 {e}")).await?,
                 },
+                ("groups", []) => self.groups().await?,
                 ("audit", []) => self.audit_list().await?,
                 ("history", [id]) => match parse_id(id) {
                     Some(id) => self.history(id).await?,
@@ -386,11 +385,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.reply("501 usage: rollback <machine id> <generation>")
                         .await?
                 }
-                ("status" | "push" | "history", _) => {
+                ("push", _) => {
+                    self.reply("501 usage: push <machine id | group:NAME | label:TEXT | all>")
+                        .await?
+                }
+                ("status" | "history", _) => {
                     self.reply(&format!("501 usage: {cmd} <machine id>"))
                         .await?
                 }
-                ("machines" | "audit" | "swipes" | "quit", _) => {
+                ("machines" | "groups" | "audit" | "swipes" | "quit", _) => {
                     self.reply(&format!("501 usage: {cmd} (no arguments)"))
                         .await?
                 }
@@ -411,8 +414,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "214-commands:",
             "214-  machines          list machines, their connection and configuration state",
             "214-  status <id>       details of one machine",
-            "214-  push <id>         send a configuration: type it, then a line holding only \".\"",
-            "214-                    (a line that starts with \".\" is sent with one more \".\")",
+            "214-  groups            machine groups and their members",
+            "214-  push <target>     send a configuration: type it, then a line holding only \".\"",
+            "214-                    (a line that starts with \".\" is sent with one more \".\");",
+            "214-                    target: a machine id, group:NAME, label:TEXT or all;",
+            "214-                    a fleet push shows 151- progress lines while it runs",
             "214-  history <id>      the machine's configuration generations",
             "214-  rollback <id> <g> make generation g's content current again (a new generation)",
             "214-  swipes            the last card swipes (masked) and what became of them",
@@ -436,8 +442,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Err(e) => return self.store_error(e).await,
         };
         let mut lines = vec![format!(
-            "{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  LAST ERROR",
-            "ID", "NAME", "VER", "LINK", "DESIRED", "APPLIED"
+            "{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  {:<20} LAST ERROR",
+            "ID", "NAME", "VER", "LINK", "DESIRED", "APPLIED", "GROUPS"
         )];
         for m in &rows {
             let link = if self.hub.session(m.id).is_some() {
@@ -446,14 +452,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "down"
             };
             let err = m.last_error.clone().unwrap_or_else(|| "-".into());
+            let groups = self
+                .hub
+                .cfg
+                .machine(m.id)
+                .map(|c| c.groups.join(","))
+                .filter(|g| !g.is_empty())
+                .unwrap_or_else(|| "-".into());
             lines.push(format!(
-                "{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  {}",
+                "{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  {:<20} {}",
                 m.id,
                 truncate(&m.name, 16),
                 m.protocol_version,
                 link,
                 m.desired_generation,
                 m.applied_generation,
+                truncate(&groups, 20),
                 truncate(&err, 60)
             ));
         }
@@ -480,6 +494,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let mut lines = vec![format!("machine {} ({})", m.id, m.name)];
         lines.push(format!("protocol version: {}", m.protocol_version));
+        if let Some(c) = self.hub.cfg.machine(id) {
+            let list = |v: &[String]| {
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.join(", ")
+                }
+            };
+            lines.push(format!("groups: {}", list(&c.groups)));
+            lines.push(format!("labels: {}", list(&c.labels)));
+        }
         match self.hub.session(id) {
             Some(s) => lines.push(format!(
                 "link: connected from {} since {}",
@@ -677,39 +702,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.reply(&line).await
     }
 
-    async fn push(&mut self, id: u16, idle: Duration) -> Result<(), SessionError> {
-        let Some(op) = self.operator.clone() else {
-            return self.reply("530 log in first").await;
-        };
-        if self.hub.cfg.machine(id).is_none() {
-            return self
-                .reply(&format!(
-                    "550 machine {id} is not known; `machines` lists the known ones"
-                ))
-                .await;
-        }
-        if op.role == OperatorRole::ReadOnly {
-            self.audit("push_refused", format!("machine {id}: read-only operator"))
-                .await;
-            return self
-                .reply(&format!(
-                    "550 operator {} is read-only and cannot push",
-                    op.name
-                ))
-                .await;
-        }
+    async fn groups(&mut self) -> Result<(), SessionError> {
+        let groups = fleet::groups(&self.hub.cfg);
+        let mut lines: Vec<String> = groups
+            .iter()
+            .map(|(g, ids)| {
+                let ids: Vec<String> = ids.iter().map(u16::to_string).collect();
+                format!("{g}: {} machines: {}", ids.len(), ids.join(" "))
+            })
+            .collect();
+        lines.push(format!("{} groups", groups.len()));
+        self.reply_lines(250, lines).await
+    }
+
+    /// Reads a configuration body (dot-terminated, dot-stuffed). `None` when the session
+    /// ended or the push was refused (the reply has been sent).
+    async fn read_body(&mut self, idle: Duration) -> Result<Option<Vec<u8>>, SessionError> {
         let max = self.hub.cfg.limits.max_config_bytes;
-        self.reply(&format!(
-            "354 send the configuration for machine {id}; end with a line holding only \".\""
-        ))
-        .await?;
         let mut body: Vec<u8> = Vec::new();
         let mut too_large = false;
         loop {
             match self.read_input(idle, true).await? {
-                Input::Eof => return Ok(()),
+                Input::Eof => return Ok(None),
                 Input::Interrupt => {
-                    return self.reply("500 push cancelled; nothing sent").await;
+                    self.reply("500 push cancelled; nothing sent").await?;
+                    return Ok(None);
                 }
                 // Not answered line by line: the whole push is refused at the end.
                 Input::TooLong | Input::Invalid => too_large = true,
@@ -728,46 +745,153 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         if too_large {
+            self.reply(&format!(
+                "552 configuration refused (larger than {max} bytes, a line over the limit, or not UTF-8); nothing sent"
+            ))
+            .await?;
+            return Ok(None);
+        }
+        if body.is_empty() {
+            self.reply("501 empty configuration; nothing sent").await?;
+            return Ok(None);
+        }
+        Ok(Some(body))
+    }
+
+    async fn push(&mut self, target: Target, idle: Duration) -> Result<(), SessionError> {
+        let Some(op) = self.operator.clone() else {
+            return self.reply("530 log in first").await;
+        };
+        let ids = match fleet::select(&self.hub.cfg, &target) {
+            Ok(ids) => ids,
+            Err(e) => return self.reply(&format!("550 {e}")).await,
+        };
+        if op.role == OperatorRole::ReadOnly {
+            self.audit("push_refused", format!("{target}: read-only operator"))
+                .await;
             return self
                 .reply(&format!(
-                    "552 configuration refused (larger than {max} bytes, a line over the limit, or not UTF-8); nothing sent"
+                    "550 operator {} is read-only and cannot push",
+                    op.name
                 ))
                 .await;
         }
-        if body.is_empty() {
-            return self.reply("501 empty configuration; nothing sent").await;
+        let what = match &target {
+            Target::Machine(id) => format!("machine {id}"),
+            t => format!("{t} ({} machines)", ids.len()),
+        };
+        self.reply(&format!(
+            "354 send the configuration for {what}; end with a line holding only \".\""
+        ))
+        .await?;
+        let Some(body) = self.read_body(idle).await? else {
+            return Ok(());
+        };
+        match target {
+            Target::Machine(id) => self.push_one(id, body, &op.name).await,
+            t => self.push_fleet(t, ids, body, &op.name).await,
         }
+    }
+
+    async fn push_one(&mut self, id: u16, body: Vec<u8>, actor: &str) -> Result<(), SessionError> {
         let size = body.len();
-        let result = push::push(&self.hub, id, body, &op.name).await;
+        let result = push::push(&self.hub, id, body, actor).await;
         let line = match &result {
             Ok(r) => push_reply(id, r),
-            Err(PushError::UnknownMachine(_)) | Err(PushError::TooLarge { .. }) => {
-                format!(
-                    "550 {}",
-                    result
-                        .as_ref()
-                        .err()
-                        .map(|e| e.to_string())
-                        .unwrap_or_default()
-                )
+            Err(e @ (PushError::UnknownMachine(_) | PushError::TooLarge { .. })) => {
+                format!("550 {e}")
             }
             Err(e) => format!("451 {e}"),
         };
         let detail = match &result {
-            Ok(PushResult::Ack { generation, .. }) => {
-                format!("machine {id} generation {generation} ({size} bytes): ack")
-            }
-            Ok(PushResult::Nack { generation, detail }) => format!(
-                "machine {id} generation {generation} ({size} bytes): nack {}",
-                one_line(detail)
+            Ok(r) => format!(
+                "machine {id} generation {} ({size} bytes): {}",
+                r.generation(),
+                outcome_word(r)
             ),
-            Ok(PushResult::Unreachable { generation, .. }) => {
-                format!("machine {id} generation {generation} ({size} bytes): pending")
-            }
             Err(e) => format!("machine {id}: refused: {e}"),
         };
         self.audit("push", detail).await;
         self.reply(&line).await
+    }
+
+    /// A push to many machines: `151-` progress lines while it runs (at most every
+    /// 500 ms, and once at the end), then one line per machine and a summary.
+    async fn push_fleet(
+        &mut self,
+        target: Target,
+        ids: Vec<u16>,
+        body: Vec<u8>,
+        actor: &str,
+    ) -> Result<(), SessionError> {
+        let size = body.len();
+        let (tx, mut rx) = tokio::sync::watch::channel(Progress::start(ids.len()));
+        let hub = self.hub.clone();
+        let actor_owned = actor.to_owned();
+        let mut task =
+            tokio::spawn(
+                async move { fleet::push_many(&hub, ids, body, &actor_owned, Some(tx)).await },
+            );
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shown: Option<Progress> = None;
+        let results = loop {
+            tokio::select! {
+                r = &mut task => break r,
+                _ = tick.tick() => {
+                    let p = *rx.borrow_and_update();
+                    if shown != Some(p) {
+                        shown = Some(p);
+                        self.reply(&format!("151-{}", p.line())).await?;
+                    }
+                }
+            }
+        };
+        let results = match results {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("fleet push task failed: {e}");
+                return self
+                    .reply("451 the push task failed; see the SCM's log, then check `machines`")
+                    .await;
+            }
+        };
+        let mut totals = Progress::start(results.len());
+        let mut lines = Vec::with_capacity(results.len() + 2);
+        for (id, r) in &results {
+            totals.add(r);
+            lines.push(match r {
+                Ok(r) => push_reply(*id, r)[4..].to_string(),
+                Err(e) => format!("machine {id}: not attempted: {e}"),
+            });
+        }
+        self.reply(&format!("151-{}", totals.line())).await?;
+        let code = if totals.failed > 0 {
+            451
+        } else if totals.nack > 0 {
+            554
+        } else if totals.pending > 0 {
+            450
+        } else {
+            250
+        };
+        lines.push(format!("{target}: {}", totals.line()));
+        self.audit(
+            "push",
+            format!("{target} ({size} bytes): {}", totals.line()),
+        )
+        .await;
+        self.reply_lines(code, lines).await
+    }
+}
+
+/// The outcome as the audit log words it.
+fn outcome_word(r: &PushResult) -> String {
+    match r {
+        PushResult::Ack { .. } => "ack".into(),
+        PushResult::Nack { detail, .. } => format!("nack {}", one_line(detail)),
+        PushResult::Unreachable { .. } => "pending".into(),
+        PushResult::Superseded { by, .. } => format!("superseded by generation {by}"),
     }
 }
 
@@ -785,6 +909,9 @@ fn push_reply(id: u16, r: &PushResult) -> String {
         PushResult::Unreachable { generation, detail } => format!(
             "450 machine {id} unreachable; generation {generation} pending, retried with back-off and at its next HELLO: {}",
             one_line(detail)
+        ),
+        PushResult::Superseded { generation, by } => format!(
+            "251 machine {id} generation {generation} superseded: generation {by} is newer and is the one delivered; not sent"
         ),
     }
 }

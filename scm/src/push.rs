@@ -40,6 +40,27 @@ pub enum PushResult {
         /// Why.
         detail: String,
     },
+    /// Not sent: by the time this generation's turn came, the machine already had a newer
+    /// one as its desired or applied configuration (another operator pushed meanwhile).
+    /// The newer generation is the one delivered; generations never go backwards.
+    Superseded {
+        /// Generation that was not sent.
+        generation: u64,
+        /// The newer generation.
+        by: u64,
+    },
+}
+
+impl PushResult {
+    /// The generation this result is about.
+    pub fn generation(&self) -> u64 {
+        match self {
+            Self::Ack { generation, .. }
+            | Self::Nack { generation, .. }
+            | Self::Unreachable { generation, .. }
+            | Self::Superseded { generation, .. } => *generation,
+        }
+    }
 }
 
 /// Why a push could not even be attempted.
@@ -127,12 +148,37 @@ pub fn config_target(hub: &Hub, id: u16) -> Option<String> {
 }
 
 /// Delivers one generation over the machine's config port and records the outcome.
+///
+/// Deliveries to one machine are serialised. Once it is this generation's turn, the
+/// machine's state is read again: a generation the machine already applied is reported
+/// as ACKed without sending it again (so a configuration is applied exactly once), and a
+/// generation overtaken by a newer one is reported superseded instead of being sent out
+/// of order.
 pub async fn deliver(hub: &Arc<Hub>, generation: Generation) -> Result<PushResult, StoreError> {
     let id = generation.machine_id;
     let lock = hub.delivery_lock(id);
     let _guard = lock.lock().await;
     let g = generation.generation;
     let started = std::time::Instant::now();
+    let state = hub.store.run(move |c| store::get_machine(c, id)).await?;
+    if let Some(m) = state {
+        let newest = m.desired_generation.max(m.applied_generation);
+        if m.applied_generation == g {
+            return Ok(PushResult::Ack {
+                generation: g,
+                detail: "already applied; not sent again".into(),
+            });
+        }
+        if newest > g {
+            let result = PushResult::Superseded {
+                generation: g,
+                by: newest,
+            };
+            crate::metrics::push_done(&result, None);
+            record(hub, id, &result).await?;
+            return Ok(result);
+        }
+    }
     let result = match config_target(hub, id) {
         None => PushResult::Unreachable {
             generation: g,
@@ -169,6 +215,11 @@ pub async fn record(hub: &Hub, id: u16, result: &PushResult) -> Result<(), Store
         PushResult::Unreachable { generation, detail } => {
             (*generation, Outcome::Unreachable, detail.clone())
         }
+        PushResult::Superseded { generation, by } => (
+            *generation,
+            Outcome::Superseded,
+            format!("not sent: generation {by} is newer"),
+        ),
     };
     tracing::info!(machine = id, generation = g, outcome = ?outcome, "{detail}");
     hub.events.push(id, result);
@@ -259,6 +310,7 @@ async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result
     write_frame(&mut w, &frame)
         .await
         .map_err(|e| format!("cannot send CONFIG: {e}"))?;
+    scm_common::failpoint::pause("scm-after-config-sent").await;
     let mut reader = FrameReader::new(r, FrameCodec::new(4096));
     let reply_timeout = Duration::from_millis(hub.cfg.timeouts.push_reply_ms);
     let answer = reader

@@ -103,7 +103,10 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
     // The admin API is TLS 1.3 only whatever is allowed for machines, and speaks HTTP/2.
     let admin_cfg = tls::server_config(&files, TlsPolicy { allow_tls12: false }, &[b"h2"])?;
     let client_cfg = tls::client_config(&files, machine_policy)?;
-    let store = Store::open(&cfg.database.path)?;
+    let store = Store::open_with_timeout(
+        &cfg.database.path,
+        std::time::Duration::from_millis(cfg.database.busy_timeout_ms),
+    )?;
     let machines: Vec<(u16, String, u8)> = cfg
         .machines
         .iter()

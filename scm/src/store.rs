@@ -83,6 +83,9 @@ pub enum Outcome {
     Nack,
     /// The machine could not be reached; stays pending.
     Unreachable,
+    /// Not sent: a newer generation was created for the machine before this one's turn
+    /// came (the newer one is delivered instead).
+    Superseded,
 }
 
 impl Outcome {
@@ -91,6 +94,7 @@ impl Outcome {
             Self::Ack => "ack",
             Self::Nack => "nack",
             Self::Unreachable => "unreachable",
+            Self::Superseded => "superseded",
         }
     }
 }
@@ -186,15 +190,23 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database at `path` in WAL mode and migrates it.
+    /// Opens (creating if needed) the database at `path` in WAL mode and migrates it;
+    /// a write waits up to 5 s for another process's lock.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with_timeout(path, std::time::Duration::from_secs(5))
+    }
+
+    /// [`Store::open`] with the given lock wait.
+    pub fn open_with_timeout(
+        path: &Path,
+        busy_timeout: std::time::Duration,
+    ) -> Result<Store, StoreError> {
         let err = |source| StoreError::Sqlite {
             path: path.to_path_buf(),
             source,
         };
         let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
+        conn.busy_timeout(busy_timeout).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -336,6 +348,59 @@ pub fn create_generation(
     Ok((next as u64, true))
 }
 
+/// [`create_generation`] for many machines in one transaction (a push to a group or to
+/// the whole fleet): every machine gets the content as its desired configuration, or
+/// keeps its current generation when the content is the same. Returns each machine's
+/// generation, in the order given.
+pub fn create_generations(
+    c: &mut Connection,
+    ids: &[u16],
+    content: &[u8],
+    actor: &str,
+) -> rusqlite::Result<Vec<Generation>> {
+    let sha = sha256_hex(content);
+    let now = now_ms();
+    let tx = c.transaction()?;
+    let mut out = Vec::with_capacity(ids.len());
+    {
+        let mut desired_st = tx.prepare_cached(
+            "SELECT m.desired_generation, g.sha256 FROM machines m
+             LEFT JOIN configs g ON g.machine_id = m.id AND g.generation = m.desired_generation
+             WHERE m.id = ?1",
+        )?;
+        let mut next_st = tx.prepare_cached(
+            "SELECT COALESCE(MAX(generation), 0) + 1 FROM configs WHERE machine_id = ?1",
+        )?;
+        let mut insert_st = tx.prepare_cached(
+            "INSERT INTO configs (machine_id, generation, content, sha256, created_ms, created_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let mut update_st = tx.prepare_cached(
+            "UPDATE machines SET desired_generation = ?2, last_error = NULL WHERE id = ?1",
+        )?;
+        for &id in ids {
+            let (desired, current_sha): (i64, Option<String>) =
+                desired_st.query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let generation = if current_sha.as_deref() == Some(sha.as_str()) {
+                desired
+            } else {
+                let next: i64 = next_st.query_row([id], |r| r.get(0))?;
+                insert_st.execute(params![id, next, content, sha, now, actor])?;
+                update_st.execute(params![id, next])?;
+                next
+            };
+            out.push(Generation {
+                machine_id: id,
+                generation: generation as u64,
+                content: content.to_vec(),
+                sha256: sha.clone(),
+            });
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
 /// One stored generation.
 pub fn get_generation(
     c: &mut Connection,
@@ -446,6 +511,8 @@ pub fn record_attempt(
             "UPDATE machines SET applied_generation = MAX(applied_generation, ?2), last_error = NULL WHERE id = ?1",
             params![id, generation as i64],
         )?,
+        // The newer generation's delivery reports for the machine; nothing to update.
+        Outcome::Superseded => 0,
         Outcome::Nack | Outcome::Unreachable => tx.execute(
             "UPDATE machines SET last_error = ?2 WHERE id = ?1",
             params![id, format!("generation {generation}: {} ({detail})", outcome.as_str())],
@@ -563,6 +630,50 @@ mod tests {
             .run_blocking(|c| create_generation(c, 2, b"x", "op"))
             .unwrap();
         assert_eq!(g4, 1, "generations count per machine");
+    }
+
+    #[test]
+    fn fleet_generations_in_one_transaction() {
+        let (_d, s) = store();
+        s.run_blocking(|c| create_generation(c, 1, b"same\n", "op"))
+            .unwrap();
+        s.run_blocking(|c| create_generation(c, 2, b"old\n", "op"))
+            .unwrap();
+        let gens = s
+            .run_blocking(|c| create_generations(c, &[1, 2], b"same\n", "op"))
+            .unwrap();
+        let got: Vec<(u16, u64)> = gens.iter().map(|g| (g.machine_id, g.generation)).collect();
+        assert_eq!(
+            got,
+            vec![(1, 1), (2, 2)],
+            "same content keeps its generation"
+        );
+        assert!(gens.iter().all(|g| g.sha256 == sha256_hex(b"same\n")));
+        let m2 = s.run_blocking(|c| get_machine(c, 2)).unwrap().unwrap();
+        assert_eq!(m2.desired_generation, 2);
+        // An unknown machine fails the whole transaction: nothing is half-stored.
+        assert!(
+            s.run_blocking(|c| create_generations(c, &[2, 999], b"new\n", "op"))
+                .is_err()
+        );
+        let m2 = s.run_blocking(|c| get_machine(c, 2)).unwrap().unwrap();
+        assert_eq!(m2.desired_generation, 2, "rolled back");
+    }
+
+    #[test]
+    fn superseded_attempt_leaves_the_machine_alone() {
+        let (_d, s) = store();
+        s.run_blocking(|c| create_generation(c, 1, b"a\n", "op"))
+            .unwrap();
+        s.run_blocking(|c| create_generation(c, 1, b"b\n", "op"))
+            .unwrap();
+        s.run_blocking(|c| record_attempt(c, 1, 1, Outcome::Superseded, "newer"))
+            .unwrap();
+        let m = s.run_blocking(|c| get_machine(c, 1)).unwrap().unwrap();
+        assert_eq!((m.desired_generation, m.applied_generation), (2, 0));
+        assert_eq!(m.last_error, None);
+        let p = s.run_blocking(|c| pending_generation(c, 1)).unwrap();
+        assert_eq!(p.map(|g| g.generation), Some(2));
     }
 
     #[test]

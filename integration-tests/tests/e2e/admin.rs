@@ -73,7 +73,8 @@ fn machines_are_listed_and_read_and_a_push_to_one_machine_is_acked() {
         for m in &list.machines {
             assert!(m.connected, "{m:?}");
             assert_eq!(m.name, format!("machine-{}", m.id));
-            assert_eq!(m.labels, vec!["dev".to_string()]);
+            assert_eq!(m.labels, vec!["site=dev".to_string()]);
+            assert!(m.groups.contains(&"dev".to_string()), "{m:?}");
             assert_eq!(m.protocol_version, 1);
             assert!(m.peer_address.starts_with("127.0.0.1:"), "{m:?}");
             assert!(m.connected_since_ms > 0 && m.last_hello_ms > 0, "{m:?}");

@@ -3,6 +3,7 @@
 
 mod admin;
 mod crash;
+mod faults;
 mod fleet;
 mod frames;
 mod halfopen;

@@ -396,7 +396,9 @@ fn inetutils_telnet_logs_in_pushes_survives_ctrl_c_and_quits() {
         "Ctrl-C must not arrive as text: {text:?}"
     );
     assert!(
-        text.contains("250-1      machine-1        1   connected        1       1  -"),
+        text.contains(
+            "250-1      machine-1        1   connected        1       1  dev,odd              -"
+        ),
         "{text:?}"
     );
     tn.until("scm> ");
@@ -800,23 +802,23 @@ fn push_edge_cases_over_raw_telnet() {
 
     assert_eq!(
         command(&mut t, "push 99"),
-        "550 machine 99 is not known; `machines` lists the known ones\r\nscm> "
+        "550 machine 99 is not known to this SCM; `machines` lists the known ones\r\nscm> "
     );
     assert_eq!(
         command(&mut t, "push"),
-        "501 usage: push <machine id>\r\nscm> "
+        "501 usage: push <machine id | group:NAME | label:TEXT | all>\r\nscm> "
     );
     assert_eq!(
         command(&mut t, "push 1 2"),
-        "501 usage: push <machine id>\r\nscm> "
+        "501 usage: push <machine id | group:NAME | label:TEXT | all>\r\nscm> "
     );
     assert_eq!(
         command(&mut t, "push one"),
-        "501 \"one\" is not a machine id (0-65535)\r\nscm> "
+        "501 \"one\" is not a target; use a machine id (0-65535), group:NAME, label:TEXT or all\r\nscm> "
     );
     assert_eq!(
         command(&mut t, "push 70000"),
-        "501 \"70000\" is not a machine id (0-65535)\r\nscm> "
+        "501 \"70000\" is not a target; use a machine id (0-65535), group:NAME, label:TEXT or all\r\nscm> "
     );
 
     let go = "354 send the configuration for machine 1; end with a line holding only \".\"\r\n";
@@ -934,7 +936,9 @@ fn backoffice_shell_forwards_stdin() {
     sh.write(b"machines\n");
     let text = sh.until("250 1 machines");
     assert!(
-        text.contains("250-1      machine-1        1   connected        0       0  -"),
+        text.contains(
+            "250-1      machine-1        1   connected        0       0  dev,odd              -"
+        ),
         "{text:?}"
     );
     sh.write(b"quit\n");

@@ -1,0 +1,422 @@
+//! Fleet operations: choosing machines (one id, a group, a label, or all of them) and
+//! pushing one configuration to many machines at once with live progress.
+//!
+//! A fleet push stores the content as every target machine's desired configuration in one
+//! database transaction (a machine whose desired content is already the same keeps its
+//! generation), then delivers with at most `limits.push_concurrency` deliveries in flight.
+//! Each machine's outcome is the same as for a single push: ACK, NACK (final for that
+//! generation), pending (retried with back-off and at the next HELLO), or superseded.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::config::ScmConfig;
+use crate::hub::Hub;
+use crate::push::{self, PushError, PushResult};
+use crate::store::{self, StoreError};
+
+/// Which machines an operation is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One machine, by id (`7`).
+    Machine(u16),
+    /// Every member of a group (`group:lobby`).
+    Group(String),
+    /// Every machine carrying a label (`label:site=north`).
+    Label(String),
+    /// Every configured machine (`all`).
+    All,
+}
+
+/// A target that could not be understood or matches nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SelectError {
+    /// Not a target at all.
+    #[error("{0:?} is not a target; use a machine id (0-65535), group:NAME, label:TEXT or all")]
+    Invalid(String),
+    /// No such machine.
+    #[error("machine {0} is not known to this SCM; `machines` lists the known ones")]
+    UnknownMachine(u16),
+    /// No machine is in the group.
+    #[error("no machine is in group {name:?}; known groups: {known}")]
+    UnknownGroup {
+        /// The group asked for.
+        name: String,
+        /// The groups that exist, comma-separated (or "none").
+        known: String,
+    },
+    /// No machine carries the label.
+    #[error("no machine carries label {0:?}; `machines` shows each machine's labels")]
+    UnknownLabel(String),
+    /// The SCM has no machines configured.
+    #[error("no machines are configured; add [[machine]] entries to the SCM's configuration")]
+    NoMachines,
+}
+
+impl FromStr for Target {
+    type Err = SelectError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("all") {
+            return Ok(Target::All);
+        }
+        if let Some(name) = s.strip_prefix("group:") {
+            return if valid_name(name) {
+                Ok(Target::Group(name.to_owned()))
+            } else {
+                Err(SelectError::Invalid(s.chars().take(80).collect()))
+            };
+        }
+        if let Some(label) = s.strip_prefix("label:") {
+            return if valid_name(label) {
+                Ok(Target::Label(label.to_owned()))
+            } else {
+                Err(SelectError::Invalid(s.chars().take(80).collect()))
+            };
+        }
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            return s
+                .parse::<u16>()
+                .map(Target::Machine)
+                .map_err(|_| SelectError::Invalid(s.chars().take(80).collect()));
+        }
+        Err(SelectError::Invalid(s.chars().take(80).collect()))
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Machine(id) => write!(f, "machine {id}"),
+            Target::Group(g) => write!(f, "group:{g}"),
+            Target::Label(l) => write!(f, "label:{l}"),
+            Target::All => f.write_str("all"),
+        }
+    }
+}
+
+/// Whether `s` may be used as a group name or a label: 1 to 64 characters from
+/// `A-Z a-z 0-9 . _ - = :`.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-=:".contains(&b))
+}
+
+/// The machines `target` names, in id order.
+pub fn select(cfg: &ScmConfig, target: &Target) -> Result<Vec<u16>, SelectError> {
+    let mut ids: Vec<u16> = match target {
+        Target::Machine(id) => {
+            return if cfg.machine(*id).is_some() {
+                Ok(vec![*id])
+            } else {
+                Err(SelectError::UnknownMachine(*id))
+            };
+        }
+        Target::All => cfg.machines.iter().map(|m| m.id).collect(),
+        Target::Group(g) => cfg
+            .machines
+            .iter()
+            .filter(|m| m.groups.iter().any(|x| x == g))
+            .map(|m| m.id)
+            .collect(),
+        Target::Label(l) => cfg
+            .machines
+            .iter()
+            .filter(|m| m.labels.iter().any(|x| x == l))
+            .map(|m| m.id)
+            .collect(),
+    };
+    if ids.is_empty() {
+        return Err(match target {
+            Target::Group(name) => {
+                let known: Vec<String> = groups(cfg).into_keys().collect();
+                SelectError::UnknownGroup {
+                    name: name.clone(),
+                    known: if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    },
+                }
+            }
+            Target::Label(l) => SelectError::UnknownLabel(l.clone()),
+            _ => SelectError::NoMachines,
+        });
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Every group and its members (in id order).
+pub fn groups(cfg: &ScmConfig) -> BTreeMap<String, Vec<u16>> {
+    let mut out: BTreeMap<String, Vec<u16>> = BTreeMap::new();
+    for m in &cfg.machines {
+        for g in &m.groups {
+            out.entry(g.clone()).or_default().push(m.id);
+        }
+    }
+    for ids in out.values_mut() {
+        ids.sort_unstable();
+    }
+    out
+}
+
+/// Running totals of a fleet push.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Machines targeted.
+    pub total: usize,
+    /// Stored by the machine (or already applied).
+    pub ack: usize,
+    /// Refused by the machine.
+    pub nack: usize,
+    /// Not answered yet: in flight, or unreachable and left pending for retries.
+    pub pending: usize,
+    /// Overtaken by a newer generation before it was sent.
+    pub superseded: usize,
+    /// Could not be attempted (database error).
+    pub failed: usize,
+}
+
+impl Progress {
+    /// Everything pending, nothing answered yet.
+    pub fn start(total: usize) -> Self {
+        Progress {
+            total,
+            pending: total,
+            ..Progress::default()
+        }
+    }
+
+    /// Counts one machine's result (it leaves "pending" unless it stays pending).
+    pub fn add(&mut self, result: &Result<PushResult, PushError>) {
+        match result {
+            Ok(PushResult::Ack { .. }) => self.ack += 1,
+            Ok(PushResult::Nack { .. }) => self.nack += 1,
+            Ok(PushResult::Unreachable { .. }) => return,
+            Ok(PushResult::Superseded { .. }) => self.superseded += 1,
+            Err(_) => self.failed += 1,
+        }
+        self.pending = self.pending.saturating_sub(1);
+    }
+
+    /// `940/1000 ACK, 3 NACK, 57 pending` (superseded and failed only when non-zero).
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "{}/{} ACK, {} NACK, {} pending",
+            self.ack, self.total, self.nack, self.pending
+        );
+        if self.superseded > 0 {
+            s.push_str(&format!(", {} superseded", self.superseded));
+        }
+        if self.failed > 0 {
+            s.push_str(&format!(", {} failed", self.failed));
+        }
+        s
+    }
+}
+
+/// Stores `content` as the desired configuration of every machine in `ids` and delivers
+/// it, at most `limits.push_concurrency` at a time. Progress is published on `progress`
+/// after every answer. Returns each machine's result in id order.
+pub async fn push_many(
+    hub: &Arc<Hub>,
+    ids: Vec<u16>,
+    content: Vec<u8>,
+    actor: &str,
+    progress: Option<watch::Sender<Progress>>,
+) -> Vec<(u16, Result<PushResult, PushError>)> {
+    let mut totals = Progress::start(ids.len());
+    let publish = |p: &Progress| {
+        if let Some(tx) = &progress {
+            tx.send_replace(*p);
+        }
+    };
+    publish(&totals);
+    if let Some(&bad) = ids.iter().find(|id| hub.cfg.machine(**id).is_none()) {
+        return fail_all(&ids, || PushError::UnknownMachine(bad));
+    }
+    let max = hub.cfg.limits.max_config_bytes;
+    if content.len() > max {
+        let size = content.len();
+        return fail_all(&ids, || PushError::TooLarge { size, max });
+    }
+    let actor = actor.to_owned();
+    let id_list = ids.clone();
+    let generations = match hub
+        .store
+        .run(move |c| store::create_generations(c, &id_list, &content, &actor))
+        .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            let text = e.to_string();
+            totals.failed = totals.total;
+            totals.pending = 0;
+            publish(&totals);
+            return fail_all(&ids, || {
+                PushError::Store(StoreError::Task(format!(
+                    "{text}; nothing was stored or sent"
+                )))
+            });
+        }
+    };
+    let limit = Arc::new(Semaphore::new(hub.cfg.limits.push_concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    for generation in generations {
+        let hub = hub.clone();
+        let limit = limit.clone();
+        tasks.spawn(async move {
+            let id = generation.machine_id;
+            let _permit = limit.acquire_owned().await;
+            (
+                id,
+                push::deliver(&hub, generation)
+                    .await
+                    .map_err(PushError::from),
+            )
+        });
+    }
+    let mut results = Vec::with_capacity(ids.len());
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((id, r)) => {
+                totals.add(&r);
+                publish(&totals);
+                results.push((id, r));
+            }
+            Err(e) => tracing::error!("a delivery task failed: {e}"),
+        }
+    }
+    results.sort_by_key(|(id, _)| *id);
+    results
+}
+
+fn fail_all(ids: &[u16], err: impl Fn() -> PushError) -> Vec<(u16, Result<PushResult, PushError>)> {
+    ids.iter().map(|id| (*id, Err(err()))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ScmConfig {
+        let text = r#"
+            [tls]
+            ca = "ca.pem"
+            cert = "scm.pem"
+            key = "scm.key"
+            [database]
+            path = "scm.db"
+            [[machine]]
+            id = 1
+            groups = ["lobby", "floor-2"]
+            labels = ["site=north"]
+            [[machine]]
+            id = 3
+            groups = ["lobby"]
+            [[machine]]
+            id = 2
+            labels = ["site=north"]
+        "#;
+        let c = ScmConfig::parse(text, "test", &scm_common::config::Env::new()).expect("parse");
+        c.validate().expect("valid");
+        c
+    }
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!("7".parse(), Ok(Target::Machine(7)));
+        assert_eq!("all".parse(), Ok(Target::All));
+        assert_eq!("ALL".parse(), Ok(Target::All));
+        assert_eq!("group:lobby".parse(), Ok(Target::Group("lobby".into())));
+        assert_eq!(
+            "label:site=north".parse(),
+            Ok(Target::Label("site=north".into()))
+        );
+        for bad in [
+            "",
+            "x",
+            "group:",
+            "group:a b",
+            "70000",
+            "-1",
+            "label:",
+            "1,2",
+        ] {
+            assert!(
+                matches!(bad.parse::<Target>(), Err(SelectError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn selection_by_group_label_and_all() {
+        let c = cfg();
+        assert_eq!(select(&c, &Target::All), Ok(vec![1, 2, 3]));
+        assert_eq!(select(&c, &Target::Group("lobby".into())), Ok(vec![1, 3]));
+        assert_eq!(select(&c, &Target::Group("floor-2".into())), Ok(vec![1]));
+        assert_eq!(
+            select(&c, &Target::Label("site=north".into())),
+            Ok(vec![1, 2])
+        );
+        assert_eq!(select(&c, &Target::Machine(2)), Ok(vec![2]));
+        assert_eq!(
+            select(&c, &Target::Machine(9)),
+            Err(SelectError::UnknownMachine(9))
+        );
+        let e = select(&c, &Target::Group("roof".into())).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no machine is in group \"roof\"; known groups: floor-2, lobby"
+        );
+        assert!(matches!(
+            select(&c, &Target::Label("site=south".into())),
+            Err(SelectError::UnknownLabel(_))
+        ));
+    }
+
+    #[test]
+    fn groups_lists_members() {
+        let g = groups(&cfg());
+        assert_eq!(g.get("lobby"), Some(&vec![1, 3]));
+        assert_eq!(g.len(), 2);
+    }
+
+    #[test]
+    fn progress_line() {
+        let mut p = Progress::start(1000);
+        for _ in 0..940 {
+            p.add(&Ok(PushResult::Ack {
+                generation: 1,
+                detail: String::new(),
+            }));
+        }
+        for _ in 0..3 {
+            p.add(&Ok(PushResult::Nack {
+                generation: 1,
+                detail: String::new(),
+            }));
+        }
+        p.add(&Ok(PushResult::Unreachable {
+            generation: 1,
+            detail: String::new(),
+        }));
+        assert_eq!(p.line(), "940/1000 ACK, 3 NACK, 57 pending");
+        p.add(&Ok(PushResult::Superseded {
+            generation: 1,
+            by: 2,
+        }));
+        assert_eq!(p.line(), "940/1000 ACK, 3 NACK, 56 pending, 1 superseded");
+    }
+}
