@@ -33,7 +33,9 @@ use tonic::{Request, Response, Status};
 
 use crate::config::{MachineConfig, OperatorRole};
 use crate::events::{Event, EventKind, PushOutcome, Received};
+use crate::fleet::{self, Progress, SelectError, Target};
 use crate::hub::{Hub, Session};
+use crate::push::{PushError, PushResult};
 use crate::store::{self, AuditRow, HistoryRow, MachineRow, StoreError};
 
 /// Bytes allowed in a request on top of `limits.max_config_bytes` (the target string and
@@ -257,6 +259,83 @@ fn machine_groups(cfg: &MachineConfig) -> Vec<String> {
     cfg.groups.clone()
 }
 
+/// The status for a `PushConfig` target that cannot be used: `INVALID_ARGUMENT` for a
+/// malformed one, `NOT_FOUND` for one that names nothing, `FAILED_PRECONDITION` when no
+/// machine is configured at all.
+pub fn select_status(e: SelectError) -> Status {
+    let msg = match &e {
+        SelectError::Invalid(_) => format!("{e}; for example \"7\", \"group:lobby\" or \"all\""),
+        SelectError::UnknownMachine(_) | SelectError::UnknownLabel(_) => {
+            format!("{e}; ListMachines shows the machines with their groups and labels")
+        }
+        _ => e.to_string(),
+    };
+    match e {
+        SelectError::Invalid(_) => Status::invalid_argument(msg),
+        SelectError::UnknownMachine(_)
+        | SelectError::UnknownGroup { .. }
+        | SelectError::UnknownLabel(_) => Status::not_found(msg),
+        _ => Status::failed_precondition(msg),
+    }
+}
+
+/// One machine's outcome of a `PushConfig`.
+pub fn outcome_of(id: u16, r: &Result<PushResult, PushError>) -> pb::MachineOutcome {
+    let (generation, outcome, detail) = match r {
+        Ok(r) => {
+            let (g, o, d) = crate::events::push_parts(r);
+            (g, outcome_to_proto(o), d)
+        }
+        Err(e) => (0, pb::PushOutcome::Refused, e.to_string()),
+    };
+    pb::MachineOutcome {
+        machine_id: u32::from(id),
+        generation,
+        outcome: outcome as i32,
+        detail,
+    }
+}
+
+/// Totals over a `PushConfig`'s results (an SCM-side failure counts as refused).
+pub fn totals_of(results: &[(u16, Result<PushResult, PushError>)]) -> pb::PushTotals {
+    let mut p = Progress::start(results.len());
+    for (_, r) in results {
+        p.add(r);
+    }
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    pb::PushTotals {
+        total: n(p.total),
+        ack: n(p.ack),
+        nack: n(p.nack),
+        pending: n(p.pending),
+        superseded: n(p.superseded),
+        refused: n(p.failed),
+    }
+}
+
+/// The audit detail of a push, worded as for telnet pushes.
+fn push_audit_detail(
+    target: &Target,
+    size: usize,
+    results: &[(u16, Result<PushResult, PushError>)],
+) -> String {
+    match (target, results) {
+        (Target::Machine(id), [(_, Ok(r))]) => format!(
+            "machine {id} generation {} ({size} bytes): {}",
+            r.generation(),
+            crate::operator::outcome_word(r)
+        ),
+        (Target::Machine(id), [(_, Err(e))]) => format!("machine {id}: refused: {e}"),
+        _ => {
+            let mut p = Progress::start(results.len());
+            for (_, r) in results {
+                p.add(r);
+            }
+            format!("{target} ({size} bytes): {}", p.line())
+        }
+    }
+}
+
 /// Maps a history row to the API's `GenerationInfo`.
 pub fn generation_to_proto(h: HistoryRow) -> pb::GenerationInfo {
     pb::GenerationInfo {
@@ -399,15 +478,53 @@ impl Admin for AdminService {
         let (caller, role) = self.authorize(&req)?;
         let r = req.into_inner();
         if role != OperatorRole::Admin {
+            let target: String = r.target.chars().take(80).collect();
             self.audit(
                 &caller,
                 "push_refused",
-                format!("target {}: read-only operator (admin API)", r.target),
+                format!("target {target}: read-only operator (admin API)"),
             )
             .await;
             return Err(ApiError::ReadOnly(caller.operator).into());
         }
-        Err(Status::unimplemented("PushConfig is not available yet"))
+        let target: Target = r.target.parse().map_err(select_status)?;
+        let ids = fleet::select(&self.hub.cfg, &target).map_err(select_status)?;
+        let max = self.hub.cfg.limits.max_config_bytes;
+        if r.content.is_empty() {
+            return Err(ApiError::Invalid(
+                "empty configuration; nothing was stored or sent".into(),
+            )
+            .into());
+        }
+        if r.content.len() > max {
+            return Err(ApiError::Invalid(format!(
+                "configuration is {} bytes; at most {max} bytes can be sent (limits.max_config_bytes); nothing was stored or sent",
+                r.content.len()
+            ))
+            .into());
+        }
+        tracing::info!(operator = %caller.operator, peer = %caller.peer, %target, machines = ids.len(), "admin API: push");
+        // The push runs to its end and is audited even if the client goes away meanwhile.
+        let hub = self.hub.clone();
+        let service = self.clone();
+        let size = r.content.len();
+        let task = tokio::spawn(async move {
+            let results = fleet::push_many(&hub, ids, r.content, &caller.operator, None).await;
+            service
+                .audit(&caller, "push", push_audit_detail(&target, size, &results))
+                .await;
+            results
+        });
+        let results = task.await.map_err(|e| {
+            tracing::error!("admin API push task failed: {e}");
+            Status::internal(
+                "the push task failed; see the SCM's log, then check ListMachines for what was stored",
+            )
+        })?;
+        Ok(Response::new(pb::PushConfigResponse {
+            outcomes: results.iter().map(|(id, r)| outcome_of(*id, r)).collect(),
+            totals: Some(totals_of(&results)),
+        }))
     }
 
     type WatchEventsStream = EventStream;
@@ -615,6 +732,113 @@ mod tests {
         let lag = event_to_proto(&Received::Lagged(12));
         assert_eq!(lag.seq, 0);
         assert_eq!(lag.kind, Some(Kind::Lagged(pb::Lagged { dropped: 12 })));
+    }
+
+    #[test]
+    fn selector_errors_map_to_status_codes_with_advice() {
+        let cases = [
+            (
+                SelectError::Invalid("x".into()),
+                tonic::Code::InvalidArgument,
+                "group:lobby",
+            ),
+            (
+                SelectError::UnknownMachine(9),
+                tonic::Code::NotFound,
+                "ListMachines",
+            ),
+            (
+                SelectError::UnknownGroup {
+                    name: "roof".into(),
+                    known: "lobby".into(),
+                },
+                tonic::Code::NotFound,
+                "known groups: lobby",
+            ),
+            (
+                SelectError::UnknownLabel("site=x".into()),
+                tonic::Code::NotFound,
+                "labels",
+            ),
+            (
+                SelectError::NoMachines,
+                tonic::Code::FailedPrecondition,
+                "[[machine]]",
+            ),
+        ];
+        for (e, code, hint) in cases {
+            let s = select_status(e);
+            assert_eq!(s.code(), code, "{s:?}");
+            assert!(s.message().contains(hint), "{s:?}");
+        }
+        // Through the parser, as PushConfig does it.
+        let e = "group:".parse::<Target>().unwrap_err();
+        assert_eq!(select_status(e).code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn push_results_map_to_outcomes_totals_and_audit_text() {
+        let results: Vec<(u16, Result<PushResult, PushError>)> = vec![
+            (
+                1,
+                Ok(PushResult::Ack {
+                    generation: 3,
+                    detail: "stored".into(),
+                }),
+            ),
+            (
+                2,
+                Ok(PushResult::Nack {
+                    generation: 1,
+                    detail: "bad key".into(),
+                }),
+            ),
+            (
+                3,
+                Ok(PushResult::Unreachable {
+                    generation: 2,
+                    detail: "refused".into(),
+                }),
+            ),
+            (
+                4,
+                Ok(PushResult::Superseded {
+                    generation: 2,
+                    by: 3,
+                }),
+            ),
+            (5, Err(PushError::UnknownMachine(5))),
+        ];
+        let outcomes: Vec<pb::PushOutcome> = results
+            .iter()
+            .map(|(id, r)| outcome_of(*id, r).outcome())
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                pb::PushOutcome::Ack,
+                pb::PushOutcome::Nack,
+                pb::PushOutcome::Pending,
+                pb::PushOutcome::Superseded,
+                pb::PushOutcome::Refused
+            ]
+        );
+        let refused = outcome_of(5, &results[4].1);
+        assert_eq!((refused.machine_id, refused.generation), (5, 0));
+        assert!(refused.detail.contains("not known"), "{refused:?}");
+        let t = totals_of(&results);
+        assert_eq!(
+            (t.total, t.ack, t.nack, t.pending, t.superseded, t.refused),
+            (5, 1, 1, 1, 1, 1)
+        );
+        assert_eq!(
+            push_audit_detail(&Target::Machine(1), 10, &results[..1]),
+            "machine 1 generation 3 (10 bytes): ack"
+        );
+        assert_eq!(
+            push_audit_detail(&Target::All, 10, &results),
+            "all (10 bytes): 1/5 ACK, 1 NACK, 1 pending, 1 superseded, 1 failed"
+        );
     }
 
     #[test]

@@ -118,6 +118,48 @@ fn machines_are_listed_and_read_and_a_push_to_one_machine_is_acked() {
             "machine 2 untouched"
         );
 
+        // A group target reaches exactly its members; bad targets say what is wrong.
+        let pushed = c
+            .push_config(pb::PushConfigRequest {
+                target: "group:even".into(),
+                content: b"even = yes\n".to_vec(),
+            })
+            .await
+            .expect("PushConfig to a group")
+            .into_inner();
+        let got: Vec<(u32, pb::PushOutcome)> = pushed
+            .outcomes
+            .iter()
+            .map(|o| (o.machine_id, o.outcome()))
+            .collect();
+        assert_eq!(got, vec![(2, pb::PushOutcome::Ack)], "{pushed:?}");
+        assert_eq!(
+            std::fs::read(fleet.agent_dir(2).join("config.current")).expect("stored"),
+            b"even = yes\n"
+        );
+        for (target, code) in [
+            ("group:", Code::InvalidArgument),
+            ("group:roof", Code::NotFound),
+            ("7", Code::NotFound),
+        ] {
+            let e = c
+                .push_config(pb::PushConfigRequest {
+                    target: target.into(),
+                    content: b"x\n".to_vec(),
+                })
+                .await
+                .expect_err(target);
+            assert_eq!(e.code(), code, "{target}: {e:?}");
+        }
+        let e = c
+            .push_config(pb::PushConfigRequest {
+                target: "1".into(),
+                content: Vec::new(),
+            })
+            .await
+            .expect_err("empty configuration");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
         let m = c
             .get_machine(pb::GetMachineRequest {
                 id: 1,
@@ -147,17 +189,22 @@ fn machines_are_listed_and_read_and_a_push_to_one_machine_is_acked() {
             .await
             .expect("GetAudit")
             .into_inner();
-        let push = audit
+        let pushes: Vec<&pb::AuditEntry> = audit
             .entries
             .iter()
-            .find(|a| a.action == "push")
-            .unwrap_or_else(|| panic!("{audit:?}"));
-        assert_eq!(push.actor, "admin");
-        assert!(push.source.starts_with("127.0.0.1:"), "{push:?}");
-        assert!(
-            push.detail.contains("machine 1 generation 1") && push.detail.ends_with("ack"),
-            "{push:?}"
+            .filter(|a| a.action == "push")
+            .collect();
+        assert_eq!(pushes.len(), 2, "{audit:?}");
+        // Newest first: the group push, then the push to machine 1.
+        assert_eq!(
+            pushes[0].detail,
+            "group:even (11 bytes): 1/1 ACK, 0 NACK, 0 pending"
         );
+        assert_eq!(pushes[1].detail, "machine 1 generation 1 (17 bytes): ack");
+        for p in pushes {
+            assert_eq!(p.actor, "admin");
+            assert!(p.source.starts_with("127.0.0.1:"), "{p:?}");
+        }
     });
 }
 
