@@ -563,6 +563,23 @@ config_addr = "10.0.0.2:9301"
     }
 
     #[test]
+    fn admin_listener_and_event_bus_defaults_overrides_and_checks() {
+        let c = ScmConfig::parse(MIN, "t", &Env::new()).unwrap();
+        assert_eq!(c.listen.admin, "127.0.0.1:7443");
+        assert_eq!(c.events.capacity, 4096);
+        let env: Env = [("SCM__LISTEN__ADMIN".into(), "".into())].into();
+        let c = ScmConfig::parse(MIN, "t", &env).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listen.admin, "", "empty disables");
+        let env: Env = [("SCM__LISTEN__ADMIN".into(), "admin-host".into())].into();
+        let c = ScmConfig::parse(MIN, "t", &env).unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "listen.admin");
+        let text = format!("{MIN}\n[events]\ncapacity = 0\n");
+        let c = ScmConfig::parse(&text, "t", &Env::new()).unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "events.capacity");
+    }
+
+    #[test]
     fn metrics_listener_defaults_to_loopback_and_can_be_overridden() {
         let c = ScmConfig::parse(MIN, "t", &Env::new()).unwrap();
         assert_eq!(c.listen.metrics, "127.0.0.1:9464");
