@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use scm_certs::identity::{Identity, Role};
 use scm_proto::admin as pb;
 use scm_proto::admin::admin_server::{Admin, AdminServer};
@@ -41,6 +41,11 @@ use crate::store::{self, AuditRow, HistoryRow, MachineRow, StoreError};
 /// Bytes allowed in a request on top of `limits.max_config_bytes` (the target string and
 /// protobuf framing of a `PushConfig`).
 pub const REQUEST_MARGIN: usize = 4096;
+
+/// HTTP/2 ping interval on admin connections, and how long a ping may stay unanswered
+/// before the connection is closed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Default and largest `GetAudit` limit.
 const AUDIT_DEFAULT: u32 = 50;
@@ -596,7 +601,14 @@ pub async fn handle(
         async move { Ok::<_, Infallible>(svc.call(req).await.unwrap_or_else(|e| match e {})) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http2().max_concurrent_streams(64);
+    // HTTP/2 pings find clients that vanished without closing (an idle watcher would
+    // otherwise hold its connection slot for ever).
+    builder
+        .http2()
+        .max_concurrent_streams(64)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
     let builder = builder.http2_only();
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
