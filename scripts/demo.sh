@@ -83,6 +83,19 @@ echo 12345678 >"$DIR/machine-1-r1.fifo"
 wait_for "$DIR/print-server.log" "CARD 12345678"
 echo "  the print-server simulator read: $(grep 'CARD 12345678' "$DIR/print-server.log" | head -1)"
 echo
+echo "== the same readers as RFIDeas 241s in Client Mode: configured over HTTP, swipes over HTTPS =="
+rfideas=$(grep -o 'listening on [0-9.:]* (rfideas)' "$DIR/scm.log" | awk '{print $3}')
+$BIN/print-server-241-sim --scm "$rfideas" --host reader-2.localhost --check-ms 5000 \
+  --set mode=client --set 'server_url=https://{https}/swipe?card={card}&mac={device}&t={time}' \
+  --cert "$DIR/scm.pem" --key "$DIR/scm-key.pem" >"$DIR/print-server-241.log" 2>&1 &
+pids+=($!)
+wait_for "$DIR/print-server-241.log" "CONFIGURED"
+echo "  a print server configured reader-2.localhost at $rfideas; swiping card 87654321 on machine 2"
+echo 87654321 >"$DIR/machine-2-r1.fifo"
+wait_for "$DIR/print-server-241.log" "CARD 87654321"
+echo "  the 241 print-server simulator received: $(grep 'CARD 87654321' "$DIR/print-server-241.log" | head -1)"
+
+echo
 echo "== swipes as the SCM journals them (card numbers masked) =="
 $BIN/backoffice --config "$DIR/backoffice.toml" swipes
 
@@ -94,6 +107,6 @@ echo
 echo "The fleet keeps running. Log in as an operator with any telnet client:"
 echo "  telnet 127.0.0.1 2323      (user admin, password in $DIR/init.txt)"
 echo "  $BIN/backoffice --config $DIR/backoffice.toml shell"
-echo "Swipe a card: echo 87654321 > $DIR/machine-2-r1.fifo   (the print server's view: $DIR/print-server.log)"
+echo "Swipe a card: echo 87654321 > $DIR/machine-2-r1.fifo   (the print servers' view: $DIR/print-server.log, $DIR/print-server-241.log)"
 echo "Logs: $DIR/*.log. Press Ctrl-C to stop."
 wait

@@ -323,6 +323,7 @@ pub fn scm_env() -> Vec<(&'static str, String)> {
         ("SCM__LISTEN__TELNET", "127.0.0.1:0".into()),
         ("SCM__LISTEN__TELNET_TLS", "127.0.0.1:0".into()),
         ("SCM__LISTEN__ADMIN", "127.0.0.1:0".into()),
+        ("SCM__LISTEN__RFIDEAS", "127.0.0.1:0".into()),
         ("SCM__LOGIN__FAILURE_DELAY_MS", "20".into()),
         ("SCM__TIMEOUTS__PUSH_CONNECT_MS", "2000".into()),
         ("SCM__TIMEOUTS__PUSH_REPLY_MS", "5000".into()),

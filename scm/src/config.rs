@@ -62,6 +62,12 @@ pub struct ScmConfig {
     /// The event bus (admin API `WatchEvents`).
     #[serde(default)]
     pub events: crate::events::EventSettings,
+    /// RFIDeas 241 Client Mode devices presented to print servers.
+    #[serde(default, rename = "rfideas")]
+    pub rfideas: Vec<crate::rfideas::RfideasDevice>,
+    /// Settings for every 241 device.
+    #[serde(default)]
+    pub rfideas_bridge: crate::rfideas::RfideasSettings,
 }
 
 /// `[log]`
@@ -88,6 +94,9 @@ pub struct ListenSection {
     pub metrics: String,
     /// The gRPC admin API (mutual TLS 1.3, operator certificates).
     pub admin: String,
+    /// RFIDeas 241 configuration requests (plain HTTP, devices told apart by `Host`).
+    /// Bound only when `[[rfideas]]` devices are configured.
+    pub rfideas: String,
 }
 
 impl Default for ListenSection {
@@ -98,6 +107,7 @@ impl Default for ListenSection {
             telnet_tls: "0.0.0.0:2324".into(),
             metrics: "127.0.0.1:9464".into(),
             admin: "127.0.0.1:7443".into(),
+            rfideas: "0.0.0.0:8241".into(),
         }
     }
 }
@@ -338,6 +348,9 @@ impl ScmConfig {
             *c = resolve(file, c);
         }
         self.database.path = resolve(file, &self.database.path);
+        if let Some(ca) = &mut self.rfideas_bridge.ca {
+            *ca = resolve(file, ca);
+        }
     }
 
     /// Checks what serde cannot: value ranges, duplicates, hashes.
@@ -419,6 +432,9 @@ impl ScmConfig {
                 ));
             }
         }
+        let ids: Vec<u16> = self.machines.iter().map(|m| m.id).collect();
+        crate::rfideas::validate(&self.rfideas, &self.rfideas_bridge, &ids)
+            .map_err(|(key, message)| invalid(key, message))?;
         let l = &self.limits;
         if l.max_agent_frame_data == 0 || l.max_agent_frame_data > scm_proto::MAX_DATA_LEN {
             return Err(invalid(
@@ -465,6 +481,7 @@ impl ScmConfig {
             ("listen.telnet_tls", &self.listen.telnet_tls),
             ("listen.metrics", &self.listen.metrics),
             ("listen.admin", &self.listen.admin),
+            ("listen.rfideas", &self.listen.rfideas),
         ] {
             if !v.is_empty() && v.parse::<std::net::SocketAddr>().is_err() {
                 return Err(invalid(

@@ -935,7 +935,7 @@ async fn sleep_until(t: Option<Instant>) {
 }
 
 /// The last non-whitespace byte of a chunk: the command in PaperCut's sample terminal.
-fn last_command(chunk: &[u8]) -> Option<u8> {
+pub fn last_command(chunk: &[u8]) -> Option<u8> {
     chunk
         .iter()
         .rev()

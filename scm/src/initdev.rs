@@ -51,6 +51,8 @@ pub const TELNET_PORT: u16 = 2323;
 pub const TELNET_TLS_PORT: u16 = 2324;
 /// First Generic card reader device port (one per machine, counting up).
 pub const GENERIC_PORT: u16 = 7778;
+/// The RFIDeas 241 configuration port (HTTP; 80 in production).
+pub const RFIDEAS_PORT: u16 = 8241;
 /// The SCM's metrics and health port.
 pub const SCM_METRICS_PORT: u16 = 9464;
 /// First agent metrics and health port (one per machine, counting up).
@@ -143,7 +145,7 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
         scm,
         "# SCM hub development configuration written by `scm init-dev`.\n\
          # Every key is described in docs/configuration.md.\n\n\
-         [listen]\nagents = \"127.0.0.1:{AGENT_PORT}\"\ntelnet = \"127.0.0.1:{TELNET_PORT}\"\ntelnet_tls = \"127.0.0.1:{TELNET_TLS_PORT}\"\nmetrics = \"127.0.0.1:{SCM_METRICS_PORT}\"\nadmin = \"127.0.0.1:{ADMIN_PORT}\"\n\n\
+         [listen]\nagents = \"127.0.0.1:{AGENT_PORT}\"\ntelnet = \"127.0.0.1:{TELNET_PORT}\"\ntelnet_tls = \"127.0.0.1:{TELNET_TLS_PORT}\"\nmetrics = \"127.0.0.1:{SCM_METRICS_PORT}\"\nrfideas = \"127.0.0.1:{RFIDEAS_PORT}\"\nadmin = \"127.0.0.1:{ADMIN_PORT}\"\n\n\
          [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
          [database]\npath = \"scm.db\"\n\n\
          [[operator]]\nname = \"admin\"\nrole = \"admin\"\npassword_hash = \"{hash}\"\n",
@@ -169,6 +171,18 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
         let _ = write!(
             scm,
             "\n[[generic]]\nmachine = {id}\nreader = \"r1\"\nlisten = \"127.0.0.1:{port}\"\nallow = [\"127.0.0.1\"]\n"
+        );
+    }
+    let _ = write!(
+        scm,
+        "\n# The same reader r1 is also an RFIDeas 241 device in Client Mode: a print server\n\
+         # on this host configures it with HTTP GETs to 127.0.0.1:{RFIDEAS_PORT} and the Host\n\
+         # name below (see docs/bridge-241.md); swipes then also go to the HTTPS URL it stores.\n"
+    );
+    for id in machines {
+        let _ = write!(
+            scm,
+            "\n[[rfideas]]\nmachine = {id}\nreader = \"r1\"\nhost = \"reader-{id}.localhost\"\nallow = [\"127.0.0.1\"]\n"
         );
     }
     write(&scm_config, &scm, true)?;
@@ -247,6 +261,13 @@ mod tests {
         assert_eq!(cfg.generic.len(), 2);
         assert_eq!(cfg.generic[1].listen, "127.0.0.1:7779");
         assert_eq!(cfg.listen.admin, format!("127.0.0.1:{ADMIN_PORT}"));
+        assert_eq!(cfg.listen.rfideas, "127.0.0.1:8241");
+        assert_eq!(cfg.rfideas.len(), 2);
+        assert_eq!(cfg.rfideas[1].host, "reader-2.localhost");
+        assert_eq!(
+            cfg.rfideas[1].listen, "",
+            "shared listener, told apart by Host"
+        );
         let agent = std::fs::read_to_string(&r.agent_configs[0].1).unwrap();
         assert!(agent.contains("path = \"machine-1-r1.fifo\""), "{agent}");
         assert!(cfg.tls.ca.is_absolute() && cfg.tls.ca.exists());

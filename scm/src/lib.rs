@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agents;
 pub mod auth;
+pub mod command;
 pub mod config;
 pub mod events;
 pub mod fleet;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod operator;
 pub mod push;
 pub mod retry;
+pub mod rfideas;
 pub mod server;
 pub mod store;
 pub mod swipes;

@@ -219,12 +219,14 @@ impl Endpoints {
 
 impl scm_common::http::Endpoints for Endpoints {
     async fn metrics(&self) -> String {
-        render(&Snapshot {
+        let mut text = render(&Snapshot {
             metrics: global(),
             agents_connected: self.hub.connected(),
             swipes: &self.hub.swipes.stats,
             devices: self.hub.swipes.bridge().status(None),
-        })
+        });
+        text.push_str(&self.hub.swipes.rfideas().metrics_text());
+        text
     }
 
     async fn health(&self) -> Result<(), String> {

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::command::Command;
 use crate::config::{OperatorConfig, OperatorRole};
 use crate::fleet::{self, Progress, Target};
 use crate::hub::Hub;
@@ -339,71 +340,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Input::TooLong | Input::Invalid => continue,
             };
-            let line = line.trim();
-            if line.is_empty() {
-                continue;
-            }
-            let mut words = line.split_whitespace();
-            let cmd = words.next().unwrap_or("").to_ascii_lowercase();
-            let args: Vec<&str> = words.collect();
-            match (cmd.as_str(), args.as_slice()) {
-                ("help", _) => self.help().await?,
-                ("machines", []) => self.machines().await?,
-                ("status", [id]) => match parse_id(id) {
-                    Some(id) => self.status(id).await?,
-                    None => {
-                        self.reply(&format!("501 {id:?} is not a machine id (0-65535)"))
-                            .await?
-                    }
-                },
-                ("push", [target]) => match target.parse::<Target>() {
-                    Ok(t) => self.push(t, idle).await?,
-                    Err(e) => self.reply(&format!("501 {e}")).await?,
-                },
-                ("groups", []) => self.groups().await?,
-                ("audit", []) => self.audit_list().await?,
-                ("history", [id]) => match parse_id(id) {
-                    Some(id) => self.history(id).await?,
-                    None => {
-                        self.reply(&format!("501 {id:?} is not a machine id (0-65535)"))
-                            .await?
-                    }
-                },
-                ("rollback", [id, generation]) => match (parse_id(id), generation.parse::<u64>()) {
-                    (Some(id), Ok(g)) if g > 0 => self.rollback(id, g).await?,
-                    _ => {
-                        self.reply("501 usage: rollback <machine id> <generation>")
-                            .await?
-                    }
-                },
-                ("swipes", []) => self.swipes().await?,
-                ("quit" | "exit" | "logout", []) => {
+            let cmd = match crate::command::parse(&line) {
+                Ok(c) => c,
+                Err(reply) => {
+                    self.reply(&reply).await?;
+                    continue;
+                }
+            };
+            match cmd {
+                Command::Empty => {}
+                Command::Help => self.help().await?,
+                Command::Machines => self.machines().await?,
+                Command::Groups => self.groups().await?,
+                Command::Status(id) => self.status(id).await?,
+                Command::Push(t) => self.push(t, idle).await?,
+                Command::History(id) => self.history(id).await?,
+                Command::Rollback(id, g) => self.rollback(id, g).await?,
+                Command::Swipes => self.swipes().await?,
+                Command::Audit => self.audit_list().await?,
+                Command::Quit => {
                     self.reply("221 bye").await?;
                     return Ok(());
-                }
-                ("rollback", _) => {
-                    self.reply("501 usage: rollback <machine id> <generation>")
-                        .await?
-                }
-                ("push", _) => {
-                    self.reply("501 usage: push <machine id | group:NAME | label:TEXT | all>")
-                        .await?
-                }
-                ("status" | "history", _) => {
-                    self.reply(&format!("501 usage: {cmd} <machine id>"))
-                        .await?
-                }
-                ("machines" | "groups" | "audit" | "swipes" | "quit", _) => {
-                    self.reply(&format!("501 usage: {cmd} (no arguments)"))
-                        .await?
-                }
-                _ => {
-                    let shown: String = cmd.chars().take(40).collect();
-                    self.reply(&format!(
-                        "500 unknown command {:?}; type help for the list",
-                        shown
-                    ))
-                    .await?
                 }
             }
         }
@@ -565,6 +522,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "generic {}: {conn}; listening on {listen}; {} queued, {} delivered, {} expired, {} refused peers",
                 d.key, d.queued, d.delivered, d.expired, d.refused_peers
             ));
+        }
+        for d in self.hub.swipes.rfideas().status(Some(id)) {
+            lines.push(d.summary(fmt_ms));
         }
         for (g, at, outcome, detail) in attempts {
             lines.push(format!(
@@ -914,10 +874,6 @@ fn push_reply(id: u16, r: &PushResult) -> String {
             "251 machine {id} generation {generation} superseded: generation {by} is newer and is the one delivered; not sent"
         ),
     }
-}
-
-fn parse_id(s: &str) -> Option<u16> {
-    s.parse().ok()
 }
 
 fn one_line(s: &str) -> String {

@@ -31,6 +31,8 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
     /// gRPC admin API.
     pub admin: Option<TcpListener>,
+    /// RFIDeas 241 configuration listeners (shared and per device).
+    pub rfideas: crate::rfideas::Listeners,
 }
 
 /// Why the SCM could not start.
@@ -46,6 +48,9 @@ pub enum StartError {
     /// The database could not be opened.
     #[error("{}", .0.operator_hint())]
     Store(#[from] store::StoreError),
+    /// The RFIDeas 241 bridge could not start.
+    #[error("{0}")]
+    Rfideas(#[from] crate::rfideas::RfideasError),
 }
 
 /// Binds every configured listener (an empty address disables it) and logs each
@@ -64,6 +69,12 @@ pub async fn bind_all(prepared: &Prepared) -> Result<Listeners, StartError> {
         telnet: one(&cfg.listen.telnet, "telnet").await?,
         telnet_tls: one(&cfg.listen.telnet_tls, "telnet-tls").await?,
         generic: prepared.hub.swipes.bridge().bind().await?,
+        rfideas: prepared
+            .hub
+            .swipes
+            .rfideas()
+            .bind(&cfg.listen.rfideas)
+            .await?,
         metrics: match one(&cfg.listen.metrics, "metrics").await {
             Ok(l) => l,
             Err(e) => {
@@ -116,12 +127,22 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
     let events = crate::events::Events::new(cfg.events.capacity);
     let (outcome_tx, outcome_rx) = tokio::sync::mpsc::channel(4096);
     let bridge = GenericBridge::new(cfg.generic.clone(), cfg.bridge.clone(), outcome_tx);
+    let (rf_tx, rf_rx) = tokio::sync::mpsc::channel(4096);
+    let rfideas = crate::rfideas::RfideasBridge::new(
+        cfg.rfideas.clone(),
+        cfg.rfideas_bridge.clone(),
+        &cfg.tls.ca,
+        store.clone(),
+        rf_tx,
+    )?;
     let swipes = Swipes::start(
         &cfg.database.path,
         cfg.swipes.clone(),
         cfg.cards.clone(),
         bridge,
         outcome_rx,
+        rfideas,
+        rf_rx,
         events.clone(),
     )
     .map_err(|source| store::StoreError::Sqlite {
@@ -190,6 +211,10 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
     if !listeners.generic.is_empty() {
         let bridge = hub.swipes.bridge().clone();
         set.spawn(bridge.serve(listeners.generic, shutdown.clone()));
+    }
+    if !hub.swipes.rfideas().is_empty() {
+        let rfideas = hub.swipes.rfideas().clone();
+        set.spawn(rfideas.serve(listeners.rfideas, shutdown.clone()));
     }
     if let Some(l) = listeners.telnet_tls {
         let hub = hub.clone();

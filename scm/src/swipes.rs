@@ -20,6 +20,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::generic::{BridgeSwipe, GenericBridge, Outcome, OutcomeReport, SubmitError};
+use crate::rfideas::{self, RfideasBridge, Route};
 use crate::store::now_ms;
 
 /// `[swipes]` in the SCM configuration.
@@ -138,6 +139,7 @@ pub struct Swipes {
     bridge: Arc<GenericBridge>,
     /// Where every answered swipe is published (masked).
     events: crate::events::Events,
+    rfideas: Arc<RfideasBridge>,
     /// Counters.
     pub stats: Arc<SwipeStats>,
 }
@@ -160,12 +162,18 @@ fn valid_id(s: &str, max: usize) -> bool {
 impl Swipes {
     /// Opens the journal (its own SQLite connection on the SCM's database), loads recent
     /// event ids, and starts the journal writer and the bridge-outcome consumer.
+    /// Every answered swipe is published on `events` (card masked).
+    // Each argument is one independent piece of the start-up wiring (two bridges with
+    // their outcome channels, the event bus); a struct would only rename the list.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         db_path: &Path,
         settings: SwipeSettings,
         rules: CardRules,
         bridge: Arc<GenericBridge>,
         outcomes: mpsc::Receiver<OutcomeReport>,
+        rfideas: Arc<RfideasBridge>,
+        rf_outcomes: mpsc::Receiver<rfideas::OutcomeReport>,
         events: crate::events::Events,
     ) -> Result<Arc<Swipes>, rusqlite::Error> {
         let conn = Connection::open(db_path)?;
@@ -205,6 +213,7 @@ impl Swipes {
             journal: tx,
             bridge,
             events,
+            rfideas,
             stats: Arc::new(SwipeStats::default()),
         });
         // Neither task keeps `Swipes` alive: when the SCM drops it, the journal channel
@@ -213,12 +222,52 @@ impl Swipes {
         tokio::task::spawn_blocking(move || journal_writer(conn, rx, stats));
         let weak = Arc::downgrade(&swipes);
         tokio::spawn(consume_outcomes(weak, outcomes));
+        tokio::spawn(consume_rf_outcomes(Arc::downgrade(&swipes), rf_outcomes));
         Ok(swipes)
     }
 
     /// The bridge.
     pub fn bridge(&self) -> &Arc<GenericBridge> {
         &self.bridge
+    }
+
+    /// The RFIDeas 241 bridge.
+    pub fn rfideas(&self) -> &Arc<RfideasBridge> {
+        &self.rfideas
+    }
+
+    fn rf_outcome(&self, r: rfideas::OutcomeReport) {
+        let (outcome, detail) = match r.outcome {
+            rfideas::Outcome::Delivered {
+                server,
+                status,
+                attempts,
+            } => (
+                "delivered",
+                format!(
+                    "rfideas {} to {server} (HTTP {status}, attempt {attempts})",
+                    r.key
+                ),
+            ),
+            rfideas::Outcome::Expired {
+                attempts,
+                last_error,
+            } => (
+                "expired",
+                format!(
+                    "no print server took it in time on rfideas {} ({attempts} attempts; last error: {last_error})",
+                    r.key
+                ),
+            ),
+            rfideas::Outcome::Failed { reason } => {
+                ("failed", format!("rfideas {}: {reason}", r.key))
+            }
+        };
+        self.journal(JournalOp::Outcome {
+            event_id: r.event_id,
+            outcome,
+            detail,
+        });
     }
 
     fn journal(&self, op: JournalOp) {
@@ -298,12 +347,24 @@ impl Swipes {
             return Verdict::Ack("duplicate; already received".into());
         }
         let expires_at = tokio::time::Instant::now() + Duration::from_millis(ttl);
-        let routed = self.bridge.has_device(machine, &s.reader_id);
+        let generic = self.bridge.has_device(machine, &s.reader_id);
+        // A 241 device that no print server has configured yet (no swipe URL) only takes
+        // the swipe when it is the reader's only route (and then records why it failed).
+        let rf = match self.rfideas.route(machine, &s.reader_id) {
+            Route::Ready => true,
+            Route::NotConfigured => !generic,
+            Route::None => false,
+        };
+        let routed = generic || rf;
         let (outcome, detail) = if routed {
-            (
-                "queued",
-                format!("queued for generic {machine}/{}", s.reader_id),
-            )
+            let mut to = Vec::new();
+            if generic {
+                to.push(format!("generic {machine}/{}", s.reader_id));
+            }
+            if rf {
+                to.push(format!("rfideas {machine}/{}", s.reader_id));
+            }
+            ("queued", format!("queued for {}", to.join(" and ")))
         } else {
             (
                 "no_route",
@@ -345,7 +406,34 @@ impl Swipes {
             expires_at,
             received_at,
         };
-        match self.bridge.submit(machine, &s.reader_id, swipe) {
+        let rf_result = if rf {
+            Some(self.rfideas.submit(machine, &s.reader_id, swipe.clone()))
+        } else {
+            None
+        };
+        let generic_result = if generic {
+            self.bridge.submit(machine, &s.reader_id, swipe)
+        } else {
+            Err(SubmitError::NoDevice)
+        };
+        // With both bridges, one accepting the swipe is enough.
+        let result = match rf_result {
+            Some(Ok(())) => {
+                if let Err(e) = &generic_result
+                    && generic
+                {
+                    tracing::warn!(machine, reader = %s.reader_id, event = %s.event_id, "generic bridge did not take the swipe: {e}");
+                }
+                Ok(())
+            }
+            Some(Err(e)) if !generic => Err(e),
+            Some(Err(e)) => {
+                tracing::warn!(machine, reader = %s.reader_id, event = %s.event_id, "rfideas bridge did not take the swipe: {e}");
+                generic_result
+            }
+            None => generic_result,
+        };
+        match result {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(machine, reader = %s.reader_id, card = %masked, event = %s.event_id, ttl_ms = ttl, "swipe accepted");
@@ -369,6 +457,18 @@ impl Swipes {
                 Verdict::Ack(format!("{e}; recorded only"))
             }
         }
+    }
+}
+
+async fn consume_rf_outcomes(
+    swipes: std::sync::Weak<Swipes>,
+    mut rx: mpsc::Receiver<rfideas::OutcomeReport>,
+) {
+    while let Some(r) = rx.recv().await {
+        let Some(s) = swipes.upgrade() else {
+            return;
+        };
+        s.rf_outcome(r);
     }
 }
 
@@ -407,8 +507,17 @@ fn journal_writer(mut conn: Connection, mut rx: mpsc::Receiver<JournalOp>, stats
                         outcome,
                         detail,
                     } => {
+                        // A swipe sent to two bridges (Generic and 241) gets two outcomes:
+                        // `delivered` wins over `failed`, which wins over the rest; the
+                        // second detail is appended.
                         tx.execute(
-                            "UPDATE swipes SET outcome = ?2, detail = ?3, updated_ms = ?4
+                            "UPDATE swipes SET
+                                outcome = CASE
+                                    WHEN outcome = 'delivered' THEN outcome
+                                    WHEN outcome = 'failed' AND ?2 <> 'delivered' THEN outcome
+                                    ELSE ?2 END,
+                                detail = CASE WHEN outcome = 'queued' THEN ?3 ELSE detail || '; ' || ?3 END,
+                                updated_ms = ?4
                              WHERE id = (SELECT MAX(id) FROM swipes WHERE event_id = ?1)",
                             params![event_id, outcome, detail, now],
                         )?;
@@ -492,5 +601,69 @@ mod tests {
         assert!(!valid_id("", 32));
         assert!(!valid_id("r 1", 32));
         assert!(!valid_id(&"x".repeat(33), 32));
+    }
+}
+
+#[cfg(test)]
+mod journal_tests {
+    use super::*;
+
+    /// Journals a swipe and then the given outcomes; returns (outcome, detail).
+    fn journal(outcomes: &[(&'static str, &str)]) -> (String, String) {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("scm.db");
+        drop(crate::store::Store::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let stats = Arc::new(SwipeStats::default());
+        let writer = std::thread::spawn(move || journal_writer(conn, rx, stats));
+        let row = Row {
+            event_id: "e1".into(),
+            machine: 1,
+            reader: "r1".into(),
+            card_masked: "****1234".into(),
+            swiped_at_ms: 0,
+            outcome: "queued",
+            detail: "queued for generic 1/r1 and rfideas 1/r1".into(),
+        };
+        tx.blocking_send(JournalOp::Insert(row, None)).unwrap();
+        for (o, detail) in outcomes {
+            tx.blocking_send(JournalOp::Outcome {
+                event_id: "e1".into(),
+                outcome: o,
+                detail: detail.to_string(),
+            })
+            .unwrap();
+        }
+        drop(tx);
+        writer.join().unwrap();
+        let c = Connection::open(&path).unwrap();
+        c.query_row("SELECT outcome, detail FROM swipes", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn one_bridge_replaces_queued() {
+        assert_eq!(journal(&[("expired", "g")]), ("expired".into(), "g".into()));
+    }
+
+    #[test]
+    fn with_two_bridges_delivered_wins_then_failed() {
+        for order in [
+            [("delivered", "rf"), ("expired", "g")],
+            [("expired", "g"), ("delivered", "rf")],
+        ] {
+            let (o, d) = journal(&order);
+            assert_eq!(o, "delivered");
+            assert_eq!(d, format!("{}; {}", order[0].1, order[1].1));
+        }
+        assert_eq!(journal(&[("failed", "rf"), ("expired", "g")]).0, "failed");
+        assert_eq!(journal(&[("expired", "g"), ("failed", "rf")]).0, "failed");
+        assert_eq!(
+            journal(&[("failed", "rf"), ("delivered", "g")]).0,
+            "delivered"
+        );
     }
 }

@@ -10,6 +10,7 @@ mod halfopen;
 mod metrics;
 mod mtls;
 mod relay;
+mod rfideas;
 mod swipes;
 mod telnet;
 mod v0;

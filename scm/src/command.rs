@@ -1,0 +1,145 @@
+//! The operator command language of the telnet port, parsed without I/O: one input line
+//! in, a [`Command`] or the exact refusal reply out. Kept pure so it can be unit-tested
+//! exhaustively and fuzzed.
+
+use crate::fleet::Target;
+
+/// One operator command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// An empty line: nothing to do.
+    Empty,
+    /// `help`
+    Help,
+    /// `machines`
+    Machines,
+    /// `groups`
+    Groups,
+    /// `status <id>`
+    Status(u16),
+    /// `push <target>`
+    Push(Target),
+    /// `history <id>`
+    History(u16),
+    /// `rollback <id> <generation>`
+    Rollback(u16, u64),
+    /// `swipes`
+    Swipes,
+    /// `audit`
+    Audit,
+    /// `quit`, `exit`, `logout`
+    Quit,
+}
+
+/// Parses one line. `Err` holds the whole reply line to send (`500 ...` or `501 ...`).
+pub fn parse(line: &str) -> Result<Command, String> {
+    let line = line.trim();
+    if line.is_empty() {
+        return Ok(Command::Empty);
+    }
+    let mut words = line.split_whitespace();
+    let cmd = words.next().unwrap_or("").to_ascii_lowercase();
+    let args: Vec<&str> = words.collect();
+    let machine_id = |s: &str| -> Result<u16, String> {
+        s.parse::<u16>().map_err(|_| {
+            let shown: String = s.chars().take(40).collect();
+            format!("501 {shown:?} is not a machine id (0-65535)")
+        })
+    };
+    match (cmd.as_str(), args.as_slice()) {
+        ("help", _) => Ok(Command::Help),
+        ("machines", []) => Ok(Command::Machines),
+        ("groups", []) => Ok(Command::Groups),
+        ("audit", []) => Ok(Command::Audit),
+        ("swipes", []) => Ok(Command::Swipes),
+        ("quit" | "exit" | "logout", []) => Ok(Command::Quit),
+        ("status", [id]) => machine_id(id).map(Command::Status),
+        ("history", [id]) => machine_id(id).map(Command::History),
+        ("push", [target]) => target
+            .parse::<Target>()
+            .map(Command::Push)
+            .map_err(|e| format!("501 {e}")),
+        ("rollback", [id, generation]) => match (id.parse::<u16>(), generation.parse::<u64>()) {
+            (Ok(id), Ok(g)) if g > 0 => Ok(Command::Rollback(id, g)),
+            _ => Err("501 usage: rollback <machine id> <generation>".into()),
+        },
+        ("rollback", _) => Err("501 usage: rollback <machine id> <generation>".into()),
+        ("push", _) => Err("501 usage: push <machine id | group:NAME | label:TEXT | all>".into()),
+        ("status" | "history", _) => Err(format!("501 usage: {cmd} <machine id>")),
+        ("machines" | "groups" | "audit" | "swipes" | "quit" | "exit" | "logout", _) => {
+            Err(format!("501 usage: {cmd} (no arguments)"))
+        }
+        _ => {
+            let shown: String = cmd.chars().take(40).collect();
+            Err(format!(
+                "500 unknown command {shown:?}; type help for the list"
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands() {
+        let ok = [
+            ("", Command::Empty),
+            ("   ", Command::Empty),
+            ("help", Command::Help),
+            ("HELP me", Command::Help),
+            ("machines", Command::Machines),
+            (" groups ", Command::Groups),
+            ("status 7", Command::Status(7)),
+            ("push 7", Command::Push(Target::Machine(7))),
+            ("push group:a", Command::Push(Target::Group("a".into()))),
+            ("push all", Command::Push(Target::All)),
+            ("history 65535", Command::History(65535)),
+            ("rollback 1 2", Command::Rollback(1, 2)),
+            ("swipes", Command::Swipes),
+            ("audit", Command::Audit),
+            ("exit", Command::Quit),
+            ("Logout", Command::Quit),
+        ];
+        for (line, want) in ok {
+            assert_eq!(parse(line), Ok(want), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_say_what_is_wrong() {
+        let bad = [
+            ("status", "501 usage: status <machine id>"),
+            ("status x", "501 \"x\" is not a machine id (0-65535)"),
+            (
+                "history 70000",
+                "501 \"70000\" is not a machine id (0-65535)",
+            ),
+            (
+                "rollback 1 0",
+                "501 usage: rollback <machine id> <generation>",
+            ),
+            (
+                "rollback 1",
+                "501 usage: rollback <machine id> <generation>",
+            ),
+            (
+                "push",
+                "501 usage: push <machine id | group:NAME | label:TEXT | all>",
+            ),
+            ("machines 1", "501 usage: machines (no arguments)"),
+            ("quit now", "501 usage: quit (no arguments)"),
+            (
+                "frobnicate",
+                "500 unknown command \"frobnicate\"; type help for the list",
+            ),
+        ];
+        for (line, want) in bad {
+            assert_eq!(parse(line), Err(want.to_string()), "{line:?}");
+        }
+        let long = "x".repeat(5000);
+        let e = parse(&long).unwrap_err();
+        assert!(e.len() < 100, "echoes at most 40 characters: {e}");
+    }
+}
