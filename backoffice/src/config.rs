@@ -1,5 +1,6 @@
-//! The back office's configuration: where the SCM's telnet port is, how to log in, and
-//! the operator certificate for the TLS port. Environment: `BACKOFFICE__SECTION__KEY`.
+//! The back office's configuration: where the SCM's telnet port is, how to log in, the
+//! operator certificate for the TLS port and the admin API, and where the admin API is.
+//! Environment: `BACKOFFICE__SECTION__KEY`.
 
 use std::path::{Path, PathBuf};
 
@@ -20,9 +21,12 @@ pub struct BackofficeConfig {
     /// Password login (plain telnet port).
     #[serde(default)]
     pub login: LoginSection,
-    /// Operator certificate (TLS port).
+    /// Operator certificate (TLS port and admin API).
     #[serde(default)]
     pub tls: Option<TlsSection>,
+    /// The SCM's gRPC admin API (`backoffice watch`).
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
     /// Timeouts.
     #[serde(default)]
     pub timeouts: Timeouts,
@@ -49,6 +53,14 @@ pub struct LoginSection {
     /// Password (masked in logs). Prefer `BACKOFFICE__LOGIN__PASSWORD`.
     #[serde(default)]
     pub password: Secret,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// The SCM's admin API (its `[listen] admin`), `host:port`.
+    pub address: String,
 }
 
 /// `[tls]`
@@ -136,6 +148,31 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.login.password.expose(), "s3cret");
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn admin_address_from_file_or_env_and_unknown_keys_refused() {
+        let base = "[scm]\naddress = \"h:1\"\n[login]\nuser = \"a\"\npassword = \"p\"\n";
+        let c = BackofficeConfig::parse(base, "t", &Env::new()).unwrap();
+        assert!(c.admin.is_none());
+        let c = BackofficeConfig::parse(
+            &format!("{base}[admin]\naddress = \"127.0.0.1:7443\"\n"),
+            "t",
+            &Env::new(),
+        )
+        .unwrap();
+        assert_eq!(c.admin.unwrap().address, "127.0.0.1:7443");
+        let env: Env = [("BACKOFFICE__ADMIN__ADDRESS".into(), "127.0.0.1:1".into())].into();
+        let c = BackofficeConfig::parse(base, "t", &env).unwrap();
+        assert_eq!(c.admin.unwrap().address, "127.0.0.1:1");
+        let e = BackofficeConfig::parse(
+            &format!("{base}[admin]\naddress = \"x:1\"\nport = 3\n"),
+            "t",
+            &Env::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("port"), "{e}");
     }
 
     #[test]

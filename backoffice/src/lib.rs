@@ -1,7 +1,8 @@
 //! The back office as a library: its configuration, the telnet client dialogue with the
-//! SCM, and connecting over plain telnet or TLS.
+//! SCM, connecting over plain telnet or TLS, and the client of the SCM's gRPC admin API.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod client;
 pub mod config;
 

@@ -1,6 +1,6 @@
 //! `backoffice`: push a configuration to a machine through the SCM and report its ACK or
-//! NACK (exit 0 ACK, 1 NACK, 2 anything else), list machines, show a machine's status, or
-//! open an interactive shell.
+//! NACK (exit 0 ACK, 1 NACK, 2 anything else), list machines, show a machine's status,
+//! open an interactive shell, or watch the SCM's live events over its admin API.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -70,6 +70,13 @@ enum Cmd {
     Audit,
     /// Interactive session with the SCM (type `quit` to leave).
     Shell,
+    /// Print the SCM's live events (connections, push outcomes, swipes), one line each,
+    /// until interrupted; uses the admin API ([admin] address) and the certificate of [tls].
+    Watch {
+        /// Stop after this many events (exit 0).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Validate the configuration and exit.
     CheckConfig,
 }
@@ -116,6 +123,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         println!("{}: configuration is valid", cli.config.display());
         return Ok(0);
     }
+    if let Cmd::Watch { count } = cli.cmd {
+        return watch(&cfg, count).await;
+    }
     if let Cmd::Push { file, .. } = &cli.cmd {
         // Read the file before connecting, so a typo does not cost a login.
         std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -155,10 +165,50 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Audit => print_reply(client.command("audit").await?),
         Cmd::Swipes => print_reply(client.command("swipes").await?),
         Cmd::Shell => return shell(client).await,
-        Cmd::CheckConfig => 0,
+        Cmd::CheckConfig | Cmd::Watch { .. } => 0,
     };
     let _ = client.quit().await;
     Ok(code)
+}
+
+/// Prints the SCM's events until interrupted (exit 0), `count` events were printed (exit
+/// 0), or the stream fails or ends (exit 2).
+async fn watch(cfg: &BackofficeConfig, count: Option<u64>) -> anyhow::Result<u8> {
+    let mut client = backoffice::admin::connect(cfg).await?;
+    let mut stream = client
+        .watch_events(scm_proto::admin::WatchEventsRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("the SCM refused WatchEvents: {}", s.message()))?
+        .into_inner();
+    let addr = cfg.admin.as_ref().map(|a| a.address.as_str()).unwrap_or("");
+    eprintln!("watching events of the SCM at {addr}; Ctrl-C to stop");
+    let mut out = tokio::io::stdout();
+    let mut printed = 0u64;
+    if count == Some(0) {
+        return Ok(0);
+    }
+    loop {
+        let next = tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+            m = stream.message() => m,
+        };
+        match next {
+            Ok(Some(event)) => {
+                let line = backoffice::admin::format_event(&event);
+                out.write_all(format!("{line}\n").as_bytes()).await?;
+                out.flush().await?;
+                printed += 1;
+                if count.is_some_and(|n| printed >= n) {
+                    return Ok(0);
+                }
+            }
+            Ok(None) => {
+                eprintln!("the SCM ended the event stream (shutting down?)");
+                return Ok(OTHER);
+            }
+            Err(s) => anyhow::bail!("event stream failed: {}", s.message()),
+        }
+    }
 }
 
 /// Prints a push or rollback answer; 0 on ACK, 1 on NACK, 2 otherwise.

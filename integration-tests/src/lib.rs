@@ -272,6 +272,19 @@ pub fn backoffice_with(cfg: &Path, telnet: SocketAddr, args: &[&str]) -> (i32, S
     )
 }
 
+/// Starts `backoffice watch` with configuration file `cfg` against the SCM admin API
+/// `admin`; it logs `watching events` once its event stream is open.
+pub fn watch_with(cfg: &Path, admin: SocketAddr, args: &[&str]) -> Proc {
+    let mut full = vec!["--config", cfg.to_str().unwrap_or(""), "watch"];
+    full.extend_from_slice(args);
+    Proc::spawn(
+        "backoffice-watch",
+        &bin("backoffice"),
+        &full,
+        &[("BACKOFFICE__ADMIN__ADDRESS", admin.to_string())],
+    )
+}
+
 /// Swipes `card` on reader `r1` of `machine` by writing it into the FIFO that `scm
 /// init-dev` configured in `dev`.
 pub fn swipe(dev: &Path, machine: u16, card: &str) {
@@ -309,6 +322,7 @@ pub fn scm_env() -> Vec<(&'static str, String)> {
         ("SCM__LISTEN__AGENTS", "127.0.0.1:0".into()),
         ("SCM__LISTEN__TELNET", "127.0.0.1:0".into()),
         ("SCM__LISTEN__TELNET_TLS", "127.0.0.1:0".into()),
+        ("SCM__LISTEN__ADMIN", "127.0.0.1:0".into()),
         ("SCM__LISTEN__RFIDEAS", "127.0.0.1:0".into()),
         ("SCM__LOGIN__FAILURE_DELAY_MS", "20".into()),
         ("SCM__TIMEOUTS__PUSH_CONNECT_MS", "2000".into()),
@@ -447,6 +461,17 @@ impl Fleet {
     /// Runs the back office with this fleet's configuration.
     pub fn backoffice(&self, args: &[&str]) -> (i32, String, String) {
         backoffice_with(&self.dev().join("backoffice.toml"), self.telnet, args)
+    }
+
+    /// Starts `backoffice watch` (with extra arguments such as `--count N`) against this
+    /// fleet's admin API; it logs `watching events` once its stream is open.
+    pub fn watch(&self, args: &[&str]) -> Proc {
+        watch_with(&self.dev().join("backoffice.toml"), self.admin(), args)
+    }
+
+    /// The SCM's gRPC admin API address (from its `listening on ADDR (admin)` line).
+    pub fn admin(&self) -> SocketAddr {
+        self.scm.listening("admin")
     }
 }
 

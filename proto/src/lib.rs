@@ -25,6 +25,9 @@
 //!   frames to messages and back.
 //! - [`io`]: [`FrameReader`], a bounded reader with idle and stall timeouts,
 //!   and [`write_frame`].
+//! - [`admin`]: the admin API (`scm.admin.v1`), gRPC messages with the tonic client
+//!   and server of the `Admin` service (generated from
+//!   `proto/scm/admin/v1/admin.proto`).
 //!
 //! # Example
 //!
@@ -51,6 +54,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod frame;
 pub mod io;
 pub mod v1;

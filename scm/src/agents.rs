@@ -106,6 +106,7 @@ pub async fn handle(
     if link.hello.is_some() {
         hub.unregister(cert_id, link.link_id);
         tracing::info!(machine = cert_id, "agent disconnected");
+        hub.events.disconnected(cert_id, peer);
     }
     let _ = w.shutdown().await;
     result
@@ -208,6 +209,7 @@ impl Link {
         );
         if self.hello.is_none() {
             crate::metrics::global().agent_connections.inc();
+            self.hub.events.connected(id, self.peer, version);
         }
         self.hello = Some(version);
         tracing::info!(machine = id, version, "agent said HELLO");

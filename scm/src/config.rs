@@ -59,6 +59,9 @@ pub struct ScmConfig {
     /// Retries of pending pushes.
     #[serde(default)]
     pub retry: crate::retry::RetrySettings,
+    /// The event bus (admin API `WatchEvents`).
+    #[serde(default)]
+    pub events: crate::events::EventSettings,
     /// RFIDeas 241 Client Mode devices presented to print servers.
     #[serde(default, rename = "rfideas")]
     pub rfideas: Vec<crate::rfideas::RfideasDevice>,
@@ -89,6 +92,8 @@ pub struct ListenSection {
     /// Prometheus metrics and health (`GET /metrics`, `GET /health`, plain HTTP). A bind
     /// failure here is logged and the SCM runs without metrics.
     pub metrics: String,
+    /// The gRPC admin API (mutual TLS 1.3, operator certificates).
+    pub admin: String,
     /// RFIDeas 241 configuration requests (plain HTTP, devices told apart by `Host`).
     /// Bound only when `[[rfideas]]` devices are configured.
     pub rfideas: String,
@@ -101,6 +106,7 @@ impl Default for ListenSection {
             telnet: "127.0.0.1:2323".into(),
             telnet_tls: "0.0.0.0:2324".into(),
             metrics: "127.0.0.1:9464".into(),
+            admin: "127.0.0.1:7443".into(),
             rfideas: "0.0.0.0:8241".into(),
         }
     }
@@ -446,6 +452,9 @@ impl ScmConfig {
                 ),
             ));
         }
+        if self.events.capacity == 0 || self.events.capacity > 1 << 20 {
+            return Err(invalid("events.capacity", "must be 1..=1048576"));
+        }
         if l.push_concurrency == 0 || l.push_concurrency > 4096 {
             return Err(invalid("limits.push_concurrency", "must be 1..=4096"));
         }
@@ -471,6 +480,7 @@ impl ScmConfig {
             ("listen.telnet", &self.listen.telnet),
             ("listen.telnet_tls", &self.listen.telnet_tls),
             ("listen.metrics", &self.listen.metrics),
+            ("listen.admin", &self.listen.admin),
             ("listen.rfideas", &self.listen.rfideas),
         ] {
             if !v.is_empty() && v.parse::<std::net::SocketAddr>().is_err() {
@@ -567,6 +577,23 @@ config_addr = "10.0.0.2:9301"
         let env: Env = [("SCM__LISTEN__AGENTS".into(), "nowhere".into())].into();
         let c = ScmConfig::parse(MIN, "t", &env).unwrap();
         assert_eq!(c.validate().unwrap_err().key, "listen.agents");
+    }
+
+    #[test]
+    fn admin_listener_and_event_bus_defaults_overrides_and_checks() {
+        let c = ScmConfig::parse(MIN, "t", &Env::new()).unwrap();
+        assert_eq!(c.listen.admin, "127.0.0.1:7443");
+        assert_eq!(c.events.capacity, 4096);
+        let env: Env = [("SCM__LISTEN__ADMIN".into(), "".into())].into();
+        let c = ScmConfig::parse(MIN, "t", &env).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.listen.admin, "", "empty disables");
+        let env: Env = [("SCM__LISTEN__ADMIN".into(), "admin-host".into())].into();
+        let c = ScmConfig::parse(MIN, "t", &env).unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "listen.admin");
+        let text = format!("{MIN}\n[events]\ncapacity = 0\n");
+        let c = ScmConfig::parse(&text, "t", &Env::new()).unwrap();
+        assert_eq!(c.validate().unwrap_err().key, "events.capacity");
     }
 
     #[test]

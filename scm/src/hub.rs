@@ -1,6 +1,6 @@
 //! The SCM's shared state: configuration, database handle, TLS connector toward machines,
-//! login throttle, and the registry of connected machines (who is connected, from where,
-//! since when, speaking which protocol version).
+//! login throttle, the registry of connected machines (who is connected, from where,
+//! since when, speaking which protocol version), and the event bus.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,6 +42,8 @@ pub struct Hub {
     pub swipes: Arc<crate::swipes::Swipes>,
     /// Wakes the retry task.
     pub retry_kick: Arc<crate::retry::Kick>,
+    /// Connections, push outcomes and swipes, for watchers (admin API).
+    pub events: crate::events::Events,
     sessions: Mutex<HashMap<u16, Session>>,
     delivery_locks: Mutex<HashMap<u16, Arc<tokio::sync::Mutex<()>>>>,
     ids: AtomicU64,
@@ -62,6 +64,7 @@ impl Hub {
         store: Store,
         machine_connector: tokio_rustls::TlsConnector,
         swipes: Arc<crate::swipes::Swipes>,
+        events: crate::events::Events,
     ) -> Arc<Hub> {
         let throttle = Throttle::new(cfg.login.clone());
         Arc::new(Hub {
@@ -71,6 +74,7 @@ impl Hub {
             machine_connector,
             swipes,
             retry_kick: Arc::default(),
+            events,
             sessions: Mutex::new(HashMap::new()),
             delivery_locks: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),

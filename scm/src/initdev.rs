@@ -57,6 +57,8 @@ pub const RFIDEAS_PORT: u16 = 8241;
 pub const SCM_METRICS_PORT: u16 = 9464;
 /// First agent metrics and health port (one per machine, counting up).
 pub const AGENT_METRICS_PORT: u16 = 9465;
+/// The SCM's gRPC admin API port.
+pub const ADMIN_PORT: u16 = 7443;
 
 /// Parses `1,2,3` (also ranges like `1-5`).
 pub fn parse_machines(s: &str) -> Result<Vec<u16>, InitDevError> {
@@ -143,7 +145,7 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
         scm,
         "# SCM hub development configuration written by `scm init-dev`.\n\
          # Every key is described in docs/configuration.md.\n\n\
-         [listen]\nagents = \"127.0.0.1:{AGENT_PORT}\"\ntelnet = \"127.0.0.1:{TELNET_PORT}\"\ntelnet_tls = \"127.0.0.1:{TELNET_TLS_PORT}\"\nmetrics = \"127.0.0.1:{SCM_METRICS_PORT}\"\nrfideas = \"127.0.0.1:{RFIDEAS_PORT}\"\n\n\
+         [listen]\nagents = \"127.0.0.1:{AGENT_PORT}\"\ntelnet = \"127.0.0.1:{TELNET_PORT}\"\ntelnet_tls = \"127.0.0.1:{TELNET_TLS_PORT}\"\nmetrics = \"127.0.0.1:{SCM_METRICS_PORT}\"\nrfideas = \"127.0.0.1:{RFIDEAS_PORT}\"\nadmin = \"127.0.0.1:{ADMIN_PORT}\"\n\n\
          [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
          [database]\npath = \"scm.db\"\n\n\
          [[operator]]\nname = \"admin\"\nrole = \"admin\"\npassword_hash = \"{hash}\"\n",
@@ -217,10 +219,12 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
     let backoffice_config = out.join("backoffice.toml");
     let text = format!(
         "# Back office, written by `scm init-dev`. Plain telnet on loopback with a password;\n\
-         # set scm.tls = true and scm.address to the TLS port to log in by certificate.\n\n\
+         # set scm.tls = true and scm.address to the TLS port to log in by certificate.\n\
+         # `backoffice watch` uses the admin API with the operator certificate of [tls].\n\n\
          [scm]\naddress = \"127.0.0.1:{TELNET_PORT}\"\ntls = false\n\n\
          [login]\nuser = \"admin\"\npassword = \"{admin_password}\"\n\n\
-         [tls]\nca = \"{}\"\ncert = \"{op_cert}\"\nkey = \"{op_key}\"\n",
+         [tls]\nca = \"{}\"\ncert = \"{op_cert}\"\nkey = \"{op_key}\"\n\n\
+         [admin]\naddress = \"127.0.0.1:{ADMIN_PORT}\"\n",
         name(&files.ca_cert),
     );
     write(&backoffice_config, &text, true)?;
@@ -256,6 +260,7 @@ mod tests {
         assert_eq!(cfg.machines.len(), 2);
         assert_eq!(cfg.generic.len(), 2);
         assert_eq!(cfg.generic[1].listen, "127.0.0.1:7779");
+        assert_eq!(cfg.listen.admin, format!("127.0.0.1:{ADMIN_PORT}"));
         assert_eq!(cfg.listen.rfideas, "127.0.0.1:8241");
         assert_eq!(cfg.rfideas.len(), 2);
         assert_eq!(cfg.rfideas[1].host, "reader-2.localhost");
@@ -271,6 +276,10 @@ mod tests {
         assert_eq!(r.agent_configs.len(), 2);
         let bo = std::fs::read_to_string(&r.backoffice_config).unwrap();
         assert!(bo.contains(&r.admin_password));
+        assert!(
+            bo.contains(&format!("[admin]\naddress = \"127.0.0.1:{ADMIN_PORT}\"")),
+            "{bo}"
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&r.backoffice_config)
             .unwrap()

@@ -3,10 +3,12 @@
 //! tests run the real binary.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod agents;
 pub mod auth;
 pub mod command;
 pub mod config;
+pub mod events;
 pub mod fleet;
 pub mod generic;
 pub mod hub;

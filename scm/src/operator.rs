@@ -845,8 +845,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
-/// The outcome as the audit log words it.
-fn outcome_word(r: &PushResult) -> String {
+/// The outcome as the audit log words it (telnet and admin API pushes alike).
+pub(crate) fn outcome_word(r: &PushResult) -> String {
     match r {
         PushResult::Ack { .. } => "ack".into(),
         PushResult::Nack { detail, .. } => format!("nack {}", one_line(detail)),

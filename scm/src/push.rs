@@ -222,6 +222,7 @@ pub async fn record(hub: &Hub, id: u16, result: &PushResult) -> Result<(), Store
         ),
     };
     tracing::info!(machine = id, generation = g, outcome = ?outcome, "{detail}");
+    hub.events.push(id, result);
     hub.store
         .run(move |c| store::record_attempt(c, id, g, outcome, &detail))
         .await

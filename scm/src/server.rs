@@ -1,5 +1,5 @@
 //! Wires the SCM together: opens the database, loads the TLS material, and runs every
-//! listener (agent link, plain telnet, TLS telnet, Generic devices, metrics) on pre-bound
+//! listener (agent link, plain telnet, TLS telnet, Generic devices, metrics, admin API) on pre-bound
 //! sockets until the shutdown token is cancelled.
 
 use std::sync::Arc;
@@ -29,6 +29,8 @@ pub struct Listeners {
     pub generic: Vec<TcpListener>,
     /// Metrics and health (HTTP).
     pub metrics: Option<TcpListener>,
+    /// gRPC admin API.
+    pub admin: Option<TcpListener>,
     /// RFIDeas 241 configuration listeners (shared and per device).
     pub rfideas: crate::rfideas::Listeners,
 }
@@ -80,6 +82,7 @@ pub async fn bind_all(prepared: &Prepared) -> Result<Listeners, StartError> {
                 None
             }
         },
+        admin: one(&cfg.listen.admin, "admin").await?,
     })
 }
 
@@ -91,6 +94,7 @@ pub struct Prepared {
     pub hub: Arc<Hub>,
     agent_acceptor: tokio_rustls::TlsAcceptor,
     operator_acceptor: tokio_rustls::TlsAcceptor,
+    admin_acceptor: tokio_rustls::TlsAcceptor,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -107,6 +111,8 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
     };
     let agent_cfg = tls::server_config(&files, machine_policy, &[])?;
     let operator_cfg = tls::server_config(&files, TlsPolicy::default(), &[])?;
+    // The admin API is TLS 1.3 only whatever is allowed for machines, and speaks HTTP/2.
+    let admin_cfg = tls::server_config(&files, TlsPolicy { allow_tls12: false }, &[b"h2"])?;
     let client_cfg = tls::client_config(&files, machine_policy)?;
     let store = Store::open_with_timeout(
         &cfg.database.path,
@@ -118,6 +124,7 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         .map(|m| (m.id, m.name.clone(), m.protocol_version))
         .collect();
     store.run_blocking(|c| store::sync_machines(c, &machines))?;
+    let events = crate::events::Events::new(cfg.events.capacity);
     let (outcome_tx, outcome_rx) = tokio::sync::mpsc::channel(4096);
     let bridge = GenericBridge::new(cfg.generic.clone(), cfg.bridge.clone(), outcome_tx);
     let (rf_tx, rf_rx) = tokio::sync::mpsc::channel(4096);
@@ -136,6 +143,7 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         outcome_rx,
         rfideas,
         rf_rx,
+        events.clone(),
     )
     .map_err(|source| store::StoreError::Sqlite {
         path: cfg.database.path.clone(),
@@ -146,11 +154,13 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         store,
         tokio_rustls::TlsConnector::from(client_cfg),
         swipes,
+        events,
     );
     Ok(Prepared {
         hub,
         agent_acceptor: tokio_rustls::TlsAcceptor::from(agent_cfg),
         operator_acceptor: tokio_rustls::TlsAcceptor::from(operator_cfg),
+        admin_acceptor: tokio_rustls::TlsAcceptor::from(admin_cfg),
     })
 }
 
@@ -160,6 +170,7 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
         hub,
         agent_acceptor,
         operator_acceptor,
+        admin_acceptor,
     } = prepared;
     let limits = hub.cfg.limits.clone();
     let mut set = JoinSet::new();
@@ -219,6 +230,26 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
                     let r = session.await;
                     if let Err(operator::SessionError::Handshake(e)) = &r {
                         crate::metrics::handshake_failed("telnet-tls", e);
+                    }
+                    r
+                }
+            },
+        ));
+    }
+    if let Some(l) = listeners.admin {
+        let hub = hub.clone();
+        let opts = scm_common::ServeOptions::new("admin", limits.max_operator_connections);
+        set.spawn(scm_common::serve(
+            l,
+            opts,
+            shutdown.clone(),
+            move |tcp, peer, token| {
+                let conn =
+                    crate::admin::handle(hub.clone(), admin_acceptor.clone(), tcp, peer, token);
+                async move {
+                    let r = conn.await;
+                    if let Err(crate::admin::ConnError::Handshake(e)) = &r {
+                        crate::metrics::handshake_failed("admin", e);
                     }
                     r
                 }

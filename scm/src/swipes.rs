@@ -137,6 +137,8 @@ pub struct Swipes {
     seen: Mutex<Seen>,
     journal: mpsc::Sender<JournalOp>,
     bridge: Arc<GenericBridge>,
+    /// Where every answered swipe is published (masked).
+    events: crate::events::Events,
     rfideas: Arc<RfideasBridge>,
     /// Counters.
     pub stats: Arc<SwipeStats>,
@@ -160,6 +162,10 @@ fn valid_id(s: &str, max: usize) -> bool {
 impl Swipes {
     /// Opens the journal (its own SQLite connection on the SCM's database), loads recent
     /// event ids, and starts the journal writer and the bridge-outcome consumer.
+    /// Every answered swipe is published on `events` (card masked).
+    // Each argument is one independent piece of the start-up wiring (two bridges with
+    // their outcome channels, the event bus); a struct would only rename the list.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         db_path: &Path,
         settings: SwipeSettings,
@@ -168,6 +174,7 @@ impl Swipes {
         outcomes: mpsc::Receiver<OutcomeReport>,
         rfideas: Arc<RfideasBridge>,
         rf_outcomes: mpsc::Receiver<rfideas::OutcomeReport>,
+        events: crate::events::Events,
     ) -> Result<Arc<Swipes>, rusqlite::Error> {
         let conn = Connection::open(db_path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
@@ -205,6 +212,7 @@ impl Swipes {
             seen: Mutex::new(seen),
             journal: tx,
             bridge,
+            events,
             rfideas,
             stats: Arc::new(SwipeStats::default()),
         });
@@ -285,8 +293,15 @@ impl Swipes {
     }
 
     /// Handles one SWIPE from machine `machine` (the id already checked against the
-    /// certificate).
+    /// certificate), and publishes the answer on the event bus (card masked).
     pub async fn receive(&self, machine: u16, s: &v1::Swipe) -> Verdict {
+        let verdict = self.answer(machine, s).await;
+        self.events
+            .swipe(machine, &s.reader_id, mask(&s.card), &verdict);
+        verdict
+    }
+
+    async fn answer(&self, machine: u16, s: &v1::Swipe) -> Verdict {
         let received_at = tokio::time::Instant::now();
         let masked = mask(&s.card);
         let row = |outcome, detail: String| Row {

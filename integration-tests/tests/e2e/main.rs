@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `scm`, `machine-agent` and `backoffice` binaries talking
 //! over real sockets, TLS and telnet. One test binary, one module per area.
 
+mod admin;
 mod crash;
 mod faults;
 mod fleet;

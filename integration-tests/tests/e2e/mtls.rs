@@ -111,7 +111,7 @@ fn roots(ca_pem: &str) -> rustls::RootCertStore {
 }
 
 /// A client that trusts the dev CA but presents no certificate.
-fn no_cert_config(dev: &Path) -> Arc<rustls::ClientConfig> {
+pub(crate) fn no_cert_config(dev: &Path) -> Arc<rustls::ClientConfig> {
     let ca = std::fs::read_to_string(dev.join("ca.pem")).expect("ca.pem");
     Arc::new(
         rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -124,8 +124,8 @@ fn no_cert_config(dev: &Path) -> Arc<rustls::ClientConfig> {
     )
 }
 
-/// A client with machine 1's valid certificate that speaks only TLS 1.2.
-fn tls12_only_config(p: &Pems) -> Arc<rustls::ClientConfig> {
+/// A client with the given (valid) certificate that speaks only TLS 1.2.
+pub(crate) fn tls12_only_config(p: &Pems) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain = CertificateDer::pem_slice_iter(p.cert.as_bytes())
