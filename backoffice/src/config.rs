@@ -156,12 +156,12 @@ mod tests {
         let c = BackofficeConfig::parse(base, "t", &Env::new()).unwrap();
         assert!(c.admin.is_none());
         let c = BackofficeConfig::parse(
-            &format!("{base}[admin]\naddress = \"127.0.0.1:7443\"\n"),
+            &format!("{base}[admin]\naddress = \"127.0.0.1:9443\"\n"),
             "t",
             &Env::new(),
         )
         .unwrap();
-        assert_eq!(c.admin.unwrap().address, "127.0.0.1:7443");
+        assert_eq!(c.admin.unwrap().address, "127.0.0.1:9443");
         let env: Env = [("BACKOFFICE__ADMIN__ADDRESS".into(), "127.0.0.1:1".into())].into();
         let c = BackofficeConfig::parse(base, "t", &env).unwrap();
         assert_eq!(c.admin.unwrap().address, "127.0.0.1:1");

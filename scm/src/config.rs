@@ -106,7 +106,7 @@ impl Default for ListenSection {
             telnet: "127.0.0.1:2323".into(),
             telnet_tls: "0.0.0.0:2324".into(),
             metrics: "127.0.0.1:9464".into(),
-            admin: "127.0.0.1:7443".into(),
+            admin: "127.0.0.1:9443".into(),
             rfideas: "0.0.0.0:8241".into(),
         }
     }
@@ -582,7 +582,7 @@ config_addr = "10.0.0.2:9301"
     #[test]
     fn admin_listener_and_event_bus_defaults_overrides_and_checks() {
         let c = ScmConfig::parse(MIN, "t", &Env::new()).unwrap();
-        assert_eq!(c.listen.admin, "127.0.0.1:7443");
+        assert_eq!(c.listen.admin, "127.0.0.1:9443");
         assert_eq!(c.events.capacity, 4096);
         let env: Env = [("SCM__LISTEN__ADMIN".into(), "".into())].into();
         let c = ScmConfig::parse(MIN, "t", &env).unwrap();

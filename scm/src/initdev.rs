@@ -58,7 +58,7 @@ pub const SCM_METRICS_PORT: u16 = 9464;
 /// First agent metrics and health port (one per machine, counting up).
 pub const AGENT_METRICS_PORT: u16 = 9465;
 /// The SCM's gRPC admin API port.
-pub const ADMIN_PORT: u16 = 7443;
+pub const ADMIN_PORT: u16 = 9443;
 
 /// Parses `1,2,3` (also ranges like `1-5`).
 pub fn parse_machines(s: &str) -> Result<Vec<u16>, InitDevError> {
