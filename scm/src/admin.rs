@@ -157,16 +157,14 @@ impl AdminService {
     }
 
     async fn audit(&self, caller: &Caller, action: &'static str, detail: String) {
-        let actor = caller.operator.clone();
-        let source = caller.peer.to_string();
-        if let Err(e) = self
-            .hub
-            .store
-            .run(move |c| store::audit(c, &actor, &source, action, &detail))
-            .await
-        {
-            tracing::error!("cannot write the audit log: {e}");
-        }
+        self.hub
+            .audit(
+                caller.operator.clone(),
+                caller.peer.to_string(),
+                action,
+                detail,
+            )
+            .await;
     }
 
     /// Proto machines for `ids` (every configured machine if `None`), in configuration

@@ -119,6 +119,18 @@ impl Hub {
             .len()
     }
 
+    /// Appends to the audit log. A failure to write is logged, never silently dropped:
+    /// the action itself has already been answered by then.
+    pub async fn audit(&self, actor: String, source: String, action: &'static str, detail: String) {
+        if let Err(e) = self
+            .store
+            .run(move |c| crate::store::audit(c, &actor, &source, action, &detail))
+            .await
+        {
+            tracing::error!("cannot write the audit log: {e}");
+        }
+    }
+
     /// The lock that serialises deliveries to one machine.
     pub fn delivery_lock(&self, id: u16) -> Arc<tokio::sync::Mutex<()>> {
         let mut l = self

@@ -116,16 +116,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "login_refused" => crate::metrics::global().logins.inc(&["locked"]),
             _ => {}
         }
-        let actor = self.actor();
-        let source = self.peer.to_string();
-        if let Err(e) = self
-            .hub
-            .store
-            .run(move |c| store::audit(c, &actor, &source, action, &detail))
-            .await
-        {
-            tracing::error!("cannot write the audit log: {e}");
-        }
+        self.hub
+            .audit(self.actor(), self.peer.to_string(), action, detail)
+            .await;
     }
 
     async fn reply(&mut self, line: &str) -> Result<(), SessionError> {

@@ -26,6 +26,24 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     f.to_str().expect("utf-8 path").to_string()
 }
 
+/// Adds operators to an init-dev scm.toml, with the same password as `admin`.
+fn add_operators(dir: &Path, operators: &[(&str, &str)]) {
+    let scm_toml = dir.join("dev/scm.toml");
+    let text = std::fs::read_to_string(&scm_toml).unwrap();
+    let hash = text
+        .lines()
+        .find_map(|l| l.strip_prefix("password_hash = "))
+        .expect("admin's hash")
+        .to_string();
+    let mut extra = String::new();
+    for (name, role) in operators {
+        extra.push_str(&format!(
+            "\n[[operator]]\nname = \"{name}\"\nrole = \"{role}\"\npassword_hash = {hash}\n"
+        ));
+    }
+    std::fs::write(&scm_toml, text + &extra).unwrap();
+}
+
 /// Starts `backoffice push` in the background.
 fn push_in_background(dir: &Path, telnet: std::net::SocketAddr, file: &str) -> Proc {
     let cfg = dir.join("dev/backoffice.toml");
@@ -149,20 +167,10 @@ fn agent_killed_between_durable_write_and_ack() {
 fn hundred_pushes_from_four_concurrent_operators_end_ordered_and_newest() {
     let (dir, password) = Fleet::init(&[1]);
     // Three more admin operators with the same password as `admin`.
-    let scm_toml = dir.path().join("dev/scm.toml");
-    let text = std::fs::read_to_string(&scm_toml).unwrap();
-    let hash = text
-        .lines()
-        .find_map(|l| l.strip_prefix("password_hash = "))
-        .expect("admin's hash")
-        .to_string();
-    let mut extra = String::new();
-    for name in ["ops-b", "ops-c", "ops-d"] {
-        extra.push_str(&format!(
-            "\n[[operator]]\nname = \"{name}\"\nrole = \"admin\"\npassword_hash = {hash}\n"
-        ));
-    }
-    std::fs::write(&scm_toml, text + &extra).unwrap();
+    add_operators(
+        dir.path(),
+        &[("ops-b", "admin"), ("ops-c", "admin"), ("ops-d", "admin")],
+    );
     let scm = Fleet::start_scm(dir.path(), &[]);
     let telnet = scm.listening("telnet");
     let agent = Fleet::start_agent(dir.path(), 1, scm.listening("agents"), &[]);
@@ -362,20 +370,7 @@ fn read_only_database_stops_the_scm_with_a_clear_error() {
 #[test]
 fn read_only_operator_push_is_refused_and_audited() {
     let (dir, password) = Fleet::init(&[1]);
-    let scm_toml = dir.path().join("dev/scm.toml");
-    let text = std::fs::read_to_string(&scm_toml).unwrap();
-    let hash = text
-        .lines()
-        .find_map(|l| l.strip_prefix("password_hash = "))
-        .expect("admin's hash")
-        .to_string();
-    std::fs::write(
-        &scm_toml,
-        text + &format!(
-            "\n[[operator]]\nname = \"viewer\"\nrole = \"read_only\"\npassword_hash = {hash}\n"
-        ),
-    )
-    .unwrap();
+    add_operators(dir.path(), &[("viewer", "read_only")]);
     let scm = Fleet::start_scm(dir.path(), &[]);
     let telnet = scm.listening("telnet");
     let agent = Fleet::start_agent(dir.path(), 1, scm.listening("agents"), &[]);
