@@ -64,10 +64,18 @@ set -e
 echo "backoffice exit code: $rc (0 = ACK)"
 echo "stored on machine 2 ($DIR/machine-2/config.current):"
 sed 's/^/  | /' "$DIR/machine-2/config.current"
+[ "$rc" -eq 0 ] || { echo "the push was not acknowledged" >&2; exit 1; }
+echo
+echo "== a fleet push to group odd (machines 1 and 3), with live progress =="
+printf '# lobby printers\nsleep.minutes = 15\n' >"$DIR/odd.cfg"
+set +e
+$BIN/backoffice --config "$DIR/backoffice.toml" push --target group:odd --file "$DIR/odd.cfg"
+rc=$?
+set -e
+[ "$rc" -eq 0 ] || { echo "the group push was not acknowledged by every machine" >&2; exit 1; }
 echo
 echo "== fleet as the SCM sees it =="
 $BIN/backoffice --config "$DIR/backoffice.toml" machines
-[ "$rc" -eq 0 ] || { echo "the push was not acknowledged" >&2; exit 1; }
 
 echo
 echo "== a card swipe: machine 1's reader -> agent -> SCM -> Generic bridge -> print server =="
