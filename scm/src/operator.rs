@@ -553,13 +553,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let devices = self.hub.swipes.bridge().status(None);
         let delivered: u64 = devices.iter().map(|d| d.delivered).sum();
         let expired: u64 = devices.iter().map(|d| d.expired).sum();
+        let r241 = self.hub.swipes.rfideas().status(None);
         let st = &self.hub.swipes.stats;
         use std::sync::atomic::Ordering::Relaxed;
         lines.push(format!(
-            "{} swipes shown; since start: {} delivered, {} expired, {} duplicate, {} rejected, {} busy, {} without route",
+            "{} swipes shown; since start: Generic {} delivered, {} expired; 241 {} delivered, {} expired, {} failed; {} duplicate, {} rejected, {} busy, {} without route",
             rows.len(),
             delivered,
             expired,
+            r241.iter().map(|d| d.delivered).sum::<u64>(),
+            r241.iter().map(|d| d.expired).sum::<u64>(),
+            r241.iter().map(|d| d.failed).sum::<u64>(),
             st.duplicate.load(Relaxed),
             st.rejected.load(Relaxed),
             st.busy.load(Relaxed),
