@@ -216,6 +216,10 @@ fn unacknowledged_swipes_survive_an_scm_restart_once_and_expired_ones_never_arri
     s.wait_stdout("CONNECTED");
     swipe(&dev, 1, "BEFORE01");
     s.wait_stdout("CARD BEFORE01");
+    // The print server may read the card before the ACK reaches the agent: wait for the
+    // ACK, or a kill in between leaves BEFORE01 unacknowledged (it then expires at the
+    // agent, as it should, and the count below would be off by one).
+    agent.wait_for("swipe acknowledged by the SCM");
 
     // The SCM dies; swipes made meanwhile wait at the agent.
     scm.kill9();
