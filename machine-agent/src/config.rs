@@ -146,12 +146,15 @@ impl Default for Timeouts {
 pub struct Limits {
     /// Concurrent connections on the config port.
     pub max_config_connections: usize,
+    /// Concurrent connections on the config port from one source address (0: no limit).
+    pub max_config_connections_per_source: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_config_connections: 8,
+            max_config_connections_per_source: 4,
         }
     }
 }

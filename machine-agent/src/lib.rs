@@ -143,7 +143,8 @@ impl Agent {
         if let Some(l) = config_listener {
             let port = self.port.clone();
             let opts =
-                scm_common::ServeOptions::new("config", self.cfg.limits.max_config_connections);
+                scm_common::ServeOptions::new("config", self.cfg.limits.max_config_connections)
+                    .per_source(self.cfg.limits.max_config_connections_per_source);
             set.spawn(scm_common::serve(
                 l,
                 opts,

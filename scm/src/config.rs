@@ -153,8 +153,14 @@ fn default_busy_timeout() -> u64 {
 pub struct Limits {
     /// Concurrent agent connections.
     pub max_agent_connections: usize,
+    /// Concurrent agent connections from one source address (0: no limit). Machines
+    /// behind one NAT address share it.
+    pub max_agent_connections_per_source: usize,
     /// Concurrent operator (telnet) connections, per listener.
     pub max_operator_connections: usize,
+    /// Concurrent connections from one source address on each operator listener (telnet,
+    /// telnet-tls, admin) and on the metrics listener (0: no limit).
+    pub max_connections_per_source: usize,
     /// Largest DATA_LENGTH accepted on the agent link.
     pub max_agent_frame_data: usize,
     /// Largest configuration accepted from an operator, in bytes.
@@ -169,7 +175,9 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_agent_connections: 10_000,
+            max_agent_connections_per_source: 1_000,
             max_operator_connections: 32,
+            max_connections_per_source: 8,
             max_agent_frame_data: 16 * 1024,
             max_config_bytes: 60 * 1024,
             telnet_max_line: 4096,
