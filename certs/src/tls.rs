@@ -395,9 +395,7 @@ pub fn peer_serial(conn: &CommonState) -> Option<Vec<u8>> {
 
 /// The serial numbers the CRL files list (each file may hold several CRLs). Used after a
 /// reload to find established sessions whose certificate is now revoked.
-pub fn revoked_serials(
-    crls: &[PathBuf],
-) -> Result<std::collections::HashSet<Vec<u8>>, TlsError> {
+pub fn revoked_serials(crls: &[PathBuf]) -> Result<std::collections::HashSet<Vec<u8>>, TlsError> {
     let mut out = std::collections::HashSet::new();
     for path in crls {
         let source = PemSource::file("CRL", path)?;

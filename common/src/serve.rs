@@ -340,7 +340,11 @@ mod tests {
         assert_eq!(many.len(), 100);
         drop(many);
         drop(_b1);
-        assert_eq!(counts.len(), 1, "addresses with no connection are forgotten");
+        assert_eq!(
+            counts.len(),
+            1,
+            "addresses with no connection are forgotten"
+        );
     }
 
     #[tokio::test]
@@ -360,10 +364,7 @@ mod tests {
             s.connect(to).await.unwrap()
         }
         let before = refused_connections().get(&["persrc", "per_source"]);
-        let mut held = vec![
-            from("127.0.0.2", addr).await,
-            from("127.0.0.2", addr).await,
-        ];
+        let mut held = vec![from("127.0.0.2", addr).await, from("127.0.0.2", addr).await];
         // The third from 127.0.0.2 is closed without being served.
         let mut third = from("127.0.0.2", addr).await;
         let mut b = [0u8; 1];

@@ -143,13 +143,7 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         path: cfg.database.path.clone(),
         source,
     })?;
-    let hub = Hub::new(
-        cfg,
-        store,
-        tls,
-        swipes,
-        events,
-    );
+    let hub = Hub::new(cfg, store, tls, swipes, events);
     let sighup = match crate::tlsreload::sighup() {
         Ok(s) => Some(s),
         Err(e) => {
@@ -247,8 +241,7 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             opts,
             shutdown.clone(),
             move |tcp, peer, token| {
-                let conn =
-                    crate::admin::handle(hub.clone(), hub.tls.admin(), tcp, peer, token);
+                let conn = crate::admin::handle(hub.clone(), hub.tls.admin(), tcp, peer, token);
                 async move {
                     let r = conn.await;
                     if let Err(crate::admin::ConnError::Handshake(e)) = &r {

@@ -104,7 +104,11 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut s = self.state.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self
+            .state
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         s.remove(&self.id);
     }
 }
@@ -225,9 +229,7 @@ impl TlsState {
             // The revoked flag first, so the session knows why its token is cancelled.
             s.revoked.cancel();
             s.close.cancel();
-            crate::metrics::global()
-                .sessions_revoked
-                .inc(&[s.listener]);
+            crate::metrics::global().sessions_revoked.inc(&[s.listener]);
             tracing::warn!(
                 listener = s.listener,
                 peer = %s.peer,

@@ -209,15 +209,14 @@ async fn try_tls(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>, server: &Iden
         Err(_) => "NOT REFUSED: no answer, connection open".into(),
         Ok(Ok(0)) => "closed".into(),
         Ok(Ok(n)) => format!("NOT REFUSED: received {n} bytes"),
-        Ok(Err(e)) => {
-            let label = match e.get_ref().and_then(|r| r.downcast_ref::<rustls::Error>()) {
-                Some(r) => sctls::HandshakeError::Tls(std::io::Error::other(r.clone()))
-                    .reason()
-                    .to_string(),
-                None => format!("io: {e}"),
-            };
-            format!("alert ({label})")
-        }
+        Ok(Err(e)) => match e.get_ref().and_then(|r| r.downcast_ref::<rustls::Error>()) {
+            Some(r) => format!(
+                "alert ({})",
+                sctls::HandshakeError::Tls(std::io::Error::other(r.clone())).reason()
+            ),
+            None if e.kind() == std::io::ErrorKind::UnexpectedEof => "closed".to_string(),
+            None => format!("io: {e}"),
+        },
     }
 }
 
@@ -418,7 +417,9 @@ fn mtls_negative_matrix() {
         ),
     );
     let ca_pem = dev_ca.cert_pem().to_string();
+    let setup = Instant::now();
     let fleet = fleet_from(dir, password, &[], &[1]);
+    eprintln!("matrix: SCM and agent 1 up in {:?}", setup.elapsed());
     let scm_metrics = fleet.scm.listening("metrics");
     let admin = fleet.admin();
     let agent1 = fleet.agent(1);
@@ -660,16 +661,23 @@ fn mtls_negative_matrix() {
             (Port::AgentConfig, _) => (
                 agent1,
                 agent1_metrics,
-                format!("agent_handshake_failures_total{{reason=\"{}\"}}", case.reason),
+                format!(
+                    "agent_handshake_failures_total{{reason=\"{}\"}}",
+                    case.reason
+                ),
                 format!("TLS handshake refused ({})", case.reason),
             ),
             (Port::AgentLink, _) => (
                 &agent3,
                 agent3_metrics,
-                format!("agent_handshake_failures_total{{reason=\"{}\"}}", case.reason),
+                format!(
+                    "agent_handshake_failures_total{{reason=\"{}\"}}",
+                    case.reason
+                ),
                 format!("TLS handshake refused ({})", case.reason),
             ),
         };
+        let case_started = Instant::now();
         let before_count = metric(metrics_addr, &series);
         let before_lines = proc_.logs().matches(&needle).count();
         let seen = runtime.block_on(async {
@@ -725,11 +733,12 @@ fn mtls_negative_matrix() {
             ));
         }
         table.push(format!(
-            "| {} | {} | `{}` | client saw: {} |",
+            "| {} | {} | `{}` | {} | {} ms |",
             case.port.listener(),
             case.name,
             case.reason,
-            seen
+            seen,
+            case_started.elapsed().as_millis()
         ));
     }
     eprintln!(
@@ -801,7 +810,10 @@ fn one_address_stalling_connections_does_not_lock_out_operators_or_machines() {
             ("SCM__LIMITS__MAX_OPERATOR_CONNECTIONS", "8".into()),
             ("SCM__LIMITS__MAX_CONNECTIONS_PER_SOURCE", CAP.to_string()),
             ("SCM__LIMITS__MAX_AGENT_CONNECTIONS", "8".into()),
-            ("SCM__LIMITS__MAX_AGENT_CONNECTIONS_PER_SOURCE", CAP.to_string()),
+            (
+                "SCM__LIMITS__MAX_AGENT_CONNECTIONS_PER_SOURCE",
+                CAP.to_string(),
+            ),
             // Long enough that nothing held is cut off by a timeout during the test.
             ("SCM__TIMEOUTS__HANDSHAKE_MS", "120000".into()),
             ("SCM__TIMEOUTS__LOGIN_MS", "120000".into()),
@@ -850,7 +862,9 @@ fn one_address_stalling_connections_does_not_lock_out_operators_or_machines() {
         assert_eq!(
             metric(
                 scm_metrics,
-                &format!("scm_connections_refused_total{{listener=\"{name}\",reason=\"per_source\"}}")
+                &format!(
+                    "scm_connections_refused_total{{listener=\"{name}\",reason=\"per_source\"}}"
+                )
             ),
             1,
             "{name}"
@@ -1153,8 +1167,7 @@ fn sighup_reload_closes_revoked_sessions_and_keeps_the_others() {
     let runtime = rt();
     let (mut revoked_session, mut kept_session) = runtime.block_on(async {
         (
-            TlsTelnet::connect(fleet.telnet_tls, &issued_pems(&ca_pem, &op_revoked))
-                .await,
+            TlsTelnet::connect(fleet.telnet_tls, &issued_pems(&ca_pem, &op_revoked)).await,
             TlsTelnet::connect(fleet.telnet_tls, &issued_pems(&ca_pem, &op_kept)).await,
         )
     });
@@ -1169,7 +1182,10 @@ fn sighup_reload_closes_revoked_sessions_and_keeps_the_others() {
         .scm
         .wait_for("TLS reloaded: 2 revoked serial(s) listed; 2 session(s) closed");
     let line = fleet.scm.wait_for("closing the session of machine 1");
-    assert!(line.contains("listener=\"agents\"") || line.contains("listener=agents"), "{line}");
+    assert!(
+        line.contains("listener=\"agents\"") || line.contains("listener=agents"),
+        "{line}"
+    );
     let line = fleet.scm.wait_for("closing the session of operator admin");
     assert!(line.contains("telnet-tls"), "{line}");
     fleet.scm.wait_for("agent disconnected");
@@ -1204,13 +1220,20 @@ fn sighup_reload_closes_revoked_sessions_and_keeps_the_others() {
 
     // A bad CRL file: the reload fails and changes nothing.
     std::fs::write(&crl_file, "not a CRL\n").expect("break the CRL");
-    let refused_before = fleet.scm.logs().matches("TLS handshake refused (revoked)").count();
+    let refused_before = fleet
+        .scm
+        .logs()
+        .matches("TLS handshake refused (revoked)")
+        .count();
     fleet.scm.signal("HUP");
     let line = fleet
         .scm
         .wait_for("TLS reload failed, keeping the previous certificates and CRLs");
     assert!(line.contains("current.crl.pem"), "names the file: {line}");
-    assert_eq!(metric(scm_metrics, "scm_tls_reloads_total{result=\"failed\"}"), 1);
+    assert_eq!(
+        metric(scm_metrics, "scm_tls_reloads_total{result=\"failed\"}"),
+        1
+    );
     // Machine 1 is still refused, machine 2 and the kept operator still served.
     fleet
         .scm
