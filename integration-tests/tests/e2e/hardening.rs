@@ -1159,9 +1159,15 @@ fn sighup_reload_closes_revoked_sessions_and_keeps_the_others() {
     let op_kept = dev_ca
         .issue(&LeafSpec::new(operator(), Validity::days_from_now(30)))
         .expect("issue");
+    // The back office's operator certificate (used by `watch` on the admin API) is the
+    // one to revoke too.
+    std::fs::write(dev.join("operator-admin.pem"), &op_revoked.cert_pem).expect("write cert");
+    std::fs::write(dev.join("operator-admin-key.pem"), &op_revoked.key_pem).expect("write key");
     let crl_file = dev.join("current.crl.pem");
     add_crl(&dev, "current.crl.pem", &crl(&dev, &[]));
     let fleet = fleet_from(dir, password, &[], &[1, 2]);
+    let mut watch = fleet.watch(&[]);
+    watch.wait_for("watching events");
     let scm_metrics = fleet.scm.listening("metrics");
     let ca_pem = dev_ca.cert_pem().to_string();
     let runtime = rt();
@@ -1180,14 +1186,24 @@ fn sighup_reload_closes_revoked_sessions_and_keeps_the_others() {
     fleet.scm.signal("HUP");
     fleet
         .scm
-        .wait_for("TLS reloaded: 2 revoked serial(s) listed; 2 session(s) closed");
+        .wait_for("TLS reloaded: 2 revoked serial(s) listed; 3 session(s) closed");
     let line = fleet.scm.wait_for("closing the session of machine 1");
     assert!(
         line.contains("listener=\"agents\"") || line.contains("listener=agents"),
         "{line}"
     );
-    let line = fleet.scm.wait_for("closing the session of operator admin");
-    assert!(line.contains("telnet-tls"), "{line}");
+    let closed_operators = fleet.scm.wait_for_n("closing the session of operator admin", 2);
+    let _ = closed_operators;
+    let logs = fleet.scm.logs();
+    for listener in ["telnet-tls", "admin"] {
+        assert!(
+            logs.lines().any(|l| l.contains("closing the session of operator admin")
+                && l.contains(listener)),
+            "no {listener} session closed:\n{logs}"
+        );
+    }
+    // The watcher's stream ended with its connection.
+    assert_eq!(watch.wait_exit(), Some(2), "{}", watch.logs());
     fleet.scm.wait_for("agent disconnected");
     runtime.block_on(async {
         let text = revoked_session.until_closed().await;
@@ -1206,6 +1222,7 @@ fn sighup_reload_closes_revoked_sessions_and_keeps_the_others() {
     for (series, want) in [
         ("scm_tls_sessions_revoked_total{listener=\"agents\"}", 1),
         ("scm_tls_sessions_revoked_total{listener=\"telnet-tls\"}", 1),
+        ("scm_tls_sessions_revoked_total{listener=\"admin\"}", 1),
         ("scm_tls_reloads_total{result=\"ok\"}", 1),
         ("scm_tls_reloads_total{result=\"failed\"}", 0),
     ] {
