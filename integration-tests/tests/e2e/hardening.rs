@@ -1192,13 +1192,16 @@ fn sighup_reload_closes_revoked_sessions_and_keeps_the_others() {
         line.contains("listener=\"agents\"") || line.contains("listener=agents"),
         "{line}"
     );
-    let closed_operators = fleet.scm.wait_for_n("closing the session of operator admin", 2);
+    let closed_operators = fleet
+        .scm
+        .wait_for_n("closing the session of operator admin", 2);
     let _ = closed_operators;
     let logs = fleet.scm.logs();
     for listener in ["telnet-tls", "admin"] {
         assert!(
-            logs.lines().any(|l| l.contains("closing the session of operator admin")
-                && l.contains(listener)),
+            logs.lines().any(
+                |l| l.contains("closing the session of operator admin") && l.contains(listener)
+            ),
             "no {listener} session closed:\n{logs}"
         );
     }
@@ -1261,4 +1264,80 @@ fn sighup_reload_closes_revoked_sessions_and_keeps_the_others() {
         assert!(text.contains("machine 2"), "{text:?}");
     });
     assert_eq!(fleet.agent(2).logs().matches("connected to SCM").count(), 1);
+}
+
+/// The agent reloads its TLS files on SIGHUP too: after its CRL file is rewritten to list
+/// a second SCM certificate, that certificate is refused on the config port (`revoked`),
+/// while the real SCM still pushes and the event link stays on its first connection. A
+/// broken CRL file on the next SIGHUP keeps the previous configuration.
+#[test]
+fn agent_sighup_reload_applies_a_new_crl_to_its_config_port() {
+    use sha2::Digest;
+    init();
+    let (dir, password) = Fleet::init(&[1]);
+    let dev = dir.path().join("dev");
+    let dev_ca = ca(&dev);
+    let second_scm = dev_ca
+        .issue(&LeafSpec::new(Identity::Scm, Validity::days_from_now(30)))
+        .expect("issue");
+    let crl_file = dev.join("agent.crl.pem");
+    std::fs::write(&crl_file, crl(&dev, &[])).expect("write CRL");
+    let agent_toml = dev.join("agent-1.toml");
+    let text = std::fs::read_to_string(&agent_toml).expect("agent-1.toml");
+    let with = text.replacen("[tls]\n", "[tls]\ncrls = [\"agent.crl.pem\"]\n", 1);
+    assert_ne!(with, text, "[tls] found in agent-1.toml");
+    std::fs::write(&agent_toml, with).expect("write agent-1.toml");
+    let fleet = fleet_from(dir, password, &[], &[1]);
+    let agent = fleet.agent(1);
+    let port = agent.listening("config");
+    let pems = issued_pems(dev_ca.cert_pem(), &second_scm);
+    let config = |request_id: u64, generation: u64, content: &[u8]| {
+        Message::Config(v1::Config {
+            request_id,
+            generation,
+            content: content.to_vec(),
+            sha256: sha2::Sha256::digest(content).to_vec(),
+        })
+        .to_frame(1)
+        .expect("CONFIG frame")
+    };
+    let runtime = rt();
+    runtime.block_on(async {
+        let mut c = FrameClient::connect(port, &pems, Identity::Machine(1))
+            .await
+            .expect("connect with the second SCM certificate");
+        c.send(&config(1, 1, b"before = reload\n"))
+            .await
+            .expect("send");
+        let f = c.recv().await.expect("read").expect("an answer");
+        assert!(
+            matches!(Message::decode(&f), Ok(Message::Ack(_))),
+            "not ACKed before the reload: {f}"
+        );
+    });
+    std::fs::write(
+        &crl_file,
+        crl(&dev, std::slice::from_ref(&second_scm.serial)),
+    )
+    .expect("rewrite the CRL");
+    agent.signal("HUP");
+    agent.wait_for("TLS reloaded");
+    let seen = runtime.block_on(try_tls(port, client_config(&pems), &Identity::Machine(1)));
+    assert_eq!(seen, "alert (revoked)");
+    let line = agent.wait_for("TLS handshake refused (revoked)");
+    assert!(line.contains("listener=config"), "{line}");
+    // The real SCM is not affected, and neither is the event link.
+    push_is_acked(&fleet, 1, "after = agent reload\n");
+    assert_eq!(agent.logs().matches("connected to SCM").count(), 1);
+
+    std::fs::write(&crl_file, "not a CRL\n").expect("break the CRL");
+    agent.signal("HUP");
+    let line = agent.wait_for("TLS reload failed, keeping the previous certificates and CRLs");
+    assert!(line.contains("agent.crl.pem"), "names the file: {line}");
+    let seen = runtime.block_on(try_tls(port, client_config(&pems), &Identity::Machine(1)));
+    assert_eq!(
+        seen, "alert (revoked)",
+        "the previous CRL is still in force"
+    );
+    push_is_acked(&fleet, 1, "after = failed agent reload\n");
 }
