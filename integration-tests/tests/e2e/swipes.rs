@@ -216,6 +216,10 @@ fn unacknowledged_swipes_survive_an_scm_restart_once_and_expired_ones_never_arri
     s.wait_stdout("CONNECTED");
     swipe(&dev, 1, "BEFORE01");
     s.wait_stdout("CARD BEFORE01");
+    // The SCM writes the card to the print server and the ACK to the agent at the same
+    // moment; killing it before the ACK has arrived would lose the ACK (and the swipe,
+    // whose lifetime ends before the restart), so wait for it.
+    agent.wait_for("swipe acknowledged by the SCM");
 
     // The SCM dies; swipes made meanwhile wait at the agent.
     scm.kill9();
