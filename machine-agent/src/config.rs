@@ -274,6 +274,7 @@ mod tests {
     fn defaults_and_env() {
         let env: Env = [("AGENT__LISTEN__CONFIG".into(), "127.0.0.1:0".into())].into();
         let c = AgentConfig::parse(MIN, "t", &env).unwrap();
+        assert_eq!(c.limits.max_config_connections_per_source, 4);
         c.validate().unwrap();
         assert_eq!(c.machine_id, 4);
         assert_eq!(c.listen.config, "127.0.0.1:0");

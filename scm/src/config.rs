@@ -616,4 +616,28 @@ config_addr = "10.0.0.2:9301"
         let c = ScmConfig::parse(MIN, "t", &env).unwrap();
         assert_eq!(c.validate().unwrap_err().key, "listen.metrics");
     }
+
+    #[test]
+    fn per_source_caps_default_and_override() {
+        let c = ScmConfig::parse(MIN, "t", &Env::new()).unwrap();
+        assert_eq!(c.limits.max_connections_per_source, 8);
+        assert_eq!(c.limits.max_agent_connections_per_source, 1_000);
+        assert!(c.limits.max_connections_per_source < c.limits.max_operator_connections);
+        assert!(c.limits.max_agent_connections_per_source < c.limits.max_agent_connections);
+        let env: Env = [
+            ("SCM__LIMITS__MAX_CONNECTIONS_PER_SOURCE".into(), "2".into()),
+            (
+                "SCM__LIMITS__MAX_AGENT_CONNECTIONS_PER_SOURCE".into(),
+                "0".into(),
+            ),
+        ]
+        .into();
+        let c = ScmConfig::parse(MIN, "t", &env).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.max_connections_per_source, 2);
+        assert_eq!(c.limits.max_agent_connections_per_source, 0, "0: no limit");
+        let text = format!("{MIN}\n[limits]\nmax_connections_per_src = 2\n");
+        let err = ScmConfig::parse(&text, "t", &Env::new()).unwrap_err();
+        assert!(err.to_string().contains("max_connections_per_src"), "{err}");
+    }
 }
