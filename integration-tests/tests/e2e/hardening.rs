@@ -982,7 +982,7 @@ async fn garbage(addr: SocketAddr, n: usize, parallel: usize) -> u64 {
 const MEMORY_BOUND_KIB: u64 = 50 * 1024;
 
 #[test]
-fn garbage_to_every_tls_port_keeps_the_scm_memory_bounded() {
+fn garbage_to_every_tls_port_keeps_memory_bounded() {
     init();
     let (dir, password) = Fleet::init(&[1]);
     let fleet = fleet_from(
@@ -1048,7 +1048,38 @@ fn garbage_to_every_tls_port_keeps_the_scm_memory_bounded() {
         hwm_after.saturating_sub(rss_before) < MEMORY_BOUND_KIB,
         "peak RSS {hwm_after} KiB is more than {MEMORY_BOUND_KIB} KiB above {rss_before} KiB"
     );
-    // Still serving.
+
+    // The agent's config port, the TLS port of the machines, gets the same (4 at a time:
+    // its per-source cap).
+    let agent = fleet.agent(1);
+    let config_port = agent.listening("config");
+    let agent_pid = agent.pid();
+    let warm = agent.logs().matches("TLS handshake refused (").count();
+    runtime.block_on(garbage(config_port, 4, 4));
+    agent.wait_for_n("TLS handshake refused (", warm + 4);
+    let (agent_before, agent_hwm_before) = memory_kib(agent_pid);
+    let start = agent.logs().matches("TLS handshake refused (").count();
+    let sent = runtime.block_on(garbage(config_port, 100, 4));
+    agent.wait_for_n("TLS handshake refused (", start + 100);
+    let (agent_after, agent_hwm_after) = memory_kib(agent_pid);
+    let agent_growth = agent_after.saturating_sub(agent_before);
+    eprintln!(
+        "garbage flood: agent config port: 100 x 1 MiB offered, {:.1} MiB accepted by the \
+         kernel\nagent VmRSS {agent_before} KiB -> {agent_after} KiB (growth \
+         {agent_growth} KiB); VmHWM {agent_hwm_before} KiB -> {agent_hwm_after} KiB; bound \
+         {MEMORY_BOUND_KIB} KiB",
+        sent as f64 / 1048576.0
+    );
+    assert!(
+        agent_growth < MEMORY_BOUND_KIB,
+        "agent RSS grew by {agent_growth} KiB"
+    );
+    assert!(
+        agent_hwm_after.saturating_sub(agent_before) < MEMORY_BOUND_KIB,
+        "agent peak RSS {agent_hwm_after} KiB is more than {MEMORY_BOUND_KIB} KiB above \
+         {agent_before} KiB"
+    );
+    // Both still serve.
     push_is_acked(&fleet, 1, "after = garbage\n");
 }
 
