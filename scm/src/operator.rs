@@ -249,7 +249,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Username and password exchange. `Ok(false)` ends the session.
     async fn login(&mut self) -> Result<bool, SessionError> {
         let ip = self.peer.ip();
-        let t = Duration::from_millis(self.hub.cfg.timeouts.login_ms);
+        // The whole login is bounded by `login_ms` around this call; each read may wait a
+        // little longer, so that the overall deadline wins and the client is told why
+        // (`421 login not completed in time`) instead of being cut off as idle.
+        let t = Duration::from_millis(self.hub.cfg.timeouts.login_ms) + Duration::from_secs(1);
         for _attempt in 0..3 {
             if let Some(left) = self.hub.throttle.locked(ip) {
                 self.reply(&format!(

@@ -1372,3 +1372,155 @@ fn agent_sighup_reload_applies_a_new_crl_to_its_config_port() {
     );
     push_is_acked(&fleet, 1, "after = failed agent reload\n");
 }
+
+// ---------------------------------------------------------------------------------------
+// Handshake, login and idle timeouts
+
+/// Reads until the server closes `s`; returns what arrived and when it closed.
+fn until_closed(s: &mut std::net::TcpStream) -> (String, Instant) {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("not closed within {WAIT:?}: {e}"),
+        }
+    }
+    (integration_tests::strip_iac(&all), Instant::now())
+}
+
+/// Every timeout that frees a slot held by a stalled peer, with short values: a TCP client
+/// that never starts TLS on each TLS port (SCM agents, telnet-tls, admin; agent config
+/// port), a telnet client that never logs in, a logged-in operator who goes quiet, an
+/// agent link that says HELLO and then nothing, and an SCM connection to a config port
+/// that sends nothing. Each is closed after its timeout (not before), logged, and the
+/// handshake ones are counted.
+#[test]
+fn stalled_peers_are_closed_at_their_timeouts() {
+    init();
+    let (dir, password) = Fleet::init(&[1, 2]);
+    let scm_env = [
+        ("SCM__TIMEOUTS__HANDSHAKE_MS", "1000".to_string()),
+        ("SCM__TIMEOUTS__LOGIN_MS", "1000".to_string()),
+        ("SCM__TIMEOUTS__TELNET_IDLE_MS", "1000".to_string()),
+        ("SCM__TIMEOUTS__AGENT_IDLE_MS", "1000".to_string()),
+    ];
+    let mut env = vec![metrics_env()];
+    env.extend(scm_env.iter().cloned());
+    let scm = Fleet::start_scm(dir.path(), &env);
+    let scm_metrics = scm.listening("metrics");
+    let agents_addr = scm.listening("agents");
+    let agent = Fleet::start_agent(
+        dir.path(),
+        1,
+        agents_addr,
+        &[
+            agent_metrics_env(),
+            ("AGENT__TIMEOUTS__HANDSHAKE_MS", "1000".to_string()),
+            ("AGENT__TIMEOUTS__CONFIG_IDLE_MS", "1000".to_string()),
+        ],
+    );
+    agent.wait_for("connected to SCM");
+    let agent_metrics = agent.listening("metrics");
+    let config_port = agent.listening("config");
+    let telnet = scm.listening("telnet");
+    let telnet_tls = scm.listening("telnet-tls");
+    let admin = scm.listening("admin");
+    let dev = dir.path().join("dev");
+
+    let opened = Instant::now();
+    // Silent TCP clients on every TLS port.
+    let mut silent: Vec<(&str, std::net::TcpStream)> = [
+        ("agents", agents_addr),
+        ("telnet-tls", telnet_tls),
+        ("admin", admin),
+        ("config", config_port),
+    ]
+    .into_iter()
+    .map(|(n, a)| {
+        let s = std::net::TcpStream::connect(a).expect("connect");
+        s.set_read_timeout(Some(WAIT)).expect("timeout");
+        (n, s)
+    })
+    .collect();
+    // A telnet client that never logs in, and one that logs in and goes quiet.
+    let mut no_login = std::net::TcpStream::connect(telnet).expect("connect");
+    no_login.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut quiet = RawTelnet::connect(telnet);
+    quiet.login("admin", &password);
+    let quiet_since = Instant::now();
+    // An agent link that says HELLO and then nothing; an SCM connection to the config
+    // port that completes TLS and sends nothing.
+    let runtime = rt();
+    runtime.block_on(async {
+        let mut link =
+            FrameClient::connect(agents_addr, &dev_pems(&dev, "machine-2"), Identity::Scm)
+                .await
+                .expect("connect as machine 2");
+        link.send(&hello(1, 2)).await.expect("HELLO");
+        let f = link.recv().await.expect("read").expect("ACK");
+        assert!(matches!(Message::decode(&f), Ok(Message::Ack(_))), "{f}");
+        let mut cfg =
+            FrameClient::connect(config_port, &dev_pems(&dev, "scm"), Identity::Machine(1))
+                .await
+                .expect("connect to the config port as the SCM");
+        let (a, b) = tokio::join!(link.recv(), cfg.recv());
+        assert!(matches!(a, Ok(None) | Err(_)), "{a:?}");
+        assert!(matches!(b, Ok(None) | Err(_)), "{b:?}");
+    });
+    for (name, s) in &mut silent {
+        let (text, at) = until_closed(s);
+        assert!(text.is_empty(), "{name}: {text:?}");
+        let after = at - opened;
+        assert!(
+            after >= Duration::from_millis(950) && after < Duration::from_secs(20),
+            "{name}: closed after {after:?}"
+        );
+    }
+    let (text, at) = until_closed(&mut no_login);
+    assert!(
+        text.contains("421 login not completed in time; closing"),
+        "{text:?}"
+    );
+    assert!(at - opened >= Duration::from_millis(950));
+    let (text, at) = until_closed(&mut quiet.stream);
+    assert!(at - quiet_since >= Duration::from_millis(950), "{text:?}");
+
+    for listener in ["agents", "telnet-tls", "admin"] {
+        assert!(
+            scm.logs()
+                .lines()
+                .any(|l| l.contains(&format!("listener={listener} "))
+                    && l.contains("TLS handshake refused (timeout)")),
+            "{listener}: no timeout logged"
+        );
+        assert_eq!(
+            metric(
+                scm_metrics,
+                &format!(
+                    "scm_handshake_failures_total{{listener=\"{listener}\",reason=\"timeout\"}}"
+                )
+            ),
+            1,
+            "{listener}"
+        );
+    }
+    let line = agent.wait_for("TLS handshake refused (timeout)");
+    assert!(line.contains("listener=config"), "{line}");
+    assert_eq!(
+        metric(
+            agent_metrics,
+            "agent_handshake_failures_total{reason=\"timeout\"}"
+        ),
+        1
+    );
+    scm.wait_for("connection ended with an error: login not completed in time");
+    scm.wait_for("connection ended with an error: operator session idle; closed");
+    let line = scm.wait_for("agent disconnected machine=2");
+    assert!(line.contains("listener=agents"), "{line}");
+    scm.wait_for("no frame started within the idle timeout of 1s");
+    let line = agent.wait_for("no frame started within the idle timeout of 1s");
+    assert!(line.contains("listener=config"), "{line}");
+}
