@@ -1223,10 +1223,9 @@ fn sighup_reload_closes_revoked_sessions_and_keeps_the_others() {
         line.contains("listener=\"agents\"") || line.contains("listener=agents"),
         "{line}"
     );
-    let closed_operators = fleet
+    fleet
         .scm
         .wait_for_n("closing the session of operator admin", 2);
-    let _ = closed_operators;
     let logs = fleet.scm.logs();
     for listener in ["telnet-tls", "admin"] {
         assert!(
