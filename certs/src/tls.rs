@@ -302,9 +302,11 @@ fn roles_list(roles: &[Role]) -> String {
 
 impl HandshakeError {
     /// A short stable label for logs and metrics: `timeout`, `no_certificate`,
-    /// `unknown_ca`, `expired`, `not_yet_valid`, `revoked`, `bad_certificate`,
-    /// `protocol_version`, `handshake_failure`, `wrong_role`, `wrong_peer`,
-    /// `no_identity` or `io`.
+    /// `unknown_ca`, `expired`, `not_yet_valid`, `revoked`, `wrong_purpose` (the
+    /// certificate's extended key usage does not allow this side, e.g. a server-only
+    /// certificate used as a client), `bad_certificate`, `protocol_version`,
+    /// `no_common_cipher` (the peer offered no allowed cipher suite or key exchange
+    /// group), `handshake_failure`, `wrong_role`, `wrong_peer`, `no_identity` or `io`.
     ///
     /// Errors found locally and alerts received from the peer are both classified, so
     /// the label on the rejecting side names the cause and the other side usually gets
@@ -350,6 +352,12 @@ fn classify(err: &rustls::Error) -> &'static str {
         E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
             "wrong_peer"
         }
+        E::InvalidCertificate(C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
+            "wrong_purpose"
+        }
+        E::PeerIncompatible(P::NoCipherSuitesInCommon | P::NoKxGroupsInCommon) => {
+            "no_common_cipher"
+        }
         E::InvalidCertificate(_)
         | E::InvalidCertRevocationList(_)
         | E::AlertReceived(
@@ -375,6 +383,40 @@ pub fn peer_identity(conn: &CommonState) -> Result<Identity, HandshakeError> {
         .and_then(|certs| certs.first())
         .ok_or(HandshakeError::NoIdentity(IdentityError::NoPeerCertificate))?;
     identity_from_der(cert).map_err(HandshakeError::NoIdentity)
+}
+
+/// The serial number of the peer's end-entity certificate (big-endian bytes as encoded in
+/// the certificate, as [`crate::pki::IssuedCert::serial`] and CRL entries carry it).
+pub fn peer_serial(conn: &CommonState) -> Option<Vec<u8>> {
+    let cert = conn.peer_certificates()?.first()?;
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(x509.raw_serial().to_vec())
+}
+
+/// The serial numbers the CRL files list (each file may hold several CRLs). Used after a
+/// reload to find established sessions whose certificate is now revoked.
+pub fn revoked_serials(crls: &[PathBuf]) -> Result<std::collections::HashSet<Vec<u8>>, TlsError> {
+    let mut out = std::collections::HashSet::new();
+    for path in crls {
+        let source = PemSource::file("CRL", path)?;
+        let found = CertificateRevocationListDer::pem_slice_iter(&source.data)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::BadPem {
+                what: "CRL",
+                origin: source.origin.clone(),
+                detail: e.to_string(),
+            })?;
+        for crl in found {
+            let (_, parsed) = x509_parser::parse_x509_crl(&crl).map_err(|e| TlsError::BadCrl {
+                origin: source.origin.clone(),
+                detail: format!("not a valid X.509 CRL: {e}"),
+            })?;
+            for revoked in parsed.iter_revoked_certificates() {
+                out.insert(revoked.raw_serial().to_vec());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Server side: runs the TLS handshake under `timeout`, then checks that the client's

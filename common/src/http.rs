@@ -38,6 +38,8 @@ pub struct HttpOptions {
     pub request_timeout: Duration,
     /// Connections served at once.
     pub max_connections: usize,
+    /// Connections from one source address at once (0: no limit).
+    pub max_per_source: usize,
 }
 
 impl Default for HttpOptions {
@@ -46,6 +48,7 @@ impl Default for HttpOptions {
             max_request_bytes: 8 * 1024,
             request_timeout: Duration::from_secs(5),
             max_connections: 16,
+            max_per_source: 0,
         }
     }
 }
@@ -76,7 +79,7 @@ pub async fn serve<E: Endpoints>(
     opts: HttpOptions,
     shutdown: CancellationToken,
 ) {
-    let serve_opts = ServeOptions::new(name, opts.max_connections);
+    let serve_opts = ServeOptions::new(name, opts.max_connections).per_source(opts.max_per_source);
     let opts = Arc::new(opts);
     crate::serve(
         listener,

@@ -3,15 +3,25 @@
 //!
 //! It takes a listener that the caller already bound (so tests bind port 0) and a
 //! shutdown token, caps concurrent connections with an owned semaphore permit taken
-//! before `accept`, runs one task per connection inside a tracing span, and never lets
-//! a connection's error end the listener. On shutdown it stops accepting, cancels the
-//! connections' token and waits for them up to a grace period.
+//! before `accept`, caps the connections of one source address (a client over its share
+//! is closed at once, logged and counted in [`refused_connections`]), runs one task per
+//! connection inside a tracing span, and never lets a connection's error end the
+//! listener. On shutdown it stops accepting, cancels the connections' token and waits for
+//! them up to a grace period.
+//!
+//! The two caps work together the way sshd's `MaxStartups` and per-source penalties do:
+//! the listener cap bounds what the process spends, the per-source cap (smaller) keeps
+//! one address from taking every slot, so a client stalling connections from one address
+//! cannot lock out an operator coming from another.
 
+use std::collections::HashMap;
 use std::fmt::Display;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
+
+use crate::metrics::CounterFamily;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -47,17 +57,85 @@ pub struct ServeOptions {
     /// At most this many connections are served at once; further clients wait in the
     /// kernel's accept queue until a slot frees.
     pub max_connections: usize,
+    /// At most this many connections from one source address at once (0: no limit); a
+    /// connection over it is closed as soon as it is accepted.
+    pub max_per_source: usize,
     /// How long open connections get to finish after shutdown before they are aborted.
     pub grace: Duration,
 }
 
 impl ServeOptions {
-    /// Options with the given name and cap, and a 5 s grace period.
+    /// Options with the given name and cap, no per-source cap, and a 5 s grace period.
     pub fn new(name: impl Into<String>, max_connections: usize) -> Self {
         Self {
             name: name.into(),
             max_connections: max_connections.max(1),
+            max_per_source: 0,
             grace: Duration::from_secs(5),
+        }
+    }
+
+    /// Sets the per-source cap (0: no limit).
+    pub fn per_source(mut self, max_per_source: usize) -> Self {
+        self.max_per_source = max_per_source;
+        self
+    }
+}
+
+static REFUSED: LazyLock<CounterFamily> =
+    LazyLock::new(|| CounterFamily::new(&["listener", "reason"]));
+
+/// Connections closed by the accept loop without being served, by listener and reason
+/// (`per_source`: the source address already had `max_per_source` connections). The
+/// binaries expose it in their metrics.
+pub fn refused_connections() -> &'static CounterFamily {
+    &REFUSED
+}
+
+/// Open connections per source address (IPv4-mapped IPv6 addresses count as IPv4).
+#[derive(Debug, Default)]
+struct SourceCounts {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One counted connection; dropping it gives the slot back.
+#[derive(Debug)]
+struct SourceSlot {
+    counts: Arc<SourceCounts>,
+    ip: IpAddr,
+}
+
+impl SourceCounts {
+    /// Takes a slot for `ip` unless it already has `cap` (0: no limit); on refusal returns
+    /// how many it has.
+    fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Result<SourceSlot, usize> {
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if cap != 0 && *n >= cap {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(SourceSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.counts.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
         }
     }
 }
@@ -78,6 +156,7 @@ pub async fn serve<H, Fut, E>(
     E: Display + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(opts.max_connections));
+    let sources = Arc::new(SourceCounts::default());
     let mut tasks = JoinSet::new();
     let conn_token = shutdown.child_token();
     let mut accept_backoff = Duration::from_millis(10);
@@ -113,6 +192,22 @@ pub async fn serve<H, Fut, E>(
                 }
             },
         };
+        let slot = match sources.take(peer.ip(), opts.max_per_source) {
+            Ok(slot) => slot,
+            Err(open) => {
+                REFUSED.inc(&[opts.name.as_str(), "per_source"]);
+                tracing::warn!(
+                    listener = %opts.name,
+                    %peer,
+                    "connection refused: {} already has {open} connections open (limit \
+                     max_per_source = {}); closed",
+                    peer.ip().to_canonical(),
+                    opts.max_per_source
+                );
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let span = tracing::info_span!("conn", listener = %opts.name, peer = %peer);
         let fut = handler(stream, peer, conn_token.clone());
@@ -130,6 +225,7 @@ pub async fn serve<H, Fut, E>(
                         }
                     }
                 }
+                drop(slot);
                 drop(permit);
             }
             .instrument(span),
@@ -221,6 +317,91 @@ mod tests {
         assert_eq!(b[0], 1);
         second.read_exact(&mut b).await.unwrap();
         assert_eq!(b[0], 2);
+        token.cancel();
+    }
+
+    #[test]
+    fn source_counts_cap_per_address_and_free_on_drop() {
+        let counts = Arc::new(SourceCounts::default());
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.1".parse().unwrap();
+        let a1 = counts.take(a, 2).unwrap();
+        let _a2 = counts.take(a, 2).unwrap();
+        assert_eq!(counts.take(a, 2).unwrap_err(), 2, "third from a refused");
+        // An IPv4-mapped IPv6 address is the same source.
+        let mapped: IpAddr = "::ffff:127.0.0.2".parse().unwrap();
+        assert_eq!(counts.take(mapped, 2).unwrap_err(), 2);
+        // Another address is unaffected.
+        let _b1 = counts.take(b, 2).unwrap();
+        drop(a1);
+        let _a3 = counts.take(a, 2).expect("a slot freed by the drop");
+        // 0 means no limit.
+        let many: Vec<_> = (0..100).map(|_| counts.take(b, 0).unwrap()).collect();
+        assert_eq!(many.len(), 100);
+        drop(many);
+        drop(_b1);
+        assert_eq!(
+            counts.len(),
+            1,
+            "addresses with no connection are forgotten"
+        );
+    }
+
+    #[tokio::test]
+    async fn per_source_cap_closes_extra_connections_and_serves_other_sources() {
+        let l = bind("127.0.0.1:0", "persrc").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let token = CancellationToken::new();
+        tokio::spawn(serve(
+            l,
+            ServeOptions::new("persrc", 16).per_source(2),
+            token.clone(),
+            echo_once,
+        ));
+        async fn from(src: &str, to: SocketAddr) -> TcpStream {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(format!("{src}:0").parse().unwrap()).unwrap();
+            s.connect(to).await.unwrap()
+        }
+        let before = refused_connections().get(&["persrc", "per_source"]);
+        let mut held = vec![from("127.0.0.2", addr).await, from("127.0.0.2", addr).await];
+        // The third from 127.0.0.2 is closed without being served.
+        let mut third = from("127.0.0.2", addr).await;
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), third.read(&mut b))
+            .await
+            .expect("closed promptly")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the third connection from one address is closed");
+        assert_eq!(
+            refused_connections().get(&["persrc", "per_source"]),
+            before + 1
+        );
+        // Another address is served while 127.0.0.2 holds its two.
+        let mut other = from("127.0.0.1", addr).await;
+        other.write_all(&[9]).await.unwrap();
+        other.read_exact(&mut b).await.unwrap();
+        assert_eq!(b[0], 9);
+        // Once one of the two is done, 127.0.0.2 may connect again.
+        held[0].write_all(&[1]).await.unwrap();
+        held[0].read_exact(&mut b).await.unwrap();
+        let mut again = None;
+        for _ in 0..100 {
+            let mut c = from("127.0.0.2", addr).await;
+            let _ = c.write_all(&[3]).await;
+            if tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut b))
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                again = Some(b[0]);
+                break;
+            }
+            // The freed slot is given back when the first connection's task ends, which
+            // may be just after our read; try again.
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(again, Some(3));
+        held.clear();
         token.cancel();
     }
 }

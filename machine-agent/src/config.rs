@@ -146,12 +146,15 @@ impl Default for Timeouts {
 pub struct Limits {
     /// Concurrent connections on the config port.
     pub max_config_connections: usize,
+    /// Concurrent connections on the config port from one source address (0: no limit).
+    pub max_config_connections_per_source: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_config_connections: 8,
+            max_config_connections_per_source: 4,
         }
     }
 }
@@ -271,6 +274,7 @@ mod tests {
     fn defaults_and_env() {
         let env: Env = [("AGENT__LISTEN__CONFIG".into(), "127.0.0.1:0".into())].into();
         let c = AgentConfig::parse(MIN, "t", &env).unwrap();
+        assert_eq!(c.limits.max_config_connections_per_source, 4);
         c.validate().unwrap();
         assert_eq!(c.machine_id, 4);
         assert_eq!(c.listen.config, "127.0.0.1:0");

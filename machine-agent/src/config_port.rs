@@ -24,8 +24,9 @@ pub struct ConfigPort {
     pub machine_id: u16,
     /// Durable storage, behind the lock that makes applies one at a time.
     pub store: tokio::sync::Mutex<ConfigStore>,
-    /// TLS acceptor (SCM role only).
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// TLS acceptor (SCM role only); replaced by a reload (SIGHUP), each connection
+    /// uses the one in force when it is accepted.
+    pub acceptor: std::sync::RwLock<tokio_rustls::TlsAcceptor>,
     /// Handshake timeout.
     pub handshake: Duration,
     /// Idle timeout per connection.
@@ -162,10 +163,14 @@ impl ConfigPort {
         _peer: SocketAddr,
         shutdown: CancellationToken,
     ) -> Result<(), PortError> {
-        let (tls, _identity) =
-            scm_certs::tls::accept(&self.acceptor, tcp, self.handshake, &[Role::Scm])
-                .await
-                .inspect_err(|e| crate::metrics::global().handshake_failed(e))?;
+        let acceptor = self
+            .acceptor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (tls, _identity) = scm_certs::tls::accept(&acceptor, tcp, self.handshake, &[Role::Scm])
+            .await
+            .inspect_err(|e| crate::metrics::global().handshake_failed(e))?;
         let (r, mut w) = tokio::io::split(tls);
         let mut reader = FrameReader::new(r, FrameCodec::default());
         loop {
@@ -390,7 +395,7 @@ mod tests {
         ConfigPort {
             machine_id: 3,
             store: tokio::sync::Mutex::new(ConfigStore::open(dir).unwrap()),
-            acceptor: tokio_rustls::TlsAcceptor::from(cfg),
+            acceptor: std::sync::RwLock::new(tokio_rustls::TlsAcceptor::from(cfg)),
             handshake: Duration::from_secs(1),
             idle: Duration::from_secs(1),
             stall: Duration::from_secs(1),

@@ -42,7 +42,8 @@ pub struct Agent {
     cfg: AgentConfig,
     queue: Arc<swipes::SwipeQueue>,
     port: Arc<ConfigPort>,
-    connector: tokio_rustls::TlsConnector,
+    connector: Arc<std::sync::RwLock<tokio_rustls::TlsConnector>>,
+    sighup: std::sync::Mutex<Option<tokio::signal::unix::Signal>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -64,7 +65,7 @@ impl Agent {
         let port = Arc::new(ConfigPort {
             machine_id: cfg.machine_id,
             store: tokio::sync::Mutex::new(store),
-            acceptor: tokio_rustls::TlsAcceptor::from(server),
+            acceptor: std::sync::RwLock::new(tokio_rustls::TlsAcceptor::from(server)),
             handshake: ms(cfg.timeouts.handshake_ms),
             idle: ms(cfg.timeouts.config_idle_ms),
             stall: ms(cfg.timeouts.frame_stall_ms),
@@ -77,12 +78,23 @@ impl Agent {
             queue,
             cfg,
             port,
-            connector: tokio_rustls::TlsConnector::from(client),
+            connector: Arc::new(std::sync::RwLock::new(tokio_rustls::TlsConnector::from(
+                client,
+            ))),
+            sighup: std::sync::Mutex::new(None),
         })
     }
 
-    /// Binds the config port (logs `listening on ADDR (config)`).
+    /// Binds the config port (logs `listening on ADDR (config)`). Also installs the SIGHUP
+    /// handler first, so a SIGHUP sent once the agent has announced a listener reloads its
+    /// TLS files instead of killing it.
     pub async fn bind(&self) -> Result<Option<TcpListener>, StartError> {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => *self.sighup.lock().unwrap_or_else(|p| p.into_inner()) = Some(s),
+            Err(e) => {
+                tracing::error!("cannot install the SIGHUP handler; TLS reload disabled: {e}")
+            }
+        }
         if self.cfg.listen.config.is_empty() {
             return Ok(None);
         }
@@ -143,7 +155,8 @@ impl Agent {
         if let Some(l) = config_listener {
             let port = self.port.clone();
             let opts =
-                scm_common::ServeOptions::new("config", self.cfg.limits.max_config_connections);
+                scm_common::ServeOptions::new("config", self.cfg.limits.max_config_connections)
+                    .per_source(self.cfg.limits.max_config_connections_per_source);
             set.spawn(scm_common::serve(
                 l,
                 opts,
@@ -162,6 +175,28 @@ impl Agent {
                 scm_common::http::HttpOptions::default(),
                 shutdown.clone(),
             ));
+        }
+        let hup = self.sighup.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut hup) = hup {
+            let files = self.cfg.tls_files();
+            let port = self.port.clone();
+            let connector = self.connector.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = hup.recv() => if r.is_none() { return },
+                    }
+                    tracing::info!("SIGHUP received: reloading certificates, key, CA and CRLs");
+                    match reload_tls(&files, &port, &connector) {
+                        Ok(()) => tracing::info!("TLS reloaded"),
+                        Err(e) => tracing::error!(
+                            "TLS reload failed, keeping the previous certificates and CRLs: {e}"
+                        ),
+                    }
+                }
+            });
         }
         set.spawn(link::run(
             settings,
@@ -193,4 +228,22 @@ impl Agent {
         readers.shutdown().await;
         pipeline.abort();
     }
+}
+
+/// Re-reads the CA, certificate, key and CRL files and replaces both TLS configurations
+/// (config port and event link) for new connections. On error nothing changes.
+/// Established connections keep running: a config-port connection lasts one push, and the
+/// event link uses the new files when it next connects.
+pub fn reload_tls(
+    files: &tls::TlsFiles,
+    port: &ConfigPort,
+    connector: &std::sync::RwLock<tokio_rustls::TlsConnector>,
+) -> Result<(), tls::TlsError> {
+    let server = tls::server_config(files, TlsPolicy::default(), &[])?;
+    let client = tls::client_config(files, TlsPolicy::default())?;
+    *port.acceptor.write().unwrap_or_else(|p| p.into_inner()) =
+        tokio_rustls::TlsAcceptor::from(server);
+    *connector.write().unwrap_or_else(|p| p.into_inner()) =
+        tokio_rustls::TlsConnector::from(client);
+    Ok(())
 }

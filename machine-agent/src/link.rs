@@ -73,16 +73,18 @@ pub fn backoff(n: u32, min: Duration, max: Duration) -> Duration {
 /// Runs the link until shutdown, reconnecting as needed.
 pub async fn run(
     settings: LinkSettings,
-    connector: tokio_rustls::TlsConnector,
+    connector: Arc<std::sync::RwLock<tokio_rustls::TlsConnector>>,
     store: Arc<tokio::sync::Mutex<ConfigStore>>,
     queue: Arc<SwipeQueue>,
     shutdown: CancellationToken,
 ) {
     let mut attempt = 0u32;
     loop {
+        // The connector in force (a reload replaces it for the next connection).
+        let current = connector.read().unwrap_or_else(|p| p.into_inner()).clone();
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = session(&settings, &connector, &store, &queue, &mut attempt) => r,
+            r = session(&settings, &current, &store, &queue, &mut attempt) => r,
         };
         queue.link_lost();
         crate::metrics::global().link_lost();

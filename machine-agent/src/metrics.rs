@@ -115,6 +115,11 @@ pub fn render(m: &AgentMetrics, queue: &SwipeQueue) -> String {
         "TLS handshakes that failed on the config port or the event link, by reason.",
         &m.handshake_failures,
     );
+    e.family(
+        "agent_connections_refused_total",
+        "Connections closed as soon as they were accepted, by listener and reason (per_source: the address already had the most connections allowed).",
+        scm_common::serve::refused_connections(),
+    );
     e.finish()
 }
 

@@ -584,6 +584,11 @@ pub async fn handle(
     let timeout = Duration::from_millis(hub.cfg.timeouts.handshake_ms);
     let (tls, identity) =
         scm_certs::tls::accept(&acceptor, tcp, timeout, &[Role::Operator]).await?;
+    // Closed by a reload that revokes this certificate (or by shutdown).
+    let registration = hub
+        .tls
+        .register("admin", &identity, peer, tls.get_ref().1, &shutdown);
+    let shutdown = registration.token.clone();
     let Identity::Operator(operator) = identity else {
         // `accept` admits only the operator role.
         return Ok(());
@@ -617,6 +622,7 @@ pub async fn handle(
             conn.await
         }
     };
+    drop(registration);
     result.map_err(ConnError::Http)
 }
 

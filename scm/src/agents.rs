@@ -59,6 +59,11 @@ pub async fn handle(
     let Identity::Machine(cert_id) = identity else {
         return Err(LinkError::Refused("not a machine certificate".into()));
     };
+    // Closed by a reload that revokes this certificate (or by shutdown).
+    let registration = hub
+        .tls
+        .register("agents", &identity, peer, tls.get_ref().1, &shutdown);
+    let shutdown = registration.token.clone();
     tracing::debug!(machine = cert_id, "agent link up");
     let (r, mut w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r, FrameCodec::new(hub.cfg.limits.max_agent_frame_data));
@@ -109,6 +114,7 @@ pub async fn handle(
         hub.events.disconnected(cert_id, peer);
     }
     let _ = w.shutdown().await;
+    drop(registration);
     result
 }
 
@@ -157,6 +163,9 @@ impl Link {
                 "frame names machine {} but the certificate belongs to machine {id}; a machine can only speak for itself",
                 frame.id
             );
+            crate::metrics::global()
+                .frames_refused
+                .inc(&["wrong_machine_id"]);
             tracing::warn!(machine = id, claimed = frame.id, "{text}");
             let reply = if frame.version == 0 {
                 nack0(frame.id, &text)

@@ -153,8 +153,14 @@ fn default_busy_timeout() -> u64 {
 pub struct Limits {
     /// Concurrent agent connections.
     pub max_agent_connections: usize,
+    /// Concurrent agent connections from one source address (0: no limit). Machines
+    /// behind one NAT address share it.
+    pub max_agent_connections_per_source: usize,
     /// Concurrent operator (telnet) connections, per listener.
     pub max_operator_connections: usize,
+    /// Concurrent connections from one source address on each operator listener (telnet,
+    /// telnet-tls, admin) and on the metrics listener (0: no limit).
+    pub max_connections_per_source: usize,
     /// Largest DATA_LENGTH accepted on the agent link.
     pub max_agent_frame_data: usize,
     /// Largest configuration accepted from an operator, in bytes.
@@ -169,7 +175,9 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_agent_connections: 10_000,
+            max_agent_connections_per_source: 1_000,
             max_operator_connections: 32,
+            max_connections_per_source: 8,
             max_agent_frame_data: 16 * 1024,
             max_config_bytes: 60 * 1024,
             telnet_max_line: 4096,
@@ -607,5 +615,29 @@ config_addr = "10.0.0.2:9301"
         let env: Env = [("SCM__LISTEN__METRICS".into(), "9464".into())].into();
         let c = ScmConfig::parse(MIN, "t", &env).unwrap();
         assert_eq!(c.validate().unwrap_err().key, "listen.metrics");
+    }
+
+    #[test]
+    fn per_source_caps_default_and_override() {
+        let c = ScmConfig::parse(MIN, "t", &Env::new()).unwrap();
+        assert_eq!(c.limits.max_connections_per_source, 8);
+        assert_eq!(c.limits.max_agent_connections_per_source, 1_000);
+        assert!(c.limits.max_connections_per_source < c.limits.max_operator_connections);
+        assert!(c.limits.max_agent_connections_per_source < c.limits.max_agent_connections);
+        let env: Env = [
+            ("SCM__LIMITS__MAX_CONNECTIONS_PER_SOURCE".into(), "2".into()),
+            (
+                "SCM__LIMITS__MAX_AGENT_CONNECTIONS_PER_SOURCE".into(),
+                "0".into(),
+            ),
+        ]
+        .into();
+        let c = ScmConfig::parse(MIN, "t", &env).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.max_connections_per_source, 2);
+        assert_eq!(c.limits.max_agent_connections_per_source, 0, "0: no limit");
+        let text = format!("{MIN}\n[limits]\nmax_connections_per_src = 2\n");
+        let err = ScmConfig::parse(&text, "t", &Env::new()).unwrap_err();
+        assert!(err.to_string().contains("max_connections_per_src"), "{err}");
     }
 }

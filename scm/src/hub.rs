@@ -36,8 +36,9 @@ pub struct Hub {
     pub store: Store,
     /// Failed-login throttle.
     pub throttle: Throttle,
-    /// TLS client toward machines' config ports.
-    pub machine_connector: tokio_rustls::TlsConnector,
+    /// TLS configurations (reloaded on SIGHUP), the client toward machines' config ports
+    /// among them, and the established TLS sessions.
+    pub tls: Arc<crate::tlsreload::TlsState>,
     /// Card swipes (journal, de-duplication, bridges).
     pub swipes: Arc<crate::swipes::Swipes>,
     /// Wakes the retry task.
@@ -62,7 +63,7 @@ impl Hub {
     pub fn new(
         cfg: ScmConfig,
         store: Store,
-        machine_connector: tokio_rustls::TlsConnector,
+        tls: Arc<crate::tlsreload::TlsState>,
         swipes: Arc<crate::swipes::Swipes>,
         events: crate::events::Events,
     ) -> Arc<Hub> {
@@ -71,7 +72,7 @@ impl Hub {
             cfg,
             store,
             throttle,
-            machine_connector,
+            tls,
             swipes,
             retry_kick: Arc::default(),
             events,

@@ -21,3 +21,4 @@ pub mod rfideas;
 pub mod server;
 pub mod store;
 pub mod swipes;
+pub mod tlsreload;

@@ -35,6 +35,11 @@ pub struct ScmMetrics {
     pub frames_refused: CounterFamily,
     /// Operator logins by result (`ok`, `failed`, `locked`).
     pub logins: CounterFamily,
+    /// Established TLS sessions closed because a reload revoked their certificate, by
+    /// listener.
+    pub sessions_revoked: CounterFamily,
+    /// TLS reloads (SIGHUP) by result (`ok`, `failed`).
+    pub tls_reloads: CounterFamily,
 }
 
 impl Default for ScmMetrics {
@@ -52,9 +57,12 @@ impl Default for ScmMetrics {
                     &["unknown_code"],
                     &["oversize"],
                     &["stall"],
+                    &["wrong_machine_id"],
                 ],
             ),
             logins: CounterFamily::with(&["result"], &[&["ok"], &["failed"], &["locked"]]),
+            sessions_revoked: CounterFamily::new(&["listener"]),
+            tls_reloads: CounterFamily::with(&["result"], &[&["ok"], &["failed"]]),
         }
     }
 }
@@ -124,7 +132,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
     );
     e.family(
         "scm_handshake_failures_total",
-        "TLS handshakes refused, by listener (agents, telnet-tls) and reason.",
+        "TLS handshakes refused, by listener (agents, telnet-tls, admin) and reason.",
         &m.handshake_failures,
     );
     e.family(
@@ -197,6 +205,21 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "scm_frames_refused_total",
         "Frames refused on the agent link, by reason.",
         &m.frames_refused,
+    );
+    e.family(
+        "scm_connections_refused_total",
+        "Connections closed as soon as they were accepted, by listener and reason (per_source: the address already had the most connections allowed).",
+        scm_common::serve::refused_connections(),
+    );
+    e.family(
+        "scm_tls_sessions_revoked_total",
+        "Established TLS sessions closed because a reload revoked their certificate, by listener.",
+        &m.sessions_revoked,
+    );
+    e.family(
+        "scm_tls_reloads_total",
+        "Certificate and CRL reloads (SIGHUP), by result.",
+        &m.tls_reloads,
     );
     e.finish()
 }

@@ -61,12 +61,17 @@ pub async fn handle_tls(
 ) -> Result<(), SessionError> {
     let t = Duration::from_millis(hub.cfg.timeouts.handshake_ms);
     let (tls, identity) = scm_certs::tls::accept(&acceptor, tcp, t, &[Role::Operator]).await?;
+    // Closed by a reload that revokes this certificate (or by shutdown).
+    let registration = hub
+        .tls
+        .register("telnet-tls", &identity, peer, tls.get_ref().1, &shutdown);
     let name = match identity {
         Identity::Operator(n) => n,
         _ => return Ok(()),
     };
     let mut s = Session::new(hub, TelnetConn::new(tls, Mode::Lines), peer);
-    s.run(Some(name), shutdown).await
+    s.revoked = Some(registration.revoked().clone());
+    s.run(Some(name), registration.token.clone()).await
 }
 
 /// One line of input, or what happened instead.
@@ -86,6 +91,8 @@ struct Session<S> {
     conn: TelnetConn<S>,
     peer: SocketAddr,
     operator: Option<OperatorConfig>,
+    /// Cancelled when a reload revoked the operator's certificate (TLS telnet).
+    revoked: Option<CancellationToken>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -99,6 +106,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             conn,
             peer,
             operator: None,
+            revoked: None,
         }
     }
 
@@ -241,7 +249,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Username and password exchange. `Ok(false)` ends the session.
     async fn login(&mut self) -> Result<bool, SessionError> {
         let ip = self.peer.ip();
-        let t = Duration::from_millis(self.hub.cfg.timeouts.login_ms);
+        // The whole login is bounded by `login_ms` around this call; each read may wait a
+        // little longer, so that the overall deadline wins and the client is told why
+        // (`421 login not completed in time`) instead of being cut off as idle.
+        let t = Duration::from_millis(self.hub.cfg.timeouts.login_ms) + Duration::from_secs(1);
         for _attempt in 0..3 {
             if let Some(left) = self.hub.throttle.locked(ip) {
                 self.reply(&format!(
@@ -319,7 +330,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.conn.send_text(PROMPT).await?;
             let input = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    let _ = self.reply("421 SCM shutting down").await;
+                    let revoked = self.revoked.as_ref().is_some_and(|r| r.is_cancelled());
+                    let text = if revoked {
+                        "421 your certificate has been revoked; closing"
+                    } else {
+                        "421 SCM shutting down"
+                    };
+                    let _ = self.reply(text).await;
                     return Ok(());
                 }
                 i = self.read_input(idle, false) => i?,

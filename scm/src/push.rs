@@ -296,7 +296,7 @@ async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result
         .map_err(|e| format!("cannot connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let tls = scm_certs::tls::connect(
-        &hub.machine_connector,
+        &hub.tls.machines(),
         tcp,
         &Identity::Machine(id),
         connect_timeout,

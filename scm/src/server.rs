@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use scm_certs::tls::{self, TlsPolicy};
+use scm_certs::tls::TlsPolicy;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -92,9 +92,7 @@ pub async fn bind_all(prepared: &Prepared) -> Result<Listeners, StartError> {
 pub struct Prepared {
     /// Shared state.
     pub hub: Arc<Hub>,
-    agent_acceptor: tokio_rustls::TlsAcceptor,
-    operator_acceptor: tokio_rustls::TlsAcceptor,
-    admin_acceptor: tokio_rustls::TlsAcceptor,
+    sighup: Option<tokio::signal::unix::Signal>,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -109,11 +107,7 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
     let machine_policy = TlsPolicy {
         allow_tls12: cfg.tls.allow_tls12_for_machines,
     };
-    let agent_cfg = tls::server_config(&files, machine_policy, &[])?;
-    let operator_cfg = tls::server_config(&files, TlsPolicy::default(), &[])?;
-    // The admin API is TLS 1.3 only whatever is allowed for machines, and speaks HTTP/2.
-    let admin_cfg = tls::server_config(&files, TlsPolicy { allow_tls12: false }, &[b"h2"])?;
-    let client_cfg = tls::client_config(&files, machine_policy)?;
+    let tls = crate::tlsreload::TlsState::load(files, machine_policy)?;
     let store = Store::open_with_timeout(
         &cfg.database.path,
         std::time::Duration::from_millis(cfg.database.busy_timeout_ms),
@@ -149,40 +143,40 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         path: cfg.database.path.clone(),
         source,
     })?;
-    let hub = Hub::new(
-        cfg,
-        store,
-        tokio_rustls::TlsConnector::from(client_cfg),
-        swipes,
-        events,
-    );
-    Ok(Prepared {
-        hub,
-        agent_acceptor: tokio_rustls::TlsAcceptor::from(agent_cfg),
-        operator_acceptor: tokio_rustls::TlsAcceptor::from(operator_cfg),
-        admin_acceptor: tokio_rustls::TlsAcceptor::from(admin_cfg),
-    })
+    let hub = Hub::new(cfg, store, tls, swipes, events);
+    let sighup = match crate::tlsreload::sighup() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!("cannot install the SIGHUP handler; TLS reload disabled: {e}");
+            None
+        }
+    };
+    Ok(Prepared { hub, sighup })
 }
 
 /// Runs every listener until `shutdown` is cancelled, then waits for them to stop.
 pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: CancellationToken) {
-    let Prepared {
-        hub,
-        agent_acceptor,
-        operator_acceptor,
-        admin_acceptor,
-    } = prepared;
+    let Prepared { hub, sighup } = prepared;
     let limits = hub.cfg.limits.clone();
     let mut set = JoinSet::new();
+    if let Some(hup) = sighup {
+        // Ends only on shutdown.
+        set.spawn(crate::tlsreload::reload_on_sighup(
+            hub.tls.clone(),
+            hup,
+            shutdown.clone(),
+        ));
+    }
     if let Some(l) = listeners.agents {
         let hub = hub.clone();
-        let opts = scm_common::ServeOptions::new("agents", limits.max_agent_connections);
+        let opts = scm_common::ServeOptions::new("agents", limits.max_agent_connections)
+            .per_source(limits.max_agent_connections_per_source);
         set.spawn(scm_common::serve(
             l,
             opts,
             shutdown.clone(),
             move |tcp, peer, token| {
-                let link = agents::handle(hub.clone(), agent_acceptor.clone(), tcp, peer, token);
+                let link = agents::handle(hub.clone(), hub.tls.agents(), tcp, peer, token);
                 async move {
                     let r = link.await;
                     if let Err(agents::LinkError::Handshake(e)) = &r {
@@ -195,7 +189,8 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
     }
     if let Some(l) = listeners.telnet {
         let hub = hub.clone();
-        let opts = scm_common::ServeOptions::new("telnet", limits.max_operator_connections);
+        let opts = scm_common::ServeOptions::new("telnet", limits.max_operator_connections)
+            .per_source(limits.max_connections_per_source);
         set.spawn(scm_common::serve(
             l,
             opts,
@@ -218,14 +213,15 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
     }
     if let Some(l) = listeners.telnet_tls {
         let hub = hub.clone();
-        let opts = scm_common::ServeOptions::new("telnet-tls", limits.max_operator_connections);
+        let opts = scm_common::ServeOptions::new("telnet-tls", limits.max_operator_connections)
+            .per_source(limits.max_connections_per_source);
         set.spawn(scm_common::serve(
             l,
             opts,
             shutdown.clone(),
             move |tcp, peer, token| {
                 let session =
-                    operator::handle_tls(hub.clone(), operator_acceptor.clone(), tcp, peer, token);
+                    operator::handle_tls(hub.clone(), hub.tls.operator(), tcp, peer, token);
                 async move {
                     let r = session.await;
                     if let Err(operator::SessionError::Handshake(e)) = &r {
@@ -238,14 +234,14 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
     }
     if let Some(l) = listeners.admin {
         let hub = hub.clone();
-        let opts = scm_common::ServeOptions::new("admin", limits.max_operator_connections);
+        let opts = scm_common::ServeOptions::new("admin", limits.max_operator_connections)
+            .per_source(limits.max_connections_per_source);
         set.spawn(scm_common::serve(
             l,
             opts,
             shutdown.clone(),
             move |tcp, peer, token| {
-                let conn =
-                    crate::admin::handle(hub.clone(), admin_acceptor.clone(), tcp, peer, token);
+                let conn = crate::admin::handle(hub.clone(), hub.tls.admin(), tcp, peer, token);
                 async move {
                     let r = conn.await;
                     if let Err(crate::admin::ConnError::Handshake(e)) = &r {
@@ -262,7 +258,10 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             l,
             "metrics",
             endpoints,
-            scm_common::http::HttpOptions::default(),
+            scm_common::http::HttpOptions {
+                max_per_source: limits.max_connections_per_source,
+                ..Default::default()
+            },
             shutdown.clone(),
         ));
     }

@@ -205,7 +205,7 @@ async fn client_refuses_server_with_client_only_eku() {
     )
     .await;
     let err = client.expect_err("client must refuse a client-only certificate");
-    assert_eq!(err.reason(), "bad_certificate", "{err:?}");
+    assert_eq!(err.reason(), "wrong_purpose", "{err:?}");
     assert!(
         matches!(
             err.rustls_error(),
@@ -230,7 +230,7 @@ async fn server_refuses_client_with_server_only_eku() {
         &[Role::Machine],
     )
     .await;
-    assert_eq!(server_reason(&server), "bad_certificate", "{server:?}");
+    assert_eq!(server_reason(&server), "wrong_purpose", "{server:?}");
     let err = server.expect_err("refused");
     assert!(
         matches!(
@@ -434,6 +434,71 @@ async fn revoked_client_is_refused_and_others_still_accepted() {
     )
     .await;
     assert_eq!(server_reason(&result), "accepted", "{result:?}");
+}
+
+/// The serial a CRL lists is the serial the revoked peer's certificate shows after the
+/// handshake (that is how a reload finds the sessions to close).
+#[tokio::test]
+async fn revoked_serials_match_the_peer_serial() {
+    let ca = new_ca("SCM test CA");
+    let scm = issue(&ca, Identity::Scm);
+    let machine = issue(&ca, Identity::Machine(13));
+    let other = issue(&ca, Identity::Machine(14));
+    let now = OffsetDateTime::now_utc();
+    let crl = ca
+        .crl_pem(
+            std::slice::from_ref(&machine.serial),
+            now - time::Duration::minutes(5),
+            now + time::Duration::days(7),
+        )
+        .expect("CRL");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("new.crl.pem");
+    std::fs::write(&path, crl).expect("write CRL");
+    let revoked = revoked_serials(std::slice::from_ref(&path)).expect("read CRL");
+    assert_eq!(revoked.len(), 1);
+    // Accepted without the CRL; the peer's serial is the one the CRL lists.
+    let (server, _client) = handshake_stream(
+        server_cfg(&ca, &scm, TlsPolicy::default()),
+        client_cfg(&ca, &machine, TlsPolicy::default()),
+    )
+    .await;
+    assert!(revoked.contains(&server.expect("accepted")));
+    let (server, _client) = handshake_stream(
+        server_cfg(&ca, &scm, TlsPolicy::default()),
+        client_cfg(&ca, &other, TlsPolicy::default()),
+    )
+    .await;
+    assert!(!revoked.contains(&server.expect("accepted")));
+    let missing = dir.path().join("missing.crl.pem");
+    assert!(matches!(
+        revoked_serials(&[missing]),
+        Err(TlsError::Read { what: "CRL", .. })
+    ));
+}
+
+/// Runs a handshake and returns the server side's view of the client serial.
+async fn handshake_stream(
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+) -> (Option<Vec<u8>>, Option<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let acceptor = TlsAcceptor::from(server);
+    let srv = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let (s, _) = accept(&acceptor, tcp, Duration::from_secs(10), &[Role::Machine])
+            .await
+            .ok()?;
+        peer_serial(s.get_ref().1)
+    });
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(client);
+    let c = connect(&connector, tcp, &Identity::Scm, Duration::from_secs(10))
+        .await
+        .ok()
+        .map(drop);
+    (srv.await.expect("server task"), c)
 }
 
 /// A peer that opens TCP and never sends a ClientHello is cut off by the timeout.
@@ -727,6 +792,13 @@ fn error_labels_cover_received_alerts() {
     assert_eq!(
         HandshakeError::Tls(io::Error::from(io::ErrorKind::ConnectionReset)).reason(),
         "io"
+    );
+    assert_eq!(
+        tls(rustls::Error::PeerIncompatible(
+            PeerIncompatible::NoCipherSuitesInCommon
+        ))
+        .reason(),
+        "no_common_cipher"
     );
     assert_eq!(
         HandshakeError::NoIdentity(IdentityError::NoIdentityUri).reason(),

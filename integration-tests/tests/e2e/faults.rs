@@ -214,7 +214,8 @@ fn hundred_pushes_from_four_concurrent_operators_end_ordered_and_newest() {
         );
     }
     // The agent applied generations in increasing order only, and never had to refuse an
-    // older one.
+    // older one. (Its log is read by a pump thread: wait until the last line is in.)
+    agent.wait_for("bytes as generation 100");
     let applied: Vec<u64> = agent
         .logs()
         .lines()

@@ -7,6 +7,7 @@ mod faults;
 mod fleet;
 mod frames;
 mod halfopen;
+mod hardening;
 mod metrics;
 mod mtls;
 mod relay;
