@@ -102,7 +102,7 @@ fn b_agent_cut_off_gets_the_pending_config_and_its_swipes_expire() {
     let (code, out, err) = fleet.backoffice(&["push", "--machine", "2", "--file", &file]);
     assert_eq!(code, 2, "not ACKed while cut off: {out}{err}");
     assert!(
-        out.contains("450 machine 2 unreachable; generation 1 pending"),
+        format!("{out}{err}").contains("450 machine 2 unreachable; generation 1 pending"),
         "{out}{err}"
     );
     fleet.swipe(2, "CUTOFF01");
