@@ -3,9 +3,9 @@
 //! SCM's agent port and prints one line per step on stdout, flushed at once, so a test
 //! can follow it from `docker logs`:
 //!
-//! * `--mode garbage`: plain TCP bytes that are no TLS at all, then a TLS session with a
-//!   valid machine certificate that sends a frame with a bad magic, then one that
-//!   declares an oversize frame;
+//! * `--mode garbage`: plain TCP bytes that are no TLS at all, then TLS sessions with a
+//!   valid machine certificate that send bytes that are no frame, a frame of an unknown
+//!   version (then a HELLO), and a header declaring an oversize frame;
 //! * `--mode foreign-ca`: a client certificate from a CA the SCM does not trust;
 //! * `--mode wrong-id`: a valid certificate (`--cert machine-4`) whose HELLO claims
 //!   another machine (`--claim 1`);
@@ -154,35 +154,48 @@ async fn garbage(args: &Args, p: &Pems) -> anyhow::Result<()> {
     let mut tcp = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(&args.scm)).await??;
     tcp.write_all(b"GET / HTTP/1.0\r\n\r\n\x00\xff\xfe garbage garbage\r\n")
         .await?;
+    // Read what the SCM answers until it closes (bounded in bytes and time).
+    let mut got = 0usize;
     let mut buf = [0u8; 256];
-    let r = tokio::time::timeout(
-        IO_TIMEOUT,
-        tokio::io::AsyncReadExt::read(&mut tcp, &mut buf),
-    )
-    .await;
-    say(&format!(
-        "STEP plain-garbage: {}",
-        match r {
-            Ok(Ok(0)) => "closed".to_string(),
-            Ok(Ok(n)) => format!("{n} bytes then open"),
-            Ok(Err(e)) => format!("error {e}"),
-            Err(_) => "still open".to_string(),
+    let end = loop {
+        match tokio::time::timeout(IO_TIMEOUT, tokio::io::AsyncReadExt::read(&mut tcp, &mut buf))
+            .await
+        {
+            Ok(Ok(0)) => break "closed".to_string(),
+            Ok(Ok(n)) if got + n < 4096 => got += n,
+            Ok(Ok(_)) => break "still sending".to_string(),
+            Ok(Err(e)) => break format!("error {e}"),
+            Err(_) => break "still open".to_string(),
         }
-    ));
-    // 2. TLS, then bytes that are no frame of any known version.
+    };
+    say(&format!("STEP plain-garbage: {got} bytes then {end}"));
+    // 2. TLS, then bytes that are no frame at all.
     let tls = tls_connect(args, p).await?;
     let (r, mut w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r, FrameCodec::default());
     w.write_all(b"XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX")
         .await?;
     w.flush().await?;
-    say(&format!("STEP bad-version: {}", answer(&mut reader).await));
+    say(&format!("STEP bad-bytes: {}", answer(&mut reader).await));
+    // 2b. TLS, a short frame of version 9 (unknown), then a valid HELLO on the same link.
+    let tls = tls_connect(args, p).await?;
+    let (r, mut w) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(r, FrameCodec::default());
+    let id = cert_machine(args).to_le_bytes();
+    w.write_all(&[9, 1, id[0], id[1], 4, 0, b'X', b'X', b'X', b'X'])
+        .await?;
+    w.flush().await?;
+    let first = answer(&mut reader).await;
+    write_frame(&mut w, &hello(cert_machine(args), 0)).await?;
+    say(&format!(
+        "STEP bad-version: {first}; then HELLO: {}",
+        answer(&mut reader).await
+    ));
     // 3. TLS, a HELLO header declaring the largest data length a frame can carry (over
     //    the SCM's per-link limit), and then only a few bytes of it.
     let tls = tls_connect(args, p).await?;
     let (r, mut w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r, FrameCodec::default());
-    let id = cert_machine(args).to_le_bytes();
     let hello_code = scm_proto::Code::Hello.byte();
     w.write_all(&[1, hello_code, id[0], id[1], 0xff, 0xff, 1, 2, 3])
         .await?;
