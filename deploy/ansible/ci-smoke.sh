@@ -48,7 +48,7 @@ if [ ! -x "$venv/bin/ansible-playbook" ] || [ ! -x "$venv/bin/ansible-lint" ]; t
 fi
 export PATH="$venv/bin:$PATH"
 export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 PY_COLORS=0 ANSIBLE_CONFIG="$here/ansible.cfg"
-ansible-playbook --version | head -1
+ansible-playbook --version >"${TMPDIR:-/tmp}/scm-hub-ansible-version.txt" && head -1 "${TMPDIR:-/tmp}/scm-hub-ansible-version.txt"
 
 echo "== ansible-lint =="
 (cd "$here" && ansible-lint --offline --nocolor)
@@ -63,6 +63,11 @@ cleanup() {
 }
 trap cleanup EXIT
 prefix=$work/root
+# The prefix mirrors a host: /etc, /var/lib, /usr/local/bin exist (the roles create only
+# their own directories below them; Ansible would give missing parents the role's owner
+# and mode).
+mkdir -p "$prefix/etc/systemd/system" "$prefix/var/lib" "$prefix/usr/local/bin"
+chmod -R 755 "$prefix"
 "$bindir/scm" init-dev --out "$work/pki" --machines 1 >"$work/init.txt"
 password=$(sed -n 's/^operator login: admin \/ //p' "$work/init.txt")
 hash=$(sed -n 's/^password_hash = "\(.*\)"$/\1/p' "$work/pki/scm.toml" | head -1)
