@@ -9,6 +9,9 @@
 #   ./fleet.sh logs [SVC]    follow the logs
 #   ./fleet.sh down          stop and remove the containers and the network (./fleet stays)
 #   ./fleet.sh clean         down, then remove ./fleet
+#   ./fleet.sh smoke         CI: a throw-away fleet (own directory, project, /24 and
+#                            random loopback ports): up, telnet login, push to all, a
+#                            swipe to the print server, down
 #
 # Environment: FLEET_NET (first three octets of the /24, default 10.213.250), TELNET_PORT
 # and TELNET_TLS_PORT (published on 127.0.0.1; default 2323 and 2324), TAG (image tag,
@@ -18,7 +21,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 cd "$here"
 export FLEET_NET=${FLEET_NET:-10.213.250}
-export FLEET_DIR="$here/fleet"
+export FLEET_DIR=${FLEET_DIR:-$here/fleet}
+project=${FLEET_PROJECT:-scm-fleet}
 export FLEET_UID=${FLEET_UID:-$(id -u)}
 export FLEET_GID=${FLEET_GID:-$(id -g)}
 export TAG=${TAG:-dev}
@@ -27,9 +31,9 @@ bindir=${CARGO_TARGET_DIR:-$root/target}/$profile
 
 compose() {
   if docker compose version >/dev/null 2>&1; then
-    docker compose -p scm-fleet "$@"
+    docker compose -p "$project" "$@"
   elif command -v docker-compose >/dev/null 2>&1; then
-    docker-compose -p scm-fleet "$@"
+    docker-compose -p "$project" "$@"
   else
     echo "fleet.sh: neither 'docker compose' nor 'docker-compose' is installed" >&2
     exit 1
@@ -40,7 +44,8 @@ compose() {
 wait_log() {
   local svc=$1 needle=$2 i
   for i in $(seq 1 120); do
-    if compose logs --no-color "$svc" 2>&1 | grep -q -- "$needle"; then return 0; fi
+    # (Capture first: grep -q would end the pipe early, and pipefail would call it failed.)
+    if grep -q -- "$needle" <<<"$(compose logs --no-color "$svc" 2>&1)"; then return 0; fi
     sleep 0.5
   done
   echo "fleet.sh: $svc did not log '$needle' within 60 s; its logs:" >&2
@@ -84,8 +89,37 @@ case "${1:-}" in
     compose --profile tools down --remove-orphans
     rm -rf "$FLEET_DIR" "$FLEET_DIR.init.txt"
     ;;
+  smoke)
+    work=$(mktemp -d)
+    export FLEET_DIR=$work/fleet FLEET_PROJECT=scm-fleet-smoke FLEET_NET=${SMOKE_NET:-10.213.251}
+    project=$FLEET_PROJECT
+    export TELNET_PORT=0 TELNET_TLS_PORT=0
+    trap 'FLEET_DIR=$FLEET_DIR "$0" down >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+    "$0" up
+    port=$(docker port "$FLEET_PROJECT"_scm_1 2323/tcp 2>/dev/null | head -1 | sed 's/.*://')
+    [ -n "$port" ] || port=$(compose port scm 2323 | sed 's/.*://')
+    pw=$(sed -n 's/^operator login: admin \/ //p' "$FLEET_DIR.init.txt")
+    # A real telnet session through the published loopback port.
+    if command -v telnet >/dev/null; then
+      out=$( (sleep 1; echo admin; sleep 0.5; echo "$pw"; sleep 1; echo machines; sleep 1; echo quit; sleep 0.5) \
+        | timeout 20 telnet 127.0.0.1 "$port" 2>&1 || true)
+      grep -q '^250 3 machines' <<<"$out" || { echo "fleet.sh smoke: telnet to 127.0.0.1:$port failed:" >&2; echo "$out" >&2; exit 1; }
+      echo "telnet 127.0.0.1:$port: logged in, 3 machines listed"
+    else
+      echo "fleet.sh smoke: no telnet client; telnet check skipped"
+    fi
+    echo "mode=compose-smoke" >"$FLEET_DIR/smoke.cfg"
+    "$0" bo push --target all --file /fleet/smoke.cfg
+    "$0" swipe 2 SMOKE123
+    for i in $(seq 1 100); do
+      grep -q 'CARD SMOKE123' <<<"$(compose logs --no-color print-server 2>&1)" && break
+      [ "$i" = 100 ] && { echo "fleet.sh smoke: the swipe did not reach the print server" >&2; exit 1; }
+      sleep 0.2
+    done
+    echo "fleet.sh smoke: the compose fleet works (telnet, push to all ACKed, swipe delivered)"
+    ;;
   *)
-    sed -n '2,15p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac
