@@ -417,8 +417,8 @@ mod tests {
         assert!(bo.contains("address = \"scm:2323\""), "{bo}");
         assert!(bo.contains("address = \"scm:9443\""), "{bo}");
         // The SCM certificate is valid for the host name the agents dial.
-        use rustls::pki_types::pem::PemObject;
         use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
         let pem = |f: &str| CertificateDer::from_pem_file(d.path().join(f)).unwrap();
         let mut roots = rustls::RootCertStore::empty();

@@ -141,7 +141,7 @@ async fn answer(reader: &mut FrameReader<tokio::io::ReadHalf<Tls>>) -> String {
         Ok(Some(f)) => match Message::decode(&f) {
             Ok(Message::Ack(a)) => format!("ACK {}", a.detail),
             Ok(Message::Nack(n)) => format!("NACK {} {}", n.reason().as_str_name(), n.detail),
-            Ok(m) => format!("{}", m.code().name()),
+            Ok(m) => m.code().name().to_string(),
             Err(_) => format!("frame {}", f.text_lossy()),
         },
         Ok(None) => "closed".into(),
@@ -158,8 +158,11 @@ async fn garbage(args: &Args, p: &Pems) -> anyhow::Result<()> {
     let mut got = 0usize;
     let mut buf = [0u8; 256];
     let end = loop {
-        match tokio::time::timeout(IO_TIMEOUT, tokio::io::AsyncReadExt::read(&mut tcp, &mut buf))
-            .await
+        match tokio::time::timeout(
+            IO_TIMEOUT,
+            tokio::io::AsyncReadExt::read(&mut tcp, &mut buf),
+        )
+        .await
         {
             Ok(Ok(0)) => break "closed".to_string(),
             Ok(Ok(n)) if got + n < 4096 => got += n,
@@ -252,7 +255,10 @@ async fn replay_hello(args: &Args, p: &Pems) -> anyhow::Result<()> {
             write_frame(&mut w, &frame).await?;
             answers.push(answer(&mut reader).await);
         }
-        say(&format!("STEP replay-hello {round}: {}", answers.join(" | ")));
+        say(&format!(
+            "STEP replay-hello {round}: {}",
+            answers.join(" | ")
+        ));
     }
     Ok(())
 }
@@ -291,12 +297,16 @@ async fn flood_no_read(args: &Args, p: &Pems) -> anyhow::Result<()> {
         match tokio::time::timeout(Duration::from_secs(2), write_frame(&mut w, &frame)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                say(&format!("STEP flood: write failed after {sent} swipes: {e}"));
+                say(&format!(
+                    "STEP flood: write failed after {sent} swipes: {e}"
+                ));
                 break;
             }
             Err(_) => {
                 if !blocked {
-                    say(&format!("STEP flood: the SCM stopped taking frames after {sent} swipes"));
+                    say(&format!(
+                        "STEP flood: the SCM stopped taking frames after {sent} swipes"
+                    ));
                     blocked = true;
                 }
             }

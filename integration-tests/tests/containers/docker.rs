@@ -400,14 +400,7 @@ impl Container {
     /// Connects it again, at its old address and under its old name.
     pub fn reconnect(&self) {
         docker_ok(&[
-            "network",
-            "connect",
-            "--ip",
-            &self.ip,
-            "--alias",
-            &self.name,
-            &self.net,
-            &self.id,
+            "network", "connect", "--ip", &self.ip, "--alias", &self.name, &self.net, &self.id,
         ]);
     }
 

@@ -37,7 +37,9 @@ fn a_scm_killed_mid_push_converges_and_applies_exactly_once() {
     let file = fleet.file("a.cfg", "mode=first\n");
     let push = fleet.backoffice_spawn(&["push", "--machine", "1", "--file", &file]);
     // The CONFIG crossed the network and the agent stored it; the SCM stops before the ACK.
-    fleet.scm.wait_for("failpoint scm-after-config-sent reached");
+    fleet
+        .scm
+        .wait_for("failpoint scm-after-config-sent reached");
     fleet.agent(1).wait_for("bytes as generation 1");
     fleet.scm.kill();
     let out = push.wait_with_output().expect("back office");
@@ -161,7 +163,9 @@ fn c_print_server_restart_reconnects_and_delivers_each_swipe_once() {
     // The bridge notices the peer is gone (the killed process's sockets are closed).
     fleet.scm.wait_for_n("disconnected", 2);
     fleet.swipe(1, "AWAY0001");
-    fleet.agent(1).wait_for_n("swipe acknowledged by the SCM", 2);
+    fleet
+        .agent(1)
+        .wait_for_n("swipe acknowledged by the SCM", 2);
     ps.start();
     // Both runs' output is in the container's stdout: two connects per device.
     ps.wait_stdout_n("CONNECTED", 4);
@@ -236,7 +240,10 @@ fn d_scm_restart_brings_every_agent_back_in_time_with_jitter() {
         "reconnect delays of {} agents are jittered, not lock-step: {first_delays:?}",
         machines.len()
     );
-    eprintln!("all {} agents back {took:?} after the restart began; first reconnect delays {first_delays:?} ms", machines.len());
+    eprintln!(
+        "all {} agents back {took:?} after the restart began; first reconnect delays {first_delays:?} ms",
+        machines.len()
+    );
     // And the SCM knows every one of them at its container address again.
     for id in machines {
         let addr = fleet

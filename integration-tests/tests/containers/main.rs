@@ -133,8 +133,11 @@ impl Fleet {
 
     /// The SCM's container spec (`extra` environment added to [`scm_env`]).
     pub fn scm_spec(dir: &Path, extra: &[(&str, &str)]) -> Spec {
-        let mut s = Spec::new("scm", "scm-hub/scm", SCM_HOST, &dir.join("fleet"))
-            .args(&["serve", "--config", "/fleet/scm.toml"]);
+        let mut s = Spec::new("scm", "scm-hub/scm", SCM_HOST, &dir.join("fleet")).args(&[
+            "serve",
+            "--config",
+            "/fleet/scm.toml",
+        ]);
         for (k, v) in scm_env().into_iter().chain(extra.iter().copied()) {
             s = s.env(k, v);
         }

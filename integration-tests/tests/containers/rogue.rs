@@ -88,10 +88,16 @@ fn e_rogue_agent_does_not_disturb_the_others() {
     // What the rogue was told.
     let out = garbage.stdout();
     // Not TLS: at most a TLS alert, then the connection is closed.
-    assert!(out.contains("STEP plain-garbage:") && out.contains("bytes then closed"), "{out}");
+    assert!(
+        out.contains("STEP plain-garbage:") && out.contains("bytes then closed"),
+        "{out}"
+    );
     // Bytes that are no frame: refused (here the length they happen to declare is over the
     // link's limit) and closed.
-    assert!(out.contains("STEP bad-bytes: frame") || out.contains("STEP bad-bytes: NACK"), "{out}");
+    assert!(
+        out.contains("STEP bad-bytes: frame") || out.contains("STEP bad-bytes: NACK"),
+        "{out}"
+    );
     // An unknown version is refused in a frame of that version (a v0/v1 message cannot be
     // decoded from it) and the link goes on: the HELLO after it is answered.
     assert!(
@@ -99,7 +105,10 @@ fn e_rogue_agent_does_not_disturb_the_others() {
             && out.contains("then HELLO: ACK"),
         "{out}"
     );
-    assert!(out.contains("STEP oversize: NACK NACK_REASON_MALFORMED"), "{out}");
+    assert!(
+        out.contains("STEP oversize: NACK NACK_REASON_MALFORMED"),
+        "{out}"
+    );
     let out = foreign.stdout();
     assert!(
         out.contains("STEP foreign-ca: handshake failed")
@@ -109,7 +118,8 @@ fn e_rogue_agent_does_not_disturb_the_others() {
     );
     let out = wrong.stdout();
     assert!(
-        out.contains("STEP wrong-id: NACK NACK_REASON_WRONG_MACHINE_ID") && out.contains("then closed"),
+        out.contains("STEP wrong-id: NACK NACK_REASON_WRONG_MACHINE_ID")
+            && out.contains("then closed"),
         "{out}"
     );
     let out = replay.stdout();
@@ -122,7 +132,10 @@ fn e_rogue_agent_does_not_disturb_the_others() {
         log.contains("frame names machine 1 but the certificate belongs to machine 4"),
         "the SCM names the impersonation"
     );
-    assert!(log.contains("TLS handshake refused"), "the SCM names the refused handshakes");
+    assert!(
+        log.contains("TLS handshake refused"),
+        "the SCM names the refused handshakes"
+    );
 
     // The real agents never noticed: one connection each, no link lost.
     for (id, a) in &fleet.agents {
@@ -138,7 +151,10 @@ fn e_rogue_agent_does_not_disturb_the_others() {
     let (code, out, err) = fleet.backoffice(&["status", "1"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains(&format!("link: connected from {}:", fleet.net.ip(AGENT_BASE + 1))),
+        out.contains(&format!(
+            "link: connected from {}:",
+            fleet.net.ip(AGENT_BASE + 1)
+        )),
         "{out}"
     );
     fleet_works(&fleet, &[1, 2, 3], "after");
@@ -176,7 +192,14 @@ fn f_slow_agent_that_never_reads_leaves_memory_bounded_and_others_unaffected() {
     let slow = rogue(
         &fleet,
         1,
-        &["--mode", "flood-no-read", "--seconds", "40", "--config-port", "9399"],
+        &[
+            "--mode",
+            "flood-no-read",
+            "--seconds",
+            "40",
+            "--config-port",
+            "9399",
+        ],
     );
     slow.wait_stdout_n("STEP flood: HELLO sent", 1);
     // The SCM stops taking its frames once the socket buffers are full.
