@@ -204,13 +204,13 @@ fn f_slow_agent_that_never_reads_leaves_memory_bounded_and_others_unaffected() {
     slow.wait_stdout_n("STEP flood: HELLO sent", 1);
     // The SCM stops taking its frames once the socket buffers are full.
     slow.wait_stdout_n("the SCM stopped taking frames", 1);
-    timeline.push(("flood blocked", fleet.scm.rss().unwrap_or(0)));
     let mut peak = idle;
     let sample = |peak: &mut u64| {
         let rss = fleet.scm.rss().expect("the SCM runs");
         *peak = (*peak).max(rss);
         rss
     };
+    timeline.push(("flood blocked", sample(&mut peak)));
     for round in ["flooda", "floodb", "floodc"] {
         fleet_works(&fleet, &[1, 2, 3], round);
         timeline.push((round, sample(&mut peak)));
