@@ -19,6 +19,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
+self=$here/$(basename "$0")
 cd "$here"
 export FLEET_NET=${FLEET_NET:-10.213.250}
 export FLEET_DIR=${FLEET_DIR:-$here/fleet}
@@ -66,10 +67,10 @@ case "${1:-}" in
     echo
     echo "fleet is up. Log in: telnet 127.0.0.1 ${TELNET_PORT:-2323}  (user admin, password below)"
     grep 'operator login' "$FLEET_DIR.init.txt" || true
-    echo "swipe: $0 swipe 1 12345678   back office: $0 bo machines   stop: $0 down"
+    echo "swipe: $self swipe 1 12345678   back office: $self bo machines   stop: $self down"
     ;;
   swipe)
-    [ $# -eq 3 ] || { echo "usage: $0 swipe MACHINE CARD" >&2; exit 2; }
+    [ $# -eq 3 ] || { echo "usage: $self swipe MACHINE CARD" >&2; exit 2; }
     fifo="$FLEET_DIR/machine-$2-r1.fifo"
     [ -p "$fifo" ] || { echo "fleet.sh: $fifo is no FIFO; is agent-$2 running?" >&2; exit 1; }
     timeout 10 bash -c "echo '$3' > '$fifo'"
@@ -94,8 +95,8 @@ case "${1:-}" in
     export FLEET_DIR=$work/fleet FLEET_PROJECT=scm-fleet-smoke FLEET_NET=${SMOKE_NET:-10.213.251}
     project=$FLEET_PROJECT
     export TELNET_PORT=0 TELNET_TLS_PORT=0
-    trap 'FLEET_DIR=$FLEET_DIR "$0" down >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-    "$0" up
+    trap 'FLEET_DIR=$FLEET_DIR bash "$self" down >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+    bash "$self" up
     port=$(docker port "$FLEET_PROJECT"_scm_1 2323/tcp 2>/dev/null | head -1 | sed 's/.*://')
     [ -n "$port" ] || port=$(compose port scm 2323 | sed 's/.*://')
     pw=$(sed -n 's/^operator login: admin \/ //p' "$FLEET_DIR.init.txt")
@@ -109,8 +110,8 @@ case "${1:-}" in
       echo "fleet.sh smoke: no telnet client; telnet check skipped"
     fi
     echo "mode=compose-smoke" >"$FLEET_DIR/smoke.cfg"
-    "$0" bo push --target all --file /fleet/smoke.cfg
-    "$0" swipe 2 SMOKE123
+    bash "$self" bo push --target all --file /fleet/smoke.cfg
+    bash "$self" swipe 2 SMOKE123
     for i in $(seq 1 100); do
       grep -q 'CARD SMOKE123' <<<"$(compose logs --no-color print-server 2>&1)" && break
       [ "$i" = 100 ] && { echo "fleet.sh smoke: the swipe did not reach the print server" >&2; exit 1; }
