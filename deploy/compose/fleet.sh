@@ -56,7 +56,7 @@ wait_log() {
 
 case "${1:-}" in
   up)
-    PROFILE=$profile TAG=$TAG "$root/deploy/images/build.sh"
+    PROFILE=$profile TAG=$TAG bash "$root/deploy/images/build.sh"
     if [ ! -f "$FLEET_DIR/scm.toml" ]; then
       "$bindir/scm" init-dev --out "$FLEET_DIR" --machines 1,2,3 \
         --bind 0.0.0.0 --scm-host scm --allow "$FLEET_NET.50" | tee "$FLEET_DIR.init.txt"
