@@ -412,12 +412,6 @@ impl Container {
             == "true"
     }
 
-    /// Waits until it has exited; returns its exit code.
-    pub fn wait_exit(&self) -> i32 {
-        let out = docker_ok(&["wait", &self.id]);
-        out.trim().parse().unwrap_or(-1)
-    }
-
     /// Its main process's id on the host, if it runs.
     pub fn host_pid(&self) -> Option<u32> {
         docker(&["inspect", "--format", "{{.State.Pid}}", &self.id])

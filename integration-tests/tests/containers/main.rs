@@ -16,7 +16,7 @@ mod rogue;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use docker::{Container, Network, Spec, docker};
+use docker::{Container, Network, Spec};
 use integration_tests::{bin, run};
 
 /// Last octets of the fleet's addresses on the test network.
@@ -266,11 +266,6 @@ impl Fleet {
     pub fn swipe(&self, machine: u16, card: &str) {
         integration_tests::swipe(&self.fleet_dir(), machine, card);
     }
-
-    /// `docker logs` of every container, for failure messages.
-    pub fn logs(&self) -> String {
-        self.net.all_logs()
-    }
 }
 
 /// Runs `backoffice --config /fleet/backoffice.toml ARGS` in a one-off container on
@@ -328,16 +323,6 @@ pub fn backoffice_command(net: &Network, fleet_dir: &Path, args: &[&str]) -> Com
     cmd
 }
 
-/// Panics with `msg` and every container's logs unless `cond` holds.
-#[macro_export]
-macro_rules! check {
-    ($fleet:expr, $cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            panic!("{}\n(container logs follow the panic)", format!($($msg)+));
-        }
-    };
-}
-
 /// Makes sure `docker` itself is usable before the harness is trusted with a scenario:
 /// the images exist and a name resolves inside the network.
 #[test]
@@ -356,5 +341,4 @@ fn name_resolution_inside_the_network() {
         out.contains(&fleet.net.ip(AGENT_BASE + 1)),
         "the SCM reports the agent's container address: {out}"
     );
-    let _ = docker(&["version"]);
 }
