@@ -78,7 +78,12 @@ USER 10001:10001
 ENTRYPOINT ["/usr/local/bin/$b"]
 LABEL org.opencontainers.image.title="$b" org.opencontainers.image.description="SCM hub: $b, built FROM scratch from the workspace" scm-hub.content="$sum"
 DOCKERFILE
+  old=$(docker image inspect --format '{{.Id}}' "scm-hub/$b:$tag" 2>/dev/null || true)
   DOCKER_BUILDKIT=0 docker build --quiet --tag "scm-hub/$b:$tag" "$ctx" >/dev/null 2>"$work/err" \
     || { cat "$work/err" >&2; echo "build.sh: docker build of scm-hub/$b:$tag failed" >&2; exit 1; }
+  # The image this one replaced, unless a container still uses it.
+  if [ -n "$old" ] && [ "$old" != "$(docker image inspect --format '{{.Id}}' "scm-hub/$b:$tag")" ]; then
+    docker rmi "$old" >/dev/null 2>&1 || true
+  fi
   echo "built scm-hub/$b:$tag"
 done
