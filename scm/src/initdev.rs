@@ -1,8 +1,10 @@
 //! `scm init-dev`: a development PKI (CA, SCM, operator, one certificate per machine) and
-//! ready-to-run configuration files for the SCM, each agent and the back office, all on
-//! 127.0.0.1 with the default ports.
+//! ready-to-run configuration files for the SCM, each agent and the back office, on
+//! 127.0.0.1 with the default ports unless [`InitDevOptions`] say otherwise (a container
+//! fleet binds every listener to 0.0.0.0 and reaches the SCM by its host name).
 
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use scm_certs::pki::{DevPkiOptions, Validity, write_dev_pki};
@@ -60,6 +62,74 @@ pub const AGENT_METRICS_PORT: u16 = 9465;
 /// The SCM's gRPC admin API port.
 pub const ADMIN_PORT: u16 = 9443;
 
+/// Where the set-up runs: what the listeners bind, how agents and the back office reach
+/// the SCM, and which print servers the card reader devices serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitDevOptions {
+    /// Address every listener of the SCM and the agents binds (`127.0.0.1`; `0.0.0.0` in
+    /// containers).
+    pub bind: IpAddr,
+    /// Host name or address agents and the back office use to reach the SCM; added to the
+    /// SCM's certificate as a SAN when it is not an identity name already.
+    pub scm_host: String,
+    /// Print-server addresses allowed on the Generic and RFIDeas 241 devices.
+    pub allow: Vec<IpAddr>,
+}
+
+impl Default for InitDevOptions {
+    fn default() -> Self {
+        InitDevOptions {
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            scm_host: "127.0.0.1".into(),
+            allow: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        }
+    }
+}
+
+impl InitDevOptions {
+    /// Checks the options: a host name the certificate can carry, a non-empty allow list
+    /// of specific addresses.
+    pub fn validate(&self) -> Result<(), InitDevError> {
+        let host = self.scm_host.trim();
+        if host.is_empty()
+            || host.contains([':', '/', ' '])
+            || rustls::pki_types::ServerName::try_from(host).is_err()
+        {
+            return Err(InitDevError::Usage(format!(
+                "--scm-host {:?} is not a host name or IPv4 address (no port), e.g. scm or 10.0.0.5",
+                self.scm_host
+            )));
+        }
+        if self.allow.is_empty() {
+            return Err(InitDevError::Usage(
+                "--allow needs at least one print-server address, e.g. 127.0.0.1".into(),
+            ));
+        }
+        if let Some(a) = self.allow.iter().find(|a| a.is_unspecified()) {
+            return Err(InitDevError::Usage(format!(
+                "--allow {a} would allow any peer; name the print server's address"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `host:port` with the SCM host.
+    fn scm(&self, port: u16) -> String {
+        format!("{}:{port}", self.scm_host.trim())
+    }
+
+    /// `ip:port` with the bind address.
+    fn bind(&self, port: u16) -> String {
+        SocketAddr::new(self.bind, port).to_string()
+    }
+
+    /// The allow list as TOML.
+    fn allow_toml(&self) -> String {
+        let items: Vec<String> = self.allow.iter().map(|a| format!("\"{a}\"")).collect();
+        format!("[{}]", items.join(", "))
+    }
+}
+
 /// Parses `1,2,3` (also ranges like `1-5`).
 pub fn parse_machines(s: &str) -> Result<Vec<u16>, InitDevError> {
     let mut out = Vec::new();
@@ -112,8 +182,18 @@ fn write(path: &Path, text: &str, private: bool) -> Result<(), InitDevError> {
     f.sync_all().map_err(err)
 }
 
-/// Writes the PKI and configuration files into `out`.
+/// Writes the PKI and configuration files into `out`, everything on 127.0.0.1.
 pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevError> {
+    init_dev_with(out, machines, &InitDevOptions::default())
+}
+
+/// Writes the PKI and configuration files into `out` for the set-up `opts` describes.
+pub fn init_dev_with(
+    out: &Path,
+    machines: &[u16],
+    opts: &InitDevOptions,
+) -> Result<InitDevResult, InitDevError> {
+    opts.validate()?;
     let scm_config = out.join("scm.toml");
     if scm_config.exists() {
         return Err(InitDevError::Exists(scm_config));
@@ -123,7 +203,13 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
         &DevPkiOptions {
             machines: machines.to_vec(),
             operators: vec!["admin".into()],
-            hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            hosts: {
+                let mut h = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+                if !h.contains(&opts.scm_host) {
+                    h.push(opts.scm_host.trim().to_string());
+                }
+                h
+            },
             validity: Validity::days_from_now(825),
         },
     )?;
@@ -145,10 +231,16 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
         scm,
         "# SCM hub development configuration written by `scm init-dev`.\n\
          # Every key is described in docs/configuration.md.\n\n\
-         [listen]\nagents = \"127.0.0.1:{AGENT_PORT}\"\ntelnet = \"127.0.0.1:{TELNET_PORT}\"\ntelnet_tls = \"127.0.0.1:{TELNET_TLS_PORT}\"\nmetrics = \"127.0.0.1:{SCM_METRICS_PORT}\"\nrfideas = \"127.0.0.1:{RFIDEAS_PORT}\"\nadmin = \"127.0.0.1:{ADMIN_PORT}\"\n\n\
+         [listen]\nagents = \"{}\"\ntelnet = \"{}\"\ntelnet_tls = \"{}\"\nmetrics = \"{}\"\nrfideas = \"{}\"\nadmin = \"{}\"\n\n\
          [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
          [database]\npath = \"scm.db\"\n\n\
          [[operator]]\nname = \"admin\"\nrole = \"admin\"\npassword_hash = \"{hash}\"\n",
+        opts.bind(AGENT_PORT),
+        opts.bind(TELNET_PORT),
+        opts.bind(TELNET_TLS_PORT),
+        opts.bind(SCM_METRICS_PORT),
+        opts.bind(RFIDEAS_PORT),
+        opts.bind(ADMIN_PORT),
         name(&files.ca_cert),
         name(&files.scm_cert),
         name(&files.scm_key),
@@ -167,41 +259,48 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
          # connects to the port and reads `<card>\\n` for each swipe on reader r1.\n"
     );
     for (i, id) in machines.iter().enumerate() {
-        let port = usize::from(GENERIC_PORT) + i;
+        let port = GENERIC_PORT.saturating_add(u16::try_from(i).unwrap_or(u16::MAX));
         let _ = write!(
             scm,
-            "\n[[generic]]\nmachine = {id}\nreader = \"r1\"\nlisten = \"127.0.0.1:{port}\"\nallow = [\"127.0.0.1\"]\n"
+            "\n[[generic]]\nmachine = {id}\nreader = \"r1\"\nlisten = \"{}\"\nallow = {}\n",
+            opts.bind(port),
+            opts.allow_toml(),
         );
     }
     let _ = write!(
         scm,
         "\n# The same reader r1 is also an RFIDeas 241 device in Client Mode: a print server\n\
-         # on this host configures it with HTTP GETs to 127.0.0.1:{RFIDEAS_PORT} and the Host\n\
+         # on an allowed address configures it with HTTP GETs to port {RFIDEAS_PORT} and the Host\n\
          # name below (see docs/bridge-241.md); swipes then also go to the HTTPS URL it stores.\n"
     );
     for id in machines {
         let _ = write!(
             scm,
-            "\n[[rfideas]]\nmachine = {id}\nreader = \"r1\"\nhost = \"reader-{id}.localhost\"\nallow = [\"127.0.0.1\"]\n"
+            "\n[[rfideas]]\nmachine = {id}\nreader = \"r1\"\nhost = \"reader-{id}.localhost\"\nallow = {}\n",
+            opts.allow_toml(),
         );
     }
     write(&scm_config, &scm, true)?;
 
     let mut agent_configs = Vec::new();
     for (i, (id, cert, key)) in files.machines.iter().enumerate() {
-        let port = AGENT_PORT as usize + 1 + i;
-        let metrics_port = usize::from(AGENT_METRICS_PORT) + i;
+        let i = u16::try_from(i).unwrap_or(u16::MAX);
+        let port = AGENT_PORT.saturating_add(1).saturating_add(i);
+        let metrics_port = AGENT_METRICS_PORT.saturating_add(i);
         let path = out.join(format!("agent-{id}.toml"));
         let text = format!(
             "# Machine agent {id}, written by `scm init-dev`.\n\n\
              machine_id = {id}\n\n\
-             [scm]\naddress = \"127.0.0.1:{AGENT_PORT}\"\n\n\
-             [listen]\nconfig = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n\n\
+             [scm]\naddress = \"{}\"\n\n\
+             [listen]\nconfig = \"{}\"\nmetrics = \"{}\"\n\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [storage]\ndir = \"machine-{id}\"\n\n\
              # Card reader r1: write a card number and a newline into the FIFO to swipe,\n\
              # e.g. echo 12345678 > machine-{id}-r1.fifo\n\
              [[reader]]\nid = \"r1\"\nkind = \"fifo\"\npath = \"machine-{id}-r1.fifo\"\n",
+            opts.scm(AGENT_PORT),
+            opts.bind(port),
+            opts.bind(metrics_port),
             name(&files.ca_cert),
             name(cert),
             name(key),
@@ -221,11 +320,13 @@ pub fn init_dev(out: &Path, machines: &[u16]) -> Result<InitDevResult, InitDevEr
         "# Back office, written by `scm init-dev`. Plain telnet on loopback with a password;\n\
          # set scm.tls = true and scm.address to the TLS port to log in by certificate.\n\
          # `backoffice watch` uses the admin API with the operator certificate of [tls].\n\n\
-         [scm]\naddress = \"127.0.0.1:{TELNET_PORT}\"\ntls = false\n\n\
+         [scm]\naddress = \"{}\"\ntls = false\n\n\
          [login]\nuser = \"admin\"\npassword = \"{admin_password}\"\n\n\
          [tls]\nca = \"{}\"\ncert = \"{op_cert}\"\nkey = \"{op_key}\"\n\n\
-         [admin]\naddress = \"127.0.0.1:{ADMIN_PORT}\"\n",
+         [admin]\naddress = \"{}\"\n",
+        opts.scm(TELNET_PORT),
         name(&files.ca_cert),
+        opts.scm(ADMIN_PORT),
     );
     write(&backoffice_config, &text, true)?;
 
@@ -290,5 +391,81 @@ mod tests {
             init_dev(d.path(), &[1]),
             Err(InitDevError::Exists(_))
         ));
+    }
+
+    #[test]
+    fn container_options_bind_everything_and_name_the_scm_host() {
+        let d = tempfile::tempdir().unwrap();
+        let opts = InitDevOptions {
+            bind: "0.0.0.0".parse().unwrap(),
+            scm_host: "scm".into(),
+            allow: vec!["10.213.0.50".parse().unwrap(), "127.0.0.1".parse().unwrap()],
+        };
+        let r = init_dev_with(d.path(), &[1, 2], &opts).unwrap();
+        let cfg = crate::config::ScmConfig::load(&r.scm_config, &Default::default()).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.listen.agents, "0.0.0.0:9300");
+        assert_eq!(cfg.listen.telnet, "0.0.0.0:2323");
+        assert_eq!(cfg.generic[1].listen, "0.0.0.0:7779");
+        assert_eq!(cfg.generic[0].allow, opts.allow);
+        assert_eq!(cfg.rfideas[0].allow, opts.allow);
+        let agent = std::fs::read_to_string(&r.agent_configs[1].1).unwrap();
+        assert!(agent.contains("[scm]\naddress = \"scm:9300\""), "{agent}");
+        assert!(agent.contains("config = \"0.0.0.0:9302\""), "{agent}");
+        assert!(agent.contains("metrics = \"0.0.0.0:9466\""), "{agent}");
+        let bo = std::fs::read_to_string(&r.backoffice_config).unwrap();
+        assert!(bo.contains("address = \"scm:2323\""), "{bo}");
+        assert!(bo.contains("address = \"scm:9443\""), "{bo}");
+        // The SCM certificate is valid for the host name the agents dial.
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+        let pem = |f: &str| CertificateDer::from_pem_file(d.path().join(f)).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pem("ca.pem")).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let check = |host: &str| {
+            verifier.verify_server_cert(
+                &pem("scm.pem"),
+                &[],
+                &ServerName::try_from(host.to_string()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+        };
+        check("scm").unwrap();
+        assert!(check("agent-1").is_err(), "a name it was not issued for");
+    }
+
+    #[test]
+    fn bad_options_are_refused_before_anything_is_written() {
+        let d = tempfile::tempdir().unwrap();
+        for opts in [
+            InitDevOptions {
+                scm_host: "scm:9300".into(),
+                ..Default::default()
+            },
+            InitDevOptions {
+                scm_host: " ".into(),
+                ..Default::default()
+            },
+            InitDevOptions {
+                allow: vec![],
+                ..Default::default()
+            },
+            InitDevOptions {
+                allow: vec!["0.0.0.0".parse().unwrap()],
+                ..Default::default()
+            },
+        ] {
+            let e = init_dev_with(d.path(), &[1], &opts).unwrap_err();
+            assert!(matches!(e, InitDevError::Usage(_)), "{opts:?}: {e}");
+        }
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
 }

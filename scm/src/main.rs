@@ -33,7 +33,7 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Write a development PKI and ready-to-run configurations on 127.0.0.1.
+    /// Write a development PKI and ready-to-run configurations (on 127.0.0.1 by default).
     InitDev {
         /// Directory to create.
         #[arg(long)]
@@ -41,6 +41,16 @@ enum Cmd {
         /// Machine ids, e.g. 1,2,3 or 1-10.
         #[arg(long)]
         machines: String,
+        /// Address every listener of the SCM and the agents binds (0.0.0.0 in containers).
+        #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+        /// Host name or address agents and the back office use to reach the SCM (also
+        /// added to the SCM certificate), e.g. `scm` in a compose fleet.
+        #[arg(long, value_name = "HOST", default_value = "127.0.0.1")]
+        scm_host: String,
+        /// Print-server address allowed on the card reader devices (repeatable).
+        #[arg(long, value_name = "IP", default_values_t = [std::net::IpAddr::from([127, 0, 0, 1])])]
+        allow: Vec<std::net::IpAddr>,
     },
     /// Hash a password (read from standard input) for `[[operator]] password_hash`.
     HashPassword,
@@ -102,9 +112,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::InitDev { out, machines } => {
+        Cmd::InitDev {
+            out,
+            machines,
+            bind,
+            scm_host,
+            allow,
+        } => {
             let ids = scm::initdev::parse_machines(&machines)?;
-            let r = scm::initdev::init_dev(&out, &ids)?;
+            let opts = scm::initdev::InitDevOptions {
+                bind,
+                scm_host,
+                allow,
+            };
+            let r = scm::initdev::init_dev_with(&out, &ids, &opts)?;
             println!(
                 "wrote development PKI and configurations to {}",
                 out.display()

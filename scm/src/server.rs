@@ -130,7 +130,7 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         rf_tx,
     )?;
     let swipes = Swipes::start(
-        &cfg.database.path,
+        &store,
         cfg.swipes.clone(),
         cfg.cards.clone(),
         bridge,

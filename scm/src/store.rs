@@ -5,6 +5,7 @@
 //! async workers. The schema is created and migrated on open.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -119,6 +120,50 @@ pub struct AuditRow {
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    gate: WriteGate,
+}
+
+/// Gives the store's operations (operators' pushes, machine state) priority over the swipe
+/// journal's batches on the shared database. SQLite's lock is not fair: a journal writing
+/// batch after batch (a flood of swipes from one agent) could keep a push waiting beyond
+/// its busy timeout, and the operator would get `451 database is locked`. The store counts
+/// its operations in flight; the journal writer waits, bounded, until none is in flight
+/// before it starts its next batch.
+#[derive(Debug, Clone, Default)]
+pub struct WriteGate(Arc<AtomicUsize>);
+
+/// One store operation in flight (see [`WriteGate`]).
+#[derive(Debug)]
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl WriteGate {
+    fn enter(&self) -> InFlight {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.0.clone())
+    }
+
+    /// Store operations in flight.
+    pub fn in_flight(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Blocks the calling (non-async) thread while store operations are in flight, at
+    /// most `max`; returns whether it waited.
+    pub fn wait_idle(&self, max: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + max;
+        let mut waited = false;
+        while self.in_flight() > 0 && std::time::Instant::now() < deadline {
+            waited = true;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        waited
+    }
 }
 
 const SCHEMA: &str = r#"
@@ -217,7 +262,18 @@ impl Store {
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
+            gate: WriteGate::default(),
         })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The gate other writers of this database (the swipe journal) yield to.
+    pub fn write_gate(&self) -> WriteGate {
+        self.gate.clone()
     }
 
     /// Runs `f` with the connection on a blocking thread.
@@ -228,7 +284,9 @@ impl Store {
     {
         let conn = self.conn.clone();
         let path = self.path.clone();
+        let in_flight = self.gate.enter();
         tokio::task::spawn_blocking(move || {
+            let _in_flight = in_flight;
             let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
             f(&mut guard).map_err(|source| StoreError::Sqlite { path, source })
         })
@@ -241,6 +299,7 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
     ) -> Result<R, StoreError> {
+        let _in_flight = self.gate.enter();
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard).map_err(|source| StoreError::Sqlite {
             path: self.path.clone(),
@@ -804,6 +863,41 @@ mod tests {
     }
 
     #[test]
+    fn the_journal_gate_counts_store_operations_and_waits_for_them() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(&d.path().join("g.db")).unwrap();
+        let gate = s.write_gate();
+        assert_eq!(gate.in_flight(), 0);
+        assert!(
+            !gate.wait_idle(std::time::Duration::from_secs(5)),
+            "nothing to wait for"
+        );
+        let seen = s.run_blocking(|_| Ok(gate.in_flight())).unwrap();
+        assert_eq!(seen, 1, "an operation counts while it runs");
+        assert_eq!(gate.in_flight(), 0, "and not after");
+        // An operation in flight on another thread holds the journal back until it ends.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            s.run_blocking(|_| {
+                tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                Ok(())
+            })
+            .unwrap();
+        });
+        rx.recv().unwrap();
+        assert!(
+            gate.wait_idle(std::time::Duration::from_millis(20)),
+            "bounded wait"
+        );
+        assert_eq!(gate.in_flight(), 1);
+        go_tx.send(()).unwrap();
+        t.join().unwrap();
+        assert_eq!(gate.in_flight(), 0);
+    }
+
+    #[test]
     fn read_only_database_gives_a_clear_error() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("ro.db");
@@ -813,6 +907,7 @@ mod tests {
         let s = Store {
             conn: Arc::new(Mutex::new(ro)),
             path: p.clone(),
+            gate: WriteGate::default(),
         };
         let e = s
             .run_blocking(|c| audit(c, "a", "b", "c", "d"))

@@ -8,7 +8,6 @@
 //! an agent sends again after an SCM restart is not delivered twice.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -167,7 +166,7 @@ impl Swipes {
     // their outcome channels, the event bus); a struct would only rename the list.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
-        db_path: &Path,
+        store: &crate::store::Store,
         settings: SwipeSettings,
         rules: CardRules,
         bridge: Arc<GenericBridge>,
@@ -176,7 +175,8 @@ impl Swipes {
         rf_outcomes: mpsc::Receiver<rfideas::OutcomeReport>,
         events: crate::events::Events,
     ) -> Result<Arc<Swipes>, rusqlite::Error> {
-        let conn = Connection::open(db_path)?;
+        let conn = Connection::open(store.path())?;
+        let gate = store.write_gate();
         conn.busy_timeout(Duration::from_secs(5))?;
         // The journal does not fsync each commit: a process crash loses nothing (the WAL
         // is in the OS cache); a power loss may lose the last moments of the journal.
@@ -219,7 +219,7 @@ impl Swipes {
         // Neither task keeps `Swipes` alive: when the SCM drops it, the journal channel
         // closes and the writer finishes its last batch and ends.
         let stats = swipes.stats.clone();
-        tokio::task::spawn_blocking(move || journal_writer(conn, rx, stats));
+        tokio::task::spawn_blocking(move || journal_writer(conn, rx, stats, gate));
         let weak = Arc::downgrade(&swipes);
         tokio::spawn(consume_outcomes(weak, outcomes));
         tokio::spawn(consume_rf_outcomes(Arc::downgrade(&swipes), rf_outcomes));
@@ -481,8 +481,19 @@ async fn consume_outcomes(swipes: std::sync::Weak<Swipes>, mut rx: mpsc::Receive
     }
 }
 
-fn journal_writer(mut conn: Connection, mut rx: mpsc::Receiver<JournalOp>, stats: Arc<SwipeStats>) {
+/// Longest a journal batch waits for the store's operations (see [`crate::store::WriteGate`]).
+const YIELD_TO_STORE_MAX: Duration = Duration::from_secs(1);
+
+fn journal_writer(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<JournalOp>,
+    stats: Arc<SwipeStats>,
+    gate: crate::store::WriteGate,
+) {
     while let Some(first) = rx.blocking_recv() {
+        // Operators' pushes and machine state go first: between two batches the database
+        // is free for them (the journal can wait; its queue is bounded).
+        gate.wait_idle(YIELD_TO_STORE_MAX);
         let mut batch = vec![first];
         while batch.len() < 1024 {
             match rx.try_recv() {
@@ -616,7 +627,8 @@ mod journal_tests {
         let conn = Connection::open(&path).unwrap();
         let (tx, rx) = mpsc::channel(16);
         let stats = Arc::new(SwipeStats::default());
-        let writer = std::thread::spawn(move || journal_writer(conn, rx, stats));
+        let gate = crate::store::WriteGate::default();
+        let writer = std::thread::spawn(move || journal_writer(conn, rx, stats, gate));
         let row = Row {
             event_id: "e1".into(),
             machine: 1,
