@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: unit tests, and end-to-end tests that start the real
-# binaries and drive them with real telnet clients. Installs what the tests need first.
+# binaries and drive them with real telnet clients, the Ansible deployment into a prefix, and
+# (when a Docker engine answers) the multi-container fault harness and the compose fleet.
+# Installs what the tests need first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,3 +32,15 @@ profile=default
 [ "${CI:-}" = "true" ] && profile=ci
 cargo nextest run --workspace --profile "$profile" "$@"
 cargo test --workspace --doc --quiet
+echo
+echo "== Ansible deployment, for real into a prefix (deploy/ansible/ci-smoke.sh) =="
+bash deploy/ansible/ci-smoke.sh
+echo "== multi-container fault harness (integration-tests/tests/containers) =="
+if docker info >/dev/null 2>&1; then
+  TAG=ci bash deploy/images/build.sh
+  SCM_CONTAINER_TESTS=1 SCM_IMAGES_TAG=ci cargo nextest run -p integration-tests --test containers --profile containers
+  echo "== compose fleet smoke run (deploy/compose/fleet.sh smoke) =="
+  TAG=ci bash deploy/compose/fleet.sh smoke
+else
+  echo "SKIPPED the multi-container harness: no Docker engine here (docker info failed)"
+fi
