@@ -146,6 +146,8 @@ pub async fn config_port(
             }
         }
         // Let the SCM close first (it sends close_notify after reading the ACK).
-        let _ = reader.read_frame(Some(Duration::from_secs(5)), SETUP_TIMEOUT).await;
+        let _ = reader
+            .read_frame(Some(Duration::from_secs(5)), SETUP_TIMEOUT)
+            .await;
     }
 }

@@ -133,7 +133,9 @@ fn mosquitto(name: &str) -> anyhow::Result<PathBuf> {
         let _ = std::process::Command::new("apt-get").arg("update").status();
         let ok = install().map(|s| s.success()).unwrap_or(false);
         if !ok {
-            bail!("cannot install mosquitto with apt-get; install it (apt-get install mosquitto) and run again");
+            bail!(
+                "cannot install mosquitto with apt-get; install it (apt-get install mosquitto) and run again"
+            );
         }
     }
     find_mosquitto(name).context("mosquitto was installed but is not on PATH or in /usr/sbin")
@@ -154,7 +156,11 @@ fn wanted(cli: &Cli, name: &str) -> bool {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     scm_certs::tls::install_default_provider();
-    let plan = if cli.quick { Plan::quick() } else { Plan::full() };
+    let plan = if cli.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
     if !cli.scm_bin.is_file() {
         bail!(
             "{} does not exist; build it first: cargo build --release -p scm",
@@ -170,7 +176,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let renice = std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false);
     let tmp;
     let work = match &cli.work_dir {

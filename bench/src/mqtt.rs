@@ -122,7 +122,9 @@ pub async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> anyhow::Result<Opti
         bail!("MQTT packet of {len} bytes; the benchmark accepts at most {MAX_PACKET}");
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.context("truncated MQTT packet")?;
+    r.read_exact(&mut body)
+        .await
+        .context("truncated MQTT packet")?;
     let kind = first[0] >> 4;
     Ok(Some(match kind {
         2 if len >= 2 => Packet::ConnAck(body[1]),
@@ -187,7 +189,10 @@ mod tests {
                 pid,
                 payload,
             } => {
-                assert_eq!((topic.as_str(), pid, &payload[..]), ("ev/3", 7, &b"hello"[..]));
+                assert_eq!(
+                    (topic.as_str(), pid, &payload[..]),
+                    ("ev/3", 7, &b"hello"[..])
+                );
             }
             p => panic!("{p:?}"),
         }

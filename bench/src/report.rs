@@ -49,7 +49,13 @@ pub struct Report {
 
 impl Report {
     /// An empty report.
-    pub fn new(command: &str, quick: bool, started: time::OffsetDateTime, load_start: String, reniced: bool) -> Report {
+    pub fn new(
+        command: &str,
+        quick: bool,
+        started: time::OffsetDateTime,
+        load_start: String,
+        reniced: bool,
+    ) -> Report {
         Report {
             command: command.into(),
             quick,
@@ -62,8 +68,21 @@ impl Report {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn put(&mut self, sys: System, workload: &str, figure: &str, v: f64, decimals: usize, better: Better, target: Option<(f64, &str)>) {
-        let row = match self.rows.iter_mut().find(|r| r.workload == workload && r.figure == figure) {
+    fn put(
+        &mut self,
+        sys: System,
+        workload: &str,
+        figure: &str,
+        v: f64,
+        decimals: usize,
+        better: Better,
+        target: Option<(f64, &str)>,
+    ) {
+        let row = match self
+            .rows
+            .iter_mut()
+            .find(|r| r.workload == workload && r.figure == figure)
+        {
             Some(r) => r,
             None => {
                 self.rows.push(Row {
@@ -86,7 +105,11 @@ impl Report {
     }
 
     fn extra(&mut self, workload: &str, figure: &str, ok: bool) {
-        if let Some(r) = self.rows.iter_mut().find(|r| r.workload == workload && r.figure == figure) {
+        if let Some(r) = self
+            .rows
+            .iter_mut()
+            .find(|r| r.workload == workload && r.figure == figure)
+        {
             r.extra_ok = Some(ok);
         }
     }
@@ -103,9 +126,33 @@ impl Report {
     /// A connection storm.
     pub fn storm(&mut self, sys: System, r: Storm) {
         let w = format!("1. connection storm, N = {}", fmt_int(r.n as f64));
-        self.put(sys, &w, "connections/s", r.per_s, 0, Better::Higher, Some((1600.0, "≥ 1,600")));
-        self.put(sys, &w, "server CPU ms per connection", r.cpu_ms_per_conn, 3, Better::Lower, None);
-        self.put(sys, &w, "server KiB per idle connection", r.kib_per_conn, 1, Better::Lower, Some((16.0, "≤ 16")));
+        self.put(
+            sys,
+            &w,
+            "connections/s",
+            r.per_s,
+            0,
+            Better::Higher,
+            Some((1600.0, "≥ 1,600")),
+        );
+        self.put(
+            sys,
+            &w,
+            "server CPU ms per connection",
+            r.cpu_ms_per_conn,
+            3,
+            Better::Lower,
+            None,
+        );
+        self.put(
+            sys,
+            &w,
+            "server KiB per idle connection",
+            r.kib_per_conn,
+            1,
+            Better::Lower,
+            Some((16.0, "≤ 16")),
+        );
         let detail = format!(
             "RSS {:.1} → {:.1} MiB; {} failed",
             r.rss_mib.0, r.rss_mib.1, r.failed
@@ -118,7 +165,10 @@ impl Report {
 
     /// A fixed-rate latency run.
     pub fn rate(&mut self, sys: System, r: Rate) {
-        let w = format!("2. swipe latency at {}/s (100 agents)", fmt_int(r.rate as f64));
+        let w = format!(
+            "2. swipe latency at {}/s (100 agents)",
+            fmt_int(r.rate as f64)
+        );
         let (t50, t99) = if r.rate == 1000 {
             (Some((80.0, "≤ 80")), Some((500.0, "≤ 500")))
         } else {
@@ -127,7 +177,15 @@ impl Report {
         self.put(sys, &w, "p50 µs", r.lat.p50, 0, Better::Lower, t50);
         self.put(sys, &w, "p99 µs", r.lat.p99, 0, Better::Lower, t99);
         self.put(sys, &w, "max µs", r.lat.max, 0, Better::Lower, None);
-        self.put(sys, &w, "lost (of sent)", r.lost as f64, 0, Better::Lower, None);
+        self.put(
+            sys,
+            &w,
+            "lost (of sent)",
+            r.lost as f64,
+            0,
+            Better::Lower,
+            None,
+        );
         let detail = format!(
             "sent {}, acknowledged {}, refused {}, delivered {}; sender ticker late by up to {:.1} ms",
             r.sent, r.acked, r.nacked, r.delivered, r.ticker_late_ms
@@ -138,10 +196,42 @@ impl Report {
     /// The closed-loop maximum.
     pub fn max(&mut self, sys: System, r: Throughput, secs: u64, skip: u64, window: usize) {
         let w = format!("3. max acknowledged swipes (100 agents × {window} in flight, {secs} s)");
-        self.put(sys, &w, "acknowledged/s", r.acked_per_s, 0, Better::Higher, Some((80_000.0, "≥ 80,000, zero loss")));
-        self.put(sys, &w, "delivered/s", r.delivered_per_s, 0, Better::Higher, None);
-        self.put(sys, &w, "lost (acknowledged, not delivered)", r.lost as f64, 0, Better::Lower, None);
-        self.put(sys, &w, "latency p50 µs (queueing)", r.lat.p50, 0, Better::Lower, None);
+        self.put(
+            sys,
+            &w,
+            "acknowledged/s",
+            r.acked_per_s,
+            0,
+            Better::Higher,
+            Some((80_000.0, "≥ 80,000, zero loss")),
+        );
+        self.put(
+            sys,
+            &w,
+            "delivered/s",
+            r.delivered_per_s,
+            0,
+            Better::Higher,
+            None,
+        );
+        self.put(
+            sys,
+            &w,
+            "lost (acknowledged, not delivered)",
+            r.lost as f64,
+            0,
+            Better::Lower,
+            None,
+        );
+        self.put(
+            sys,
+            &w,
+            "latency p50 µs (queueing)",
+            r.lat.p50,
+            0,
+            Better::Lower,
+            None,
+        );
         if sys == System::Scm {
             let ok = r.lost == 0;
             self.extra(&w, "acknowledged/s", ok);
@@ -160,7 +250,15 @@ impl Report {
     /// The fan-out.
     pub fn fanout(&mut self, sys: System, r: Fanout) {
         let w = format!("4. config fan-out, 2 KiB to {} agents", fmt_int(r.n as f64));
-        self.put(sys, &w, "seconds until all ACKed", r.all_acked_s, 3, Better::Lower, Some((1.5, "≤ 1.5")));
+        self.put(
+            sys,
+            &w,
+            "seconds until all ACKed",
+            r.all_acked_s,
+            3,
+            Better::Lower,
+            Some((1.5, "≤ 1.5")),
+        );
         if sys == System::Scm {
             self.extra(&w, "seconds until all ACKed", r.acked == usize::from(r.n));
         }
@@ -174,10 +272,30 @@ impl Report {
     /// The reconnect storm.
     pub fn reconnect(&mut self, sys: System, r: Reconnect) {
         let w = format!("5. reconnect storm, {} agents", fmt_int(r.n as f64));
-        self.put(sys, &w, "seconds from kill until all back", r.from_kill_s, 2, Better::Lower, Some((5.0, "≤ 5")));
-        self.put(sys, &w, "seconds from ready until all back", r.from_ready_s, 2, Better::Lower, None);
+        self.put(
+            sys,
+            &w,
+            "seconds from kill until all back",
+            r.from_kill_s,
+            2,
+            Better::Lower,
+            Some((5.0, "≤ 5")),
+        );
+        self.put(
+            sys,
+            &w,
+            "seconds from ready until all back",
+            r.from_ready_s,
+            2,
+            Better::Lower,
+            None,
+        );
         if sys == System::Scm {
-            self.extra(&w, "seconds from kill until all back", r.back == u64::from(r.n));
+            self.extra(
+                &w,
+                "seconds from kill until all back",
+                r.back == u64::from(r.n),
+            );
         }
         let detail = format!(
             "{} of {} back; kill to restarted server ready {:.3} s",
@@ -193,11 +311,19 @@ impl Report {
         t.push_str("| --- | --- | ---: | ---: | ---: | --- | --- |\n");
         let mut last = String::new();
         for r in &self.rows {
-            let w = if r.workload == last { String::new() } else { r.workload.clone() };
+            let w = if r.workload == last {
+                String::new()
+            } else {
+                r.workload.clone()
+            };
             last = r.workload.clone();
             let ratio = match (r.scm, r.mosq) {
                 (Some(s), Some(m)) if s > 0.0 && m > 0.0 => {
-                    let x = if r.better == Better::Higher { s / m } else { m / s };
+                    let x = if r.better == Better::Higher {
+                        s / m
+                    } else {
+                        m / s
+                    };
                     format!("{x:.2}×")
                 }
                 (Some(s), Some(m)) if s == m => "equal".into(),
@@ -280,7 +406,13 @@ impl Report {
             let _ = writeln!(
                 d,
                 "| {} | {} | {} | {:.0}% | {:.0}% | {} | {} |",
-                r.workload, r.system, r.cond.load, r.cond.other_pct, r.cond.server_pct, r.detail, log
+                r.workload,
+                r.system,
+                r.cond.load,
+                r.cond.other_pct,
+                r.cond.server_pct,
+                r.detail,
+                log
             );
         }
         d.push('\n');

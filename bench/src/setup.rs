@@ -43,7 +43,10 @@ impl Pki {
         let mut scm = LeafSpec::new(Identity::Scm, validity.clone());
         scm.extra_hosts = vec!["localhost".into(), "127.0.0.1".into()];
         let scm = ca.issue(&scm)?;
-        let op = ca.issue(&LeafSpec::new(Identity::operator("bench")?, validity.clone()))?;
+        let op = ca.issue(&LeafSpec::new(
+            Identity::operator("bench")?,
+            validity.clone(),
+        ))?;
         std::fs::write(dir.join("ca.pem"), ca.cert_pem())?;
         std::fs::write(dir.join("scm.pem"), &scm.cert_pem)?;
         std::fs::write(dir.join("scm-key.pem"), &scm.key_pem)?;

@@ -18,7 +18,11 @@ pub fn proc_cpu_ms(pid: u32) -> f64 {
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest[0] is field 3 (state); utime is field 14, stime field 15.
-    let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(14) + ticks(15)) * 1000.0 / TICKS_PER_S
 }
 
@@ -93,7 +97,11 @@ pub fn own_cpus() -> String {
 /// One line per fact about the machine, for the report.
 pub fn machine_description() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let lscpu = Command::new("lscpu").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let lscpu = Command::new("lscpu")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     let field = |name: &str| {
         lscpu
             .lines()
@@ -107,7 +115,11 @@ pub fn machine_description() -> Vec<(String, String)> {
     out.push(("Hypervisor".into(), field("Hypervisor vendor")));
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string()))
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
         .and_then(|v| v.parse::<u64>().ok())
         .map(|kib| format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0))
         .unwrap_or_else(|| "?".into());
@@ -122,9 +134,11 @@ pub fn machine_description() -> Vec<(String, String)> {
     let os = std::fs::read_to_string("/etc/os-release")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("PRETTY_NAME="))
-                .map(|l| l.trim_start_matches("PRETTY_NAME=").trim_matches('"').to_string())
+            s.lines().find(|l| l.starts_with("PRETTY_NAME=")).map(|l| {
+                l.trim_start_matches("PRETTY_NAME=")
+                    .trim_matches('"')
+                    .to_string()
+            })
         })
         .unwrap_or_default();
     out.push(("OS".into(), os));

@@ -52,7 +52,9 @@ pub struct Ctx {
 
 impl std::fmt::Debug for Ctx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctx").field("work", &self.work).finish_non_exhaustive()
+        f.debug_struct("Ctx")
+            .field("work", &self.work)
+            .finish_non_exhaustive()
     }
 }
 
@@ -95,7 +97,12 @@ impl Ctx {
 
     /// Starts a fresh server: the SCM with `run` (its agents port is filled in), or
     /// Mosquitto on a free port.
-    async fn start(&self, sys: System, mut run: ScmRun, what: &str) -> anyhow::Result<(Server, String, StartSpec)> {
+    async fn start(
+        &self,
+        sys: System,
+        mut run: ScmRun,
+        what: &str,
+    ) -> anyhow::Result<(Server, String, StartSpec)> {
         let dir = self.run_dir(&format!("{what}-{}", sys.name().to_lowercase()));
         if run.agents_port == 0 {
             run.agents_port = setup::free_port()?;
@@ -159,10 +166,17 @@ enum Conn {
     Mqtt(Tls),
 }
 
-async fn connect_one(ctx_conn: tokio_rustls::TlsConnector, sys: System, addr: &str, id: u16) -> anyhow::Result<Conn> {
+async fn connect_one(
+    ctx_conn: tokio_rustls::TlsConnector,
+    sys: System,
+    addr: &str,
+    id: u16,
+) -> anyhow::Result<Conn> {
     Ok(match sys {
         System::Scm => Conn::Scm(agents::scm_connect(&ctx_conn, addr, id, 0).await?),
-        System::Mqtt => Conn::Mqtt(agents::mqtt_connect(&ctx_conn, addr, &format!("agent-{id}")).await?),
+        System::Mqtt => {
+            Conn::Mqtt(agents::mqtt_connect(&ctx_conn, addr, &format!("agent-{id}")).await?)
+        }
     })
 }
 
@@ -303,7 +317,9 @@ impl Track {
             return;
         }
         let lat = now.saturating_sub(sent - 1) + 1;
-        if l.compare_exchange(0, lat, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        if l.compare_exchange(0, lat, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
             self.delivered.fetch_add(1, Ordering::Relaxed);
         } else {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -412,7 +428,14 @@ enum LinkParts {
     Mqtt(Tls),
 }
 
-async fn event_rig(ctx: &Ctx, sys: System, agents_n: u16, track: &Arc<Track>, what: &str, split: bool) -> anyhow::Result<EventRig> {
+async fn event_rig(
+    ctx: &Ctx,
+    sys: System,
+    agents_n: u16,
+    track: &Arc<Track>,
+    what: &str,
+    split: bool,
+) -> anyhow::Result<EventRig> {
     let (server, addr, _) = ctx.start(sys, scm_run(agents_n, agents_n), what).await?;
     let mut tasks = JoinSet::new();
     // Receivers first, so nothing waits for them.
@@ -420,7 +443,9 @@ async fn event_rig(ctx: &Ctx, sys: System, agents_n: u16, track: &Arc<Track>, wh
         System::Scm => {
             for id in 1..=agents_n {
                 let a = server.addr(&format!("generic {id}/r1"))?;
-                let tcp = tokio::net::TcpStream::connect(&a).await.with_context(|| format!("print server to {a}"))?;
+                let tcp = tokio::net::TcpStream::connect(&a)
+                    .await
+                    .with_context(|| format!("print server to {a}"))?;
                 tcp.set_nodelay(true)?;
                 let track = track.clone();
                 tasks.spawn(async move {
@@ -478,12 +503,18 @@ async fn event_rig(ctx: &Ctx, sys: System, agents_n: u16, track: &Arc<Track>, wh
                     let ScmLink { mut reader, writer } = link;
                     let track = track.clone();
                     tasks.spawn(async move {
-                        while let Ok(Some(f)) = reader.read_frame(None, Duration::from_secs(30)).await {
+                        while let Ok(Some(f)) =
+                            reader.read_frame(None, Duration::from_secs(30)).await
+                        {
                             match Message::decode(&f) {
                                 Ok(Message::Ack(_)) => {
                                     track.acked.fetch_add(1, Ordering::Relaxed);
                                 }
-                                Ok(Message::Nack(n)) => track.nack(format!("{} ({})", n.detail, n.reason().as_str_name())),
+                                Ok(Message::Nack(n)) => track.nack(format!(
+                                    "{} ({})",
+                                    n.detail,
+                                    n.reason().as_str_name()
+                                )),
                                 _ => {}
                             }
                         }
@@ -579,7 +610,11 @@ pub async fn rate(ctx: &Ctx, sys: System, rate: u64, secs: u64) -> anyhow::Resul
     for seq in 0..warm {
         senders.send(seq, &track).await?;
     }
-    if !wait_until(Duration::from_secs(10), || track.delivered.load(Ordering::Relaxed) >= warm).await {
+    if !wait_until(Duration::from_secs(10), || {
+        track.delivered.load(Ordering::Relaxed) >= warm
+    })
+    .await
+    {
         bail!(
             "{}: only {} of {warm} warm-up events arrived; server log: {:?}",
             sys.name(),
@@ -599,7 +634,10 @@ pub async fn rate(ctx: &Ctx, sys: System, rate: u64, secs: u64) -> anyhow::Resul
     while sent < total {
         tick.tick().await;
         let now = Instant::now();
-        late = late.max(now.duration_since(last).saturating_sub(Duration::from_millis(1)));
+        late = late.max(
+            now.duration_since(last)
+                .saturating_sub(Duration::from_millis(1)),
+        );
         last = now;
         let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
         while sent < due {
@@ -610,7 +648,8 @@ pub async fn rate(ctx: &Ctx, sys: System, rate: u64, secs: u64) -> anyhow::Resul
     let send_wall = start.elapsed().as_secs_f64();
     wait_until(Duration::from_secs(5), || {
         track.delivered.load(Ordering::Relaxed) >= warm + total
-            && track.acked.load(Ordering::Relaxed) + track.nacked.load(Ordering::Relaxed) >= warm + total
+            && track.acked.load(Ordering::Relaxed) + track.nacked.load(Ordering::Relaxed)
+                >= warm + total
     })
     .await;
     let cpu1 = rig.server.cpu_ms();
@@ -667,7 +706,13 @@ pub struct Throughput {
 
 /// 100 agents, each with `window` events in flight (a new one as soon as one is
 /// acknowledged), for `secs`; rates counted from `skip` s to `secs - 1` s; then a drain.
-pub async fn throughput(ctx: &Ctx, sys: System, secs: u64, skip: u64, window: usize) -> anyhow::Result<Throughput> {
+pub async fn throughput(
+    ctx: &Ctx,
+    sys: System,
+    secs: u64,
+    skip: u64,
+    window: usize,
+) -> anyhow::Result<Throughput> {
     let agents_n = 100u16;
     let cap = 400_000 * secs as usize;
     let track = Track::new(cap);
@@ -705,16 +750,25 @@ pub async fn throughput(ctx: &Ctx, sys: System, secs: u64, skip: u64, window: us
     let other_pct = other.percent(c1 + sys::self_cpu_ms());
     tokio::time::sleep_until((t0 + Duration::from_secs(secs)).into()).await;
     stop.store(true, Ordering::Relaxed);
-    let drain = tokio::time::timeout(Duration::from_secs(10), async { while workers.join_next().await.is_some() {} }).await;
+    let drain = tokio::time::timeout(Duration::from_secs(10), async {
+        while workers.join_next().await.is_some() {}
+    })
+    .await;
     workers.abort_all();
     let acked = track.acked.load(Ordering::Relaxed);
-    wait_until(Duration::from_secs(5), || track.delivered.load(Ordering::Relaxed) >= acked).await;
+    wait_until(Duration::from_secs(5), || {
+        track.delivered.load(Ordering::Relaxed) >= acked
+    })
+    .await;
     let delivered = track.delivered.load(Ordering::Relaxed);
     let sent = next.load(Ordering::Relaxed).min(cap as u64);
     let lat = percentiles(&track.latencies_us(0..sent));
     let mut log = log_of(&rig.server);
     if drain.is_err() {
-        log.insert(0, "some agents still had unanswered events 10 s after the end".into());
+        log.insert(
+            0,
+            "some agents still had unanswered events 10 s after the end".into(),
+        );
     }
     if let Some(n) = track.first_nack.lock().ok().and_then(|f| f.clone()) {
         log.insert(0, format!("first NACK or error: {n}"));
@@ -757,7 +811,10 @@ async fn closed_loop(
 ) -> anyhow::Result<()> {
     let mut inflight = 0usize;
     match link {
-        LinkParts::Scm(ScmLink { mut reader, mut writer }) => loop {
+        LinkParts::Scm(ScmLink {
+            mut reader,
+            mut writer,
+        }) => loop {
             while inflight < window && !stop.load(Ordering::Relaxed) {
                 let seq = next.fetch_add(1, Ordering::Relaxed);
                 if seq >= cap {
@@ -765,7 +822,8 @@ async fn closed_loop(
                     break;
                 }
                 track.mark_sent(seq);
-                scm_proto::io::write_frame(&mut writer, &agents::swipe_frame(id, seq, seq + 2)).await?;
+                scm_proto::io::write_frame(&mut writer, &agents::swipe_frame(id, seq, seq + 2))
+                    .await?;
                 inflight += 1;
             }
             if inflight == 0 {
@@ -780,7 +838,9 @@ async fn closed_loop(
                 Message::Ack(_) => {
                     track.acked.fetch_add(1, Ordering::Relaxed);
                 }
-                Message::Nack(n) => track.nack(format!("{} ({})", n.detail, n.reason().as_str_name())),
+                Message::Nack(n) => {
+                    track.nack(format!("{} ({})", n.detail, n.reason().as_str_name()))
+                }
                 _ => inflight += 1,
             }
         },
@@ -796,7 +856,12 @@ async fn closed_loop(
                     }
                     pid = pid.wrapping_add(1).max(1);
                     track.mark_sent(seq);
-                    s.write_all(&mqtt::publish(pid, &format!("ev/{id}"), &payload(seq, track))).await?;
+                    s.write_all(&mqtt::publish(
+                        pid,
+                        &format!("ev/{id}"),
+                        &payload(seq, track),
+                    ))
+                    .await?;
                     inflight += 1;
                     batch.push(seq);
                 }
@@ -806,7 +871,9 @@ async fn closed_loop(
                 if inflight == 0 {
                     return Ok(());
                 }
-                match tokio::time::timeout(Duration::from_secs(10), mqtt::read_packet(&mut s)).await?? {
+                match tokio::time::timeout(Duration::from_secs(10), mqtt::read_packet(&mut s))
+                    .await??
+                {
                     Some(Packet::PubAck) => {
                         inflight -= 1;
                         track.acked.fetch_add(1, Ordering::Relaxed);
@@ -909,7 +976,10 @@ pub async fn fanout(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Fanout> {
                 log.insert(0, format!("push reply: {} {}", reply.code, reply.last()));
             }
             if config_bytes != 2048 {
-                log.insert(0, format!("the agents received {config_bytes} bytes instead of 2048"));
+                log.insert(
+                    0,
+                    format!("the agents received {config_bytes} bytes instead of 2048"),
+                );
             }
             let other_pct = other.percent(cpu1 + sys::self_cpu_ms());
             let wall = t0.elapsed().as_secs_f64();
@@ -931,8 +1001,10 @@ pub async fn fanout(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Fanout> {
         System::Mqtt => {
             let acks = Arc::new(AtomicU64::new(0));
             for id in 1..=n {
-                let mut s = agents::mqtt_connect(&ctx.connector(id), &addr, &format!("agent-{id}")).await?;
-                s.write_all(&mqtt::subscribe(1, &format!("cfg/{id}"))).await?;
+                let mut s =
+                    agents::mqtt_connect(&ctx.connector(id), &addr, &format!("agent-{id}")).await?;
+                s.write_all(&mqtt::subscribe(1, &format!("cfg/{id}")))
+                    .await?;
                 s.flush().await?;
                 match mqtt::read_packet(&mut s).await? {
                     Some(Packet::SubAck) => {}
@@ -967,7 +1039,8 @@ pub async fn fanout(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Fanout> {
             let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<u16>();
             let writer = tokio::spawn(async move {
                 for id in 1..=n {
-                    w.write_all(&mqtt::publish(id, &format!("cfg/{id}"), content.as_bytes())).await?;
+                    w.write_all(&mqtt::publish(id, &format!("cfg/{id}"), content.as_bytes()))
+                        .await?;
                 }
                 w.flush().await?;
                 while let Some(pid) = prx.recv().await {
@@ -1049,7 +1122,9 @@ fn backoff(n: u32) -> Duration {
 /// `n` agents connected; the server is killed with SIGKILL and started again at once;
 /// every agent reconnects with the machine agent's jittered exponential back-off.
 pub async fn reconnect(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Reconnect> {
-    let (mut server, addr, spec) = ctx.start(sys, scm_run(n, 0), &format!("reconnect{n}")).await?;
+    let (mut server, addr, spec) = ctx
+        .start(sys, scm_run(n, 0), &format!("reconnect{n}"))
+        .await?;
     // Per agent: how many times it completed HELLO/ACK; `connects` counts agents that did
     // once, `back` agents that did twice (after the restart).
     let counts: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
@@ -1067,7 +1142,11 @@ pub async fn reconnect(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Reconne
             loop {
                 // The first connection is made 100 at a time (as in the storm); the
                 // reconnections are not throttled.
-                let permit = if first { Some(sem.clone().acquire_owned().await) } else { None };
+                let permit = if first {
+                    Some(sem.clone().acquire_owned().await)
+                } else {
+                    None
+                };
                 let r = connect_one(c.clone(), sys, &addr, id).await;
                 drop(permit);
                 match r {
@@ -1080,8 +1159,15 @@ pub async fn reconnect(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Reconne
                             _ => 0,
                         };
                         match conn {
-                            Conn::Scm(mut l) => while let Ok(Some(_)) = l.reader.read_frame(None, Duration::from_secs(60)).await {},
-                            Conn::Mqtt(mut s) => while let Ok(Some(_)) = mqtt::read_packet(&mut s).await {},
+                            Conn::Scm(mut l) => {
+                                while let Ok(Some(_)) =
+                                    l.reader.read_frame(None, Duration::from_secs(60)).await
+                                {
+                                }
+                            }
+                            Conn::Mqtt(mut s) => {
+                                while let Ok(Some(_)) = mqtt::read_packet(&mut s).await {}
+                            }
                         }
                     }
                     Err(_) => {}
@@ -1092,8 +1178,16 @@ pub async fn reconnect(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Reconne
         });
     }
     let total = u64::from(n);
-    if !wait_until(Duration::from_secs(180), || connects.load(Ordering::Relaxed) >= total).await {
-        bail!("{}: only {} of {n} agents connected", sys.name(), connects.load(Ordering::Relaxed));
+    if !wait_until(Duration::from_secs(180), || {
+        connects.load(Ordering::Relaxed) >= total
+    })
+    .await
+    {
+        bail!(
+            "{}: only {} of {n} agents connected",
+            sys.name(),
+            connects.load(Ordering::Relaxed)
+        );
     }
     let load = sys::loadavg();
     let t_kill = Instant::now();
@@ -1103,7 +1197,10 @@ pub async fn reconnect(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Reconne
     let cpu0 = server.cpu_ms();
     let other = OtherCpu::start(cpu0 + sys::self_cpu_ms());
     let t_ready = Instant::now();
-    wait_until(Duration::from_secs(120), || back_n.load(Ordering::Relaxed) >= total).await;
+    wait_until(Duration::from_secs(120), || {
+        back_n.load(Ordering::Relaxed) >= total
+    })
+    .await;
     let from_kill_s = t_kill.elapsed().as_secs_f64();
     let from_ready_s = t_ready.elapsed().as_secs_f64();
     let cpu1 = server.cpu_ms();
