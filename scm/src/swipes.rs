@@ -496,11 +496,13 @@ fn journal_writer(mut conn: Connection, mut rx: mpsc::Receiver<JournalOp>, stats
             for op in &batch {
                 match op {
                     JournalOp::Insert(r, _) => {
-                        tx.execute(
+                        // Cached statements: parsing the SQL anew for every swipe took
+                        // ~5% of the SCM's CPU at full swipe load (perf, docs/benchmarks.md).
+                        tx.prepare_cached(
                             "INSERT INTO swipes (event_id, machine_id, reader, card_masked, swiped_at_ms, received_ms, outcome, detail, updated_ms)
                              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?6)",
-                            params![r.event_id, r.machine, r.reader, r.card_masked, r.swiped_at_ms, now, r.outcome, r.detail],
-                        )?;
+                        )?
+                        .execute(params![r.event_id, r.machine, r.reader, r.card_masked, r.swiped_at_ms, now, r.outcome, r.detail])?;
                     }
                     JournalOp::Outcome {
                         event_id,
@@ -510,7 +512,7 @@ fn journal_writer(mut conn: Connection, mut rx: mpsc::Receiver<JournalOp>, stats
                         // A swipe sent to two bridges (Generic and 241) gets two outcomes:
                         // `delivered` wins over `failed`, which wins over the rest; the
                         // second detail is appended.
-                        tx.execute(
+                        tx.prepare_cached(
                             "UPDATE swipes SET
                                 outcome = CASE
                                     WHEN outcome = 'delivered' THEN outcome
@@ -519,8 +521,8 @@ fn journal_writer(mut conn: Connection, mut rx: mpsc::Receiver<JournalOp>, stats
                                 detail = CASE WHEN outcome = 'queued' THEN ?3 ELSE detail || '; ' || ?3 END,
                                 updated_ms = ?4
                              WHERE id = (SELECT MAX(id) FROM swipes WHERE event_id = ?1)",
-                            params![event_id, outcome, detail, now],
-                        )?;
+                        )?
+                        .execute(params![event_id, outcome, detail, now])?;
                     }
                 }
             }
