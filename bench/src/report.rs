@@ -43,6 +43,8 @@ pub struct Report {
     started: time::OffsetDateTime,
     load_start: String,
     reniced: bool,
+    /// `bench/analysis.md`.
+    pub analysis: std::path::PathBuf,
     rows: Vec<Row>,
     runs: Vec<RunLine>,
 }
@@ -62,6 +64,7 @@ impl Report {
             started,
             load_start,
             reniced,
+            analysis: "bench/analysis.md".into(),
             rows: Vec::new(),
             runs: Vec::new(),
         }
@@ -144,6 +147,17 @@ impl Report {
             Better::Lower,
             None,
         );
+        if r.cpu_ms_per_conn > 0.0 {
+            self.put(
+                sys,
+                &w,
+                "one core's capacity, connections/s (1,000 / CPU ms per connection; derived)",
+                1000.0 / r.cpu_ms_per_conn,
+                0,
+                Better::Higher,
+                None,
+            );
+        }
         self.put(
             sys,
             &w,
@@ -232,6 +246,17 @@ impl Report {
             Better::Lower,
             None,
         );
+        if r.acked_per_s > 0.0 {
+            self.put(
+                sys,
+                &w,
+                "server CPU µs per acknowledged event (derived)",
+                r.cond.server_pct / 100.0 * 1e6 / r.acked_per_s,
+                1,
+                Better::Lower,
+                None,
+            );
+        }
         if sys == System::Scm {
             let ok = r.lost == 0;
             self.extra(&w, "acknowledged/s", ok);
@@ -416,7 +441,17 @@ impl Report {
             );
         }
         d.push('\n');
-        d.push_str(include_str!("../analysis.md"));
+        // Read at run time, so the analysis can be revised without rebuilding.
+        match std::fs::read_to_string(&self.analysis) {
+            Ok(a) => d.push_str(&a),
+            Err(e) => {
+                let _ = writeln!(
+                    d,
+                    "(analysis not included: cannot read {}: {e})",
+                    self.analysis.display()
+                );
+            }
+        }
         d
     }
 }
