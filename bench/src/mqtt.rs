@@ -101,9 +101,8 @@ pub fn puback(pid: u16) -> Vec<u8> {
 /// Reads one packet; `Ok(None)` on a clean end of stream before a packet started.
 pub async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> anyhow::Result<Option<Packet>> {
     let mut first = [0u8; 1];
-    match r.read(&mut first).await? {
-        0 => return Ok(None),
-        _ => {}
+    if r.read(&mut first).await? == 0 {
+        return Ok(None);
     }
     let mut len = 0usize;
     let mut shift = 0;

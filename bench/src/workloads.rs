@@ -163,7 +163,7 @@ fn log_of(server: &Server) -> Vec<String> {
 #[allow(dead_code)]
 enum Conn {
     Scm(ScmLink),
-    Mqtt(Tls),
+    Mqtt(Box<Tls>),
 }
 
 async fn connect_one(
@@ -174,9 +174,9 @@ async fn connect_one(
 ) -> anyhow::Result<Conn> {
     Ok(match sys {
         System::Scm => Conn::Scm(agents::scm_connect(&ctx_conn, addr, id, 0).await?),
-        System::Mqtt => {
-            Conn::Mqtt(agents::mqtt_connect(&ctx_conn, addr, &format!("agent-{id}")).await?)
-        }
+        System::Mqtt => Conn::Mqtt(Box::new(
+            agents::mqtt_connect(&ctx_conn, addr, &format!("agent-{id}")).await?,
+        )),
     })
 }
 
@@ -425,7 +425,7 @@ struct EventRig {
 
 enum LinkParts {
     Scm(ScmLink),
-    Mqtt(Tls),
+    Mqtt(Box<Tls>),
 }
 
 async fn event_rig(
@@ -538,7 +538,7 @@ async fn event_rig(
                     });
                     mqtt_senders.push((id, w, 0u16));
                 } else {
-                    links.push((id, LinkParts::Mqtt(s)));
+                    links.push((id, LinkParts::Mqtt(Box::new(s))));
                 }
             }
         }
@@ -985,7 +985,7 @@ pub async fn fanout(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Fanout> {
             let wall = t0.elapsed().as_secs_f64();
             tasks.abort_all();
             server.kill().await;
-            return Ok(Fanout {
+            Ok(Fanout {
                 n,
                 all_acked_s: all,
                 reply_s,
@@ -996,7 +996,7 @@ pub async fn fanout(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Fanout> {
                     server_pct: (cpu1 - cpu0) / (wall * 1000.0) * 100.0,
                     server_log: log,
                 },
-            });
+            })
         }
         System::Mqtt => {
             let acks = Arc::new(AtomicU64::new(0));
@@ -1077,7 +1077,7 @@ pub async fn fanout(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Fanout> {
             tasks.abort_all();
             server.kill().await;
             let _ = tx;
-            return Ok(Fanout {
+            Ok(Fanout {
                 n,
                 all_acked_s: all,
                 reply_s,
@@ -1088,7 +1088,7 @@ pub async fn fanout(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Fanout> {
                     server_pct: (cpu1 - cpu0) / (all * 1000.0) * 100.0,
                     server_log: log,
                 },
-            });
+            })
         }
     }
 }
@@ -1149,28 +1149,25 @@ pub async fn reconnect(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Reconne
                 };
                 let r = connect_one(c.clone(), sys, &addr, id).await;
                 drop(permit);
-                match r {
-                    Ok(conn) => {
-                        first = false;
-                        attempt = 0;
-                        match counts[usize::from(id) - 1].fetch_add(1, Ordering::Relaxed) {
-                            0 => connects.fetch_add(1, Ordering::Relaxed),
-                            1 => back_n.fetch_add(1, Ordering::Relaxed),
-                            _ => 0,
-                        };
-                        match conn {
-                            Conn::Scm(mut l) => {
-                                while let Ok(Some(_)) =
-                                    l.reader.read_frame(None, Duration::from_secs(60)).await
-                                {
-                                }
-                            }
-                            Conn::Mqtt(mut s) => {
-                                while let Ok(Some(_)) = mqtt::read_packet(&mut s).await {}
+                if let Ok(conn) = r {
+                    first = false;
+                    attempt = 0;
+                    match counts[usize::from(id) - 1].fetch_add(1, Ordering::Relaxed) {
+                        0 => connects.fetch_add(1, Ordering::Relaxed),
+                        1 => back_n.fetch_add(1, Ordering::Relaxed),
+                        _ => 0,
+                    };
+                    match conn {
+                        Conn::Scm(mut l) => {
+                            while let Ok(Some(_)) =
+                                l.reader.read_frame(None, Duration::from_secs(60)).await
+                            {
                             }
                         }
+                        Conn::Mqtt(mut s) => {
+                            while let Ok(Some(_)) = mqtt::read_packet(&mut s).await {}
+                        }
                     }
-                    Err(_) => {}
                 }
                 tokio::time::sleep(backoff(attempt)).await;
                 attempt = attempt.saturating_add(1);
