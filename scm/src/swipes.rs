@@ -181,6 +181,12 @@ impl Swipes {
         // The journal does not fsync each commit: a process crash loses nothing (the WAL
         // is in the OS cache); a power loss may lose the last moments of the journal.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // The journal writer's commits never checkpoint: a checkpoint copies the WAL into
+        // the database and waits for the disk (hundreds of ms on a slow disk), and every
+        // swipe waits for its journal commit. A checkpointer of its own does it instead.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpoint_conn = Connection::open(db_path)?;
+        checkpoint_conn.busy_timeout(Duration::from_secs(5))?;
         let now = now_ms();
         let horizon = now - settings.max_ttl_ms as i64 - 60_000;
         let mut seen = Seen::default();
@@ -220,6 +226,7 @@ impl Swipes {
         // closes and the writer finishes its last batch and ends.
         let stats = swipes.stats.clone();
         tokio::task::spawn_blocking(move || journal_writer(conn, rx, stats));
+        tokio::spawn(checkpointer(checkpoint_conn, Arc::downgrade(&swipes)));
         let weak = Arc::downgrade(&swipes);
         tokio::spawn(consume_outcomes(weak, outcomes));
         tokio::spawn(consume_rf_outcomes(Arc::downgrade(&swipes), rf_outcomes));
@@ -478,6 +485,33 @@ async fn consume_outcomes(swipes: std::sync::Weak<Swipes>, mut rx: mpsc::Receive
             return;
         };
         s.outcome(r);
+    }
+}
+
+/// How often the journal's write-ahead log is checkpointed.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Checkpoints the database's write-ahead log every [`CHECKPOINT_EVERY`] on its own
+/// connection, off the swipe path (a PASSIVE checkpoint does not block the writers).
+/// Ends when the SCM drops its `Swipes`.
+async fn checkpointer(conn: Connection, swipes: std::sync::Weak<Swipes>) {
+    let conn = Arc::new(Mutex::new(conn));
+    loop {
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        if swipes.strong_count() == 0 {
+            return;
+        }
+        let c = conn.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let c = c.lock().unwrap_or_else(|p| p.into_inner());
+            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(
+                "swipe journal: checkpoint failed (retried in {CHECKPOINT_EVERY:?}): {e}"
+            );
+        }
     }
 }
 
