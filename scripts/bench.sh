@@ -28,7 +28,7 @@ else
     bin=target/debug
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-args=(--scm-bin "$bin/scm" --command "scripts/bench.sh $*")
+args=(--scm-bin "$bin/scm" --command "scripts/bench.sh${*:+ $*}")
 if [ "$quick" = 0 ]; then
     args+=(--out docs/benchmarks.md)
 fi
