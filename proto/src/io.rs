@@ -25,6 +25,8 @@ use crate::frame::{Frame, FrameCodec, FrameError, Header, needed_len};
 /// few small frames can arrive in one read without growing the buffer past
 /// one maximum frame.
 const READ_CHUNK: usize = 4096;
+/// How much is read at once while no frame has started.
+const IDLE_CHUNK: usize = 256;
 
 /// Reads frames from `R` through a [`FrameCodec`], with idle and stall
 /// timeouts and a buffer bounded by the codec's maximum frame length.
@@ -111,7 +113,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // of at most `max_frame_len` bytes: `room` is at least one.
             let room = self.codec.max_frame_len().saturating_sub(self.buf.len());
             let missing = need.saturating_sub(self.buf.len());
-            let want = missing.max(READ_CHUNK).min(room);
+            // Between frames (the usual state of an idle link) hold only a small
+            // buffer: a link waits here most of its life, and thousands of links each
+            // holding READ_CHUNK bytes cost more memory than the TLS state itself.
+            let want = if self.buf.is_empty() {
+                if self.buf.capacity() > IDLE_CHUNK {
+                    self.buf = BytesMut::new();
+                }
+                missing.max(IDLE_CHUNK).min(room)
+            } else {
+                missing.max(READ_CHUNK).min(room)
+            };
             self.buf.reserve(want);
             let mut limited = (&mut self.reader).take(want as u64);
             let read = limited.read_buf(&mut self.buf);

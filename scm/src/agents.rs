@@ -102,7 +102,9 @@ pub async fn handle(
                 break Err(e.into());
             }
         };
-        match link.on_frame(frame, &mut reader, &mut w).await {
+        // Boxed: the handler's future is large, and inline it would make every idle
+        // link's task as large as its biggest state (memory per idle agent).
+        match Box::pin(link.on_frame(frame, &mut reader, &mut w)).await {
             Ok(true) => {}
             Ok(false) => break Ok(()),
             Err(e) => break Err(e),

@@ -281,7 +281,7 @@ pub async fn push_many(
             let _permit = limit.acquire_owned().await;
             (
                 id,
-                push::deliver(&hub, generation)
+                push::deliver_with(&hub, generation, push::Sync::Batched)
                     .await
                     .map_err(PushError::from),
             )
@@ -297,6 +297,11 @@ pub async fn push_many(
             }
             Err(e) => tracing::error!("a delivery task failed: {e}"),
         }
+    }
+    // Group commit: the outcomes were recorded without waiting for the disk; one sync
+    // makes them all durable before the operator is answered.
+    if let Err(e) = hub.store.run(store::sync).await {
+        tracing::error!("cannot sync the recorded push outcomes to disk: {e}");
     }
     results.sort_by_key(|(id, _)| *id);
     results

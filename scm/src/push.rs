@@ -155,6 +155,25 @@ pub fn config_target(hub: &Hub, id: u16) -> Option<String> {
 /// generation overtaken by a newer one is reported superseded instead of being sent out
 /// of order.
 pub async fn deliver(hub: &Arc<Hub>, generation: Generation) -> Result<PushResult, StoreError> {
+    deliver_with(hub, generation, Sync::Now).await
+}
+
+/// When a delivery's outcome reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// Before [`deliver_with`] returns (its own fsync).
+    Now,
+    /// At the caller's next [`store::sync`]: a fleet push records every outcome without
+    /// waiting for the disk and syncs once before it answers the operator (group commit).
+    Batched,
+}
+
+/// [`deliver`], with the outcome recorded durably now or at the caller's next sync.
+pub async fn deliver_with(
+    hub: &Arc<Hub>,
+    generation: Generation,
+    sync: Sync,
+) -> Result<PushResult, StoreError> {
     let id = generation.machine_id;
     let lock = hub.delivery_lock(id);
     let _guard = lock.lock().await;
@@ -175,7 +194,7 @@ pub async fn deliver(hub: &Arc<Hub>, generation: Generation) -> Result<PushResul
                 by: newest,
             };
             crate::metrics::push_done(&result, None);
-            record(hub, id, &result).await?;
+            record_with(hub, id, &result, sync).await?;
             return Ok(result);
         }
     }
@@ -200,7 +219,7 @@ pub async fn deliver(hub: &Arc<Hub>, generation: Generation) -> Result<PushResul
         },
     };
     crate::metrics::push_done(&result, Some(started.elapsed()));
-    record(hub, id, &result).await?;
+    record_with(hub, id, &result, sync).await?;
     if matches!(result, PushResult::Unreachable { .. }) {
         hub.retry_kick.kick();
     }
@@ -209,6 +228,16 @@ pub async fn deliver(hub: &Arc<Hub>, generation: Generation) -> Result<PushResul
 
 /// Records a delivery result in the database.
 pub async fn record(hub: &Hub, id: u16, result: &PushResult) -> Result<(), StoreError> {
+    record_with(hub, id, result, Sync::Now).await
+}
+
+/// [`record`], durable now or at the caller's next [`store::sync`].
+pub async fn record_with(
+    hub: &Hub,
+    id: u16,
+    result: &PushResult,
+    sync: Sync,
+) -> Result<(), StoreError> {
     let (g, outcome, detail) = match result {
         PushResult::Ack { generation, detail } => (*generation, Outcome::Ack, detail.clone()),
         PushResult::Nack { generation, detail } => (*generation, Outcome::Nack, detail.clone()),
@@ -223,8 +252,9 @@ pub async fn record(hub: &Hub, id: u16, result: &PushResult) -> Result<(), Store
     };
     tracing::info!(machine = id, generation = g, outcome = ?outcome, "{detail}");
     hub.events.push(id, result);
+    let durable = sync == Sync::Now;
     hub.store
-        .run(move |c| store::record_attempt(c, id, g, outcome, &detail))
+        .run(move |c| store::record_attempt_with(c, id, g, outcome, &detail, durable))
         .await
 }
 

@@ -355,10 +355,18 @@ pub fn get_machine(c: &mut Connection, id: u16) -> rusqlite::Result<Option<Machi
 
 /// Records a HELLO: the peer address and time.
 pub fn record_hello(c: &mut Connection, id: u16, peer: &str) -> rusqlite::Result<()> {
-    c.execute(
+    // Last-seen data only, rewritten by every HELLO: this commit does not wait for the
+    // disk (WAL with synchronous=NORMAL: atomic and consistent, but the newest such
+    // commits may be lost in a power cut, until the next FULL commit syncs the WAL). With
+    // FULL, each HELLO waited for an fsync (~6 ms on the project machine) under the
+    // store's lock, which capped agent connections at ~170/s (docs/benchmarks.md).
+    c.pragma_update(None, "synchronous", "NORMAL")?;
+    let r = c.execute(
         "UPDATE machines SET last_peer = ?2, last_hello_ms = ?3 WHERE id = ?1",
         params![id, peer, now_ms()],
-    )?;
+    );
+    c.pragma_update(None, "synchronous", "FULL")?;
+    r?;
     Ok(())
 }
 
@@ -560,6 +568,58 @@ pub fn record_attempt(
     outcome: Outcome,
     detail: &str,
 ) -> rusqlite::Result<()> {
+    record_attempt_with(c, id, generation, outcome, detail, true)
+}
+
+/// [`record_attempt`]; with `durable` false the commit does not wait for the disk (WAL,
+/// synchronous=NORMAL) and the caller must call [`sync`] before it reports the outcome
+/// as stored (a fleet push: one fsync for all its machines instead of one each).
+pub fn record_attempt_with(
+    c: &mut Connection,
+    id: u16,
+    generation: u64,
+    outcome: Outcome,
+    detail: &str,
+    durable: bool,
+) -> rusqlite::Result<()> {
+    if durable {
+        return record_attempt_tx(c, id, generation, outcome, detail);
+    }
+    c.pragma_update(None, "synchronous", "NORMAL")?;
+    let r = record_attempt_tx(c, id, generation, outcome, detail);
+    c.pragma_update(None, "synchronous", "FULL")?;
+    r
+}
+
+/// Makes every commit so far durable: a FULL checkpoint waits (within the busy timeout)
+/// for other connections' readers, such as the swipe journal's, then copies every frame of
+/// the write-ahead log into the database, syncing both to the disk. A PASSIVE one would
+/// skip frames a reader still needs, and then sync nothing. If the checkpoint cannot
+/// complete, the commits since the last sync are not known to be on the disk: an error,
+/// never a silent success.
+pub fn sync(c: &mut Connection) -> rusqlite::Result<()> {
+    let (busy, log, done): (i64, i64, i64) =
+        c.query_row("PRAGMA wal_checkpoint(FULL)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    if busy != 0 {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some(format!(
+                "checkpoint incomplete ({done} of {log} log frames copied): another connection kept the database busy"
+            )),
+        ));
+    }
+    Ok(())
+}
+
+fn record_attempt_tx(
+    c: &mut Connection,
+    id: u16,
+    generation: u64,
+    outcome: Outcome,
+    detail: &str,
+) -> rusqlite::Result<()> {
     let tx = c.transaction()?;
     tx.execute(
         "INSERT INTO push_attempts (machine_id, generation, at_ms, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -670,6 +730,55 @@ mod tests {
             .run_blocking(|c| c.query_row("PRAGMA journal_mode", [], |r| r.get(0)))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn sync_copies_every_frame_or_says_it_could_not() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("scm.db");
+        let s = Store::open_with_timeout(&path, std::time::Duration::from_millis(200)).unwrap();
+        s.run_blocking(|c| sync_machines(c, &[(1, "one".into(), 1)]))
+            .unwrap();
+        // A reader on another connection pins an old snapshot (as the swipe journal's
+        // connection can); a batched (not yet synced) outcome is written after it.
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let n: i64 = reader
+            .query_row("SELECT COUNT(*) FROM machines", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
+        s.run_blocking(|c| record_attempt_with(c, 1, 1, Outcome::Ack, "ok", false))
+            .unwrap();
+        let e = s.run_blocking(sync).unwrap_err();
+        assert!(e.to_string().contains("checkpoint incomplete"), "{e}");
+        // Once the reader is done, the same sync copies everything.
+        reader.execute_batch("COMMIT").unwrap();
+        s.run_blocking(sync).unwrap();
+        let left: i64 = s
+            .run_blocking(|c| c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1)))
+            .unwrap();
+        let copied: i64 = s
+            .run_blocking(|c| c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(2)))
+            .unwrap();
+        assert_eq!(left, copied, "every log frame is in the database");
+    }
+
+    #[test]
+    fn hello_is_recorded_and_full_sync_is_restored() {
+        let (_d, s) = store();
+        s.run_blocking(|c| record_hello(c, 1, "127.0.0.1:5000"))
+            .unwrap();
+        let (peer, sync): (Option<String>, i64) = s
+            .run_blocking(|c| {
+                let p = c.query_row("SELECT last_peer FROM machines WHERE id = 1", [], |r| {
+                    r.get(0)
+                })?;
+                let y = c.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+                Ok((p, y))
+            })
+            .unwrap();
+        assert_eq!(peer.as_deref(), Some("127.0.0.1:5000"));
+        assert_eq!(sync, 2, "FULL again for every other write");
     }
 
     #[test]

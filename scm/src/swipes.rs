@@ -181,6 +181,12 @@ impl Swipes {
         // The journal does not fsync each commit: a process crash loses nothing (the WAL
         // is in the OS cache); a power loss may lose the last moments of the journal.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // The journal writer's commits never checkpoint: a checkpoint copies the WAL into
+        // the database and waits for the disk (hundreds of ms on a slow disk), and every
+        // swipe waits for its journal commit. A checkpointer of its own does it instead.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpoint_conn = Connection::open(store.path())?;
+        checkpoint_conn.busy_timeout(Duration::from_secs(5))?;
         let now = now_ms();
         let horizon = now - settings.max_ttl_ms as i64 - 60_000;
         let mut seen = Seen::default();
@@ -220,6 +226,7 @@ impl Swipes {
         // closes and the writer finishes its last batch and ends.
         let stats = swipes.stats.clone();
         tokio::task::spawn_blocking(move || journal_writer(conn, rx, stats, gate));
+        tokio::spawn(checkpointer(checkpoint_conn, Arc::downgrade(&swipes)));
         let weak = Arc::downgrade(&swipes);
         tokio::spawn(consume_outcomes(weak, outcomes));
         tokio::spawn(consume_rf_outcomes(Arc::downgrade(&swipes), rf_outcomes));
@@ -481,6 +488,33 @@ async fn consume_outcomes(swipes: std::sync::Weak<Swipes>, mut rx: mpsc::Receive
     }
 }
 
+/// How often the journal's write-ahead log is checkpointed.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Checkpoints the database's write-ahead log every [`CHECKPOINT_EVERY`] on its own
+/// connection, off the swipe path (a PASSIVE checkpoint does not block the writers).
+/// Ends when the SCM drops its `Swipes`.
+async fn checkpointer(conn: Connection, swipes: std::sync::Weak<Swipes>) {
+    let conn = Arc::new(Mutex::new(conn));
+    loop {
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        if swipes.strong_count() == 0 {
+            return;
+        }
+        let c = conn.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let c = c.lock().unwrap_or_else(|p| p.into_inner());
+            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(
+                "swipe journal: checkpoint failed (retried in {CHECKPOINT_EVERY:?}): {e}"
+            );
+        }
+    }
+}
+
 /// Longest a journal batch waits for the store's operations (see [`crate::store::WriteGate`]).
 const YIELD_TO_STORE_MAX: Duration = Duration::from_secs(1);
 
@@ -507,11 +541,13 @@ fn journal_writer(
             for op in &batch {
                 match op {
                     JournalOp::Insert(r, _) => {
-                        tx.execute(
+                        // Cached statements: parsing the SQL anew for every swipe took
+                        // ~5% of the SCM's CPU at full swipe load (perf, docs/benchmarks.md).
+                        tx.prepare_cached(
                             "INSERT INTO swipes (event_id, machine_id, reader, card_masked, swiped_at_ms, received_ms, outcome, detail, updated_ms)
                              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?6)",
-                            params![r.event_id, r.machine, r.reader, r.card_masked, r.swiped_at_ms, now, r.outcome, r.detail],
-                        )?;
+                        )?
+                        .execute(params![r.event_id, r.machine, r.reader, r.card_masked, r.swiped_at_ms, now, r.outcome, r.detail])?;
                     }
                     JournalOp::Outcome {
                         event_id,
@@ -521,7 +557,7 @@ fn journal_writer(
                         // A swipe sent to two bridges (Generic and 241) gets two outcomes:
                         // `delivered` wins over `failed`, which wins over the rest; the
                         // second detail is appended.
-                        tx.execute(
+                        tx.prepare_cached(
                             "UPDATE swipes SET
                                 outcome = CASE
                                     WHEN outcome = 'delivered' THEN outcome
@@ -530,8 +566,8 @@ fn journal_writer(
                                 detail = CASE WHEN outcome = 'queued' THEN ?3 ELSE detail || '; ' || ?3 END,
                                 updated_ms = ?4
                              WHERE id = (SELECT MAX(id) FROM swipes WHERE event_id = ?1)",
-                            params![event_id, outcome, detail, now],
-                        )?;
+                        )?
+                        .execute(params![event_id, outcome, detail, now])?;
                     }
                 }
             }
