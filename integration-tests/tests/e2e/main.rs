@@ -2,6 +2,7 @@
 //! over real sockets, TLS and telnet. One test binary, one module per area.
 
 mod admin;
+mod admin_table;
 mod crash;
 mod faults;
 mod fleet;
@@ -12,6 +13,7 @@ mod mtls;
 mod relay;
 mod rfideas;
 mod swipes;
+mod tables;
 mod telnet;
 mod v0;
 
