@@ -117,7 +117,11 @@ pub fn load_from(dir: &Path, name: &str) -> Table {
         .unwrap_or_else(|e| panic!("table {} not found: {e}", path.display()));
     let table: Table =
         toml::from_str(&text).unwrap_or_else(|e| panic!("table {}: {e}", path.display()));
-    assert!(!table.cases.is_empty(), "table {} has no cases", path.display());
+    assert!(
+        !table.cases.is_empty(),
+        "table {} has no cases",
+        path.display()
+    );
     let mut seen = std::collections::HashSet::new();
     for c in &table.cases {
         assert!(
@@ -160,12 +164,15 @@ pub fn unescape(s: &str) -> Result<Vec<u8>, String> {
             }
             Some('{') => {
                 let spec: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                let short: String = spec.chars().take(40).collect();
                 let (n, h) = spec
                     .split_once(':')
-                    .ok_or_else(|| format!("bad repeat {spec:?}; write \\{{N:HH}}"))?;
-                let n: usize = n.parse().map_err(|_| format!("bad count in {spec:?}"))?;
-                if h.is_empty() || h.len() % 2 != 0 || n.saturating_mul(h.len() / 2) > 1 << 20 {
-                    return Err(format!("bad repeat {spec:?}: N:HH with 1 MiB at most"));
+                    .ok_or_else(|| format!("bad repeat {short:?}...; write \\{{N:HH..}}"))?;
+                let n: usize = n
+                    .parse()
+                    .map_err(|_| format!("bad count in {short:?}..."))?;
+                if h.is_empty() || h.len() % 2 != 0 || n.saturating_mul(h.len() / 2) > 4 << 20 {
+                    return Err(format!("bad repeat {short:?}...: N:HH.., 4 MiB at most"));
                 }
                 let unit = (0..h.len())
                     .step_by(2)
@@ -201,7 +208,10 @@ mod tests {
         let d = dir();
         let names = names(&d);
         for want in ["admin", "frames", "generic", "http241", "telnet"] {
-            assert!(names.iter().any(|n| n == want), "table {want} missing in {names:?}");
+            assert!(
+                names.iter().any(|n| n == want),
+                "table {want} missing in {names:?}"
+            );
         }
         let total: usize = names.iter().map(|n| load_from(&d, n).cases.len()).sum();
         assert!(total >= 300, "only {total} cases in all tables");

@@ -26,7 +26,8 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = args.tables.unwrap_or_else(tables::dir);
     let mut seeds: BTreeMap<&str, Vec<Vec<u8>>> = BTreeMap::new();
-    let mut add = |target: &'static str, bytes: Vec<u8>| seeds.entry(target).or_default().push(bytes);
+    let mut add =
+        |target: &'static str, bytes: Vec<u8>| seeds.entry(target).or_default().push(bytes);
     for name in tables::names(&dir) {
         let table = tables::load_from(&dir, &name);
         for case in &table.cases {

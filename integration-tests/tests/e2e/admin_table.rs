@@ -56,7 +56,9 @@ fn frames(bytes: &[u8]) -> Vec<(u8, u32, Vec<u8>)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i + 9 <= bytes.len() {
-        let len = usize::from(bytes[i]) << 16 | usize::from(bytes[i + 1]) << 8 | usize::from(bytes[i + 2]);
+        let len = usize::from(bytes[i]) << 16
+            | usize::from(bytes[i + 1]) << 8
+            | usize::from(bytes[i + 2]);
         let ty = bytes[i + 3];
         let stream = u32::from_be_bytes([bytes[i + 5], bytes[i + 6], bytes[i + 7], bytes[i + 8]])
             & 0x7fff_ffff;
@@ -116,8 +118,14 @@ async fn grpc_case(addr: SocketAddr, p: &Pems, c: &Case) -> Result<(), String> {
         .await
         .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
     tokio::spawn(conn);
-    let mut client = client.ready().await.map_err(|e| format!("not ready: {e}"))?;
-    let path = c.path.as_deref().unwrap_or("/scm.admin.v1.Admin/ListMachines");
+    let mut client = client
+        .ready()
+        .await
+        .map_err(|e| format!("not ready: {e}"))?;
+    let path = c
+        .path
+        .as_deref()
+        .unwrap_or("/scm.admin.v1.Admin/ListMachines");
     let mut req = http::Request::builder()
         .method(c.method.as_deref().unwrap_or("POST"))
         .uri(format!("https://scm.hub.internal{path}"));
@@ -161,8 +169,14 @@ async fn grpc_case(addr: SocketAddr, p: &Pems, c: &Case) -> Result<(), String> {
         if grpc.is_none()
             && let Ok(Some(t)) = recv.trailers().await
         {
-            grpc = t.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
-            message = t.get("grpc-message").and_then(|v| v.to_str().ok()).map(str::to_string);
+            grpc = t
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            message = t
+                .get("grpc-message")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
         }
         Ok::<_, String>((status, grpc, message))
     })
@@ -171,7 +185,9 @@ async fn grpc_case(addr: SocketAddr, p: &Pems, c: &Case) -> Result<(), String> {
     let got = match &outcome {
         Ok((status, grpc, _)) => format!(
             "http:{status}{}",
-            grpc.as_ref().map(|g| format!(" grpc:{g}")).unwrap_or_default()
+            grpc.as_ref()
+                .map(|g| format!(" grpc:{g}"))
+                .unwrap_or_default()
         ),
         Err(_) => "reset".into(),
     };
@@ -213,8 +229,9 @@ fn admin_api_table() {
             }
         }
         // A normal admin client is still served.
-        let cfg = sctls::client_config_from_pem(&pems.ca, &pems.cert, &pems.key, TlsPolicy::default())
-            .expect("client config");
+        let cfg =
+            sctls::client_config_from_pem(&pems.ca, &pems.cert, &pems.key, TlsPolicy::default())
+                .expect("client config");
         let mut client = backoffice::admin::connect_with(&admin.to_string(), &cfg, WAIT)
             .await
             .expect("connect");

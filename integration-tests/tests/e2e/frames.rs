@@ -692,7 +692,9 @@ fn check_table_frame(f: &Frame, c: &tables::Case) -> Result<(), String> {
     if let Some(want) = &c.reason
         && reason.as_deref() != Some(want.as_str())
     {
-        return Err(format!("reason {reason:?}, expected {want} (detail {text:?})"));
+        return Err(format!(
+            "reason {reason:?}, expected {want} (detail {text:?})"
+        ));
     }
     if let Some(want) = c.request_id
         && request_id != Some(want)
@@ -769,11 +771,18 @@ fn frames_table() {
                 Some("config") => {
                     FrameClient::connect(config_port, &scm1_pems, Identity::Machine(1)).await
                 }
-                other => panic!("case {:?}: port {other:?} is not agent or config", case.name),
+                other => panic!(
+                    "case {:?}: port {other:?} is not agent or config",
+                    case.name
+                ),
             }
             .expect("connect");
             if let Err(e) = run_table_case(&mut c, case).await {
-                failures.push(format!("{} ({}): {e}", case.name, case.port.as_deref().unwrap_or("")));
+                failures.push(format!(
+                    "{} ({}): {e}",
+                    case.name,
+                    case.port.as_deref().unwrap_or("")
+                ));
             }
         }
         // Still serves normal clients on both ports.

@@ -165,7 +165,10 @@ fn http241_table() {
     );
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
-    assert!(text.contains("\r\n\r\n") && text.contains("beep=on\n"), "{text}");
+    assert!(
+        text.contains("\r\n\r\n") && text.contains("beep=on\n"),
+        "{text}"
+    );
     report("http241", table.cases.len(), failures);
 }
 
@@ -253,7 +256,10 @@ fn telnet_table() {
         let closes = c.then.as_deref() == Some("closed");
         let result = if c.before_login || closes {
             // A fresh connection from an address of its own (127.0.3.x).
-            let from = c.from.clone().unwrap_or_else(|| format!("127.0.3.{}", 1 + i % 250));
+            let from = c
+                .from
+                .clone()
+                .unwrap_or_else(|| format!("127.0.3.{}", 1 + i % 250));
             let mut t = Telnet::connect(fleet.telnet, Some(&from));
             let ready = if c.before_login {
                 t.until("Username: ").map(|_| ())
@@ -299,7 +305,9 @@ fn telnet_table() {
     }
     // The long-lived session and a new normal client are still served.
     session.send(b"machines\r\n");
-    session.until("machine-2").expect("machines on the old session");
+    session
+        .until("machine-2")
+        .expect("machines on the old session");
     let mut t = Telnet::connect(fleet.telnet, None);
     t.login(&fleet.password).expect("a new login");
     t.send(b"status 1\r\n");
