@@ -4,7 +4,8 @@
 # every regression fixture under fuzz/regressions/<target>/, then runs each target for
 # FUZZ_SECONDS (default 10) seeded from the malformed-input tables (integration-tests/tables,
 # written out by the `table-seeds` binary) plus the regression fixtures. Fails on any crash,
-# leak, timeout or out-of-memory; a crashing input is kept under $FUZZ_OUT/artifacts.
+# leak, timeout or out-of-memory (the config and certificate targets are seeded from an
+# `scm init-dev` set-up); a crashing input is kept under $FUZZ_OUT/artifacts.
 #
 #   bash fuzz/run-ci.sh                 # all targets, 10 s each
 #   FUZZ_SECONDS=300 bash fuzz/run-ci.sh frame_decoder telnet_codec   # longer, some targets
@@ -27,7 +28,18 @@ command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || {
 # Seeds from the malformed-input tables. Built with the same command as scripts/test.sh
 # (and before RUSTC_BOOTSTRAP is set), so that the workspace build is reused as is.
 cargo build --quiet --workspace --bins
-"${CARGO_TARGET_DIR:-$root/target}/debug/table-seeds" --out "$out/seeds"
+debug=${CARGO_TARGET_DIR:-$root/target}/debug
+"$debug/table-seeds" --out "$out/seeds"
+# Configuration files and certificates of a development set-up seed the config and
+# certificate targets (certificates as DER).
+"$debug/scm" init-dev --out "$out/dev" --machines 1,2 >/dev/null
+mkdir -p "$out/seeds/scm_config" "$out/seeds/agent_config" "$out/seeds/cert_identity"
+cp "$out/dev/scm.toml" "$out/seeds/scm_config/"
+cp "$out/dev/"agent-*.toml "$out/dev/backoffice.toml" "$out/seeds/agent_config/"
+for pem in "$out/dev/"*.pem; do
+  case $pem in *-key.pem) continue ;; esac
+  sed '/-----/d' "$pem" | base64 -d >"$out/seeds/cert_identity/$(basename "$pem" .pem).der"
+done
 
 # Stable rustc ships the ASan runtime for x86_64-unknown-linux-gnu; the -Z flags that
 # cargo fuzz passes are allowed with RUSTC_BOOTSTRAP=1 (nightly works too).
