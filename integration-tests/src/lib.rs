@@ -3,6 +3,8 @@
 //! lines instead of sleeping, kills them on drop and prints their logs when a test fails.
 #![forbid(unsafe_code)]
 
+pub mod tables;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};

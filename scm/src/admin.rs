@@ -571,6 +571,16 @@ impl Admin for AdminService {
     }
 }
 
+/// Whether the request's `Content-Type` is gRPC's: `application/grpc`, optionally followed
+/// by `+<format>` or `;<parameters>`.
+fn is_grpc_content_type(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| ct.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
+}
+
 /// Serves one admin connection: TLS 1.3 handshake with an operator certificate (inside
 /// this task, under the handshake timeout), then HTTP/2 until the client closes or
 /// `shutdown` is cancelled (graceful: open streams end, then GOAWAY).
@@ -601,7 +611,17 @@ pub async fn handle(
     let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(caller.clone());
         let mut svc = svc.clone();
-        async move { Ok::<_, Infallible>(svc.call(req).await.unwrap_or_else(|e| match e {})) }
+        async move {
+            // gRPC over HTTP/2: anything but `application/grpc[+proto|;...]` is refused
+            // with 415 before any method runs (so that, e.g., a browser's form or
+            // `text/plain` POST cannot reach an RPC).
+            if !is_grpc_content_type(req.headers()) {
+                let mut refused = http::Response::new(tonic::body::Body::empty());
+                *refused.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
+                return Ok::<_, Infallible>(refused);
+            }
+            Ok::<_, Infallible>(svc.call(req).await.unwrap_or_else(|e| match e {}))
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // HTTP/2 pings find clients that vanished without closing (an idle watcher would
@@ -639,6 +659,31 @@ mod tests {
             groups: vec!["presses".into()],
             labels: vec!["hall-a".into()],
         }
+    }
+
+    #[test]
+    fn only_grpc_content_types_are_served() {
+        let ct = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, v.parse().unwrap());
+            is_grpc_content_type(&h)
+        };
+        for ok in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc; x=1",
+        ] {
+            assert!(ct(ok), "{ok}");
+        }
+        for bad in [
+            "text/plain",
+            "application/json",
+            "application/grpcx",
+            "application/grp",
+        ] {
+            assert!(!ct(bad), "{bad}");
+        }
+        assert!(!is_grpc_content_type(&http::HeaderMap::new()));
     }
 
     #[test]

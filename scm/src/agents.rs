@@ -446,6 +446,9 @@ impl Link {
                 });
                 return Ok(true);
             }
+            // An ACK or NACK is never answered, not even before HELLO (docs/protocol.md
+            // section 5): answering one could start an endless NACK exchange.
+            Message::Ack(_) | Message::Nack(_) => return Ok(true),
             _ if self.hello.is_none() => {
                 Message::nack(rid, NackReason::NotAllowed, "say HELLO first")
             }
@@ -458,7 +461,6 @@ impl Link {
                 Verdict::Ack(detail) => Message::ack(rid, detail, 0),
                 Verdict::Nack(reason, detail) => Message::nack(rid, reason, detail),
             },
-            Message::Ack(_) | Message::Nack(_) => return Ok(true),
             Message::Config(_) | Message::Reset(_) => Message::nack(
                 rid,
                 NackReason::NotAllowed,

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use integration_tests::{Fleet, Proc};
+use integration_tests::{Fleet, Proc, tables};
 use scm_certs::identity::Identity;
 use scm_proto::v1::{self, Message, NackReason};
 use scm_proto::{Code, Frame};
@@ -634,4 +634,176 @@ fn config_port_refuses_bad_frames_then_stores_a_valid_config() {
         );
         report(failures);
     });
+}
+
+// ---------------------------------------------------------------------------------------
+// The frames table (integration-tests/tables/frames.toml)
+
+/// The probe sent after a case that leaves the link open: a frame of unknown version 9,
+/// which any link in any state answers with a version-0 NACK.
+fn probe() -> Vec<u8> {
+    raw(9, Code::Hello.byte(), 1, b"")
+}
+
+async fn probe_answered(c: &mut FrameClient) -> Result<(), String> {
+    c.send_raw(&probe())
+        .await
+        .map_err(|e| format!("cannot send the probe: {e}"))?;
+    match c.recv().await {
+        Ok(Some(f))
+            if (f.version, f.code) == (0, Code::Nack.byte())
+                && f.text_lossy().contains("unsupported protocol version 9") =>
+        {
+            Ok(())
+        }
+        other => Err(format!("the link did not answer the probe: {other:?}")),
+    }
+}
+
+/// Checks one answer frame against a table case.
+fn check_table_frame(f: &Frame, c: &tables::Case) -> Result<(), String> {
+    let (version, code) = match c.expect.as_str() {
+        "v0nack" => (0, Code::Nack),
+        "v0ack" => (0, Code::Ack),
+        "v1nack" => (1, Code::Nack),
+        "v1ack" => (1, Code::Ack),
+        other => return Err(format!("expected {other}, got a frame {f}")),
+    };
+    if (f.version, f.code) != (version, code.byte()) {
+        return Err(format!(
+            "expected {}, got {f} ({:?})",
+            c.expect,
+            f.text_lossy()
+        ));
+    }
+    let (request_id, reason, text) = if version == 0 {
+        (None, None, f.text_lossy())
+    } else {
+        match Message::decode(f) {
+            Ok(Message::Nack(n)) => (
+                Some(n.request_id),
+                Some(format!("{:?}", n.reason())),
+                n.detail,
+            ),
+            Ok(Message::Ack(a)) => (Some(a.request_id), None, a.detail),
+            other => return Err(format!("the answer does not decode: {other:?}")),
+        }
+    };
+    if let Some(want) = &c.reason
+        && reason.as_deref() != Some(want.as_str())
+    {
+        return Err(format!(
+            "reason {reason:?}, expected {want} (detail {text:?})"
+        ));
+    }
+    if let Some(want) = c.request_id
+        && request_id != Some(want)
+    {
+        return Err(format!("request_id {request_id:?}, expected {want}"));
+    }
+    if let Some(want) = &c.text
+        && !text.contains(want.as_str())
+    {
+        return Err(format!("text {text:?} does not contain {want:?}"));
+    }
+    Ok(())
+}
+
+/// Runs one case on a fresh connection `c`.
+async fn run_table_case(c: &mut FrameClient, case: &tables::Case) -> Result<(), String> {
+    c.send_raw(&case.bytes())
+        .await
+        .map_err(|e| format!("cannot send: {e}"))?;
+    if case.eof {
+        tokio::io::AsyncWriteExt::shutdown(&mut c.writer)
+            .await
+            .map_err(|e| format!("cannot half-close: {e}"))?;
+    }
+    for i in 0..case.skip.unwrap_or(0) {
+        match c.recv().await {
+            Ok(Some(_)) => {}
+            other => return Err(format!("answer {} of the skipped ones: {other:?}", i + 1)),
+        }
+    }
+    match case.expect.as_str() {
+        "closed" => return expect_closed(c).await,
+        // No answer: the probe's NACK must be the next frame.
+        "none" => return probe_answered(c).await,
+        _ => {}
+    }
+    match c.recv().await {
+        Ok(Some(f)) => check_table_frame(&f, case)?,
+        other => return Err(format!("no answer (expected {}): {other:?}", case.expect)),
+    }
+    match case.then.as_deref() {
+        Some("closed") => expect_closed(c).await,
+        None | Some("open") => probe_answered(c).await,
+        Some(other) => Err(format!("unknown `then` {other:?}")),
+    }
+}
+
+/// `frames.toml`: frames sent to the SCM's agent port (as machine 1, whose agent is not
+/// running) and to machine 1's agent config port (as the SCM). Each case runs on a fresh
+/// connection; afterwards the link must be open (answering a probe frame) or closed, as
+/// the case says. Then normal clients are still served on both ports.
+#[test]
+fn frames_table() {
+    init();
+    let table = tables::load("frames");
+    let fleet = fleet_without_agent_1(&[]);
+    let dev = fleet.dev();
+    let machine1 = dev_pems(&dev, "machine-1");
+    // Machine 1's agent for its config port, connected to a second SCM so that it does not
+    // take machine 1's session on the SCM under test.
+    let (dir1, _pw) = Fleet::init(&[1]);
+    let scm1 = Fleet::start_scm(dir1.path(), &[]);
+    let agent1 = Fleet::start_agent(dir1.path(), 1, scm1.listening("agents"), &[]);
+    agent1.wait_for("connected to SCM");
+    let config_port = agent1.listening("config");
+    let scm1_pems = dev_pems(&dir1.path().join("dev"), "scm");
+    rt().block_on(async {
+        let mut failures = Vec::new();
+        for case in &table.cases {
+            let mut c = match case.port.as_deref() {
+                Some("agent") => {
+                    FrameClient::connect(fleet.agents_addr, &machine1, Identity::Scm).await
+                }
+                Some("config") => {
+                    FrameClient::connect(config_port, &scm1_pems, Identity::Machine(1)).await
+                }
+                other => panic!(
+                    "case {:?}: port {other:?} is not agent or config",
+                    case.name
+                ),
+            }
+            .expect("connect");
+            if let Err(e) = run_table_case(&mut c, case).await {
+                failures.push(format!(
+                    "{} ({}): {e}",
+                    case.name,
+                    case.port.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        // Still serves normal clients on both ports.
+        normal_agent_client_works(fleet.agents_addr, &dev).await;
+        let mut c = FrameClient::connect(config_port, &scm1_pems, Identity::Machine(1))
+            .await
+            .expect("connect to the config port as the SCM");
+        let content = b"after = the table\n";
+        c.send_raw(&v1_bytes(config(70, 1000, content), 1))
+            .await
+            .expect("send CONFIG");
+        let f = c.recv().await.expect("read").expect("an answer to CONFIG");
+        match Message::decode(&f) {
+            Ok(Message::Ack(a)) => assert_eq!((a.request_id, a.generation), (70, 1000), "{a:?}"),
+            other => panic!("valid CONFIG after the table not ACKed: {f} {other:?}"),
+        }
+        assert_eq!(
+            std::fs::read(dir1.path().join("dev/machine-1/config.current")).expect("stored"),
+            content
+        );
+        crate::tables::report("frames", table.cases.len(), failures);
+    });
+    push_to_machine_2_works(&fleet);
 }

@@ -2,6 +2,7 @@
 //! over real sockets, TLS and telnet. One test binary, one module per area.
 
 mod admin;
+mod admin_table;
 mod crash;
 mod faults;
 mod fleet;
@@ -13,6 +14,7 @@ mod mtls;
 mod relay;
 mod rfideas;
 mod swipes;
+mod tables;
 mod telnet;
 mod v0;
 
