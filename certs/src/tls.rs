@@ -393,19 +393,24 @@ pub fn peer_serial(conn: &CommonState) -> Option<Vec<u8>> {
     Some(x509.raw_serial().to_vec())
 }
 
+/// The CRLs (DER) in one PEM source; a file may hold several.
+fn crls_in(source: &PemSource<'_>) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    CertificateRevocationListDer::pem_slice_iter(&source.data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadPem {
+            what: "CRL",
+            origin: source.origin.clone(),
+            detail: e.to_string(),
+        })
+}
+
 /// The serial numbers the CRL files list (each file may hold several CRLs). Used after a
 /// reload to find established sessions whose certificate is now revoked.
 pub fn revoked_serials(crls: &[PathBuf]) -> Result<std::collections::HashSet<Vec<u8>>, TlsError> {
     let mut out = std::collections::HashSet::new();
     for path in crls {
         let source = PemSource::file("CRL", path)?;
-        let found = CertificateRevocationListDer::pem_slice_iter(&source.data)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::BadPem {
-                what: "CRL",
-                origin: source.origin.clone(),
-                detail: e.to_string(),
-            })?;
+        let found = crls_in(&source)?;
         for crl in found {
             let (_, parsed) = x509_parser::parse_x509_crl(&crl).map_err(|e| TlsError::BadCrl {
                 origin: source.origin.clone(),
@@ -606,13 +611,7 @@ impl Material {
 
         let mut crl_ders = Vec::new();
         for source in &crls {
-            let found = CertificateRevocationListDer::pem_slice_iter(&source.data)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| TlsError::BadPem {
-                    what: "CRL",
-                    origin: source.origin.clone(),
-                    detail: e.to_string(),
-                })?;
+            let found = crls_in(source)?;
             if found.is_empty() {
                 return Err(TlsError::NoCrl {
                     origin: source.origin.clone(),
