@@ -123,7 +123,10 @@ pub fn scm_config(dir: &Path, pki: &Pki, run: &ScmRun) -> anyhow::Result<PathBuf
          [listen]\nagents = \"127.0.0.1:{}\"\ntelnet = \"\"\ntelnet_tls = \"{}\"\nmetrics = \"\"\nadmin = \"\"\n\n\
          [tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/scm.pem\"\nkey = \"{p}/scm-key.pem\"\n\n\
          [database]\npath = \"{}/scm.db\"\n\n\
-         [limits]\nmax_agent_connections = 20000\n\n\
+         [limits]\nmax_agent_connections = 20000\n\
+         # Every simulated agent connects from 127.0.0.1 (a site behind one NAT address);\n\
+         # Mosquitto has no per-source cap either.\n\
+         max_agent_connections_per_source = 0\n\n\
          # The counterpart of Mosquitto's raised queue limits: room for the swipes of a burst.\n\
          [bridge]\nqueue_max = 10000\n\n\
          [[operator]]\nname = \"bench\"\nrole = \"admin\"\n",

@@ -31,8 +31,12 @@ use tracing::Instrument;
 
 /// Binds `addr` and logs the machine-readable line `listening on ADDR (NAME)` with the
 /// address actually bound (so a port of 0 becomes the real port).
+///
+/// The accept queue holds [`BACKLOG`] connections (the kernel caps it at
+/// `net.core.somaxconn`): thousands of agents reconnecting at once after a restart wait
+/// there instead of having their SYNs dropped and retried a second later.
 pub async fn bind(addr: &str, name: &str) -> std::io::Result<TcpListener> {
-    let listener = TcpListener::bind(addr).await.map_err(|e| {
+    let listener = bind_with_backlog(addr).await.map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("cannot listen on {addr} for {name}: {e}; choose a free address or port"),
@@ -40,6 +44,36 @@ pub async fn bind(addr: &str, name: &str) -> std::io::Result<TcpListener> {
     })?;
     announce(&listener, name)?;
     Ok(listener)
+}
+
+/// Length of every listener's accept queue.
+pub const BACKLOG: u32 = 4096;
+
+async fn bind_with_backlog(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As std and tokio do: a restarted server can bind while old connections linger.
+        socket.set_reuseaddr(true)?;
+        if let Err(e) = socket.bind(a) {
+            last = Some(e);
+            continue;
+        }
+        match socket.listen(BACKLOG) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolves to nothing",
+        )
+    }))
 }
 
 /// Logs `listening on ADDR (NAME)` for an already bound listener.
@@ -291,6 +325,34 @@ mod tests {
         token.cancel();
         server.await.unwrap();
         assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
+    }
+
+    #[tokio::test]
+    async fn accept_queue_holds_more_than_tokios_default_of_1024() {
+        // Nobody accepts: every connection completes in the kernel's accept queue, or
+        // its SYN is dropped (and the connect waits for a retransmission) once the
+        // queue is full. 1,500 fit only in a queue longer than 1,024.
+        let l = bind("127.0.0.1:0", "backlog").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let want = 1_500.min(BACKLOG as usize);
+        if std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|t| t.trim().parse::<usize>().ok())
+            .is_some_and(|m| m < want)
+        {
+            eprintln!("SKIPPED: net.core.somaxconn is below {want}");
+            return;
+        }
+        let mut held = Vec::new();
+        for i in 0..want {
+            let c = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr))
+                .await
+                .unwrap_or_else(|_| panic!("connection {i} was not queued"))
+                .unwrap();
+            held.push(c);
+        }
+        assert_eq!(held.len(), want);
+        drop(l);
     }
 
     #[tokio::test]

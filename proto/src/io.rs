@@ -151,6 +151,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next frame if it can be had without waiting: from the buffer, or from
+    /// bytes the stream already holds. `None` means reading would have to wait.
+    ///
+    /// A server answers a burst of frames with one write: it handles the frames
+    /// that are already here, queues their replies ([`FrameWriter::queue`]), and
+    /// sends them before it waits for more. Cancel-safe like [`Self::read_frame`].
+    pub fn read_ready(&mut self, stall: Duration) -> Option<Result<Option<Frame>, ReadError>> {
+        let read = std::pin::pin!(self.read_frame(None, stall));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match read.poll(&mut cx) {
+            std::task::Poll::Ready(r) => Some(r),
+            std::task::Poll::Pending => None,
+        }
+    }
+
     fn stalled(&self, after: Duration) -> ReadError {
         ReadError::Stalled {
             have: self.buf.len(),
@@ -236,6 +251,114 @@ impl ReadError {
     /// broken stream.
     pub fn is_timeout(&self) -> bool {
         matches!(self, ReadError::Idle(_) | ReadError::Stalled { .. })
+    }
+}
+
+/// Replies queued beyond this many bytes are sent before more are queued.
+pub const QUEUE_MAX: usize = 16 * 1024;
+
+/// A writer of frames that can hold replies back and send several in one write.
+///
+/// [`FrameWriter::queue`] encodes a frame into a small buffer without writing;
+/// every write, flush or shutdown through the [`AsyncWrite`] impl (so
+/// [`write_frame`] too) first sends what is queued, so frames always leave in
+/// order. [`FrameWriter::send`] sends the queue. Nothing is allocated while
+/// nothing is queued: an idle link holds no buffer.
+#[derive(Debug)]
+pub struct FrameWriter<W> {
+    inner: W,
+    queued: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Wraps `inner`.
+    pub fn new(inner: W) -> Self {
+        FrameWriter {
+            inner,
+            queued: BytesMut::new(),
+        }
+    }
+
+    /// Encodes `frame` at the end of the queue. Returns true when the queue has
+    /// reached [`QUEUE_MAX`] and should be sent now.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::DataTooLong`] (nothing is queued).
+    pub fn queue(&mut self, frame: &Frame) -> Result<bool, FrameError> {
+        frame.encode(&mut self.queued)?;
+        Ok(self.queued.len() >= QUEUE_MAX)
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Writes everything queued and flushes.
+    ///
+    /// # Errors
+    ///
+    /// An I/O error from the stream.
+    pub async fn send(&mut self) -> std::io::Result<()> {
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut *self).poll_flush(cx)).await
+    }
+
+    /// The wrapped stream (queued bytes are not written through it).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    fn poll_drain(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        while !self.queued.is_empty() {
+            match std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.queued) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => {
+                    let _ = self.queued.split_to(n);
+                }
+            }
+        }
+        // Sent in full: give the memory back (an idle link keeps no buffer).
+        self.queued = BytesMut::new();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for FrameWriter<W> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_drain(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_drain(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_drain(cx))?;
+        std::pin::Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scm_certs::identity::{Identity, Role};
-use scm_proto::io::{FrameReader, ReadError, write_frame};
+use scm_proto::io::{FrameReader, FrameWriter, ReadError, write_frame};
 use scm_proto::v1::{Message, NackReason};
 use scm_proto::{Code, Frame, FrameCodec, FrameError};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -43,6 +43,11 @@ pub enum LinkError {
     /// Database failure.
     #[error("{0}")]
     Store(#[from] store::StoreError),
+    /// Every handshake slot stayed busy (`limits.agent_handshakes`).
+    #[error(
+        "no TLS handshake slot came free within {0:?} (limits.agent_handshakes are all busy, as in a reconnect storm); the agent retries with back-off"
+    )]
+    Busy(Duration),
 }
 
 /// Serves one agent connection.
@@ -54,8 +59,22 @@ pub async fn handle(
     shutdown: CancellationToken,
 ) -> Result<(), LinkError> {
     let handshake = Duration::from_millis(hub.cfg.timeouts.handshake_ms);
+    // A bounded number of handshakes at once, first come first served: after an SCM
+    // restart thousands of agents reconnect together, and run all at once each
+    // handshake would crawl until many hit the timeout and their work was wasted.
+    let slot = match tokio::time::timeout(handshake, hub.handshake_slots.acquire()).await {
+        Ok(Ok(slot)) => slot,
+        Ok(Err(_closed)) => return Ok(()),
+        Err(_) => {
+            crate::metrics::global()
+                .handshake_failures
+                .inc(&["agents", "busy"]);
+            return Err(LinkError::Busy(handshake));
+        }
+    };
     let (tls, identity) =
         scm_certs::tls::accept(&acceptor, tcp, handshake, &[Role::Machine]).await?;
+    drop(slot);
     let Identity::Machine(cert_id) = identity else {
         return Err(LinkError::Refused("not a machine certificate".into()));
     };
@@ -65,8 +84,11 @@ pub async fn handle(
         .register("agents", &identity, peer, tls.get_ref().1, &shutdown);
     let shutdown = registration.token.clone();
     tracing::debug!(machine = cert_id, "agent link up");
-    let (r, mut w) = tokio::io::split(tls);
+    let (r, w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r, FrameCodec::new(hub.cfg.limits.max_agent_frame_data));
+    // Replies to frames that arrived together leave together: one TLS record and one
+    // write for a burst of swipes instead of one per ACK (docs/benchmarks.md).
+    let mut w = FrameWriter::new(w);
     let mut link = Link {
         hub: hub.clone(),
         cert_id,
@@ -77,9 +99,26 @@ pub async fn handle(
     let idle = Duration::from_millis(hub.cfg.timeouts.agent_idle_ms);
     let stall = Duration::from_millis(hub.cfg.timeouts.frame_stall_ms);
     let result = loop {
-        let frame = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            f = reader.read_frame(Some(idle), stall) => f,
+        if shutdown.is_cancelled() {
+            break Ok(());
+        }
+        // A frame that is already here is handled before the queued replies are sent.
+        let ready = if w.queued() > 0 {
+            reader.read_ready(stall)
+        } else {
+            None
+        };
+        let frame = match ready {
+            Some(f) => f,
+            None => {
+                if let Err(e) = w.send().await {
+                    break Err(e.into());
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Ok(()),
+                    f = reader.read_frame(Some(idle), stall) => f,
+                }
+            }
         };
         let frame = match frame {
             Ok(Some(f)) => f,
@@ -139,7 +178,7 @@ impl Link {
         &mut self,
         frame: Frame,
         reader: &mut FrameReader<R>,
-        w: &mut W,
+        w: &mut FrameWriter<W>,
     ) -> Result<bool, LinkError>
     where
         R: tokio::io::AsyncRead + Unpin,
@@ -362,7 +401,7 @@ impl Link {
     async fn on_v1<W: AsyncWrite + Unpin>(
         &mut self,
         frame: Frame,
-        w: &mut W,
+        w: &mut FrameWriter<W>,
     ) -> Result<bool, LinkError> {
         let id = self.cert_id;
         let msg = match Message::decode(&frame) {
@@ -470,7 +509,10 @@ impl Link {
                 ),
             ),
         };
-        write_frame(w, &scm_proto::reply_frame(&reply, id)).await?;
+        // Queued: sent with the replies to the frames that arrived with this one.
+        if w.queue(&scm_proto::reply_frame(&reply, id)).unwrap_or(true) {
+            w.send().await?;
+        }
         Ok(true)
     }
 }

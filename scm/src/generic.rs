@@ -47,6 +47,8 @@ mod tests;
 /// Size of the buffer each connection reads the server's bytes into. Everything read is
 /// discarded, so a connection never holds more than this much of the server's input.
 pub const READ_BUF: usize = 1024;
+/// Most swipes written to a print server in one write.
+pub const WRITE_BATCH: usize = 64;
 
 /// Longest reader id.
 const MAX_READER_LEN: usize = 64;
@@ -362,8 +364,11 @@ pub struct GenericBridge {
     devices: Vec<Device>,
     settings: BridgeSettings,
     outcomes: mpsc::Sender<OutcomeReport>,
-    /// Wakes the expiry task when a swipe is queued.
+    /// Wakes the expiry task when a swipe is queued that expires before its wake-up.
     expiry_wake: Notify,
+    /// When the expiry task wakes up next; `None` while it scans or has nothing to wait
+    /// for (then every queued swipe wakes it).
+    expiry_next: Mutex<Option<Instant>>,
     /// Outcome reports dropped because the channel was full or closed.
     lost_reports: AtomicU64,
 }
@@ -460,6 +465,7 @@ impl GenericBridge {
             settings,
             outcomes,
             expiry_wake: Notify::new(),
+            expiry_next: Mutex::new(None),
             lost_reports: AtomicU64::new(0),
         })
     }
@@ -555,13 +561,20 @@ impl GenericBridge {
                 card = %mask(&swipe.card),
                 "swipe queued"
             );
+            let expires_at = swipe.expires_at;
             st.queue.push_back(swipe);
-            Device::wake_conn(&st)
+            (Device::wake_conn(&st), expires_at)
         };
+        let (wake, expires_at) = wake;
         if let Some(w) = wake {
             w.notify_one();
         }
-        self.expiry_wake.notify_one();
+        // Only a swipe that expires before the expiry task's next wake-up needs it now
+        // (with one TTL for all, that is almost never: one wake-up less per swipe).
+        let next = *self.expiry_next.lock().unwrap_or_else(|p| p.into_inner());
+        if next.is_none_or(|t| expires_at < t) {
+            self.expiry_wake.notify_one();
+        }
         Ok(())
     }
 
@@ -653,7 +666,10 @@ impl GenericBridge {
 
     async fn expire_loop(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
+            // While scanning, every new swipe wakes the task again (see `submit`).
+            *self.expiry_next.lock().unwrap_or_else(|p| p.into_inner()) = None;
             let next = self.purge_expired();
+            *self.expiry_next.lock().unwrap_or_else(|p| p.into_inner()) = next;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.expiry_wake.notified() => {}
@@ -786,7 +802,9 @@ impl GenericBridge {
         Ok(())
     }
 
-    /// Writes every queued swipe that has not expired.
+    /// Writes every queued swipe that has not expired. The swipes queued at the same
+    /// moment go out in one write (at most [`WRITE_BATCH`] of them): one system call for
+    /// a burst instead of one per card.
     async fn deliver_pending<W: AsyncWrite + Unpin>(
         &self,
         dev: &Device,
@@ -794,44 +812,56 @@ impl GenericBridge {
         peer: SocketAddr,
         stop: &CancellationToken,
     ) -> std::io::Result<()> {
+        let mut lines = Vec::new();
         loop {
             if stop.is_cancelled() {
                 return Ok(());
             }
-            let Some(swipe) = self.take_next(dev) else {
+            let batch = self.take_batch(dev);
+            let Some(first_expiry) = batch.iter().map(|s| s.expires_at).min() else {
                 return Ok(());
             };
-            let line = format!("{}\n", swipe.card);
-            // Bounded by the write timeout, and by the expiry: never delivered late.
+            lines.clear();
+            for swipe in &batch {
+                lines.extend_from_slice(swipe.card.as_bytes());
+                lines.push(b'\n');
+            }
+            // Bounded by the write timeout, and by the earliest expiry in the batch:
+            // never delivered late.
             let by_timeout = Instant::now() + self.write_timeout();
-            let (deadline, expiry_first) = if swipe.expires_at < by_timeout {
-                (swipe.expires_at, true)
+            let (deadline, expiry_first) = if first_expiry < by_timeout {
+                (first_expiry, true)
             } else {
                 (by_timeout, false)
             };
             match self
-                .write_until(wr, line.as_bytes(), deadline, expiry_first, stop)
+                .write_until(wr, &lines, deadline, expiry_first, stop)
                 .await
             {
                 Ok(()) => {
                     {
                         let mut st = dev.lock();
-                        st.in_flight -= 1;
-                        st.delivered += 1;
+                        st.in_flight -= batch.len();
+                        st.delivered += batch.len() as u64;
                     }
-                    crate::metrics::global()
-                        .swipe_forward
-                        .observe_duration(swipe.received_at.elapsed());
-                    tracing::info!(
-                        device = %dev.key,
-                        event = %swipe.event_id,
-                        card = %mask(&swipe.card),
-                        "card delivered to {peer}"
-                    );
-                    self.report(dev, swipe.event_id, Outcome::Delivered { peer });
+                    for swipe in batch {
+                        crate::metrics::global()
+                            .swipe_forward
+                            .observe_duration(swipe.received_at.elapsed());
+                        tracing::info!(
+                            device = %dev.key,
+                            event = %swipe.event_id,
+                            card = %mask(&swipe.card),
+                            "card delivered to {peer}"
+                        );
+                        self.report(dev, swipe.event_id, Outcome::Delivered { peer });
+                    }
                 }
                 Err(e) => {
-                    self.put_back(dev, swipe);
+                    // Back to the front of the queue in their order.
+                    for swipe in batch.into_iter().rev() {
+                        self.put_back(dev, swipe);
+                    }
                     if stop.is_cancelled() {
                         return Ok(());
                     }
@@ -839,6 +869,19 @@ impl GenericBridge {
                 }
             }
         }
+    }
+
+    /// Takes the swipes to write next, at most [`WRITE_BATCH`] (dropping expired ones on
+    /// the way).
+    fn take_batch(&self, dev: &Device) -> Vec<BridgeSwipe> {
+        let mut batch = Vec::new();
+        while batch.len() < WRITE_BATCH {
+            match self.take_next(dev) {
+                Some(s) => batch.push(s),
+                None => break,
+            }
+        }
+        batch
     }
 
     /// Takes the next swipe to write (dropping expired ones on the way).

@@ -353,3 +353,81 @@ async fn pending_header_after_refusal_gives_version_and_id() {
     let h = r.pending_header().expect("header arrived");
     assert_eq!((h.version, h.code, h.id, h.data_len), (1, 1, 0x0102, 256));
 }
+
+fn msg(n: u16) -> Frame {
+    Frame::v0(Code::Msg, n, "m").expect("short")
+}
+
+#[tokio::test(start_paused = true)]
+async fn read_ready_returns_what_is_here_and_none_when_it_would_wait() {
+    let (mut peer, mut r) = reader(FrameCodec::new(1024));
+    assert!(r.read_ready(SEC).is_none(), "nothing sent yet");
+    let mut burst = Vec::new();
+    for n in 1..=3 {
+        burst.extend_from_slice(&msg(n).to_bytes().expect("encodable"));
+    }
+    peer.write_all(&burst).await.expect("write");
+    for n in 1..=3 {
+        let f = r.read_ready(SEC).expect("already here").expect("ok");
+        assert_eq!(f.map(|f| f.id), Some(n));
+    }
+    assert!(r.read_ready(SEC).is_none(), "the burst is used up");
+    // Half a frame: not ready, and the half stays buffered for the next read.
+    let bytes = msg(4).to_bytes().expect("encodable");
+    peer.write_all(&bytes[..3]).await.expect("write");
+    assert!(r.read_ready(SEC).is_none());
+    assert_eq!(r.buffered(), 3);
+    peer.write_all(&bytes[3..]).await.expect("write");
+    let f = r.read_frame(None, SEC).await.expect("ok").expect("frame");
+    assert_eq!(f.id, 4);
+    drop(peer);
+    assert!(matches!(r.read_ready(SEC), Some(Ok(None))), "clean end");
+}
+
+#[tokio::test(start_paused = true)]
+async fn frame_writer_holds_queued_frames_until_send_and_keeps_order() {
+    let (ours, theirs) = duplex(1 << 16);
+    let mut w = FrameWriter::new(ours);
+    let mut r = FrameReader::new(theirs, FrameCodec::new(1024));
+    assert_eq!(w.queue(&msg(1)).expect("short"), false);
+    assert_eq!(w.queue(&msg(2)).expect("short"), false);
+    assert_eq!(w.queued(), 2 * msg(1).encoded_len());
+    assert!(r.read_ready(SEC).is_none(), "queued frames are not written");
+    w.send().await.expect("send");
+    assert_eq!(w.queued(), 0);
+    for n in [1, 2] {
+        let f = r
+            .read_ready(SEC)
+            .expect("sent")
+            .expect("ok")
+            .expect("frame");
+        assert_eq!(f.id, n);
+    }
+    // A direct write sends the queue first.
+    w.queue(&msg(3)).expect("short");
+    write_frame(&mut w, &msg(4)).await.expect("write");
+    for n in [3, 4] {
+        let f = r
+            .read_ready(SEC)
+            .expect("sent")
+            .expect("ok")
+            .expect("frame");
+        assert_eq!(f.id, n);
+    }
+    // The queue says when it is full; an oversized frame queues nothing.
+    let big = Frame::v0(Code::Msg, 9, "x".repeat(1000)).expect("short");
+    let mut full = false;
+    for _ in 0..(QUEUE_MAX / big.encoded_len() + 1) {
+        full = w.queue(&big).expect("short");
+    }
+    assert!(full && w.queued() >= QUEUE_MAX);
+    let before = w.queued();
+    let huge = Frame {
+        version: 0,
+        code: Code::Config.byte(),
+        id: 1,
+        data: vec![0u8; 70_000].into(),
+    };
+    assert!(w.queue(&huge).is_err());
+    assert_eq!(w.queued(), before);
+}
