@@ -50,21 +50,31 @@ pub enum LinkError {
     Busy(Duration),
 }
 
-/// Serves one agent connection.
-pub async fn handle(
-    hub: Arc<Hub>,
-    acceptor: tokio_rustls::TlsAcceptor,
+type AgentTls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// An agent connection after its handshake.
+struct Established {
+    r: tokio::io::ReadHalf<AgentTls>,
+    w: tokio::io::WriteHalf<AgentTls>,
+    cert_id: u16,
+    registration: crate::tlsreload::Registration,
+}
+
+/// Waits for a handshake slot, runs the TLS handshake and registers the session.
+async fn establish(
+    hub: &Hub,
+    acceptor: &tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-    shutdown: CancellationToken,
-) -> Result<(), LinkError> {
+    shutdown: &CancellationToken,
+) -> Result<Option<Established>, LinkError> {
     let handshake = Duration::from_millis(hub.cfg.timeouts.handshake_ms);
     // A bounded number of handshakes at once, first come first served: after an SCM
     // restart thousands of agents reconnect together, and run all at once each
     // handshake would crawl until many hit the timeout and their work was wasted.
     let slot = match tokio::time::timeout(handshake, hub.handshake_slots.acquire()).await {
         Ok(Ok(slot)) => slot,
-        Ok(Err(_closed)) => return Ok(()),
+        Ok(Err(_closed)) => return Ok(None),
         Err(_) => {
             crate::metrics::global()
                 .handshake_failures
@@ -73,7 +83,7 @@ pub async fn handle(
         }
     };
     let (tls, identity) =
-        scm_certs::tls::accept(&acceptor, tcp, handshake, &[Role::Machine]).await?;
+        scm_certs::tls::accept(acceptor, tcp, handshake, &[Role::Machine]).await?;
     drop(slot);
     let Identity::Machine(cert_id) = identity else {
         return Err(LinkError::Refused("not a machine certificate".into()));
@@ -81,10 +91,38 @@ pub async fn handle(
     // Closed by a reload that revokes this certificate (or by shutdown).
     let registration = hub
         .tls
-        .register("agents", &identity, peer, tls.get_ref().1, &shutdown);
+        .register("agents", &identity, peer, tls.get_ref().1, shutdown);
+    let (r, w) = tokio::io::split(tls);
+    Ok(Some(Established {
+        r,
+        w,
+        cert_id,
+        registration,
+    }))
+}
+
+/// Serves one agent connection.
+pub async fn handle(
+    hub: Arc<Hub>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), LinkError> {
+    // Boxed: the handshake's state is large and short-lived; inline it would stay in
+    // every idle link's task for the link's whole life (memory per idle agent).
+    let Some(Established {
+        r,
+        w,
+        cert_id,
+        registration,
+    }) = Box::pin(establish(&hub, &acceptor, tcp, peer, &shutdown)).await?
+    else {
+        return Ok(());
+    };
+    drop(acceptor);
     let shutdown = registration.token.clone();
     tracing::debug!(machine = cert_id, "agent link up");
-    let (r, w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r, FrameCodec::new(hub.cfg.limits.max_agent_frame_data));
     // Replies to frames that arrived together leave together: one TLS record and one
     // write for a burst of swipes instead of one per ACK (docs/benchmarks.md).

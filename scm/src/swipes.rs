@@ -135,6 +135,12 @@ pub struct Swipes {
     rules: CardRules,
     seen: Mutex<Seen>,
     journal: mpsc::Sender<JournalOp>,
+    /// The journal's connection: the writer thread's, and the low-rate fast path's.
+    journal_conn: Arc<Mutex<Connection>>,
+    /// Store operations in flight (the journal yields to them).
+    gate: crate::store::WriteGate,
+    /// When the fast path last committed (tokio time).
+    last_inline: Mutex<Option<tokio::time::Instant>>,
     bridge: Arc<GenericBridge>,
     /// Where every answered swipe is published (masked).
     events: crate::events::Events,
@@ -177,7 +183,7 @@ impl Swipes {
     ) -> Result<Arc<Swipes>, rusqlite::Error> {
         let conn = Connection::open(store.path())?;
         let gate = store.write_gate();
-        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.busy_timeout(JOURNAL_BUSY)?;
         // The journal does not fsync each commit: a process crash loses nothing (the WAL
         // is in the OS cache); a power loss may lose the last moments of the journal.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -212,11 +218,15 @@ impl Swipes {
             seen.ids.len()
         );
         let (tx, rx) = mpsc::channel(settings.journal_queue.max(16));
+        let conn = Arc::new(Mutex::new(conn));
         let swipes = Arc::new(Swipes {
             settings,
             rules,
             seen: Mutex::new(seen),
             journal: tx,
+            journal_conn: conn.clone(),
+            gate: gate.clone(),
+            last_inline: Mutex::new(None),
             bridge,
             events,
             rfideas,
@@ -275,6 +285,55 @@ impl Swipes {
             outcome,
             detail,
         });
+    }
+
+    /// The low-rate fast path: commits `row` on the calling task, unless the journal is
+    /// busy (records queued, the writer or a store operation at work, SQLite locked) or
+    /// swipes are coming fast (another commit here within [`INLINE_GAP`]: then the writer
+    /// thread's batches cost less per swipe). Gives the row back when it did not commit.
+    ///
+    /// It blocks the task's thread for one SQLite commit without fsync (tens of
+    /// microseconds), and never waits for a lock.
+    fn commit_now(&self, row: Row) -> Result<(), Row> {
+        let now = tokio::time::Instant::now();
+        {
+            let mut last = self.last_inline.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| now.duration_since(t) < INLINE_GAP) {
+                *last = Some(now);
+                return Err(row);
+            }
+            *last = Some(now);
+        }
+        if self.journal.capacity() < self.journal.max_capacity() || self.gate.in_flight() > 0 {
+            return Err(row);
+        }
+        let Ok(mut conn) = self.journal_conn.try_lock() else {
+            return Err(row);
+        };
+        let _ = conn.busy_timeout(Duration::ZERO);
+        let batch = [JournalOp::Insert(row, None)];
+        let result = write_batch(&mut conn, &batch);
+        let _ = conn.busy_timeout(JOURNAL_BUSY);
+        drop(conn);
+        match result {
+            Ok(()) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) =>
+            {
+                let [JournalOp::Insert(row, _)] = batch else {
+                    unreachable!("built above")
+                };
+                Err(row)
+            }
+            Err(e) => {
+                self.stats.journal_lost.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("swipe journal: cannot write 1 record: {e}; forwarding anyway");
+                Ok(())
+            }
+        }
     }
 
     fn journal(&self, op: JournalOp) {
@@ -382,25 +441,26 @@ impl Swipes {
             )
         };
         // Commit the event id before forwarding, so a restart cannot forward it twice.
-        let (done_tx, done_rx) = oneshot::channel();
-        if self
-            .journal
-            .try_send(JournalOp::Insert(
-                row(outcome, detail.clone()),
-                Some(done_tx),
-            ))
-            .is_err()
-        {
-            self.seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&s.event_id);
-            self.stats.busy.fetch_add(1, Ordering::Relaxed);
-            return Verdict::Nack(NackReason::Busy, "swipe journal busy; try again".into());
-        }
-        if done_rx.await.is_err() {
-            self.stats.journal_lost.fetch_add(1, Ordering::Relaxed);
-            tracing::error!("swipe journal write failed; forwarding anyway");
+        // At a low rate the link commits it itself (no hand-off to the writer thread);
+        // otherwise the writer thread commits it with the other swipes of the moment.
+        if let Err(record) = self.commit_now(row(outcome, detail.clone())) {
+            let (done_tx, done_rx) = oneshot::channel();
+            if self
+                .journal
+                .try_send(JournalOp::Insert(record, Some(done_tx)))
+                .is_err()
+            {
+                self.seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&s.event_id);
+                self.stats.busy.fetch_add(1, Ordering::Relaxed);
+                return Verdict::Nack(NackReason::Busy, "swipe journal busy; try again".into());
+            }
+            if done_rx.await.is_err() {
+                self.stats.journal_lost.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("swipe journal write failed; forwarding anyway");
+            }
         }
         if !routed {
             self.stats.no_route.fetch_add(1, Ordering::Relaxed);
@@ -518,8 +578,15 @@ async fn checkpointer(conn: Connection, swipes: std::sync::Weak<Swipes>) {
 /// Longest a journal batch waits for the store's operations (see [`crate::store::WriteGate`]).
 const YIELD_TO_STORE_MAX: Duration = Duration::from_secs(1);
 
+/// How long the journal's connection waits for SQLite's write lock.
+const JOURNAL_BUSY: Duration = Duration::from_secs(5);
+
+/// Swipes closer together than this go to the writer thread, whose batches commit many
+/// swipes at once (see [`Swipes::commit_now`]).
+const INLINE_GAP: Duration = Duration::from_micros(500);
+
 fn journal_writer(
-    mut conn: Connection,
+    conn: Arc<Mutex<Connection>>,
     mut rx: mpsc::Receiver<JournalOp>,
     stats: Arc<SwipeStats>,
     gate: crate::store::WriteGate,
@@ -535,44 +602,10 @@ fn journal_writer(
                 Err(_) => break,
             }
         }
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
-            let now = now_ms();
-            for op in &batch {
-                match op {
-                    JournalOp::Insert(r, _) => {
-                        // Cached statements: parsing the SQL anew for every swipe took
-                        // ~5% of the SCM's CPU at full swipe load (perf, docs/benchmarks.md).
-                        tx.prepare_cached(
-                            "INSERT INTO swipes (event_id, machine_id, reader, card_masked, swiped_at_ms, received_ms, outcome, detail, updated_ms)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?6)",
-                        )?
-                        .execute(params![r.event_id, r.machine, r.reader, r.card_masked, r.swiped_at_ms, now, r.outcome, r.detail])?;
-                    }
-                    JournalOp::Outcome {
-                        event_id,
-                        outcome,
-                        detail,
-                    } => {
-                        // A swipe sent to two bridges (Generic and 241) gets two outcomes:
-                        // `delivered` wins over `failed`, which wins over the rest; the
-                        // second detail is appended.
-                        tx.prepare_cached(
-                            "UPDATE swipes SET
-                                outcome = CASE
-                                    WHEN outcome = 'delivered' THEN outcome
-                                    WHEN outcome = 'failed' AND ?2 <> 'delivered' THEN outcome
-                                    ELSE ?2 END,
-                                detail = CASE WHEN outcome = 'queued' THEN ?3 ELSE detail || '; ' || ?3 END,
-                                updated_ms = ?4
-                             WHERE id = (SELECT MAX(id) FROM swipes WHERE event_id = ?1)",
-                        )?
-                        .execute(params![event_id, outcome, detail, now])?;
-                    }
-                }
-            }
-            tx.commit()
-        })();
+        let result = {
+            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            write_batch(&mut conn, &batch)
+        };
         if let Err(e) = result {
             stats
                 .journal_lost
@@ -585,6 +618,46 @@ fn journal_writer(
             }
         }
     }
+}
+
+/// Writes `batch` in one transaction.
+fn write_batch(conn: &mut Connection, batch: &[JournalOp]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    let now = now_ms();
+    for op in batch {
+        match op {
+            JournalOp::Insert(r, _) => {
+                // Cached statements: parsing the SQL anew for every swipe took
+                // ~5% of the SCM's CPU at full swipe load (perf, docs/benchmarks.md).
+                tx.prepare_cached(
+                    "INSERT INTO swipes (event_id, machine_id, reader, card_masked, swiped_at_ms, received_ms, outcome, detail, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?6)",
+                )?
+                .execute(params![r.event_id, r.machine, r.reader, r.card_masked, r.swiped_at_ms, now, r.outcome, r.detail])?;
+            }
+            JournalOp::Outcome {
+                event_id,
+                outcome,
+                detail,
+            } => {
+                // A swipe sent to two bridges (Generic and 241) gets two outcomes:
+                // `delivered` wins over `failed`, which wins over the rest; the
+                // second detail is appended.
+                tx.prepare_cached(
+                    "UPDATE swipes SET
+                        outcome = CASE
+                            WHEN outcome = 'delivered' THEN outcome
+                            WHEN outcome = 'failed' AND ?2 <> 'delivered' THEN outcome
+                            ELSE ?2 END,
+                        detail = CASE WHEN outcome = 'queued' THEN ?3 ELSE detail || '; ' || ?3 END,
+                        updated_ms = ?4
+                     WHERE id = (SELECT MAX(id) FROM swipes WHERE event_id = ?1)",
+                )?
+                .execute(params![event_id, outcome, detail, now])?;
+            }
+        }
+    }
+    tx.commit()
 }
 
 /// One row of the swipe listing.
@@ -664,6 +737,7 @@ mod journal_tests {
         let (tx, rx) = mpsc::channel(16);
         let stats = Arc::new(SwipeStats::default());
         let gate = crate::store::WriteGate::default();
+        let conn = Arc::new(Mutex::new(conn));
         let writer = std::thread::spawn(move || journal_writer(conn, rx, stats, gate));
         let row = Row {
             event_id: "e1".into(),
@@ -713,5 +787,89 @@ mod journal_tests {
             journal(&[("failed", "rf"), ("delivered", "g")]).0,
             "delivered"
         );
+    }
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+
+    fn swipes(dir: &std::path::Path) -> (crate::store::Store, Arc<Swipes>) {
+        let store = crate::store::Store::open(&dir.join("scm.db")).unwrap();
+        let (otx, orx) = mpsc::channel(16);
+        let bridge = GenericBridge::new(Vec::new(), Default::default(), otx);
+        let (rtx, rrx) = mpsc::channel(16);
+        let rf = RfideasBridge::new(
+            Vec::new(),
+            Default::default(),
+            &dir.join("no-ca.pem"),
+            store.clone(),
+            rtx,
+        )
+        .unwrap();
+        let s = Swipes::start(
+            &store,
+            SwipeSettings::default(),
+            CardRules::default(),
+            bridge,
+            orx,
+            rf,
+            rrx,
+            crate::events::Events::new(16),
+        )
+        .unwrap();
+        (store, s)
+    }
+
+    fn row(id: &str) -> Row {
+        Row {
+            event_id: id.into(),
+            machine: 1,
+            reader: "r1".into(),
+            card_masked: "****1234".into(),
+            swiped_at_ms: 0,
+            outcome: "no_route",
+            detail: String::new(),
+        }
+    }
+
+    fn journaled(store: &crate::store::Store, id: &str) -> bool {
+        let id = id.to_string();
+        store
+            .run_blocking(move |c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM swipes WHERE event_id = ?1",
+                    [&id],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .unwrap()
+            == 1
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn commits_alone_when_idle_and_leaves_bursts_and_locks_to_the_writer() {
+        let d = tempfile::tempdir().unwrap();
+        let (store, s) = swipes(d.path());
+        // Idle: committed here, at once.
+        assert!(s.commit_now(row("a")).is_ok());
+        assert!(journaled(&store, "a"));
+        // The next one right after: a burst, left to the writer thread's batches.
+        let back = s.commit_now(row("b")).expect_err("within the gap");
+        assert_eq!(back.event_id, "b");
+        assert!(!journaled(&store, "b"));
+        // After a pause, but with SQLite's write lock held elsewhere: given back at
+        // once instead of waiting for the lock.
+        tokio::time::advance(INLINE_GAP * 2).await;
+        let path = d.path().join("scm.db");
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let started = std::time::Instant::now();
+        assert!(s.commit_now(row("c")).is_err(), "locked elsewhere");
+        assert!(started.elapsed() < Duration::from_secs(1), "did not wait");
+        other.execute_batch("ROLLBACK").unwrap();
+        tokio::time::advance(INLINE_GAP * 2).await;
+        assert!(s.commit_now(row("c")).is_ok());
+        assert!(journaled(&store, "c"));
     }
 }
