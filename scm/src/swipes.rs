@@ -294,21 +294,21 @@ impl Swipes {
     ///
     /// It blocks the task's thread for one SQLite commit without fsync (tens of
     /// microseconds), and never waits for a lock.
-    fn commit_now(&self, row: Row) -> Result<(), Row> {
+    fn commit_now(&self, row: Row) -> Option<Row> {
         let now = tokio::time::Instant::now();
         {
             let mut last = self.last_inline.lock().unwrap_or_else(|p| p.into_inner());
             if last.is_some_and(|t| now.duration_since(t) < INLINE_GAP) {
                 *last = Some(now);
-                return Err(row);
+                return Some(row);
             }
             *last = Some(now);
         }
         if self.journal.capacity() < self.journal.max_capacity() || self.gate.in_flight() > 0 {
-            return Err(row);
+            return Some(row);
         }
         let Ok(mut conn) = self.journal_conn.try_lock() else {
-            return Err(row);
+            return Some(row);
         };
         let _ = conn.busy_timeout(Duration::ZERO);
         let batch = [JournalOp::Insert(row, None)];
@@ -316,7 +316,7 @@ impl Swipes {
         let _ = conn.busy_timeout(JOURNAL_BUSY);
         drop(conn);
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => None,
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if matches!(
                     e.code,
@@ -326,12 +326,12 @@ impl Swipes {
                 let [JournalOp::Insert(row, _)] = batch else {
                     unreachable!("built above")
                 };
-                Err(row)
+                Some(row)
             }
             Err(e) => {
                 self.stats.journal_lost.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("swipe journal: cannot write 1 record: {e}; forwarding anyway");
-                Ok(())
+                None
             }
         }
     }
@@ -443,7 +443,7 @@ impl Swipes {
         // Commit the event id before forwarding, so a restart cannot forward it twice.
         // At a low rate the link commits it itself (no hand-off to the writer thread);
         // otherwise the writer thread commits it with the other swipes of the moment.
-        if let Err(record) = self.commit_now(row(outcome, detail.clone())) {
+        if let Some(record) = self.commit_now(row(outcome, detail.clone())) {
             let (done_tx, done_rx) = oneshot::channel();
             if self
                 .journal
@@ -852,10 +852,10 @@ mod fast_path_tests {
         let d = tempfile::tempdir().unwrap();
         let (store, s) = swipes(d.path());
         // Idle: committed here, at once.
-        assert!(s.commit_now(row("a")).is_ok());
+        assert!(s.commit_now(row("a")).is_none());
         assert!(journaled(&store, "a"));
         // The next one right after: a burst, left to the writer thread's batches.
-        let back = s.commit_now(row("b")).expect_err("within the gap");
+        let back = s.commit_now(row("b")).expect("within the gap: given back");
         assert_eq!(back.event_id, "b");
         assert!(!journaled(&store, "b"));
         // After a pause, but with SQLite's write lock held elsewhere: given back at
@@ -865,11 +865,11 @@ mod fast_path_tests {
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
         let started = std::time::Instant::now();
-        assert!(s.commit_now(row("c")).is_err(), "locked elsewhere");
+        assert!(s.commit_now(row("c")).is_some(), "locked elsewhere");
         assert!(started.elapsed() < Duration::from_secs(1), "did not wait");
         other.execute_batch("ROLLBACK").unwrap();
         tokio::time::advance(INLINE_GAP * 2).await;
-        assert!(s.commit_now(row("c")).is_ok());
+        assert!(s.commit_now(row("c")).is_none());
         assert!(journaled(&store, "c"));
     }
 }

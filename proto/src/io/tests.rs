@@ -389,8 +389,8 @@ async fn frame_writer_holds_queued_frames_until_send_and_keeps_order() {
     let (ours, theirs) = duplex(1 << 16);
     let mut w = FrameWriter::new(ours);
     let mut r = FrameReader::new(theirs, FrameCodec::new(1024));
-    assert_eq!(w.queue(&msg(1)).expect("short"), false);
-    assert_eq!(w.queue(&msg(2)).expect("short"), false);
+    assert!(!w.queue(&msg(1)).expect("short"));
+    assert!(!w.queue(&msg(2)).expect("short"));
     assert_eq!(w.queued(), 2 * msg(1).encoded_len());
     assert!(r.read_ready(SEC).is_none(), "queued frames are not written");
     w.send().await.expect("send");
