@@ -2,7 +2,7 @@
 # The benchmark: the SCM and Mosquitto (mutual TLS MQTT) side by side on the same
 # workloads, in one run on this machine (see docs/benchmarks.md and bench/README.md).
 #
-#   scripts/bench.sh            full run (about 10 minutes); writes docs/benchmarks.md
+#   scripts/bench.sh            full run (about 3 minutes after the build); writes docs/benchmarks.md
 #   scripts/bench.sh --quick    smoke run (CI, under 2 minutes); writes no report
 #
 # Builds release binaries (BENCH_PROFILE=dev: debug ones, for the smoke run), installs

@@ -43,11 +43,6 @@ pub enum LinkError {
     /// Database failure.
     #[error("{0}")]
     Store(#[from] store::StoreError),
-    /// Every handshake slot stayed busy (`limits.agent_handshakes`).
-    #[error(
-        "no TLS handshake slot came free within {0:?} (limits.agent_handshakes are all busy, as in a reconnect storm); the agent retries with back-off"
-    )]
-    Busy(Duration),
 }
 
 type AgentTls = tokio_rustls::server::TlsStream<TcpStream>;
@@ -60,31 +55,17 @@ struct Established {
     registration: crate::tlsreload::Registration,
 }
 
-/// Waits for a handshake slot, runs the TLS handshake and registers the session.
+/// Runs the TLS handshake and registers the session.
 async fn establish(
     hub: &Hub,
     acceptor: &tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
     shutdown: &CancellationToken,
-) -> Result<Option<Established>, LinkError> {
+) -> Result<Established, LinkError> {
     let handshake = Duration::from_millis(hub.cfg.timeouts.handshake_ms);
-    // A bounded number of handshakes at once, first come first served: after an SCM
-    // restart thousands of agents reconnect together, and run all at once each
-    // handshake would crawl until many hit the timeout and their work was wasted.
-    let slot = match tokio::time::timeout(handshake, hub.handshake_slots.acquire()).await {
-        Ok(Ok(slot)) => slot,
-        Ok(Err(_closed)) => return Ok(None),
-        Err(_) => {
-            crate::metrics::global()
-                .handshake_failures
-                .inc(&["agents", "busy"]);
-            return Err(LinkError::Busy(handshake));
-        }
-    };
     let (tls, identity) =
         scm_certs::tls::accept(acceptor, tcp, handshake, &[Role::Machine]).await?;
-    drop(slot);
     let Identity::Machine(cert_id) = identity else {
         return Err(LinkError::Refused("not a machine certificate".into()));
     };
@@ -93,12 +74,12 @@ async fn establish(
         .tls
         .register("agents", &identity, peer, tls.get_ref().1, shutdown);
     let (r, w) = tokio::io::split(tls);
-    Ok(Some(Established {
+    Ok(Established {
         r,
         w,
         cert_id,
         registration,
-    }))
+    })
 }
 
 /// Serves one agent connection.
@@ -111,15 +92,12 @@ pub async fn handle(
 ) -> Result<(), LinkError> {
     // Boxed: the handshake's state is large and short-lived; inline it would stay in
     // every idle link's task for the link's whole life (memory per idle agent).
-    let Some(Established {
+    let Established {
         r,
         w,
         cert_id,
         registration,
-    }) = Box::pin(establish(&hub, &acceptor, tcp, peer, &shutdown)).await?
-    else {
-        return Ok(());
-    };
+    } = Box::pin(establish(&hub, &acceptor, tcp, peer, &shutdown)).await?;
     drop(acceptor);
     let shutdown = registration.token.clone();
     tracing::debug!(machine = cert_id, "agent link up");
@@ -149,8 +127,13 @@ pub async fn handle(
         let frame = match ready {
             Some(f) => f,
             None => {
-                if let Err(e) = w.send().await {
-                    break Err(e.into());
+                if w.queued() > 0 {
+                    // Tasks these frames woke (a bridge with a card to write) run first:
+                    // the print server gets the card before the agent gets its ACK.
+                    tokio::task::yield_now().await;
+                    if let Err(e) = w.send().await {
+                        break Err(e.into());
+                    }
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => break Ok(()),

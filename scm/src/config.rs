@@ -169,9 +169,6 @@ pub struct Limits {
     pub telnet_max_line: usize,
     /// Deliveries in flight at once during a push to a group or to all machines.
     pub push_concurrency: usize,
-    /// TLS handshakes on the agent port at once; further connections wait their turn
-    /// (first come, first served) for at most `timeouts.handshake_ms`.
-    pub agent_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -185,7 +182,6 @@ impl Default for Limits {
             max_config_bytes: 60 * 1024,
             telnet_max_line: 4096,
             push_concurrency: 64,
-            agent_handshakes: 64,
         }
     }
 }
@@ -469,9 +465,6 @@ impl ScmConfig {
         }
         if l.push_concurrency == 0 || l.push_concurrency > 4096 {
             return Err(invalid("limits.push_concurrency", "must be 1..=4096"));
-        }
-        if l.agent_handshakes == 0 || l.agent_handshakes > 4096 {
-            return Err(invalid("limits.agent_handshakes", "must be 1..=4096"));
         }
         if l.telnet_max_line < 80 {
             return Err(invalid("limits.telnet_max_line", "must be at least 80"));

@@ -787,7 +787,7 @@ impl GenericBridge {
                     let line = format!("{reply}\r");
                     let deadline = Instant::now() + self.write_timeout();
                     let res = self
-                        .write_until(wr, line.as_bytes(), deadline, false, stop)
+                        .write_until(wr, line.as_bytes(), deadline, false, stop, &mut 0)
                         .await;
                     if res.is_err() && stop.is_cancelled() {
                         return Ok(()); // replaced or shutting down: not an error
@@ -834,32 +834,30 @@ impl GenericBridge {
             } else {
                 (by_timeout, false)
             };
+            let mut written = 0;
             match self
-                .write_until(wr, &lines, deadline, expiry_first, stop)
+                .write_until(wr, &lines, deadline, expiry_first, stop, &mut written)
                 .await
             {
                 Ok(()) => {
-                    {
-                        let mut st = dev.lock();
-                        st.in_flight -= batch.len();
-                        st.delivered += batch.len() as u64;
-                    }
                     for swipe in batch {
-                        crate::metrics::global()
-                            .swipe_forward
-                            .observe_duration(swipe.received_at.elapsed());
-                        tracing::info!(
-                            device = %dev.key,
-                            event = %swipe.event_id,
-                            card = %mask(&swipe.card),
-                            "card delivered to {peer}"
-                        );
-                        self.report(dev, swipe.event_id, Outcome::Delivered { peer });
+                        self.delivered(dev, swipe, peer);
                     }
                 }
                 Err(e) => {
-                    // Back to the front of the queue in their order.
-                    for swipe in batch.into_iter().rev() {
+                    // The cards whose whole line went out before the failure are delivered;
+                    // the rest go back to the front of the queue, in their order.
+                    let mut end = 0;
+                    let mut back = Vec::new();
+                    for swipe in batch {
+                        end += swipe.card.len() + 1;
+                        if end <= written {
+                            self.delivered(dev, swipe, peer);
+                        } else {
+                            back.push(swipe);
+                        }
+                    }
+                    for swipe in back.into_iter().rev() {
                         self.put_back(dev, swipe);
                     }
                     if stop.is_cancelled() {
@@ -869,6 +867,25 @@ impl GenericBridge {
                 }
             }
         }
+    }
+
+    /// Counts, logs and reports one card written in full to the print server.
+    fn delivered(&self, dev: &Device, swipe: BridgeSwipe, peer: SocketAddr) {
+        {
+            let mut st = dev.lock();
+            st.in_flight -= 1;
+            st.delivered += 1;
+        }
+        crate::metrics::global()
+            .swipe_forward
+            .observe_duration(swipe.received_at.elapsed());
+        tracing::info!(
+            device = %dev.key,
+            event = %swipe.event_id,
+            card = %mask(&swipe.card),
+            "card delivered to {peer}"
+        );
+        self.report(dev, swipe.event_id, Outcome::Delivered { peer });
     }
 
     /// Takes the swipes to write next, at most [`WRITE_BATCH`] (dropping expired ones on
@@ -936,6 +953,8 @@ impl GenericBridge {
         }
     }
 
+    /// Writes `bytes` in full by `deadline`; `written` counts the bytes that went out,
+    /// also when it fails part way.
     async fn write_until<W: AsyncWrite + Unpin>(
         &self,
         wr: &mut W,
@@ -943,12 +962,23 @@ impl GenericBridge {
         deadline: Instant,
         expiry_first: bool,
         stop: &CancellationToken,
+        written: &mut usize,
     ) -> std::io::Result<()> {
         use std::io::{Error, ErrorKind};
+        let write_all = async {
+            while *written < bytes.len() {
+                let n = wr.write(&bytes[*written..]).await?;
+                if n == 0 {
+                    return Err(Error::from(ErrorKind::WriteZero));
+                }
+                *written += n;
+            }
+            Ok(())
+        };
         tokio::select! {
             biased;
             () = stop.cancelled() => Err(Error::new(ErrorKind::Interrupted, "connection closed during a write")),
-            r = tokio::time::timeout_at(deadline, wr.write_all(bytes)) => match r {
+            r = tokio::time::timeout_at(deadline, write_all) => match r {
                 Ok(r) => r,
                 Err(_) if expiry_first => Err(Error::new(
                     ErrorKind::TimedOut,

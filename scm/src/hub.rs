@@ -45,8 +45,6 @@ pub struct Hub {
     pub retry_kick: Arc<crate::retry::Kick>,
     /// Connections, push outcomes and swipes, for watchers (admin API).
     pub events: crate::events::Events,
-    /// Agent-port TLS handshakes in progress at once (`limits.agent_handshakes`).
-    pub handshake_slots: tokio::sync::Semaphore,
     sessions: Mutex<HashMap<u16, Session>>,
     delivery_locks: Mutex<HashMap<u16, Arc<tokio::sync::Mutex<()>>>>,
     ids: AtomicU64,
@@ -70,9 +68,7 @@ impl Hub {
         events: crate::events::Events,
     ) -> Arc<Hub> {
         let throttle = Throttle::new(cfg.login.clone());
-        let handshake_slots = tokio::sync::Semaphore::new(cfg.limits.agent_handshakes.max(1));
         Arc::new(Hub {
-            handshake_slots,
             cfg,
             store,
             throttle,

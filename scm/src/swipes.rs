@@ -197,14 +197,22 @@ impl Swipes {
         let horizon = now - settings.max_ttl_ms as i64 - 60_000;
         let mut seen = Seen::default();
         {
-            let mut st = conn.prepare(
-                "SELECT event_id, received_ms FROM swipes WHERE received_ms >= ?1 ORDER BY id",
-            )?;
-            let rows = st.query_map([horizon], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-            })?;
-            for r in rows {
-                let (id, at) = r?;
+            // The newest rows by id, back to the horizon (rows are appended as swipes
+            // arrive), and at most as many as the de-duplication set keeps.
+            let mut st =
+                conn.prepare("SELECT event_id, received_ms FROM swipes ORDER BY id DESC LIMIT ?1")?;
+            let limit = i64::try_from(settings.dedup_max).unwrap_or(i64::MAX);
+            let mut rows = st.query([limit])?;
+            let mut recent = Vec::new();
+            while let Some(r) = rows.next()? {
+                let at: i64 = r.get(1)?;
+                if at < horizon {
+                    break;
+                }
+                recent.push((r.get::<_, String>(0)?, at));
+            }
+            recent.reverse();
+            for (id, at) in recent {
                 seen.insert(
                     &id,
                     at + settings.max_ttl_ms as i64 + 60_000,
