@@ -423,13 +423,30 @@ impl Fleet {
     /// init-dev, the SCM, and every agent connected.
     pub fn start(machines: &[u16]) -> Fleet {
         let (dir, password) = Fleet::init(machines);
-        let scm = Fleet::start_scm(dir.path(), &[]);
+        Fleet::from_dir(dir, password, &[], &[], machines)
+    }
+
+    /// The SCM (with `scm_env`) and every agent (with `agent_env`) of an init-dev
+    /// directory, the agents connected.
+    pub fn from_dir(
+        dir: tempfile::TempDir,
+        password: String,
+        scm_env: &[(&'static str, String)],
+        agent_env: &[(&'static str, String)],
+        machines: &[u16],
+    ) -> Fleet {
+        let scm = Fleet::start_scm(dir.path(), scm_env);
         let agents_addr = scm.listening("agents");
         let telnet = scm.listening("telnet");
         let telnet_tls = scm.listening("telnet-tls");
         let agents: Vec<(u16, Proc)> = machines
             .iter()
-            .map(|id| (*id, Fleet::start_agent(dir.path(), *id, agents_addr, &[])))
+            .map(|id| {
+                (
+                    *id,
+                    Fleet::start_agent(dir.path(), *id, agents_addr, agent_env),
+                )
+            })
             .collect();
         for (_, a) in &agents {
             a.wait_for("connected to SCM");

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use integration_tests::{Fleet, Proc, RawTelnet, WAIT};
+use integration_tests::{Fleet, RawTelnet, WAIT};
 use scm_certs::identity::Identity;
 use scm_certs::pki::{Ca, Eku, IssuedCert, LeafSpec, Validity};
 use scm_certs::tls::{self as sctls, TlsPolicy};
@@ -353,31 +353,7 @@ fn fleet_from(
 ) -> Fleet {
     let mut env = vec![metrics_env()];
     env.extend(scm_env.iter().cloned());
-    let scm = Fleet::start_scm(dir.path(), &env);
-    let agents_addr = scm.listening("agents");
-    let telnet = scm.listening("telnet");
-    let telnet_tls = scm.listening("telnet-tls");
-    let agents: Vec<(u16, Proc)> = agents
-        .iter()
-        .map(|id| {
-            (
-                *id,
-                Fleet::start_agent(dir.path(), *id, agents_addr, &[agent_metrics_env()]),
-            )
-        })
-        .collect();
-    for (_, a) in &agents {
-        a.wait_for("connected to SCM");
-    }
-    Fleet {
-        dir,
-        scm,
-        agents,
-        agents_addr,
-        telnet,
-        telnet_tls,
-        password,
-    }
+    Fleet::from_dir(dir, password, &env, &[agent_metrics_env()], agents)
 }
 
 // ---------------------------------------------------------------------------------------

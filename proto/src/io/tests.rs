@@ -384,6 +384,18 @@ async fn read_ready_returns_what_is_here_and_none_when_it_would_wait() {
     assert!(matches!(r.read_ready(SEC), Some(Ok(None))), "clean end");
 }
 
+/// The frames with these ids are readable now, in this order.
+fn expect_ready(r: &mut FrameReader<DuplexStream>, ids: &[u16]) {
+    for n in ids {
+        let f = r
+            .read_ready(SEC)
+            .expect("sent")
+            .expect("ok")
+            .expect("frame");
+        assert_eq!(f.id, *n);
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn frame_writer_holds_queued_frames_until_send_and_keeps_order() {
     let (ours, theirs) = duplex(1 << 16);
@@ -395,25 +407,11 @@ async fn frame_writer_holds_queued_frames_until_send_and_keeps_order() {
     assert!(r.read_ready(SEC).is_none(), "queued frames are not written");
     w.send().await.expect("send");
     assert_eq!(w.queued(), 0);
-    for n in [1, 2] {
-        let f = r
-            .read_ready(SEC)
-            .expect("sent")
-            .expect("ok")
-            .expect("frame");
-        assert_eq!(f.id, n);
-    }
+    expect_ready(&mut r, &[1, 2]);
     // A direct write sends the queue first.
     w.queue(&msg(3)).expect("short");
     write_frame(&mut w, &msg(4)).await.expect("write");
-    for n in [3, 4] {
-        let f = r
-            .read_ready(SEC)
-            .expect("sent")
-            .expect("ok")
-            .expect("frame");
-        assert_eq!(f.id, n);
-    }
+    expect_ready(&mut r, &[3, 4]);
     // The queue says when it is full; an oversized frame queues nothing.
     let big = Frame::v0(Code::Msg, 9, "x".repeat(1000)).expect("short");
     let mut full = false;
