@@ -542,7 +542,7 @@ impl GenericBridge {
             self.expired(dev, swipe);
             return Ok(());
         }
-        let wake = {
+        let (wake, expires_at) = {
             let mut st = dev.lock();
             if st.queue.len() + st.in_flight >= self.settings.queue_max {
                 tracing::debug!(
@@ -565,7 +565,6 @@ impl GenericBridge {
             st.queue.push_back(swipe);
             (Device::wake_conn(&st), expires_at)
         };
-        let (wake, expires_at) = wake;
         if let Some(w) = wake {
             w.notify_one();
         }
@@ -888,43 +887,32 @@ impl GenericBridge {
         self.report(dev, swipe.event_id, Outcome::Delivered { peer });
     }
 
-    /// Takes the swipes to write next, at most [`WRITE_BATCH`] (dropping expired ones on
-    /// the way).
+    /// Takes the swipes to write next, at most [`WRITE_BATCH`], under one lock (dropping
+    /// expired ones on the way).
     fn take_batch(&self, dev: &Device) -> Vec<BridgeSwipe> {
-        let mut batch = Vec::new();
-        while batch.len() < WRITE_BATCH {
-            match self.take_next(dev) {
-                Some(s) => batch.push(s),
-                None => break,
-            }
-        }
-        batch
-    }
-
-    /// Takes the next swipe to write (dropping expired ones on the way).
-    fn take_next(&self, dev: &Device) -> Option<BridgeSwipe> {
         let now = Instant::now();
         let mut gone = Vec::new();
-        let next = {
+        let mut batch = Vec::new();
+        {
             let mut st = dev.lock();
-            loop {
+            while batch.len() < WRITE_BATCH {
                 match st.queue.pop_front() {
-                    None => break None,
+                    None => break,
                     Some(s) if s.expires_at <= now => {
                         st.expired += 1;
                         gone.push(s);
                     }
                     Some(s) => {
                         st.in_flight += 1;
-                        break Some(s);
+                        batch.push(s);
                     }
                 }
             }
-        };
+        }
         for s in gone {
             self.expired(dev, s);
         }
-        next
+        batch
     }
 
     /// A write failed: the swipe goes back to the front of the queue for the next
