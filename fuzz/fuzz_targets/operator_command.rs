@@ -8,7 +8,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(line) = std::str::from_utf8(data) else {
         return;
     };
-    match scm::command::parse(line) {
+    match scm::front::telnet::command::parse(line) {
         Ok(_) => {}
         Err(reply) => {
             assert!(reply.starts_with("500 ") || reply.starts_with("501 "), "{reply}");
@@ -16,5 +16,5 @@ fuzz_target!(|data: &[u8]| {
             assert!(reply.len() <= 400, "{} bytes", reply.len());
         }
     }
-    let _ = line.parse::<scm::fleet::Target>();
+    let _ = line.parse::<scm::ops::fleet::Target>();
 });

@@ -8,7 +8,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(c) = scm::config::ScmConfig::parse(text, "fuzz", &Env::new()) {
+    if let Ok(c) = scm::app::config::ScmConfig::parse(text, "fuzz", &Env::new()) {
         let _ = c.validate();
     }
 });

@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::auth::Throttle;
-use crate::config::{OperatorConfig, ScmConfig};
-use crate::store::Store;
+use crate::app::config::{OperatorConfig, ScmConfig};
+use crate::ops::auth::Throttle;
+use crate::state::Store;
 
 /// A machine's live event link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,11 +40,11 @@ pub struct Hub {
     /// among them, and the established TLS sessions.
     pub tls: Arc<crate::tlsreload::TlsState>,
     /// Card swipes (journal, de-duplication, bridges).
-    pub swipes: Arc<crate::swipes::Swipes>,
+    pub swipes: Arc<crate::ops::swipes::Swipes>,
     /// Wakes the retry task.
-    pub retry_kick: Arc<crate::retry::Kick>,
+    pub retry_kick: Arc<crate::ops::retry::Kick>,
     /// Connections, push outcomes and swipes, for watchers (admin API).
-    pub events: crate::events::Events,
+    pub events: crate::coord::events::Events,
     sessions: Mutex<HashMap<u16, Session>>,
     delivery_locks: Mutex<HashMap<u16, Arc<tokio::sync::Mutex<()>>>>,
     ids: AtomicU64,
@@ -64,8 +64,8 @@ impl Hub {
         cfg: ScmConfig,
         store: Store,
         tls: Arc<crate::tlsreload::TlsState>,
-        swipes: Arc<crate::swipes::Swipes>,
-        events: crate::events::Events,
+        swipes: Arc<crate::ops::swipes::Swipes>,
+        events: crate::coord::events::Events,
     ) -> Arc<Hub> {
         let throttle = Throttle::new(cfg.login.clone());
         Arc::new(Hub {
@@ -125,7 +125,7 @@ impl Hub {
     pub async fn audit(&self, actor: String, source: String, action: &'static str, detail: String) {
         if let Err(e) = self
             .store
-            .run(move |c| crate::store::audit(c, &actor, &source, action, &detail))
+            .run(move |c| crate::state::audit(c, &actor, &source, action, &detail))
             .await
         {
             tracing::error!("cannot write the audit log: {e}");

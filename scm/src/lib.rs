@@ -1,24 +1,22 @@
-//! The SCM hub as a library: configuration, state, the agent link, operator sessions and
-//! configuration pushes. `main.rs` parses the command line and calls into it; integration
-//! tests run the real binary.
+//! The SCM hub as a library. `main.rs` parses the command line and calls into [`app`];
+//! end-to-end tests run the real binary. The module map and the rules for where new code
+//! goes are in `ARCHITECTURE.md` at the repository root.
+//!
+//! Layers, imports pointing down only:
+//! - [`app`]: configuration assembly, wiring, `init-dev` (imported by nothing);
+//! - [`front`]: the telnet console, the gRPC admin API, metrics: parse, authorise, render;
+//! - [`ops`]: the use cases (push, fleet push, rollback, retries, audit, swipes, logins);
+//! - [`link`], [`bridges`], [`state`], [`coord`]: the agent link, the print-server bridges,
+//!   the durable state and the in-process coordinators.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod agents;
-pub mod auth;
-pub mod command;
-pub mod config;
-pub mod events;
-pub mod fleet;
-pub mod generic;
+pub mod app;
+pub mod bridges;
+pub mod coord;
+pub mod front;
 pub mod hub;
-pub mod initdev;
+pub mod link;
 pub mod metrics;
-pub mod operator;
-pub mod push;
-pub mod retry;
-pub mod rfideas;
-pub mod server;
-pub mod store;
-pub mod swipes;
+pub mod ops;
+pub mod state;
 pub mod tlsreload;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use scm::config::ScmConfig;
+use scm::app::config::ScmConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,7 +57,7 @@ enum Cmd {
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<ScmConfig> {
-    let env = scm_common::config::process_env(scm::config::ENV_PREFIX);
+    let env = scm_common::config::process_env(scm::app::config::ENV_PREFIX);
     let cfg = ScmConfig::load(path, &env)?;
     cfg.validate()?;
     Ok(cfg)
@@ -86,10 +86,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot start the async runtime")?;
             let result = rt.block_on(async move {
                 let shutdown = scm_common::shutdown_on_signals();
-                let prepared = scm::server::prepare(cfg)?;
-                let listeners = scm::server::bind_all(&prepared).await?;
+                let prepared = scm::app::server::prepare(cfg)?;
+                let listeners = scm::app::server::bind_all(&prepared).await?;
                 tracing::info!("SCM hub {} started", env!("CARGO_PKG_VERSION"));
-                scm::server::serve(prepared, listeners, shutdown).await;
+                scm::app::server::serve(prepared, listeners, shutdown).await;
                 tracing::info!("SCM hub stopped");
                 anyhow::Ok(())
             });
@@ -105,7 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(async { scm::server::prepare(cfg).map(drop) })?;
+            rt.block_on(async { scm::app::server::prepare(cfg).map(drop) })?;
             println!(
                 "{}: configuration is valid ({machines} machines, {operators} operators; certificates and database loaded)",
                 config.display()
@@ -119,13 +119,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             scm_host,
             allow,
         } => {
-            let ids = scm::initdev::parse_machines(&machines)?;
-            let opts = scm::initdev::InitDevOptions {
+            let ids = scm::app::initdev::parse_machines(&machines)?;
+            let opts = scm::app::initdev::InitDevOptions {
                 bind,
                 scm_host,
                 allow,
             };
-            let r = scm::initdev::init_dev_with(&out, &ids, &opts)?;
+            let r = scm::app::initdev::init_dev_with(&out, &ids, &opts)?;
             println!(
                 "wrote development PKI and configurations to {}",
                 out.display()
@@ -147,7 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(!pw.is_empty(), "empty password; type one on standard input");
             println!(
                 "{}",
-                scm::auth::hash_password(pw).map_err(anyhow::Error::msg)?
+                scm::ops::auth::hash_password(pw).map_err(anyhow::Error::msg)?
             );
             Ok(())
         }

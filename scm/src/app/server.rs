@@ -9,12 +9,12 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ScmConfig;
-use crate::generic::GenericBridge;
+use crate::app::config::ScmConfig;
+use crate::bridges::generic::GenericBridge;
 use crate::hub::Hub;
-use crate::store::{self, Store};
-use crate::swipes::Swipes;
-use crate::{agents, operator};
+use crate::ops::swipes::Swipes;
+use crate::state::{self, Store};
+use crate::{front, link};
 
 /// The SCM's listeners, bound by the caller.
 #[derive(Debug, Default)]
@@ -32,7 +32,7 @@ pub struct Listeners {
     /// gRPC admin API.
     pub admin: Option<TcpListener>,
     /// RFIDeas 241 configuration listeners (shared and per device).
-    pub rfideas: crate::rfideas::Listeners,
+    pub rfideas: crate::bridges::rfideas::Listeners,
 }
 
 /// Why the SCM could not start.
@@ -47,10 +47,10 @@ pub enum StartError {
     Tls(#[from] scm_certs::tls::TlsError),
     /// The database could not be opened.
     #[error("{}", .0.operator_hint())]
-    Store(#[from] store::StoreError),
+    Store(#[from] state::StoreError),
     /// The RFIDeas 241 bridge could not start.
     #[error("{0}")]
-    Rfideas(#[from] crate::rfideas::RfideasError),
+    Rfideas(#[from] crate::bridges::rfideas::RfideasError),
 }
 
 /// Binds every configured listener (an empty address disables it) and logs each
@@ -117,12 +117,12 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         .iter()
         .map(|m| (m.id, m.name.clone(), m.protocol_version))
         .collect();
-    store.run_blocking(|c| store::sync_machines(c, &machines))?;
-    let events = crate::events::Events::new(cfg.events.capacity);
+    store.run_blocking(|c| state::sync_machines(c, &machines))?;
+    let events = crate::coord::events::Events::new(cfg.events.capacity);
     let (outcome_tx, outcome_rx) = tokio::sync::mpsc::channel(4096);
     let bridge = GenericBridge::new(cfg.generic.clone(), cfg.bridge.clone(), outcome_tx);
     let (rf_tx, rf_rx) = tokio::sync::mpsc::channel(4096);
-    let rfideas = crate::rfideas::RfideasBridge::new(
+    let rfideas = crate::bridges::rfideas::RfideasBridge::new(
         cfg.rfideas.clone(),
         cfg.rfideas_bridge.clone(),
         &cfg.tls.ca,
@@ -139,7 +139,7 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         rf_rx,
         events.clone(),
     )
-    .map_err(|source| store::StoreError::Sqlite {
+    .map_err(|source| state::StoreError::Sqlite {
         path: cfg.database.path.clone(),
         source,
     })?;
@@ -176,10 +176,10 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             opts,
             shutdown.clone(),
             move |tcp, peer, token| {
-                let link = agents::handle(hub.clone(), hub.tls.agents(), tcp, peer, token);
+                let link = link::handle(hub.clone(), hub.tls.agents(), tcp, peer, token);
                 async move {
                     let r = link.await;
-                    if let Err(agents::LinkError::Handshake(e)) = &r {
+                    if let Err(link::LinkError::Handshake(e)) = &r {
                         crate::metrics::handshake_failed("agents", e);
                     }
                     r
@@ -195,10 +195,10 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             l,
             opts,
             shutdown.clone(),
-            move |tcp, peer, token| operator::handle_plain(hub.clone(), tcp, peer, token),
+            move |tcp, peer, token| front::telnet::handle_plain(hub.clone(), tcp, peer, token),
         ));
     }
-    set.spawn(crate::retry::run(
+    set.spawn(crate::ops::retry::run(
         hub.clone(),
         hub.retry_kick.clone(),
         shutdown.clone(),
@@ -221,10 +221,10 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             shutdown.clone(),
             move |tcp, peer, token| {
                 let session =
-                    operator::handle_tls(hub.clone(), hub.tls.operator(), tcp, peer, token);
+                    front::telnet::handle_tls(hub.clone(), hub.tls.operator(), tcp, peer, token);
                 async move {
                     let r = session.await;
-                    if let Err(operator::SessionError::Handshake(e)) = &r {
+                    if let Err(front::telnet::SessionError::Handshake(e)) = &r {
                         crate::metrics::handshake_failed("telnet-tls", e);
                     }
                     r
@@ -241,10 +241,11 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             opts,
             shutdown.clone(),
             move |tcp, peer, token| {
-                let conn = crate::admin::handle(hub.clone(), hub.tls.admin(), tcp, peer, token);
+                let conn =
+                    crate::front::admin::handle(hub.clone(), hub.tls.admin(), tcp, peer, token);
                 async move {
                     let r = conn.await;
-                    if let Err(crate::admin::ConnError::Handshake(e)) = &r {
+                    if let Err(crate::front::admin::ConnError::Handshake(e)) = &r {
                         crate::metrics::handshake_failed("admin", e);
                     }
                     r
@@ -253,7 +254,7 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
         ));
     }
     if let Some(l) = listeners.metrics {
-        let endpoints = Arc::new(crate::metrics::Endpoints::new(hub.clone()));
+        let endpoints = Arc::new(crate::front::metrics::Endpoints::new(hub.clone()));
         set.spawn(scm_common::http::serve(
             l,
             "metrics",

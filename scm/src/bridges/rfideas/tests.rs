@@ -262,7 +262,7 @@ async fn configure_then_read_back_audited_and_durable() {
     )
     .await;
     assert_eq!(status_of(&resp), 200);
-    let audit = h.store.run_blocking(|c| store::list_audit(c, 10)).unwrap();
+    let audit = h.store.run_blocking(|c| state::list_audit(c, 10)).unwrap();
     assert_eq!(audit.len(), 4, "{audit:?}");
     assert!(audit.iter().all(|a| a.action == "rfideas_config"));
     assert!(

@@ -224,7 +224,7 @@ pub fn init_dev_with(
             .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
             .collect::<String>()
     };
-    let hash = crate::auth::hash_password(&admin_password).map_err(InitDevError::Usage)?;
+    let hash = crate::ops::auth::hash_password(&admin_password).map_err(InitDevError::Usage)?;
 
     let mut scm = String::new();
     let _ = write!(
@@ -356,7 +356,7 @@ mod tests {
     fn writes_loadable_configs_and_refuses_to_overwrite() {
         let d = tempfile::tempdir().unwrap();
         let r = init_dev(d.path(), &[1, 2]).unwrap();
-        let cfg = crate::config::ScmConfig::load(&r.scm_config, &Default::default()).unwrap();
+        let cfg = crate::app::config::ScmConfig::load(&r.scm_config, &Default::default()).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.machines.len(), 2);
         assert_eq!(cfg.generic.len(), 2);
@@ -373,7 +373,7 @@ mod tests {
         assert!(agent.contains("path = \"machine-1-r1.fifo\""), "{agent}");
         assert!(cfg.tls.ca.is_absolute() && cfg.tls.ca.exists());
         let op = cfg.operators.first().unwrap();
-        assert!(crate::auth::verify_password(op, &r.admin_password));
+        assert!(crate::ops::auth::verify_password(op, &r.admin_password));
         assert_eq!(r.agent_configs.len(), 2);
         let bo = std::fs::read_to_string(&r.backoffice_config).unwrap();
         assert!(bo.contains(&r.admin_password));
@@ -402,7 +402,7 @@ mod tests {
             allow: vec!["10.213.0.50".parse().unwrap(), "127.0.0.1".parse().unwrap()],
         };
         let r = init_dev_with(d.path(), &[1, 2], &opts).unwrap();
-        let cfg = crate::config::ScmConfig::load(&r.scm_config, &Default::default()).unwrap();
+        let cfg = crate::app::config::ScmConfig::load(&r.scm_config, &Default::default()).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.listen.agents, "0.0.0.0:9300");
         assert_eq!(cfg.listen.telnet, "0.0.0.0:2323");

@@ -5,6 +5,8 @@
 //! line `<3-digit code> <text>` in the style of SMTP/FTP (multi-line replies use
 //! `<code>-` on all but the last line). 2xx done, 3xx send more, 4xx try later, 5xx refused.
 
+pub mod command;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +17,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::command::Command;
-use crate::config::{OperatorConfig, OperatorRole};
-use crate::fleet::{self, Progress, Target};
+use crate::app::config::{OperatorConfig, OperatorRole};
+use crate::front::telnet::command::Command;
 use crate::hub::Hub;
-use crate::push::{self, PushError, PushResult};
-use crate::store;
+use crate::ops::fleet::{self, Progress, Target};
+use crate::ops::push::{self, PushError, PushResult};
+use crate::state;
 
 /// The prompt shown before each command.
 pub const PROMPT: &str = "scm> ";
@@ -282,11 +284,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             let op = self.hub.operator(&user).cloned();
             let ok = match op.clone() {
-                Some(op) => {
-                    tokio::task::spawn_blocking(move || crate::auth::verify_password(&op, &pass))
-                        .await
-                        .unwrap_or(false)
-                }
+                Some(op) => tokio::task::spawn_blocking(move || {
+                    crate::ops::auth::verify_password(&op, &pass)
+                })
+                .await
+                .unwrap_or(false),
                 None => false,
             };
             if let (true, Some(op)) = (ok, op) {
@@ -350,7 +352,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Input::TooLong | Input::Invalid => continue,
             };
-            let cmd = match crate::command::parse(&line) {
+            let cmd = match crate::front::telnet::command::parse(&line) {
                 Ok(c) => c,
                 Err(reply) => {
                     self.reply(&reply).await?;
@@ -398,13 +400,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(())
     }
 
-    async fn store_error(&mut self, e: store::StoreError) -> Result<(), SessionError> {
+    async fn store_error(&mut self, e: state::StoreError) -> Result<(), SessionError> {
         tracing::error!("database error: {e}");
         self.reply(&format!("451 {}", e.operator_hint())).await
     }
 
     async fn machines(&mut self) -> Result<(), SessionError> {
-        let rows = match self.hub.store.run(store::list_machines).await {
+        let rows = match self.hub.store.run(state::list_machines).await {
             Ok(r) => r,
             Err(e) => return self.store_error(e).await,
         };
@@ -446,7 +448,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let res = self
             .hub
             .store
-            .run(move |c| Ok((store::get_machine(c, id)?, store::attempts(c, id, 5)?)))
+            .run(move |c| Ok((state::get_machine(c, id)?, state::attempts(c, id, 5)?)))
             .await;
         let (m, attempts) = match res {
             Ok((Some(m), a)) => (m, a),
@@ -547,7 +549,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn swipes(&mut self) -> Result<(), SessionError> {
-        let rows = match self.hub.store.run(|c| crate::swipes::list(c, 20)).await {
+        let rows = match self
+            .hub
+            .store
+            .run(|c| crate::ops::swipes::list(c, 20))
+            .await
+        {
             Ok(r) => r,
             Err(e) => return self.store_error(e).await,
         };
@@ -590,7 +597,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn audit_list(&mut self) -> Result<(), SessionError> {
-        let rows = match self.hub.store.run(|c| store::list_audit(c, 20)).await {
+        let rows = match self.hub.store.run(|c| state::list_audit(c, 20)).await {
             Ok(r) => r,
             Err(e) => return self.store_error(e).await,
         };
@@ -620,7 +627,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ))
                 .await;
         }
-        let rows = match self.hub.store.run(move |c| store::history(c, id, 20)).await {
+        let rows = match self.hub.store.run(move |c| state::history(c, id, 20)).await {
             Ok(r) => r,
             Err(e) => return self.store_error(e).await,
         };

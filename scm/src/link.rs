@@ -20,9 +20,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{Hub, Session};
-use crate::push::{self, PushResult, Reply};
-use crate::store;
-use crate::swipes::Verdict;
+use crate::ops::push::{self, PushResult, Reply};
+use crate::ops::swipes::Verdict;
+use crate::state;
 
 /// Why an agent link ended.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +42,7 @@ pub enum LinkError {
     Refused(String),
     /// Database failure.
     #[error("{0}")]
-    Store(#[from] store::StoreError),
+    Store(#[from] state::StoreError),
 }
 
 type AgentTls = tokio_rustls::server::TlsStream<TcpStream>;
@@ -265,14 +265,14 @@ impl Link {
         let peer = self.peer.to_string();
         self.hub
             .store
-            .run(move |c| store::record_hello(c, id, &peer))
+            .run(move |c| state::record_hello(c, id, &peer))
             .await?;
         self.hub.register(
             id,
             Session {
                 peer: self.peer,
                 version,
-                connected_since_ms: store::now_ms(),
+                connected_since_ms: state::now_ms(),
                 config_port,
                 readers,
                 link_id: self.link_id,
@@ -310,7 +310,7 @@ impl Link {
                 let pending = self
                     .hub
                     .store
-                    .run(move |c| store::pending_generation(c, id))
+                    .run(move |c| state::pending_generation(c, id))
                     .await?;
                 match pending {
                     // In-band delivery: the waiting CONFIG is the answer to the HELLO.
@@ -325,7 +325,7 @@ impl Link {
                                     generation: g.generation,
                                     detail: format!("cannot be framed: {e}"),
                                 };
-                                crate::metrics::push_done(&r, None);
+                                crate::ops::push::count_outcome(&r, None);
                                 push::record(&self.hub, id, &r).await?;
                                 write_frame(w, &scm_proto::text_frame(Code::Ack, id, "OK")).await?;
                                 return Ok(true);
@@ -358,7 +358,7 @@ impl Link {
                                 detail: e.to_string(),
                             },
                         };
-                        crate::metrics::push_done(&result, Some(started.elapsed()));
+                        crate::ops::push::count_outcome(&result, Some(started.elapsed()));
                         push::record(&self.hub, id, &result).await?;
                         Ok(!matches!(result, PushResult::Unreachable { .. }))
                     }
@@ -377,7 +377,7 @@ impl Link {
                         let m = self
                             .hub
                             .store
-                            .run(move |c| store::get_machine(c, id))
+                            .run(move |c| state::get_machine(c, id))
                             .await?;
                         let last_ip = m
                             .and_then(|m| m.last_peer)
@@ -465,7 +465,7 @@ impl Link {
                     let marked = self
                         .hub
                         .store
-                        .run(move |c| store::mark_applied_by_hash(c, id, &sha))
+                        .run(move |c| state::mark_applied_by_hash(c, id, &sha))
                         .await?;
                     if let Some(g) = marked {
                         tracing::info!(
@@ -477,7 +477,7 @@ impl Link {
                 let m = self
                     .hub
                     .store
-                    .run(move |c| store::get_machine(c, id))
+                    .run(move |c| state::get_machine(c, id))
                     .await?;
                 let desired = m.as_ref().map(|m| m.desired_generation).unwrap_or(0);
                 write_frame(
@@ -490,7 +490,7 @@ impl Link {
                 tokio::spawn(async move {
                     match hub
                         .store
-                        .run(move |c| store::pending_generation(c, id))
+                        .run(move |c| state::pending_generation(c, id))
                         .await
                     {
                         Ok(Some(g)) => {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, SaltString};
 use tokio::time::Instant;
 
-use crate::config::{LoginSection, OperatorConfig};
+use crate::app::config::{LoginSection, OperatorConfig};
 
 /// Hashes a password into an Argon2id PHC string for `[[operator]] password_hash`.
 pub fn hash_password(password: &str) -> Result<String, String> {
@@ -123,7 +123,7 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::OperatorRole;
+    use crate::app::config::OperatorRole;
     use scm_common::Secret;
 
     #[test]

@@ -45,8 +45,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::generic::{BridgeSwipe, DeviceKey, SubmitError};
-use crate::store::{self, Store, now_ms};
+use crate::bridges::generic::{BridgeSwipe, DeviceKey, SubmitError};
+use crate::state::{self, Store, now_ms};
 
 pub mod client;
 pub mod http;
@@ -401,7 +401,7 @@ pub enum RfideasError {
     },
     /// The settings table could not be read or created.
     #[error("{}", .0.operator_hint())]
-    Store(#[from] store::StoreError),
+    Store(#[from] state::StoreError),
 }
 
 /// How a swipe left the 241 bridge.
@@ -1447,7 +1447,7 @@ impl RfideasBridge {
             .store
             .run(move |c| {
                 // One transaction for the settings and their audit records (written with
-                // `store::audit`, which needs the connection itself).
+                // `state::audit`, which needs the connection itself).
                 c.execute_batch("BEGIN IMMEDIATE")?;
                 let res = (|| {
                 for (k, v, old) in &rows {
@@ -1464,7 +1464,7 @@ impl RfideasBridge {
                             .map(|o| format!("{:?}", trunc(o, 200)))
                             .unwrap_or_else(|| "unset".into())
                     );
-                    store::audit(c, &actor, &source, "rfideas_config", &detail)?;
+                    state::audit(c, &actor, &source, "rfideas_config", &detail)?;
                 }
                 Ok(())
                 })();

@@ -4,7 +4,7 @@
 
 use scm_common::text::quoted;
 
-use crate::fleet::Target;
+use crate::ops::fleet::Target;
 
 /// One operator command.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,9 +18,9 @@ use scm_proto::v1::{self, NackReason};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::generic::{BridgeSwipe, GenericBridge, Outcome, OutcomeReport, SubmitError};
-use crate::rfideas::{self, RfideasBridge, Route};
-use crate::store::now_ms;
+use crate::bridges::generic::{BridgeSwipe, GenericBridge, Outcome, OutcomeReport, SubmitError};
+use crate::bridges::rfideas::{self, RfideasBridge, Route};
+use crate::state::now_ms;
 
 /// `[swipes]` in the SCM configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -138,12 +138,12 @@ pub struct Swipes {
     /// The journal's connection: the writer thread's, and the low-rate fast path's.
     journal_conn: Arc<Mutex<Connection>>,
     /// Store operations in flight (the journal yields to them).
-    gate: crate::store::WriteGate,
+    gate: crate::state::WriteGate,
     /// When the fast path last committed (tokio time).
     last_inline: Mutex<Option<tokio::time::Instant>>,
     bridge: Arc<GenericBridge>,
     /// Where every answered swipe is published (masked).
-    events: crate::events::Events,
+    events: crate::coord::events::Events,
     rfideas: Arc<RfideasBridge>,
     /// Counters.
     pub stats: Arc<SwipeStats>,
@@ -172,14 +172,14 @@ impl Swipes {
     // their outcome channels, the event bus); a struct would only rename the list.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
-        store: &crate::store::Store,
+        store: &crate::state::Store,
         settings: SwipeSettings,
         rules: CardRules,
         bridge: Arc<GenericBridge>,
         outcomes: mpsc::Receiver<OutcomeReport>,
         rfideas: Arc<RfideasBridge>,
         rf_outcomes: mpsc::Receiver<rfideas::OutcomeReport>,
-        events: crate::events::Events,
+        events: crate::coord::events::Events,
     ) -> Result<Arc<Swipes>, rusqlite::Error> {
         let conn = Connection::open(store.path())?;
         let gate = store.write_gate();
@@ -583,7 +583,7 @@ async fn checkpointer(conn: Connection, swipes: std::sync::Weak<Swipes>) {
     }
 }
 
-/// Longest a journal batch waits for the store's operations (see [`crate::store::WriteGate`]).
+/// Longest a journal batch waits for the store's operations (see [`crate::state::WriteGate`]).
 const YIELD_TO_STORE_MAX: Duration = Duration::from_secs(1);
 
 /// How long the journal's connection waits for SQLite's write lock.
@@ -597,7 +597,7 @@ fn journal_writer(
     conn: Arc<Mutex<Connection>>,
     mut rx: mpsc::Receiver<JournalOp>,
     stats: Arc<SwipeStats>,
-    gate: crate::store::WriteGate,
+    gate: crate::state::WriteGate,
 ) {
     while let Some(first) = rx.blocking_recv() {
         // Operators' pushes and machine state go first: between two batches the database
@@ -740,11 +740,11 @@ mod journal_tests {
     fn journal(outcomes: &[(&'static str, &str)]) -> (String, String) {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("scm.db");
-        drop(crate::store::Store::open(&path).unwrap());
+        drop(crate::state::Store::open(&path).unwrap());
         let conn = Connection::open(&path).unwrap();
         let (tx, rx) = mpsc::channel(16);
         let stats = Arc::new(SwipeStats::default());
-        let gate = crate::store::WriteGate::default();
+        let gate = crate::state::WriteGate::default();
         let conn = Arc::new(Mutex::new(conn));
         let writer = std::thread::spawn(move || journal_writer(conn, rx, stats, gate));
         let row = Row {
@@ -802,8 +802,8 @@ mod journal_tests {
 mod fast_path_tests {
     use super::*;
 
-    fn swipes(dir: &std::path::Path) -> (crate::store::Store, Arc<Swipes>) {
-        let store = crate::store::Store::open(&dir.join("scm.db")).unwrap();
+    fn swipes(dir: &std::path::Path) -> (crate::state::Store, Arc<Swipes>) {
+        let store = crate::state::Store::open(&dir.join("scm.db")).unwrap();
         let (otx, orx) = mpsc::channel(16);
         let bridge = GenericBridge::new(Vec::new(), Default::default(), otx);
         let (rtx, rrx) = mpsc::channel(16);
@@ -823,7 +823,7 @@ mod fast_path_tests {
             orx,
             rf,
             rrx,
-            crate::events::Events::new(16),
+            crate::coord::events::Events::new(16),
         )
         .unwrap();
         (store, s)
@@ -841,7 +841,7 @@ mod fast_path_tests {
         }
     }
 
-    fn journaled(store: &crate::store::Store, id: &str) -> bool {
+    fn journaled(store: &crate::state::Store, id: &str) -> bool {
         let id = id.to_string();
         store
             .run_blocking(move |c| {

@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::Hub;
-use crate::push::{self, PushResult};
-use crate::store;
+use crate::ops::push::{self, PushResult};
+use crate::state;
 
 /// `[retry]` in the SCM configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -76,7 +76,7 @@ pub async fn run(hub: Arc<Hub>, kick: Arc<Kick>, shutdown: CancellationToken) {
     // while); a push that fails later waits its first back-off step.
     let mut first_pass = true;
     loop {
-        let pending = match hub.store.run(store::pending_all).await {
+        let pending = match hub.store.run(state::pending_all).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("retry: cannot read pending pushes: {e}");
@@ -106,7 +106,7 @@ pub async fn run(hub: Arc<Hub>, kick: Arc<Kick>, shutdown: CancellationToken) {
                 .store
                 .run({
                     let id = *id;
-                    move |c| store::pending_generation(c, id)
+                    move |c| state::pending_generation(c, id)
                 })
                 .await
             {

@@ -14,7 +14,7 @@ use scm_proto::{Code, Frame, FrameCodec};
 use tokio::net::TcpStream;
 
 use crate::hub::Hub;
-use crate::store::{self, Generation, Outcome, StoreError};
+use crate::state::{self, Generation, Outcome, StoreError};
 
 /// What became of a push.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,11 +102,11 @@ pub async fn push(
     let actor_owned = actor.to_string();
     let (generation, _new) = hub
         .store
-        .run(move |c| store::create_generation(c, id, &content, &actor_owned))
+        .run(move |c| state::create_generation(c, id, &content, &actor_owned))
         .await?;
     let Some(generation) = hub
         .store
-        .run(move |c| store::get_generation(c, id, generation))
+        .run(move |c| state::get_generation(c, id, generation))
         .await?
     else {
         return Err(PushError::Store(StoreError::Task(format!(
@@ -129,7 +129,7 @@ pub async fn rollback(
     }
     let Some(old) = hub
         .store
-        .run(move |c| store::get_generation(c, id, to))
+        .run(move |c| state::get_generation(c, id, to))
         .await?
     else {
         return Ok(None);
@@ -163,7 +163,7 @@ pub async fn deliver(hub: &Arc<Hub>, generation: Generation) -> Result<PushResul
 pub enum Sync {
     /// Before [`deliver_with`] returns (its own fsync).
     Now,
-    /// At the caller's next [`store::sync`]: a fleet push records every outcome without
+    /// At the caller's next [`state::sync`]: a fleet push records every outcome without
     /// waiting for the disk and syncs once before it answers the operator (group commit).
     Batched,
 }
@@ -179,7 +179,7 @@ pub async fn deliver_with(
     let _guard = lock.lock().await;
     let g = generation.generation;
     let started = std::time::Instant::now();
-    let state = hub.store.run(move |c| store::get_machine(c, id)).await?;
+    let state = hub.store.run(move |c| state::get_machine(c, id)).await?;
     if let Some(m) = state {
         let newest = m.desired_generation.max(m.applied_generation);
         if m.applied_generation == g {
@@ -193,7 +193,7 @@ pub async fn deliver_with(
                 generation: g,
                 by: newest,
             };
-            crate::metrics::push_done(&result, None);
+            crate::ops::push::count_outcome(&result, None);
             record_with(hub, id, &result, sync).await?;
             return Ok(result);
         }
@@ -218,7 +218,7 @@ pub async fn deliver_with(
             },
         },
     };
-    crate::metrics::push_done(&result, Some(started.elapsed()));
+    crate::ops::push::count_outcome(&result, Some(started.elapsed()));
     record_with(hub, id, &result, sync).await?;
     if matches!(result, PushResult::Unreachable { .. }) {
         hub.retry_kick.kick();
@@ -231,7 +231,7 @@ pub async fn record(hub: &Hub, id: u16, result: &PushResult) -> Result<(), Store
     record_with(hub, id, result, Sync::Now).await
 }
 
-/// [`record`], durable now or at the caller's next [`store::sync`].
+/// [`record`], durable now or at the caller's next [`state::sync`].
 pub async fn record_with(
     hub: &Hub,
     id: u16,
@@ -254,7 +254,7 @@ pub async fn record_with(
     hub.events.push(id, result);
     let durable = sync == Sync::Now;
     hub.store
-        .run(move |c| store::record_attempt_with(c, id, g, outcome, &detail, durable))
+        .run(move |c| state::record_attempt_with(c, id, g, outcome, &detail, durable))
         .await
 }
 
@@ -359,6 +359,30 @@ fn hub_request_id(hub: &Hub) -> u64 {
     hub.next_id()
 }
 
+/// Counts a delivery's outcome and, when the machine answered, how long it took.
+pub fn count_outcome(result: &PushResult, elapsed: Option<std::time::Duration>) {
+    count_outcome_in(crate::metrics::global(), result, elapsed);
+}
+
+fn count_outcome_in(
+    m: &crate::metrics::ScmMetrics,
+    result: &PushResult,
+    elapsed: Option<std::time::Duration>,
+) {
+    let outcome = match result {
+        PushResult::Ack { .. } => "ack",
+        PushResult::Nack { .. } => "nack",
+        PushResult::Unreachable { .. } => "unreachable",
+        PushResult::Superseded { .. } => "superseded",
+    };
+    m.pushes.inc(&[outcome]);
+    if matches!(result, PushResult::Ack { .. } | PushResult::Nack { .. })
+        && let Some(d) = elapsed
+    {
+        m.push_duration.observe_duration(d);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,7 +392,7 @@ mod tests {
             machine_id: 7,
             generation: 3,
             content: b"k=v\n".to_vec(),
-            sha256: store::sha256_hex(b"k=v\n"),
+            sha256: state::sha256_hex(b"k=v\n"),
         }
     }
 
@@ -410,5 +434,29 @@ mod tests {
         }
         let v0 = Frame::v0(Code::Nack, 7, &b"bad"[..]).unwrap();
         assert_eq!(parse_reply(&v0, 7, 0), Ok(Reply::Nack("bad".into())));
+    }
+
+    #[test]
+    fn push_outcomes_are_counted_and_only_answers_timed() {
+        let m = crate::metrics::ScmMetrics::default();
+        let r = |ack| {
+            if ack {
+                PushResult::Ack {
+                    generation: 1,
+                    detail: String::new(),
+                }
+            } else {
+                PushResult::Unreachable {
+                    generation: 1,
+                    detail: String::new(),
+                }
+            }
+        };
+        count_outcome_in(&m, &r(false), Some(Duration::from_millis(5)));
+        assert_eq!(m.pushes.get(&["unreachable"]), 1);
+        assert_eq!(m.push_duration.count(), 0, "no answer, no duration");
+        count_outcome_in(&m, &r(true), Some(Duration::from_millis(5)));
+        assert_eq!(m.pushes.get(&["ack"]), 1);
+        assert_eq!(m.push_duration.count(), 1);
     }
 }

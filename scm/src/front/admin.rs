@@ -31,12 +31,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::codegen::Service as _;
 use tonic::{Request, Response, Status};
 
-use crate::config::{MachineConfig, OperatorRole};
-use crate::events::{Event, EventKind, PushOutcome, Received};
-use crate::fleet::{self, Progress, SelectError, Target};
+use crate::app::config::{MachineConfig, OperatorRole};
+use crate::coord::events::{Event, EventKind, PushOutcome, Received};
 use crate::hub::{Hub, Session};
-use crate::push::{PushError, PushResult};
-use crate::store::{self, AuditRow, HistoryRow, MachineRow, StoreError};
+use crate::ops::fleet::{self, Progress, SelectError, Target};
+use crate::ops::push::{PushError, PushResult};
+use crate::state::{self, AuditRow, HistoryRow, MachineRow, StoreError};
 
 /// Bytes allowed in a request on top of `limits.max_config_bytes` (the target string and
 /// protobuf framing of a `PushConfig`).
@@ -175,8 +175,8 @@ impl AdminService {
             .store
             .run(move |c| {
                 let rows = match only {
-                    Some(id) => store::get_machine(c, id)?.into_iter().collect(),
-                    None => store::list_machines(c)?,
+                    Some(id) => state::get_machine(c, id)?.into_iter().collect(),
+                    None => state::list_machines(c)?,
                 };
                 Ok((rows, desired_details(c, only)?))
             })
@@ -286,7 +286,7 @@ pub fn select_status(e: SelectError) -> Status {
 pub fn outcome_of(id: u16, r: &Result<PushResult, PushError>) -> pb::MachineOutcome {
     let (generation, outcome, detail) = match r {
         Ok(r) => {
-            let (g, o, d) = crate::events::push_parts(r);
+            let (g, o, d) = crate::coord::events::push_parts(r);
             (g, outcome_to_proto(o), d)
         }
         Err(e) => (0, pb::PushOutcome::Refused, e.to_string()),
@@ -326,7 +326,7 @@ fn push_audit_detail(
         (Target::Machine(id), [(_, Ok(r))]) => format!(
             "machine {id} generation {} ({size} bytes): {}",
             r.generation(),
-            crate::operator::outcome_word(r)
+            crate::front::telnet::outcome_word(r)
         ),
         (Target::Machine(id), [(_, Err(e))]) => format!("machine {id}: refused: {e}"),
         _ => {
@@ -378,7 +378,7 @@ pub fn event_to_proto(r: &Received) -> pb::Event {
     match r {
         Received::Lagged(n) => pb::Event {
             seq: 0,
-            at_ms: store::now_ms(),
+            at_ms: state::now_ms(),
             kind: Some(Kind::Lagged(pb::Lagged { dropped: *n })),
         },
         Received::Event(e) => {
@@ -465,7 +465,7 @@ impl Admin for AdminService {
         let history = self
             .hub
             .store
-            .run(move |c| store::history(c, id, limit))
+            .run(move |c| state::history(c, id, limit))
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::GetMachineResponse {
@@ -562,7 +562,7 @@ impl Admin for AdminService {
         let rows = self
             .hub
             .store
-            .run(move |c| store::list_audit(c, limit))
+            .run(move |c| state::list_audit(c, limit))
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::GetAuditResponse {

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
-use crate::push::PushResult;
-use crate::store::now_ms;
+use crate::ops::push::PushResult;
+use crate::state::now_ms;
 
 /// `[events]` in the SCM configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -208,11 +208,11 @@ impl Events {
         machine: u16,
         reader: &str,
         card_masked: String,
-        verdict: &crate::swipes::Verdict,
+        verdict: &crate::ops::swipes::Verdict,
     ) {
         let (outcome, detail) = match verdict {
-            crate::swipes::Verdict::Ack(d) => ("accepted", d.clone()),
-            crate::swipes::Verdict::Nack(reason, d) => {
+            crate::ops::swipes::Verdict::Ack(d) => ("accepted", d.clone()),
+            crate::ops::swipes::Verdict::Nack(reason, d) => {
                 ("refused", format!("{} ({})", d, reason.as_str_name()))
             }
         };
@@ -367,7 +367,7 @@ mod tests {
             3,
             "r1",
             scm_common::card::mask(card),
-            &crate::swipes::Verdict::Nack(
+            &crate::ops::swipes::Verdict::Nack(
                 scm_proto::v1::NackReason::InvalidCard,
                 "too short".into(),
             ),

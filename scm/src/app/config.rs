@@ -46,28 +46,28 @@ pub struct ScmConfig {
     pub machines: Vec<MachineConfig>,
     /// Card swipe handling.
     #[serde(default)]
-    pub swipes: crate::swipes::SwipeSettings,
+    pub swipes: crate::ops::swipes::SwipeSettings,
     /// Card number rules (checked again at the SCM).
     #[serde(default)]
     pub cards: scm_common::card::CardRules,
     /// Generic-mode card reader devices presented to print servers.
     #[serde(default, rename = "generic")]
-    pub generic: Vec<crate::generic::GenericDevice>,
+    pub generic: Vec<crate::bridges::generic::GenericDevice>,
     /// Settings for every Generic device.
     #[serde(default)]
-    pub bridge: crate::generic::BridgeSettings,
+    pub bridge: crate::bridges::generic::BridgeSettings,
     /// Retries of pending pushes.
     #[serde(default)]
-    pub retry: crate::retry::RetrySettings,
+    pub retry: crate::ops::retry::RetrySettings,
     /// The event bus (admin API `WatchEvents`).
     #[serde(default)]
-    pub events: crate::events::EventSettings,
+    pub events: crate::coord::events::EventSettings,
     /// RFIDeas 241 Client Mode devices presented to print servers.
     #[serde(default, rename = "rfideas")]
-    pub rfideas: Vec<crate::rfideas::RfideasDevice>,
+    pub rfideas: Vec<crate::bridges::rfideas::RfideasDevice>,
     /// Settings for every 241 device.
     #[serde(default)]
-    pub rfideas_bridge: crate::rfideas::RfideasSettings,
+    pub rfideas_bridge: crate::bridges::rfideas::RfideasSettings,
 }
 
 /// `[log]`
@@ -372,7 +372,7 @@ impl ScmConfig {
                 ));
             }
             for (key, names) in [("groups", &m.groups), ("labels", &m.labels)] {
-                if let Some(bad) = names.iter().find(|n| !crate::fleet::valid_name(n)) {
+                if let Some(bad) = names.iter().find(|n| !crate::ops::fleet::valid_name(n)) {
                     return Err(invalid(
                         format!("machine[{i}].{key}"),
                         format!(
@@ -430,7 +430,7 @@ impl ScmConfig {
                 "need 0 < default_ttl_ms <= max_ttl_ms and dedup_max > 0",
             ));
         }
-        crate::generic::validate(&self.generic, &self.bridge)
+        crate::bridges::generic::validate(&self.generic, &self.bridge)
             .map_err(|(key, message)| invalid(key, message))?;
         for (i, g) in self.generic.iter().enumerate() {
             if self.machine(g.machine).is_none() {
@@ -441,7 +441,7 @@ impl ScmConfig {
             }
         }
         let ids: Vec<u16> = self.machines.iter().map(|m| m.id).collect();
-        crate::rfideas::validate(&self.rfideas, &self.rfideas_bridge, &ids)
+        crate::bridges::rfideas::validate(&self.rfideas, &self.rfideas_bridge, &ids)
             .map_err(|(key, message)| invalid(key, message))?;
         let l = &self.limits;
         if l.max_agent_frame_data == 0 || l.max_agent_frame_data > scm_proto::MAX_DATA_LEN {

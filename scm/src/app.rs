@@ -1,0 +1,7 @@
+//! The application: assembles the configuration from each subsystem's settings, wires the
+//! subsystems together and runs the listeners, and writes development fleets (`init-dev`).
+//! Nothing else in the crate imports this module.
+
+pub mod config;
+pub mod initdev;
+pub mod server;

@@ -1,0 +1,7 @@
+//! The front ends: the operator's telnet console, the gRPC admin API and the metrics
+//! endpoint. They parse requests, authorise them and render the answers; the use cases
+//! themselves live in [`crate::ops`].
+
+pub mod admin;
+pub mod metrics;
+pub mod telnet;
