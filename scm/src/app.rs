@@ -5,3 +5,8 @@
 pub mod config;
 pub mod initdev;
 pub mod server;
+
+#[cfg(test)]
+mod testkit;
+#[cfg(test)]
+mod tests;
