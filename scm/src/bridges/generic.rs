@@ -41,6 +41,8 @@ use tokio_util::sync::CancellationToken;
 use scm_common::ServeOptions;
 use scm_common::card::mask;
 
+use crate::bridges::{Bridge, BridgeSwipe, DeviceKey, Route, SubmitError};
+
 #[cfg(test)]
 mod tests;
 
@@ -265,44 +267,6 @@ fn listen_conflict(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-/// Identifies a device: a machine and one of its readers.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DeviceKey {
-    /// Machine id.
-    pub machine: u16,
-    /// Reader id.
-    pub reader: String,
-}
-
-impl fmt::Display for DeviceKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.machine, self.reader)
-    }
-}
-
-/// A swipe to deliver. Its `Debug` output masks the card number.
-#[derive(Clone)]
-pub struct BridgeSwipe {
-    /// The agent's event id, echoed in the [`OutcomeReport`].
-    pub event_id: String,
-    /// The card number (written as is, followed by `\n`).
-    pub card: String,
-    /// After this instant the swipe is dropped, never written.
-    pub expires_at: Instant,
-    /// When the SCM received it (for `scm_swipe_forward_seconds`).
-    pub received_at: Instant,
-}
-
-impl fmt::Debug for BridgeSwipe {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BridgeSwipe")
-            .field("event_id", &self.event_id)
-            .field("card", &mask(&self.card))
-            .field("expires_at", &self.expires_at)
-            .finish()
-    }
-}
-
 /// How a swipe left the bridge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -324,20 +288,6 @@ pub struct OutcomeReport {
     pub event_id: String,
     /// What happened.
     pub outcome: Outcome,
-}
-
-/// Why [`GenericBridge::submit`] refused a swipe.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubmitError {
-    /// No Generic device is configured for that machine and reader.
-    #[error("no Generic device is configured for this machine and reader")]
-    NoDevice,
-    /// The device's queue holds `max` swipes already.
-    #[error("the device's queue is full ({max} swipes waiting); swipe refused")]
-    QueueFull {
-        /// The queue's bound (`queue_max`).
-        max: usize,
-    },
 }
 
 /// What [`GenericBridge::status`] reports per device.
@@ -436,6 +386,24 @@ impl Device {
     /// Wakes the current connection, if any.
     fn wake_conn(st: &DeviceState) -> Option<Arc<Notify>> {
         st.conn.as_ref().map(|c| c.wake.clone())
+    }
+}
+
+impl Bridge for GenericBridge {
+    fn name(&self) -> &'static str {
+        "generic"
+    }
+
+    fn route(&self, machine: u16, reader: &str) -> Route {
+        if self.has_device(machine, reader) {
+            Route::Ready
+        } else {
+            Route::None
+        }
+    }
+
+    fn submit(&self, machine: u16, reader: &str, swipe: BridgeSwipe) -> Result<(), SubmitError> {
+        GenericBridge::submit(self, machine, reader, swipe)
     }
 }
 

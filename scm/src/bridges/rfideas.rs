@@ -45,7 +45,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::bridges::generic::{BridgeSwipe, DeviceKey, SubmitError};
+use crate::bridges::{Bridge, BridgeSwipe, DeviceKey, Route, SubmitError};
 use crate::state::{self, Store, now_ms};
 
 pub mod client;
@@ -561,17 +561,6 @@ pub struct Listeners {
     pub per_device: Vec<(usize, TcpListener)>,
 }
 
-/// Which swipes go to the 241 bridge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    /// No 241 device for this reader.
-    None,
-    /// A device without a swipe URL (the print server has not configured it yet).
-    NotConfigured,
-    /// A device with a swipe URL.
-    Ready,
-}
-
 /// The 241 bridge.
 pub struct RfideasBridge {
     devices: Vec<Device>,
@@ -631,6 +620,21 @@ pub fn load_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, Rfide
         return Err(bad("no PEM certificate found".into()));
     }
     Ok(roots)
+}
+
+// The bridge spawns a task per swipe that outlives the call, so it is shared as an `Arc`.
+impl Bridge for Arc<RfideasBridge> {
+    fn name(&self) -> &'static str {
+        "rfideas"
+    }
+
+    fn route(&self, machine: u16, reader: &str) -> Route {
+        RfideasBridge::route(self, machine, reader)
+    }
+
+    fn submit(&self, machine: u16, reader: &str, swipe: BridgeSwipe) -> Result<(), SubmitError> {
+        RfideasBridge::submit(self, machine, reader, swipe)
+    }
 }
 
 impl RfideasBridge {

@@ -182,7 +182,7 @@ impl scm_common::http::Endpoints for Endpoints {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bridges::generic::DeviceKey;
+    use crate::bridges::DeviceKey;
 
     #[test]
     fn renders_every_family_with_bounded_labels() {

@@ -18,8 +18,9 @@ use scm_proto::v1::{self, NackReason};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::bridges::generic::{BridgeSwipe, GenericBridge, Outcome, OutcomeReport, SubmitError};
-use crate::bridges::rfideas::{self, RfideasBridge, Route};
+use crate::bridges::generic::{GenericBridge, Outcome, OutcomeReport};
+use crate::bridges::rfideas::{self, RfideasBridge};
+use crate::bridges::{BridgeSwipe, Route, SubmitError};
 use crate::state::now_ms;
 
 /// `[swipes]` in the SCM configuration.
