@@ -7,7 +7,7 @@
 //!   `OUT_DIR/scm.machine.v1.rs` (included by `src/v1.rs`);
 //! - `scm/admin/v1/admin.proto`: messages plus the tonic client and server of the
 //!   `Admin` service, by `tonic-prost-build`, into `OUT_DIR/scm.admin.v1.rs`
-//!   (included by `src/admin.rs`). No transport code is generated: the SCM and the
+//!   (included by `scm/src/front/admin.rs`). No transport code is generated: the SCM and the
 //!   back office run HTTP/2 over their own TLS.
 
 use std::error::Error;
