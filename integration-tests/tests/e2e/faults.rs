@@ -163,6 +163,83 @@ fn agent_killed_between_durable_write_and_ack() {
     );
 }
 
+/// The agent killed (SIGKILL) before each step of a save (fail points in its storage): after
+/// the restart what it reports matches what is on its disk, the push that was cut off is
+/// delivered again, and the machine ends on the new generation, stored once more at most.
+#[test]
+fn agent_killed_at_every_step_of_a_save_converges_and_never_reports_a_stale_generation() {
+    const STEPS: [&str; 7] = [
+        "agent-save-write-meta",
+        "agent-save-rename-meta",
+        "agent-save-sync-meta",
+        "agent-save-write-content",
+        "agent-save-keep-previous",
+        "agent-save-replace-current",
+        "agent-save-sync-directory",
+    ];
+    for step in STEPS {
+        let (dir, _pw) = Fleet::init(&[1]);
+        let scm = Fleet::start_scm(dir.path(), &[]);
+        let agents_addr = scm.listening("agents");
+        let telnet = scm.listening("telnet");
+        let cfg = dir.path().join("dev/backoffice.toml");
+        let agent = Fleet::start_agent(dir.path(), 1, agents_addr, &[]);
+        agent.wait_for("connected to SCM");
+        let old = write(dir.path(), "old.cfg", "mode=old\n");
+        let (code, out, err) =
+            backoffice_with(&cfg, telnet, &["push", "--machine", "1", "--file", &old]);
+        assert_eq!(code, 0, "{step}: {out}{err}");
+        drop(agent);
+
+        let mut agent = Fleet::start_agent(
+            dir.path(),
+            1,
+            agents_addr,
+            &[("SCM_FAILPOINTS", step.to_string())],
+        );
+        agent.wait_for("connected to SCM");
+        let new = write(dir.path(), "new.cfg", "mode=new\n");
+        let mut bo = push_in_background(dir.path(), telnet, &new);
+        agent.wait_for(&format!("failpoint {step} reached"));
+        agent.kill9();
+        assert_eq!(
+            bo.wait_exit(),
+            Some(2),
+            "{step}: pending, not ACKed or NACKed"
+        );
+
+        let agent2 = Fleet::start_agent(dir.path(), 1, agents_addr, &[]);
+        agent2.wait_for("connected to SCM at");
+        // The pending generation reaches the machine again (or is found applied by hash).
+        let machine = dir.path().join("dev/machine-1");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let (code, out, err) = backoffice_with(&cfg, telnet, &["status", "1"]);
+            assert_eq!(code, 0, "{step}: {out}{err}");
+            if out.contains("desired 2, applied 2 (up to date)") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{step}: not converged: {out}\nagent: {}",
+                agent2.logs()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(
+            std::fs::read_to_string(machine.join("config.current")).unwrap(),
+            "mode=new\n",
+            "{step}"
+        );
+        let meta = std::fs::read_to_string(machine.join("config.meta")).unwrap();
+        assert!(
+            meta.starts_with("generation=2\n"),
+            "{step}: the meta names the generation in force: {meta}"
+        );
+        assert!(stored_count(&agent2, 2) <= 1, "{step}: stored once at most");
+    }
+}
+
 #[test]
 fn hundred_pushes_from_four_concurrent_operators_end_ordered_and_newest() {
     let (dir, password) = Fleet::init(&[1]);
