@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scm_certs::tls::{self, TlsPolicy};
+use scm_common::lock::{LockExt, RwLockExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -90,7 +91,7 @@ impl Agent {
     /// TLS files instead of killing it.
     pub async fn bind(&self) -> Result<Option<TcpListener>, StartError> {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => *self.sighup.lock().unwrap_or_else(|p| p.into_inner()) = Some(s),
+            Ok(s) => *self.sighup.lock_unpoisoned() = Some(s),
             Err(e) => {
                 tracing::error!("cannot install the SIGHUP handler; TLS reload disabled: {e}")
             }
@@ -176,7 +177,7 @@ impl Agent {
                 shutdown.clone(),
             ));
         }
-        let hup = self.sighup.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let hup = self.sighup.lock_unpoisoned().take();
         if let Some(mut hup) = hup {
             let files = self.cfg.tls_files();
             let port = self.port.clone();
@@ -241,9 +242,7 @@ pub fn reload_tls(
 ) -> Result<(), tls::TlsError> {
     let server = tls::server_config(files, TlsPolicy::default(), &[])?;
     let client = tls::client_config(files, TlsPolicy::default())?;
-    *port.acceptor.write().unwrap_or_else(|p| p.into_inner()) =
-        tokio_rustls::TlsAcceptor::from(server);
-    *connector.write().unwrap_or_else(|p| p.into_inner()) =
-        tokio_rustls::TlsConnector::from(client);
+    *port.acceptor.write_unpoisoned() = tokio_rustls::TlsAcceptor::from(server);
+    *connector.write_unpoisoned() = tokio_rustls::TlsConnector::from(client);
     Ok(())
 }

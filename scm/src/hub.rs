@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use scm_common::lock::LockExt;
+
 use crate::app::config::{OperatorConfig, ScmConfig};
 use crate::ops::auth::Throttle;
 use crate::state::Store;
@@ -94,13 +96,13 @@ impl Hub {
 
     /// Registers a machine's link; a newer link replaces an older one.
     pub fn register(&self, id: u16, session: Session) {
-        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.sessions.lock_unpoisoned();
         s.insert(id, session);
     }
 
     /// Removes the machine's link if it is still `link_id`.
     pub fn unregister(&self, id: u16, link_id: u64) {
-        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.sessions.lock_unpoisoned();
         if s.get(&id).is_some_and(|x| x.link_id == link_id) {
             s.remove(&id);
         }
@@ -108,16 +110,13 @@ impl Hub {
 
     /// The machine's live link, if any.
     pub fn session(&self, id: u16) -> Option<Session> {
-        let s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.sessions.lock_unpoisoned();
         s.get(&id).cloned()
     }
 
     /// Number of connected machines.
     pub fn connected(&self) -> usize {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.sessions.lock_unpoisoned().len()
     }
 
     /// Appends to the audit log. A failure to write is logged, never silently dropped:
@@ -134,10 +133,7 @@ impl Hub {
 
     /// The lock that serialises deliveries to one machine.
     pub fn delivery_lock(&self, id: u16) -> Arc<tokio::sync::Mutex<()>> {
-        let mut l = self
-            .delivery_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut l = self.delivery_locks.lock_unpoisoned();
         l.entry(id).or_default().clone()
     }
 }

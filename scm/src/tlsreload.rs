@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use rustls::CommonState;
 use scm_certs::identity::Identity;
 use scm_certs::tls::{self, TlsError, TlsFiles, TlsPolicy};
+use scm_common::lock::{LockExt, RwLockExt};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
@@ -104,11 +105,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut s = self
-            .state
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.sessions.lock_unpoisoned();
         s.remove(&self.id);
     }
 }
@@ -130,7 +127,7 @@ impl TlsState {
     }
 
     fn read<T: Clone>(lock: &RwLock<T>) -> T {
-        lock.read().unwrap_or_else(|p| p.into_inner()).clone()
+        lock.read_unpoisoned().clone()
     }
 
     /// The agent link's acceptor in force.
@@ -160,10 +157,7 @@ impl TlsState {
 
     /// Number of established TLS sessions.
     pub fn sessions(&self) -> usize {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.sessions.lock_unpoisoned().len()
     }
 
     /// Registers a session after its handshake. Its token is a child of `parent` (the
@@ -181,20 +175,17 @@ impl TlsState {
         let token = parent.child_token();
         let revoked = CancellationToken::new();
         let serial = tls::peer_serial(conn).unwrap_or_default();
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                id,
-                Live {
-                    listener,
-                    who: who.to_string(),
-                    peer: peer.to_string(),
-                    serial,
-                    close: token.clone(),
-                    revoked: revoked.clone(),
-                },
-            );
+        self.sessions.lock_unpoisoned().insert(
+            id,
+            Live {
+                listener,
+                who: who.to_string(),
+                peer: peer.to_string(),
+                serial,
+                close: token.clone(),
+                revoked: revoked.clone(),
+            },
+        );
         Registration {
             state: self.clone(),
             id,
@@ -208,10 +199,10 @@ impl TlsState {
     pub fn reload(&self) -> Result<Reloaded, TlsError> {
         let c = Configs::build(&self.files, self.machine_policy)?;
         let revoked = tls::revoked_serials(&self.files.crls)?;
-        *self.agents.write().unwrap_or_else(|p| p.into_inner()) = c.agents;
-        *self.operator.write().unwrap_or_else(|p| p.into_inner()) = c.operator;
-        *self.admin.write().unwrap_or_else(|p| p.into_inner()) = c.admin;
-        *self.machines.write().unwrap_or_else(|p| p.into_inner()) = c.machines;
+        *self.agents.write_unpoisoned() = c.agents;
+        *self.operator.write_unpoisoned() = c.operator;
+        *self.admin.write_unpoisoned() = c.admin;
+        *self.machines.write_unpoisoned() = c.machines;
         let closed = self.close_revoked(&revoked);
         Ok(Reloaded {
             revoked_serials: revoked.len(),
@@ -220,7 +211,7 @@ impl TlsState {
     }
 
     fn close_revoked(&self, revoked: &HashSet<Vec<u8>>) -> Vec<String> {
-        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let sessions = self.sessions.lock_unpoisoned();
         let mut closed = Vec::new();
         for s in sessions.values() {
             if s.serial.is_empty() || !revoked.contains(&s.serial) {

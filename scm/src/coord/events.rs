@@ -12,6 +12,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use scm_common::lock::LockExt;
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
@@ -150,7 +151,7 @@ impl Events {
 
     /// Publishes an event; never waits. Returns its sequence number.
     pub fn publish(&self, kind: EventKind) -> u64 {
-        let mut seq = self.inner.seq.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seq = self.inner.seq.lock_unpoisoned();
         *seq += 1;
         let event = Arc::new(Event {
             seq: *seq,

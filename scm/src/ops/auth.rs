@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, SaltString};
+use scm_common::lock::LockExt;
 use tokio::time::Instant;
 
 use crate::app::config::{LoginSection, OperatorConfig};
@@ -64,7 +65,7 @@ impl Throttle {
     /// If `ip` is locked out, how long it still is.
     pub fn locked(&self, ip: IpAddr) -> Option<Duration> {
         let now = Instant::now();
-        let map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.entries.lock_unpoisoned();
         map.get(&ip)
             .and_then(|e| e.locked_until)
             .filter(|u| *u > now)
@@ -76,7 +77,7 @@ impl Throttle {
         let now = Instant::now();
         let window = Duration::from_millis(self.cfg.window_ms);
         let lockout = Duration::from_millis(self.cfg.lockout_ms);
-        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.entries.lock_unpoisoned();
         if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
             let oldest = map
                 .iter()
@@ -108,7 +109,7 @@ impl Throttle {
 
     /// Forgets the failures of `ip` after a successful login.
     pub fn success(&self, ip: IpAddr) {
-        let mut map = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.entries.lock_unpoisoned();
         if map.get(&ip).is_some_and(|e| e.locked_until.is_none()) {
             map.remove(&ip);
         }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use scm_common::backoff::Backoff;
 use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -41,13 +42,7 @@ impl Default for RetrySettings {
 /// The delay before retry `attempt` (0-based): `initial * 2^attempt`, capped, drawn from
 /// its upper half so machines that failed together do not retry together.
 pub fn delay(s: &RetrySettings, attempt: u32) -> Duration {
-    let base = s
-        .initial_ms
-        .saturating_mul(1u64 << attempt.min(20))
-        .min(s.max_ms)
-        .max(1);
-    let half = base / 2;
-    Duration::from_millis(half + rand::random_range(0..=base - half))
+    Backoff::from_millis(s.initial_ms, s.max_ms).jittered(attempt)
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, params};
 use scm_common::card::{CardRules, mask};
+use scm_common::lock::LockExt;
 use scm_proto::v1::{self, NackReason};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
@@ -305,7 +306,7 @@ impl Swipes {
     fn commit_now(&self, row: Row) -> Option<Row> {
         let now = tokio::time::Instant::now();
         {
-            let mut last = self.last_inline.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = self.last_inline.lock_unpoisoned();
             if last.is_some_and(|t| now.duration_since(t) < INLINE_GAP) {
                 *last = Some(now);
                 return Some(row);
@@ -407,7 +408,7 @@ impl Swipes {
         };
         let now = now_ms();
         let fresh = {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = self.seen.lock_unpoisoned();
             seen.insert(
                 &s.event_id,
                 now + self.settings.max_ttl_ms as i64 + 60_000,
@@ -458,10 +459,7 @@ impl Swipes {
                 .try_send(JournalOp::Insert(record, Some(done_tx)))
                 .is_err()
             {
-                self.seen
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&s.event_id);
+                self.seen.lock_unpoisoned().remove(&s.event_id);
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 return Verdict::Nack(NackReason::Busy, "swipe journal busy; try again".into());
             }
@@ -515,10 +513,7 @@ impl Swipes {
                 Verdict::Ack(detail)
             }
             Err(e @ SubmitError::QueueFull { .. }) => {
-                self.seen
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&s.event_id);
+                self.seen.lock_unpoisoned().remove(&s.event_id);
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 self.journal(JournalOp::Outcome {
                     event_id: s.event_id.clone(),
@@ -571,7 +566,7 @@ async fn checkpointer(conn: Connection, swipes: std::sync::Weak<Swipes>) {
         }
         let c = conn.clone();
         let r = tokio::task::spawn_blocking(move || {
-            let c = c.lock().unwrap_or_else(|p| p.into_inner());
+            let c = c.lock_unpoisoned();
             c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
         })
         .await;
@@ -611,7 +606,7 @@ fn journal_writer(
             }
         }
         let result = {
-            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let mut conn = conn.lock_unpoisoned();
             write_batch(&mut conn, &batch)
         };
         if let Err(e) = result {
