@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scm_certs::identity::Identity;
-use scm_common::lock::RwLockExt;
+use scm_common::reload::Slot;
 use scm_proto::FrameCodec;
 use scm_proto::io::{FrameReader, write_frame};
 use scm_proto::v1::{self, Message};
@@ -79,7 +79,7 @@ pub async fn run(
     let mut attempt = 0u32;
     loop {
         // The connector in force (a reload replaces it for the next connection).
-        let current = connector.read_unpoisoned().clone();
+        let current = connector.current();
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = session(&settings, &current, &store, &queue, &mut attempt) => r,
