@@ -100,6 +100,7 @@ enum JournalOp {
 pub struct Swipes {
     settings: SwipeSettings,
     rules: CardRules,
+    /// Recent event ids, for de-duplication.
     seen: Arc<dyn Dedup>,
     journal: mpsc::Sender<JournalOp>,
     /// The journal's connection: the writer thread's, and the low-rate fast path's.
