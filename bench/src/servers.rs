@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use scm_common::lock::LockExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -91,7 +92,7 @@ impl Launch {
                     if l.contains("listening on") {
                         let _ = tx.send(l).await;
                     } else {
-                        let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut t = tail.lock_unpoisoned();
                         if t.len() < 200 {
                             t.push(l);
                         }
@@ -155,7 +156,7 @@ impl Launch {
             tokio::spawn(async move {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(l)) = lines.next_line().await {
-                    let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut t = tail.lock_unpoisoned();
                     if t.len() < 200 {
                         t.push(l);
                     }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use scm_common::lock::LockExt;
 use scm_proto::v1::Message;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, WriteHalf};
 use tokio::task::JoinSet;
@@ -328,7 +329,7 @@ impl Track {
 
     fn nack(&self, text: String) {
         self.nacked.fetch_add(1, Ordering::Relaxed);
-        let mut f = self.first_nack.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = self.first_nack.lock_unpoisoned();
         f.get_or_insert(text);
     }
 

@@ -8,6 +8,13 @@
 //! closed without an answer. A request body is never read. Answers: `200` (metrics, or
 //! health when healthy), `503` with the reason (unhealthy), `404` (other paths), `405`
 //! (methods other than GET), `400` (not an HTTP/1.x request line).
+//!
+//! Why this is not the 241 bridge's parser (`scm::bridges::rfideas::http`): all three
+//! binaries serve metrics, and only the SCM has that parser; and a scraper needs nothing
+//! but the request line, while that parser exists to refuse every doubtful header from
+//! devices on the network. Sharing it would put its stricter refusals (`400` for a header
+//! it finds doubtful, `505`) in front of monitoring that works today, for no gain: this
+//! server never reads a header, a body or a second request.
 
 use std::future::Future;
 use std::net::SocketAddr;

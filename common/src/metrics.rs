@@ -13,6 +13,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::lock::LockExt;
+
 /// `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -147,20 +149,20 @@ impl CounterFamily {
     pub fn add(&self, values: &[&str], n: u64) {
         debug_assert_eq!(values.len(), self.labels.len(), "label count");
         let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
-        let mut m = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.values.lock_unpoisoned();
         *m.entry(key).or_insert(0) += n;
     }
 
     /// The value of one series (0 if it does not exist).
     pub fn get(&self, values: &[&str]) -> u64 {
-        let m = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.values.lock_unpoisoned();
         m.iter()
             .find(|(k, _)| k.iter().map(String::as_str).eq(values.iter().copied()))
             .map_or(0, |(_, v)| *v)
     }
 
     fn snapshot(&self) -> Vec<(Vec<String>, u64)> {
-        let m = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.values.lock_unpoisoned();
         m.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 }

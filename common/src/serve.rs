@@ -21,6 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
+use crate::lock::LockExt;
 use crate::metrics::CounterFamily;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -144,7 +145,7 @@ impl SourceCounts {
     /// how many it has.
     fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Result<SourceSlot, usize> {
         let ip = ip.to_canonical();
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = self.open.lock_unpoisoned();
         let n = open.entry(ip).or_insert(0);
         if cap != 0 && *n >= cap {
             return Err(*n);
@@ -158,13 +159,13 @@ impl SourceCounts {
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.open.lock_unpoisoned().len()
     }
 }
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
-        let mut open = self.counts.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = self.counts.open.lock_unpoisoned();
         if let Some(n) = open.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {

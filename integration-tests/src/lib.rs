@@ -12,6 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use scm_common::lock::{CondvarExt, LockExt};
+
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -79,7 +81,7 @@ fn pump(mut r: impl Read + Send + 'static, log: Arc<Log>) {
             match r.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    let mut t = log.text.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut t = log.text.lock_unpoisoned();
                     t.push_str(&String::from_utf8_lossy(&buf[..n]));
                     log.grew.notify_all();
                 }
@@ -122,11 +124,7 @@ impl Proc {
 
     /// Everything the process logged so far.
     pub fn logs(&self) -> String {
-        self.log
-            .text
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.log.text.lock_unpoisoned().clone()
     }
 
     /// Waits until the log contains `needle` at least `count` times; returns the line of
@@ -147,7 +145,7 @@ impl Proc {
 
     fn wait_in(&self, log: &Log, what: &str, needle: &str, count: usize) -> String {
         let deadline = Instant::now() + WAIT;
-        let mut t = log.text.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = log.text.lock_unpoisoned();
         loop {
             if t.matches(needle).count() >= count {
                 let pos = t.rmatch_indices(needle).next().map(|(i, _)| i).unwrap_or(0);
@@ -169,11 +167,7 @@ impl Proc {
                     self.name
                 );
             }
-            t = log
-                .grew
-                .wait_timeout(t, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            t = log.grew.wait_timeout_unpoisoned(t, deadline - now).0;
         }
     }
 
@@ -218,11 +212,7 @@ impl Proc {
 
     /// Standard output so far.
     pub fn stdout(&self) -> String {
-        self.stdout
-            .text
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.stdout.text.lock_unpoisoned().clone()
     }
 
     /// Process id.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scm_certs::identity::Role;
+use scm_common::reload::Slot;
 use scm_proto::io::{FrameReader, ReadError, write_frame};
 use scm_proto::v1::{Message, NackReason};
 use scm_proto::{Code, Frame, FrameCodec, FrameError};
@@ -163,11 +164,7 @@ impl ConfigPort {
         _peer: SocketAddr,
         shutdown: CancellationToken,
     ) -> Result<(), PortError> {
-        let acceptor = self
-            .acceptor
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let acceptor = self.acceptor.current();
         let (tls, _identity) = scm_certs::tls::accept(&acceptor, tcp, self.handshake, &[Role::Scm])
             .await
             .inspect_err(|e| crate::metrics::global().handshake_failed(e))?;

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scm_certs::tls::{self, TlsPolicy};
+use scm_common::lock::LockExt;
+use scm_common::reload::Slot;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -89,12 +91,7 @@ impl Agent {
     /// handler first, so a SIGHUP sent once the agent has announced a listener reloads its
     /// TLS files instead of killing it.
     pub async fn bind(&self) -> Result<Option<TcpListener>, StartError> {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => *self.sighup.lock().unwrap_or_else(|p| p.into_inner()) = Some(s),
-            Err(e) => {
-                tracing::error!("cannot install the SIGHUP handler; TLS reload disabled: {e}")
-            }
-        }
+        *self.sighup.lock_unpoisoned() = scm_common::reload::sighup();
         if self.cfg.listen.config.is_empty() {
             return Ok(None);
         }
@@ -176,27 +173,16 @@ impl Agent {
                 shutdown.clone(),
             ));
         }
-        let hup = self.sighup.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(mut hup) = hup {
+        let hup = self.sighup.lock_unpoisoned().take();
+        if let Some(hup) = hup {
             let files = self.cfg.tls_files();
             let port = self.port.clone();
             let connector = self.connector.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        r = hup.recv() => if r.is_none() { return },
-                    }
-                    tracing::info!("SIGHUP received: reloading certificates, key, CA and CRLs");
-                    match reload_tls(&files, &port, &connector) {
-                        Ok(()) => tracing::info!("TLS reloaded"),
-                        Err(e) => tracing::error!(
-                            "TLS reload failed, keeping the previous certificates and CRLs: {e}"
-                        ),
-                    }
-                }
-            });
+            tokio::spawn(scm_common::reload::reload_on_sighup(
+                hup,
+                shutdown.clone(),
+                move || reload_tls(&files, &port, &connector).map(|()| String::new()),
+            ));
         }
         set.spawn(link::run(
             settings,
@@ -241,9 +227,8 @@ pub fn reload_tls(
 ) -> Result<(), tls::TlsError> {
     let server = tls::server_config(files, TlsPolicy::default(), &[])?;
     let client = tls::client_config(files, TlsPolicy::default())?;
-    *port.acceptor.write().unwrap_or_else(|p| p.into_inner()) =
-        tokio_rustls::TlsAcceptor::from(server);
-    *connector.write().unwrap_or_else(|p| p.into_inner()) =
-        tokio_rustls::TlsConnector::from(client);
+    port.acceptor
+        .install(tokio_rustls::TlsAcceptor::from(server));
+    connector.install(tokio_rustls::TlsConnector::from(client));
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scm_certs::identity::Identity;
+use scm_common::reload::Slot;
 use scm_proto::FrameCodec;
 use scm_proto::io::{FrameReader, write_frame};
 use scm_proto::v1::{self, Message};
@@ -64,10 +65,7 @@ pub enum LinkError {
 /// The delay before reconnect attempt `n` (0-based): exponential, capped, with jitter in
 /// the upper half so that a fleet does not reconnect in lock-step.
 pub fn backoff(n: u32, min: Duration, max: Duration) -> Duration {
-    let base = min.saturating_mul(1u32 << n.min(16)).min(max);
-    let half = base / 2;
-    let jitter = rand::random_range(0..=half.as_millis().max(1) as u64);
-    half + Duration::from_millis(jitter)
+    scm_common::backoff::Backoff::new(min, max).jittered(n)
 }
 
 /// Runs the link until shutdown, reconnecting as needed.
@@ -81,7 +79,7 @@ pub async fn run(
     let mut attempt = 0u32;
     loop {
         // The connector in force (a reload replaces it for the next connection).
-        let current = connector.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let current = connector.current();
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = session(&settings, &current, &store, &queue, &mut attempt) => r,
@@ -241,10 +239,7 @@ async fn session(
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    scm_common::clock::now_ms_u64()
 }
 
 #[cfg(test)]

@@ -16,8 +16,9 @@ mod script;
 mod test_log;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use scm_common::backoff::Backoff;
 use tokio::sync::mpsc::Sender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -323,7 +324,7 @@ impl Sink {
             reader: self.id.clone(),
             line: line.bytes,
             too_long: line.too_long,
-            at_unix_ms: unix_ms(),
+            at_unix_ms: scm_common::clock::now_ms_u64(),
         };
         tokio::select! {
             biased;
@@ -361,7 +362,7 @@ struct Retry {
 impl Retry {
     /// The delay before the next attempt; each call lengthens the following one.
     fn next_delay(&mut self) -> Duration {
-        let d = crate::link::backoff(self.attempt, self.min, self.max);
+        let d = Backoff::new(self.min, self.max).jittered(self.attempt);
         self.attempt = self.attempt.saturating_add(1);
         d
     }
@@ -391,13 +392,6 @@ impl Session {
     fn healthy(&self) -> bool {
         self.delivered || self.since.elapsed() > HEALTHY_AFTER
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use scm_common::card::{CardRules, mask};
+use scm_common::lock::LockExt;
 use scm_proto::v1;
 use serde::Deserialize;
 use tokio::sync::Notify;
@@ -125,7 +126,7 @@ impl SwipeQueue {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock_unpoisoned()
     }
 
     /// Validates, debounces and queues one line from a reader.

@@ -171,7 +171,7 @@ pub async fn handle(
         }
     };
     if link.hello.is_some() {
-        hub.unregister(cert_id, link.link_id);
+        hub.sessions.unregister(cert_id, link.link_id);
         tracing::info!(machine = cert_id, "agent disconnected");
         hub.events.disconnected(cert_id, peer);
     }
@@ -267,7 +267,7 @@ impl Link {
             .store
             .run(move |c| state::record_hello(c, id, &peer))
             .await?;
-        self.hub.register(
+        self.hub.sessions.register(
             id,
             Session {
                 peer: self.peer,
@@ -315,8 +315,7 @@ impl Link {
                 match pending {
                     // In-band delivery: the waiting CONFIG is the answer to the HELLO.
                     Some(g) => {
-                        let lock = self.hub.delivery_lock(id);
-                        let _guard = lock.lock().await;
+                        let _guard = self.hub.delivery_locks.acquire(id).await;
                         let started = std::time::Instant::now();
                         match push::config_frame(0, &g, 0) {
                             Ok(f) => write_frame(w, &f).await?,

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
+use scm_common::lock::LockExt;
 
 /// Why a database operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -222,13 +223,9 @@ DROP INDEX IF EXISTS swipes_received;
 PRAGMA user_version = 2;
 "#;
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+// Milliseconds since the Unix epoch; the one clock helper, re-exported where the SCM's
+// modules have always found it.
+pub use scm_common::clock::now_ms;
 
 /// Hex SHA-256.
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -289,7 +286,7 @@ impl Store {
         let in_flight = self.gate.enter();
         tokio::task::spawn_blocking(move || {
             let _in_flight = in_flight;
-            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let mut guard = conn.lock_unpoisoned();
             f(&mut guard).map_err(|source| StoreError::Sqlite { path, source })
         })
         .await
@@ -302,7 +299,7 @@ impl Store {
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
     ) -> Result<R, StoreError> {
         let _in_flight = self.gate.enter();
-        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.conn.lock_unpoisoned();
         f(&mut guard).map_err(|source| StoreError::Sqlite {
             path: self.path.clone(),
             source,

@@ -1,4 +1,7 @@
-//! Certificate and CRL reload without a restart (SIGHUP).
+//! Certificate and CRL reload without a restart (SIGHUP): what the SCM reloads. The
+//! mechanism (slots, the SIGHUP loop, its log lines) is `scm_common::reload`, shared with
+//! the agent; this module keeps the SCM's own part: which listeners, and the revoked
+//! sessions.
 //!
 //! [`TlsState`] holds the rustls configurations of the SCM's TLS listeners (agents,
 //! telnet-tls, admin) and of its client toward machines' config ports, each behind a
@@ -18,6 +21,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use rustls::CommonState;
 use scm_certs::identity::Identity;
 use scm_certs::tls::{self, TlsError, TlsFiles, TlsPolicy};
+use scm_common::lock::LockExt;
+use scm_common::reload::Slot;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 
@@ -104,11 +109,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut s = self
-            .state
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.sessions.lock_unpoisoned();
         s.remove(&self.id);
     }
 }
@@ -129,28 +130,24 @@ impl TlsState {
         }))
     }
 
-    fn read<T: Clone>(lock: &RwLock<T>) -> T {
-        lock.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
     /// The agent link's acceptor in force.
     pub fn agents(&self) -> TlsAcceptor {
-        Self::read(&self.agents)
+        self.agents.current()
     }
 
     /// The TLS telnet acceptor in force.
     pub fn operator(&self) -> TlsAcceptor {
-        Self::read(&self.operator)
+        self.operator.current()
     }
 
     /// The admin API's acceptor in force.
     pub fn admin(&self) -> TlsAcceptor {
-        Self::read(&self.admin)
+        self.admin.current()
     }
 
     /// The connector toward machines' config ports in force.
     pub fn machines(&self) -> TlsConnector {
-        Self::read(&self.machines)
+        self.machines.current()
     }
 
     /// The CRL files re-read on reload.
@@ -160,10 +157,7 @@ impl TlsState {
 
     /// Number of established TLS sessions.
     pub fn sessions(&self) -> usize {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.sessions.lock_unpoisoned().len()
     }
 
     /// Registers a session after its handshake. Its token is a child of `parent` (the
@@ -181,20 +175,17 @@ impl TlsState {
         let token = parent.child_token();
         let revoked = CancellationToken::new();
         let serial = tls::peer_serial(conn).unwrap_or_default();
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                id,
-                Live {
-                    listener,
-                    who: who.to_string(),
-                    peer: peer.to_string(),
-                    serial,
-                    close: token.clone(),
-                    revoked: revoked.clone(),
-                },
-            );
+        self.sessions.lock_unpoisoned().insert(
+            id,
+            Live {
+                listener,
+                who: who.to_string(),
+                peer: peer.to_string(),
+                serial,
+                close: token.clone(),
+                revoked: revoked.clone(),
+            },
+        );
         Registration {
             state: self.clone(),
             id,
@@ -208,10 +199,10 @@ impl TlsState {
     pub fn reload(&self) -> Result<Reloaded, TlsError> {
         let c = Configs::build(&self.files, self.machine_policy)?;
         let revoked = tls::revoked_serials(&self.files.crls)?;
-        *self.agents.write().unwrap_or_else(|p| p.into_inner()) = c.agents;
-        *self.operator.write().unwrap_or_else(|p| p.into_inner()) = c.operator;
-        *self.admin.write().unwrap_or_else(|p| p.into_inner()) = c.admin;
-        *self.machines.write().unwrap_or_else(|p| p.into_inner()) = c.machines;
+        self.agents.install(c.agents);
+        self.operator.install(c.operator);
+        self.admin.install(c.admin);
+        self.machines.install(c.machines);
         let closed = self.close_revoked(&revoked);
         Ok(Reloaded {
             revoked_serials: revoked.len(),
@@ -220,7 +211,7 @@ impl TlsState {
     }
 
     fn close_revoked(&self, revoked: &HashSet<Vec<u8>>) -> Vec<String> {
-        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let sessions = self.sessions.lock_unpoisoned();
         let mut closed = Vec::new();
         for s in sessions.values() {
             if s.serial.is_empty() || !revoked.contains(&s.serial) {
@@ -249,45 +240,28 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Installs the SIGHUP handler. Called while the SCM starts, before any listener is
-/// announced, so a SIGHUP sent once the SCM has logged its `listening on` lines never
-/// kills it.
-pub fn sighup() -> std::io::Result<tokio::signal::unix::Signal> {
-    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-}
-
-/// Reloads `state` on every SIGHUP until `shutdown`.
+/// Reloads `state` on every SIGHUP until `shutdown`, counting the outcomes.
 pub async fn reload_on_sighup(
     state: Arc<TlsState>,
-    mut hup: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
     shutdown: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = hup.recv() => if r.is_none() { return },
-        }
-        tracing::info!("SIGHUP received: reloading certificates, key, CA and CRLs");
-        match state.reload() {
-            Ok(r) => {
-                crate::metrics::global().tls_reloads.inc(&["ok"]);
-                tracing::info!(
-                    "TLS reloaded: {} revoked serial(s) listed; {} session(s) closed{}",
-                    r.revoked_serials,
-                    r.closed.len(),
-                    if r.closed.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", r.closed.join(", "))
-                    }
-                );
-            }
-            Err(e) => {
-                crate::metrics::global().tls_reloads.inc(&["failed"]);
-                tracing::error!(
-                    "TLS reload failed, keeping the previous certificates and CRLs: {e}"
-                );
-            }
-        }
-    }
+    scm_common::reload::reload_on_sighup(hup, shutdown, move || {
+        let r = state.reload();
+        let result = if r.is_ok() { "ok" } else { "failed" };
+        crate::metrics::global().tls_reloads.inc(&[result]);
+        r.map(|r| {
+            format!(
+                ": {} revoked serial(s) listed; {} session(s) closed{}",
+                r.revoked_serials,
+                r.closed.len(),
+                if r.closed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", r.closed.join(", "))
+                }
+            )
+        })
+    })
+    .await
 }

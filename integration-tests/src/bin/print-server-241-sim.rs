@@ -20,6 +20,10 @@
 //! Readiness goes to stderr as `listening on ADDR (241-sim https)`.
 //!
 //! In `--set` values, `{https}` stands for the HTTPS endpoint's own address.
+//!
+//! Its HTTP handling (a request line, a status code, a body after the blank line) is
+//! written here on purpose rather than taken from the SCM's 241 parser: a simulator that
+//! shared the code under test would agree with the SCM's mistakes instead of exposing them.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;

@@ -20,6 +20,7 @@ use integration_tests::{Fleet, RawTelnet, WAIT};
 use scm_certs::identity::Identity;
 use scm_certs::pki::{Ca, Eku, IssuedCert, LeafSpec, Validity};
 use scm_certs::tls::{self as sctls, TlsPolicy};
+use scm_common::lock::LockExt;
 use scm_proto::io::ReadError;
 use scm_proto::v1::{self, Message};
 use scm_proto::{Frame, FrameError};
@@ -280,7 +281,7 @@ fn fake_scm() -> FakeScm {
             let Ok((tcp, _)) = l.accept().await else {
                 continue;
             };
-            let cfg = cur.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let cfg = cur.lock_unpoisoned().clone();
             if let Some(cfg) = cfg {
                 tokio::spawn(async move {
                     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);

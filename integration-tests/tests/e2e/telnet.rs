@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use integration_tests::{Fleet, Proc, RawTelnet, WAIT, bin, run, strip_iac};
+use scm_common::lock::{CondvarExt, LockExt};
 
 const IAC: u8 = 255;
 const WILL: u8 = 251;
@@ -168,7 +169,7 @@ fn pump(mut r: impl Read + Send + 'static, into: Arc<Shared>) {
         let mut buf = [0u8; 4096];
         loop {
             let n = r.read(&mut buf).unwrap_or(0);
-            let mut s = into.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = into.state.lock_unpoisoned();
             if n == 0 {
                 s.1 = true;
                 into.grew.notify_all();
@@ -236,7 +237,7 @@ impl Interactive {
     }
 
     fn text(s: &Shared) -> String {
-        let st = s.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = s.state.lock_unpoisoned();
         String::from_utf8_lossy(&st.0).into_owned()
     }
 
@@ -249,7 +250,7 @@ impl Interactive {
     /// last match to the end of this one.
     fn until(&mut self, needle: &str) -> String {
         let deadline = Instant::now() + WAIT;
-        let mut st = self.out.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.out.state.lock_unpoisoned();
         loop {
             if let Some(i) = find(&st.0[self.mark..], needle.as_bytes()) {
                 let end = self.mark + i + needle.len();
@@ -272,19 +273,14 @@ impl Interactive {
                     Self::text(&self.err)
                 );
             }
-            st = self
-                .out
-                .grew
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self.out.grew.wait_timeout_unpoisoned(st, deadline - now).0;
         }
     }
 
     /// Waits for the end of the output, then for the process; returns its exit code.
     fn wait_exit(&mut self) -> Option<i32> {
         let deadline = Instant::now() + WAIT;
-        let mut st = self.out.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.out.state.lock_unpoisoned();
         while !st.1 {
             let now = Instant::now();
             if now >= deadline {
@@ -292,12 +288,7 @@ impl Interactive {
                 drop(st);
                 panic!("{}: output did not end; output:\n{out:?}", self.name);
             }
-            st = self
-                .out
-                .grew
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self.out.grew.wait_timeout_unpoisoned(st, deadline - now).0;
         }
         drop(st);
         self.stdin = None;

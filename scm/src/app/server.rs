@@ -144,13 +144,8 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         source,
     })?;
     let hub = Hub::new(cfg, store, tls, swipes, events);
-    let sighup = match crate::tlsreload::sighup() {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::error!("cannot install the SIGHUP handler; TLS reload disabled: {e}");
-            None
-        }
-    };
+    // Installed before any listener is announced (see `scm_common::reload::sighup`).
+    let sighup = scm_common::reload::sighup();
     Ok(Prepared { hub, sighup })
 }
 

@@ -28,7 +28,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use scm_common::ServeOptions;
 use scm_common::card::mask;
+use scm_common::lock::LockExt;
 
 use crate::bridges::{Bridge, BridgeSwipe, DeviceKey, Route, SubmitError};
 
@@ -376,7 +377,7 @@ struct Conn {
 
 impl Device {
     fn lock(&self) -> MutexGuard<'_, DeviceState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock_unpoisoned()
     }
 
     fn allows(&self, ip: IpAddr) -> bool {
@@ -538,7 +539,7 @@ impl GenericBridge {
         }
         // Only a swipe that expires before the expiry task's next wake-up needs it now
         // (with one TTL for all, that is almost never: one wake-up less per swipe).
-        let next = *self.expiry_next.lock().unwrap_or_else(|p| p.into_inner());
+        let next = *self.expiry_next.lock_unpoisoned();
         if next.is_none_or(|t| expires_at < t) {
             self.expiry_wake.notify_one();
         }
@@ -634,9 +635,9 @@ impl GenericBridge {
     async fn expire_loop(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             // While scanning, every new swipe wakes the task again (see `submit`).
-            *self.expiry_next.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *self.expiry_next.lock_unpoisoned() = None;
             let next = self.purge_expired();
-            *self.expiry_next.lock().unwrap_or_else(|p| p.into_inner()) = next;
+            *self.expiry_next.lock_unpoisoned() = next;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.expiry_wake.notified() => {}
@@ -675,7 +676,7 @@ impl GenericBridge {
             let new = Conn {
                 id,
                 peer,
-                since_ms: unix_ms(),
+                since_ms: scm_common::clock::now_ms(),
                 stop: stop.clone(),
                 wake: wake.clone(),
             };
@@ -970,13 +971,6 @@ pub fn last_command(chunk: &[u8]) -> Option<u8> {
         .rev()
         .find(|b| !b.is_ascii_whitespace())
         .copied()
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Whole seconds, rounded up, at least 1 (the kernel counts keep-alive times in seconds).

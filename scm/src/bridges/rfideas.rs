@@ -35,7 +35,9 @@ use std::time::Duration;
 
 use rusqlite::params;
 use scm_common::ServeOptions;
+use scm_common::backoff::Backoff;
 use scm_common::card::mask;
+use scm_common::lock::LockExt;
 use scm_common::metrics::{CounterFamily, Exposition, Kind};
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -531,7 +533,7 @@ struct Device {
 
 impl Device {
     fn lock(&self) -> MutexGuard<'_, DevState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_unpoisoned()
     }
 
     fn allows(&self, ip: IpAddr) -> bool {
@@ -842,7 +844,9 @@ impl RfideasBridge {
     async fn deliver(&self, dev: &Device, swipe: &BridgeSwipe) -> Outcome {
         let mut attempts = 0u32;
         let mut last_error = String::from("no attempt was made before the swipe expired");
-        let mut backoff = Duration::from_millis(self.settings.retry_initial_ms);
+        // Unjittered: one swipe is retried against one print server, nothing to spread.
+        let backoff =
+            Backoff::from_millis(self.settings.retry_initial_ms, self.settings.retry_max_ms);
         let connect = Duration::from_millis(self.settings.connect_timeout_ms);
         let respond = Duration::from_millis(self.settings.response_timeout_ms);
         let tries = async {
@@ -921,10 +925,10 @@ impl RfideasBridge {
                         last_error = e.to_string();
                     }
                 }
-                tracing::debug!(device = %dev.key, event = %swipe.event_id, "attempt {attempts} failed: {last_error}; retrying in {backoff:?}");
+                let pause = backoff.delay(attempts - 1);
+                tracing::debug!(device = %dev.key, event = %swipe.event_id, "attempt {attempts} failed: {last_error}; retrying in {pause:?}");
                 dev.lock().last_error = Some((now_ms(), last_error.clone()));
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(self.settings.retry_max_ms));
+                tokio::time::sleep(pause).await;
             }
         };
         // Nothing is sent after the expiry: the attempt in progress is dropped then.

@@ -9,9 +9,15 @@
 //!
 //! Every event gets a sequence number (from 1, in publishing order) and a Unix-ms time.
 //! Card numbers only ever enter the bus masked.
+//!
+//! [`EventBus`] is the interface; [`LocalBus`] is today's in-process broadcast channel.
+//! Publishers and watchers hold an [`Events`] handle, which reaches whichever bus it was
+//! built on, so a shared bus (watchers of several SCMs) can replace the local one.
 
 use std::sync::{Arc, Mutex};
 
+use futures_util::future::BoxFuture;
+use scm_common::lock::LockExt;
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
@@ -123,34 +129,44 @@ pub enum Received {
     Lagged(u64),
 }
 
-/// The bus; cheap to clone (all clones publish to the same watchers).
-#[derive(Debug, Clone)]
-pub struct Events {
-    inner: Arc<Inner>,
+/// A bus: numbers events, hands them to every current watcher, never waits.
+pub trait EventBus: Send + Sync + std::fmt::Debug {
+    /// Publishes an event; never waits. Returns its sequence number.
+    fn publish(&self, kind: EventKind) -> u64;
+    /// Starts watching: events published from now on.
+    fn subscribe(&self) -> Subscription;
+    /// Number of current watchers.
+    fn watchers(&self) -> usize;
 }
 
+/// What a bus gives one watcher.
+pub trait Watcher: Send + std::fmt::Debug {
+    /// The next event, a lag report, or `None` once the bus is gone.
+    fn next(&mut self) -> BoxFuture<'_, Option<Received>>;
+}
+
+/// The in-process bus: a bounded broadcast channel.
 #[derive(Debug)]
-struct Inner {
+pub struct LocalBus {
     tx: broadcast::Sender<Arc<Event>>,
     /// The last sequence number; held while sending so sequence order is send order.
     seq: Mutex<u64>,
 }
 
-impl Events {
+impl LocalBus {
     /// A bus buffering `capacity` events per watcher (at least 1).
-    pub fn new(capacity: usize) -> Events {
+    pub fn new(capacity: usize) -> LocalBus {
         let (tx, _) = broadcast::channel(capacity.max(1));
-        Events {
-            inner: Arc::new(Inner {
-                tx,
-                seq: Mutex::new(0),
-            }),
+        LocalBus {
+            tx,
+            seq: Mutex::new(0),
         }
     }
+}
 
-    /// Publishes an event; never waits. Returns its sequence number.
-    pub fn publish(&self, kind: EventKind) -> u64 {
-        let mut seq = self.inner.seq.lock().unwrap_or_else(|p| p.into_inner());
+impl EventBus for LocalBus {
+    fn publish(&self, kind: EventKind) -> u64 {
+        let mut seq = self.seq.lock_unpoisoned();
         *seq += 1;
         let event = Arc::new(Event {
             seq: *seq,
@@ -158,20 +174,68 @@ impl Events {
             kind,
         });
         // An error only means nobody is watching.
-        let _ = self.inner.tx.send(event);
+        let _ = self.tx.send(event);
         *seq
+    }
+
+    fn subscribe(&self) -> Subscription {
+        Subscription::new(LocalWatcher {
+            rx: self.tx.subscribe(),
+        })
+    }
+
+    fn watchers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+}
+
+#[derive(Debug)]
+struct LocalWatcher {
+    rx: broadcast::Receiver<Arc<Event>>,
+}
+
+impl Watcher for LocalWatcher {
+    fn next(&mut self) -> BoxFuture<'_, Option<Received>> {
+        Box::pin(async move {
+            match self.rx.recv().await {
+                Ok(e) => Some(Received::Event(e)),
+                Err(broadcast::error::RecvError::Lagged(n)) => Some(Received::Lagged(n)),
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        })
+    }
+}
+
+/// The handle publishers and watchers hold; cheap to clone (all clones reach the same bus).
+#[derive(Debug, Clone)]
+pub struct Events {
+    bus: Arc<dyn EventBus>,
+}
+
+impl Events {
+    /// A handle on a new in-process bus buffering `capacity` events per watcher (at least 1).
+    pub fn new(capacity: usize) -> Events {
+        Events::on(Arc::new(LocalBus::new(capacity)))
+    }
+
+    /// A handle on `bus`.
+    pub fn on(bus: Arc<dyn EventBus>) -> Events {
+        Events { bus }
+    }
+
+    /// Publishes an event; never waits. Returns its sequence number.
+    pub fn publish(&self, kind: EventKind) -> u64 {
+        self.bus.publish(kind)
     }
 
     /// Starts watching: events published from now on.
     pub fn subscribe(&self) -> Subscription {
-        Subscription {
-            rx: self.inner.tx.subscribe(),
-        }
+        self.bus.subscribe()
     }
 
     /// Number of current watchers.
     pub fn watchers(&self) -> usize {
-        self.inner.tx.receiver_count()
+        self.bus.watchers()
     }
 
     /// A machine's link came up.
@@ -245,18 +309,21 @@ pub fn push_parts(result: &PushResult) -> (u64, PushOutcome, String) {
 /// One watcher's view of the bus.
 #[derive(Debug)]
 pub struct Subscription {
-    rx: broadcast::Receiver<Arc<Event>>,
+    watcher: Box<dyn Watcher>,
 }
 
 impl Subscription {
+    /// A subscription reading from `watcher`.
+    pub fn new(watcher: impl Watcher + 'static) -> Subscription {
+        Subscription {
+            watcher: Box::new(watcher),
+        }
+    }
+
     /// The next event, or how many were dropped because this watcher fell behind.
     /// `None` once the bus is gone (the SCM is shutting down).
     pub async fn next(&mut self) -> Option<Received> {
-        match self.rx.recv().await {
-            Ok(e) => Some(Received::Event(e)),
-            Err(broadcast::error::RecvError::Lagged(n)) => Some(Received::Lagged(n)),
-            Err(broadcast::error::RecvError::Closed) => None,
-        }
+        self.watcher.next().await
     }
 }
 

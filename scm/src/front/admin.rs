@@ -190,7 +190,12 @@ impl AdminService {
             .filter(|m| only.is_none_or(|id| id == m.id))
             .map(|m| {
                 let d = desired.get(&m.id).cloned().unwrap_or_default();
-                machine_to_proto(m, rows.get(&m.id), self.hub.session(m.id).as_ref(), d)
+                machine_to_proto(
+                    m,
+                    rows.get(&m.id),
+                    self.hub.sessions.session(m.id).as_ref(),
+                    d,
+                )
             })
             .collect())
     }

@@ -154,7 +154,7 @@ impl scm_common::http::Endpoints for Endpoints {
     async fn metrics(&self) -> String {
         let mut text = render(&Snapshot {
             metrics: global(),
-            agents_connected: self.hub.connected(),
+            agents_connected: self.hub.sessions.connected(),
             swipes: &self.hub.swipes.stats,
             devices: self.hub.swipes.bridge().status(None),
         });

@@ -415,7 +415,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "ID", "NAME", "VER", "LINK", "DESIRED", "APPLIED", "GROUPS"
         )];
         for m in &rows {
-            let link = if self.hub.session(m.id).is_some() {
+            let link = if self.hub.sessions.session(m.id).is_some() {
                 "connected"
             } else {
                 "down"
@@ -474,7 +474,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             lines.push(format!("groups: {}", list(&c.groups)));
             lines.push(format!("labels: {}", list(&c.labels)));
         }
-        match self.hub.session(id) {
+        match self.hub.sessions.session(id) {
             Some(s) => lines.push(format!(
                 "link: connected from {} since {}",
                 s.peer,
@@ -509,7 +509,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "last error: {}",
             m.last_error.unwrap_or_else(|| "-".into())
         ));
-        if let Some(s) = self.hub.session(id) {
+        if let Some(s) = self.hub.sessions.session(id) {
             lines.push(format!(
                 "readers: {}",
                 if s.readers.is_empty() {

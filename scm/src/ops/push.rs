@@ -142,7 +142,7 @@ pub fn config_target(hub: &Hub, id: u16) -> Option<String> {
     if let Some(addr) = hub.cfg.machine(id).and_then(|m| m.config_addr.clone()) {
         return Some(addr);
     }
-    let s = hub.session(id)?;
+    let s = hub.sessions.session(id)?;
     let port = s.config_port.filter(|p| *p != 0)?;
     Some(SocketAddr::new(s.peer.ip(), port).to_string())
 }
@@ -175,8 +175,7 @@ pub async fn deliver_with(
     sync: Sync,
 ) -> Result<PushResult, StoreError> {
     let id = generation.machine_id;
-    let lock = hub.delivery_lock(id);
-    let _guard = lock.lock().await;
+    let _guard = hub.delivery_locks.acquire(id).await;
     let g = generation.generation;
     let started = std::time::Instant::now();
     let state = hub.store.run(move |c| state::get_machine(c, id)).await?;

@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use scm_common::backoff::Backoff;
 use serde::Deserialize;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::coord::retry::RetryScheduler;
 use crate::hub::Hub;
 use crate::ops::push::{self, PushResult};
 use crate::state;
@@ -41,13 +42,7 @@ impl Default for RetrySettings {
 /// The delay before retry `attempt` (0-based): `initial * 2^attempt`, capped, drawn from
 /// its upper half so machines that failed together do not retry together.
 pub fn delay(s: &RetrySettings, attempt: u32) -> Duration {
-    let base = s
-        .initial_ms
-        .saturating_mul(1u64 << attempt.min(20))
-        .min(s.max_ms)
-        .max(1);
-    let half = base / 2;
-    Duration::from_millis(half + rand::random_range(0..=base - half))
+    Backoff::from_millis(s.initial_ms, s.max_ms).jittered(attempt)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -57,19 +52,8 @@ struct State {
     next: Instant,
 }
 
-/// Wakes the retry task early (a push just failed, or a machine said HELLO).
-#[derive(Debug, Default)]
-pub struct Kick(Notify);
-
-impl Kick {
-    /// Asks the task to look again now.
-    pub fn kick(&self) {
-        self.0.notify_one();
-    }
-}
-
 /// Runs until shutdown.
-pub async fn run(hub: Arc<Hub>, kick: Arc<Kick>, shutdown: CancellationToken) {
+pub async fn run(hub: Arc<Hub>, kick: Arc<dyn RetryScheduler>, shutdown: CancellationToken) {
     let settings = hub.cfg.retry.clone();
     let mut states: HashMap<u16, State> = HashMap::new();
     // At start, whatever is pending is tried at once (the SCM may have been down for a
@@ -147,7 +131,7 @@ pub async fn run(hub: Arc<Hub>, kick: Arc<Kick>, shutdown: CancellationToken) {
             .min(Instant::now() + Duration::from_secs(30));
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = kick.0.notified() => {}
+            _ = kick.kicked() => {}
             _ = tokio::time::sleep_until(wake) => {}
         }
     }

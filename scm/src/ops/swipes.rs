@@ -7,13 +7,13 @@
 //! swipe is forwarded, and the ids of recent swipes are loaded back at start, so a swipe
 //! an agent sends again after an SCM restart is not delivered twice.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, params};
 use scm_common::card::{CardRules, mask};
+use scm_common::lock::LockExt;
 use scm_proto::v1::{self, NackReason};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::bridges::generic::{GenericBridge, Outcome, OutcomeReport};
 use crate::bridges::rfideas::{self, RfideasBridge};
 use crate::bridges::{BridgeSwipe, Route, SubmitError};
+use crate::coord::dedup::{Dedup, LocalDedup};
 use crate::state::now_ms;
 
 /// `[swipes]` in the SCM configuration.
@@ -74,40 +75,6 @@ pub enum Verdict {
     Nack(NackReason, String),
 }
 
-#[derive(Debug, Default)]
-struct Seen {
-    ids: HashMap<String, i64>,
-    order: VecDeque<(i64, String)>,
-}
-
-impl Seen {
-    /// Remembers `id` until `forget_at_ms`; false if it was already there. Forgets ids
-    /// whose time has come, and the oldest ones beyond `max`.
-    fn insert(&mut self, id: &str, forget_at_ms: i64, max: usize, now: i64) -> bool {
-        while let Some((t, _)) = self.order.front() {
-            if *t > now && self.order.len() < max.max(1) {
-                break;
-            }
-            if let Some((t, old)) = self.order.pop_front() {
-                // Only if this entry is still the current one for that id.
-                if self.ids.get(&old) == Some(&t) {
-                    self.ids.remove(&old);
-                }
-            }
-        }
-        if self.ids.contains_key(id) {
-            return false;
-        }
-        self.ids.insert(id.to_string(), forget_at_ms);
-        self.order.push_back((forget_at_ms, id.to_string()));
-        true
-    }
-
-    fn remove(&mut self, id: &str) {
-        self.ids.remove(id);
-    }
-}
-
 /// One journal row.
 #[derive(Debug, Clone)]
 struct Row {
@@ -134,7 +101,8 @@ enum JournalOp {
 pub struct Swipes {
     settings: SwipeSettings,
     rules: CardRules,
-    seen: Mutex<Seen>,
+    /// Recent event ids, for de-duplication.
+    seen: Arc<dyn Dedup>,
     journal: mpsc::Sender<JournalOp>,
     /// The journal's connection: the writer thread's, and the low-rate fast path's.
     journal_conn: Arc<Mutex<Connection>>,
@@ -196,7 +164,7 @@ impl Swipes {
         checkpoint_conn.busy_timeout(Duration::from_secs(5))?;
         let now = now_ms();
         let horizon = now - settings.max_ttl_ms as i64 - 60_000;
-        let mut seen = Seen::default();
+        let seen = LocalDedup::new(settings.dedup_max);
         {
             // The newest rows by id, back to the horizon (rows are appended as swipes
             // arrive), and at most as many as the de-duplication set keeps.
@@ -214,24 +182,19 @@ impl Swipes {
             }
             recent.reverse();
             for (id, at) in recent {
-                seen.insert(
-                    &id,
-                    at + settings.max_ttl_ms as i64 + 60_000,
-                    settings.dedup_max,
-                    now,
-                );
+                seen.insert(&id, at + settings.max_ttl_ms as i64 + 60_000, now);
             }
         }
         tracing::info!(
             "swipe journal: {} recent event ids loaded for de-duplication",
-            seen.ids.len()
+            seen.remembered()
         );
         let (tx, rx) = mpsc::channel(settings.journal_queue.max(16));
         let conn = Arc::new(Mutex::new(conn));
         let swipes = Arc::new(Swipes {
             settings,
             rules,
-            seen: Mutex::new(seen),
+            seen: Arc::new(seen),
             journal: tx,
             journal_conn: conn.clone(),
             gate: gate.clone(),
@@ -306,7 +269,7 @@ impl Swipes {
     fn commit_now(&self, row: Row) -> Option<Row> {
         let now = tokio::time::Instant::now();
         {
-            let mut last = self.last_inline.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = self.last_inline.lock_unpoisoned();
             if last.is_some_and(|t| now.duration_since(t) < INLINE_GAP) {
                 *last = Some(now);
                 return Some(row);
@@ -407,15 +370,11 @@ impl Swipes {
             t => u64::from(t).min(self.settings.max_ttl_ms),
         };
         let now = now_ms();
-        let fresh = {
-            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            seen.insert(
-                &s.event_id,
-                now + self.settings.max_ttl_ms as i64 + 60_000,
-                self.settings.dedup_max,
-                now,
-            )
-        };
+        let fresh = self.seen.insert(
+            &s.event_id,
+            now + self.settings.max_ttl_ms as i64 + 60_000,
+            now,
+        );
         if !fresh {
             self.stats.duplicate.fetch_add(1, Ordering::Relaxed);
             tracing::info!(machine, reader = %s.reader_id, card = %masked, event = %s.event_id, "duplicate swipe; not forwarded again");
@@ -459,10 +418,7 @@ impl Swipes {
                 .try_send(JournalOp::Insert(record, Some(done_tx)))
                 .is_err()
             {
-                self.seen
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&s.event_id);
+                self.seen.remove(&s.event_id);
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 return Verdict::Nack(NackReason::Busy, "swipe journal busy; try again".into());
             }
@@ -516,10 +472,7 @@ impl Swipes {
                 Verdict::Ack(detail)
             }
             Err(e @ SubmitError::QueueFull { .. }) => {
-                self.seen
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&s.event_id);
+                self.seen.remove(&s.event_id);
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 self.journal(JournalOp::Outcome {
                     event_id: s.event_id.clone(),
@@ -572,7 +525,7 @@ async fn checkpointer(conn: Connection, swipes: std::sync::Weak<Swipes>) {
         }
         let c = conn.clone();
         let r = tokio::task::spawn_blocking(move || {
-            let c = c.lock().unwrap_or_else(|p| p.into_inner());
+            let c = c.lock_unpoisoned();
             c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
         })
         .await;
@@ -612,7 +565,7 @@ fn journal_writer(
             }
         }
         let result = {
-            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let mut conn = conn.lock_unpoisoned();
             write_batch(&mut conn, &batch)
         };
         if let Err(e) = result {
@@ -707,21 +660,6 @@ pub fn list(c: &mut Connection, limit: u32) -> rusqlite::Result<Vec<SwipeRow>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seen_set_dedups_forgets_and_is_bounded() {
-        let mut s = Seen::default();
-        assert!(s.insert("a", 100, 10, 0));
-        assert!(!s.insert("a", 100, 10, 0));
-        assert!(s.insert("b", 200, 10, 150), "a forgotten after its time");
-        assert!(s.insert("a", 300, 10, 150));
-        let mut bounded = Seen::default();
-        for i in 0..100 {
-            bounded.insert(&format!("e{i}"), 1_000, 10, 0);
-        }
-        assert!(bounded.ids.len() <= 11, "{}", bounded.ids.len());
-        assert!(bounded.order.len() <= 11);
-    }
 
     #[test]
     fn ids_are_checked() {

@@ -13,6 +13,14 @@
 //! Lines may end in CRLF or a bare LF (RFC 9112 section 2.2 allows accepting LF); a bare
 //! CR, any other control byte, obsolete line folding, whitespace before a header's colon
 //! and more than [`MAX_HEADERS`] headers are refused.
+//!
+//! Why a parser of its own: the 241 bridge is the only HTTP peer of the SCM that is a
+//! device on the network, in both directions (print servers' configuration GETs come in,
+//! swipe responses come back), so it needs the headers (`Host`, `Connection`, `Location`),
+//! persistent connections, and strict, fuzzed refusals (`fuzz/fuzz_targets/http241_request.rs`).
+//! The metrics server (`scm_common::http`) only reads a request line and is deliberately
+//! not built on this; the 241 simulator in `integration-tests` parses on its own so the
+//! end-to-end tests check this code against an independent implementation.
 
 use std::fmt;
 

@@ -1,0 +1,102 @@
+//! The session registry: which agent link speaks for which machine (from where, since
+//! when, in which protocol version). A machine has at most one live link; a newer link
+//! replaces an older one, and an old link ending never removes its successor.
+//!
+//! [`SessionRegistry`] is the interface the link, the push path and the front ends use;
+//! [`LocalSessions`] is today's in-process map. A shared implementation (several SCMs in
+//! front of one fleet) would answer the same questions for links held by any of them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use scm_common::lock::LockExt;
+
+/// A machine's live event link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Peer address of the link.
+    pub peer: SocketAddr,
+    /// Protocol version of its HELLO.
+    pub version: u8,
+    /// Unix ms when the HELLO was accepted.
+    pub connected_since_ms: i64,
+    /// Config port the agent reported (version 1).
+    pub config_port: Option<u16>,
+    /// Card readers the agent announced (version 1).
+    pub readers: Vec<String>,
+    /// Distinguishes links of the same machine (the newest wins).
+    pub link_id: u64,
+}
+
+/// Who holds which machine's link.
+pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
+    /// Registers a machine's link; a newer link replaces an older one.
+    fn register(&self, id: u16, session: Session);
+    /// Removes the machine's link if it is still `link_id`.
+    fn unregister(&self, id: u16, link_id: u64);
+    /// The machine's live link, if any.
+    fn session(&self, id: u16) -> Option<Session>;
+    /// Number of connected machines.
+    fn connected(&self) -> usize;
+}
+
+/// The registry of this process's links.
+#[derive(Debug, Default)]
+pub struct LocalSessions {
+    sessions: Mutex<HashMap<u16, Session>>,
+}
+
+impl SessionRegistry for LocalSessions {
+    fn register(&self, id: u16, session: Session) {
+        self.sessions.lock_unpoisoned().insert(id, session);
+    }
+
+    fn unregister(&self, id: u16, link_id: u64) {
+        let mut s = self.sessions.lock_unpoisoned();
+        if s.get(&id).is_some_and(|x| x.link_id == link_id) {
+            s.remove(&id);
+        }
+    }
+
+    fn session(&self, id: u16) -> Option<Session> {
+        self.sessions.lock_unpoisoned().get(&id).cloned()
+    }
+
+    fn connected(&self) -> usize {
+        self.sessions.lock_unpoisoned().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(link_id: u64) -> Session {
+        Session {
+            peer: "127.0.0.1:4000".parse().unwrap(),
+            version: 1,
+            connected_since_ms: 1,
+            config_port: Some(7000),
+            readers: vec!["r1".into()],
+            link_id,
+        }
+    }
+
+    #[test]
+    fn the_newest_link_wins_and_an_old_one_ending_keeps_it() {
+        let r = LocalSessions::default();
+        r.register(3, link(1));
+        r.register(3, link(2));
+        assert_eq!(r.connected(), 1);
+        r.unregister(3, 1);
+        assert_eq!(
+            r.session(3).map(|s| s.link_id),
+            Some(2),
+            "old link gone, new kept"
+        );
+        r.unregister(3, 2);
+        assert_eq!(r.session(3), None);
+        assert_eq!(r.connected(), 0);
+    }
+}
