@@ -6,7 +6,6 @@
 //! `PRAGMA user_version`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,14 +13,18 @@ use rusqlite::{Connection, ErrorCode};
 
 use super::{
     AttemptRow, AuditLog, AuditRow, DesiredRow, DeviceSetting, DeviceSettings, Durability,
-    FleetState, Generation, Health, HistoryRow, JournalOp, MachineRow, Outcome, SettingChange,
-    Store, StoreError, StoreErrorKind, StoreFuture, SwipeJournal, SwipeRecord, SwipeRow,
+    FleetState, Generation, Health, HistoryRow, MachineRow, Outcome, SettingChange, Store,
+    StoreError, StoreErrorKind, StoreFuture,
 };
 
+mod gate;
+mod journal;
 mod queries;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use gate::WriteGate;
+use journal::SqliteJournal;
 use queries as q;
 
 /// The schema, in order: `(user_version after it, SQL)`. A database made before the
@@ -36,11 +39,8 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (3, include_str!("migrations/0003_rfideas_settings.sql")),
 ];
 
-/// How long the journal's connection waits for SQLite's write lock.
-const JOURNAL_BUSY: Duration = Duration::from_secs(5);
-
 /// Maps SQLite's error to the backend-neutral error, by its error code.
-fn store_error(path: &Path, e: rusqlite::Error) -> StoreError {
+pub(super) fn store_error(path: &Path, e: rusqlite::Error) -> StoreError {
     let kind = match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreErrorKind::Busy,
         Some(ErrorCode::ReadOnly) => StoreErrorKind::ReadOnly,
@@ -57,7 +57,7 @@ fn store_error(path: &Path, e: rusqlite::Error) -> StoreError {
     }
 }
 
-fn is_busy(e: &rusqlite::Error) -> bool {
+pub(super) fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error_code(),
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
@@ -100,49 +100,6 @@ pub(crate) struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
     gate: WriteGate,
-}
-
-/// Gives the store's operations (operators' pushes, machine state) priority over the swipe
-/// journal's batches on the shared database. SQLite's lock is not fair: a journal writing
-/// batch after batch (a flood of swipes from one agent) could keep a push waiting beyond
-/// its busy timeout, and the operator would get `451 database is locked`. The store counts
-/// its operations in flight; the journal writer waits, bounded, until none is in flight
-/// before it starts its next batch.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct WriteGate(Arc<AtomicUsize>);
-
-/// One store operation in flight (see [`WriteGate`]).
-#[derive(Debug)]
-struct InFlight(Arc<AtomicUsize>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl WriteGate {
-    fn enter(&self) -> InFlight {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        InFlight(self.0.clone())
-    }
-
-    /// Store operations in flight.
-    pub(crate) fn in_flight(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
-
-    /// Blocks the calling (non-async) thread while store operations are in flight, at
-    /// most `max`; returns whether it waited.
-    pub(crate) fn wait_idle(&self, max: Duration) -> bool {
-        let deadline = std::time::Instant::now() + max;
-        let mut waited = false;
-        while self.in_flight() > 0 && std::time::Instant::now() < deadline {
-            waited = true;
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        waited
-    }
 }
 
 impl SqliteStore {
@@ -351,118 +308,6 @@ impl Health for SqliteStore {
                     detail: format!("database answered {v} to SELECT 1"),
                 })
             }
-        })
-    }
-}
-
-/// The swipe journal's connections: the writer thread's and the low-rate fast path's,
-/// and the checkpointer's.
-#[derive(Debug)]
-pub(crate) struct SqliteJournal {
-    conn: Mutex<Connection>,
-    checkpoint: Arc<Mutex<Connection>>,
-    gate: WriteGate,
-    path: PathBuf,
-}
-
-impl SqliteJournal {
-    fn open(path: &Path, gate: WriteGate) -> Result<SqliteJournal, StoreError> {
-        let err = |e| store_error(path, e);
-        let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(JOURNAL_BUSY).map_err(err)?;
-        // The journal does not fsync each commit: a process crash loses nothing (the WAL
-        // is in the OS cache); a power loss may lose the last moments of the journal.
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(err)?;
-        // The journal writer's commits never checkpoint: a checkpoint copies the WAL into
-        // the database and waits for the disk (hundreds of ms on a slow disk), and every
-        // swipe waits for its journal commit. A checkpointer of its own does it instead.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(err)?;
-        let checkpoint = Connection::open(path).map_err(err)?;
-        checkpoint
-            .busy_timeout(Duration::from_secs(5))
-            .map_err(err)?;
-        Ok(SqliteJournal {
-            conn: Mutex::new(conn),
-            checkpoint: Arc::new(Mutex::new(checkpoint)),
-            gate,
-            path: path.to_path_buf(),
-        })
-    }
-}
-
-impl SwipeJournal for SqliteJournal {
-    fn write_batch(&self, batch: &[JournalOp]) -> Result<(), StoreError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        q::write_journal_batch(&mut conn, batch).map_err(|e| store_error(&self.path, e))
-    }
-
-    fn commit_now(&self, record: SwipeRecord) -> Result<Option<SwipeRecord>, StoreError> {
-        // Never waits: not for the writer thread (the mutex), not for another
-        // connection's write lock (busy timeout zero for this one commit).
-        let Ok(mut conn) = self.conn.try_lock() else {
-            return Ok(Some(record));
-        };
-        let _ = conn.busy_timeout(Duration::ZERO);
-        let batch = [JournalOp::Insert(record, None)];
-        let result = q::write_journal_batch(&mut conn, &batch);
-        let _ = conn.busy_timeout(JOURNAL_BUSY);
-        drop(conn);
-        match result {
-            Ok(()) => Ok(None),
-            Err(e) if is_busy(&e) => {
-                let [JournalOp::Insert(record, _)] = batch else {
-                    unreachable!("built above")
-                };
-                Ok(Some(record))
-            }
-            Err(e) => Err(store_error(&self.path, e)),
-        }
-    }
-
-    fn store_busy(&self) -> bool {
-        self.gate.in_flight() > 0
-    }
-
-    fn yield_to_store(&self, max: Duration) -> bool {
-        self.gate.wait_idle(max)
-    }
-
-    fn recent_event_ids(
-        &self,
-        limit: usize,
-        since_ms: i64,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        q::recent_event_ids(&mut conn, limit, since_ms).map_err(|e| store_error(&self.path, e))
-    }
-
-    fn checkpoint(&self) -> StoreFuture<'_, ()> {
-        let c = self.checkpoint.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                let c = c.lock().unwrap_or_else(|p| p.into_inner());
-                c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-            })
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
-            .map_err(|e| store_error(&self.path, e))
-        })
-    }
-
-    fn list(&self, limit: u32) -> StoreFuture<'_, Vec<SwipeRow>> {
-        // On the checkpointer's connection: a listing must not hold up the journal's
-        // writer.
-        let c = self.checkpoint.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
-                q::list_swipes(&mut c, limit)
-            })
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
-            .map_err(|e| store_error(&self.path, e))
         })
     }
 }
