@@ -87,7 +87,8 @@ impl Hub {
     pub async fn audit(&self, actor: String, source: String, action: &'static str, detail: String) {
         if let Err(e) = self
             .store
-            .run(move |c| crate::state::audit(c, &actor, &source, action, &detail))
+            .audit()
+            .append(actor, source, action, detail)
             .await
         {
             tracing::error!("cannot write the audit log: {e}");

@@ -263,10 +263,7 @@ impl Link {
     ) -> Result<(), LinkError> {
         let id = self.cert_id;
         let peer = self.peer.to_string();
-        self.hub
-            .store
-            .run(move |c| state::record_hello(c, id, &peer))
-            .await?;
+        self.hub.store.fleet().record_hello(id, peer).await?;
         self.hub.sessions.register(
             id,
             Session {
@@ -307,11 +304,7 @@ impl Link {
                     return Err(LinkError::Refused(text));
                 }
                 self.accept_hello(0, None, Vec::new()).await?;
-                let pending = self
-                    .hub
-                    .store
-                    .run(move |c| state::pending_generation(c, id))
-                    .await?;
+                let pending = self.hub.store.fleet().pending_generation(id).await?;
                 match pending {
                     // In-band delivery: the waiting CONFIG is the answer to the HELLO.
                     Some(g) => {
@@ -373,11 +366,7 @@ impl Link {
                     None => {
                         // A version-0 machine may send MSG on a new connection: it must come
                         // from the address of its last HELLO.
-                        let m = self
-                            .hub
-                            .store
-                            .run(move |c| state::get_machine(c, id))
-                            .await?;
+                        let m = self.hub.store.fleet().get_machine(id).await?;
                         let last_ip = m
                             .and_then(|m| m.last_peer)
                             .and_then(|p| p.parse::<SocketAddr>().ok())
@@ -461,11 +450,7 @@ impl Link {
                 self.accept_hello(1, port, readers).await?;
                 if !h.applied_sha256.is_empty() {
                     let sha = hex::encode(&h.applied_sha256);
-                    let marked = self
-                        .hub
-                        .store
-                        .run(move |c| state::mark_applied_by_hash(c, id, &sha))
-                        .await?;
+                    let marked = self.hub.store.fleet().mark_applied_by_hash(id, sha).await?;
                     if let Some(g) = marked {
                         tracing::info!(
                             machine = id,
@@ -473,11 +458,7 @@ impl Link {
                         );
                     }
                 }
-                let m = self
-                    .hub
-                    .store
-                    .run(move |c| state::get_machine(c, id))
-                    .await?;
+                let m = self.hub.store.fleet().get_machine(id).await?;
                 let desired = m.as_ref().map(|m| m.desired_generation).unwrap_or(0);
                 write_frame(
                     w,
@@ -487,11 +468,7 @@ impl Link {
                 // Bring the machine up to date in the background.
                 let hub = self.hub.clone();
                 tokio::spawn(async move {
-                    match hub
-                        .store
-                        .run(move |c| state::pending_generation(c, id))
-                        .await
-                    {
+                    match hub.store.fleet().pending_generation(id).await {
                         Ok(Some(g)) => {
                             if let Err(e) = push::deliver(&hub, g).await {
                                 tracing::warn!(machine = id, "cannot record delivery: {e}");

@@ -117,7 +117,7 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         .iter()
         .map(|m| (m.id, m.name.clone(), m.protocol_version))
         .collect();
-    store.run_blocking(|c| state::sync_machines(c, &machines))?;
+    store.fleet().sync_machines(&machines)?;
     let events = crate::coord::events::Events::new(cfg.events.capacity);
     let (outcome_tx, outcome_rx) = tokio::sync::mpsc::channel(4096);
     let bridge = GenericBridge::new(cfg.generic.clone(), cfg.bridge.clone(), outcome_tx);
@@ -126,7 +126,7 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         cfg.rfideas.clone(),
         cfg.rfideas_bridge.clone(),
         &cfg.tls.ca,
-        store.clone(),
+        store.devices().clone(),
         rf_tx,
     )?;
     let swipes = Swipes::start(
@@ -138,11 +138,7 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         rfideas,
         rf_rx,
         events.clone(),
-    )
-    .map_err(|source| state::StoreError::Sqlite {
-        path: cfg.database.path.clone(),
-        source,
-    })?;
+    )?;
     let hub = Hub::new(cfg, store, tls, swipes, events);
     // Installed before any listener is announced (see `scm_common::reload::sighup`).
     let sighup = scm_common::reload::sighup();

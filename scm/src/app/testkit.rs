@@ -138,14 +138,20 @@ impl TestScm {
 
     /// Waits until machine `id` has a live link (its HELLO was accepted), or fails.
     pub(crate) async fn wait_linked(&self, id: u16) {
-        self.wait_until(|| self.hub.sessions.session(id).is_some(), "a link of the machine")
-            .await;
+        self.wait_until(
+            || self.hub.sessions.session(id).is_some(),
+            "a link of the machine",
+        )
+        .await;
     }
 
     /// Waits until machine `id` has no live link, or fails.
     pub(crate) async fn wait_unlinked(&self, id: u16) {
-        self.wait_until(|| self.hub.sessions.session(id).is_none(), "no link of the machine")
-            .await;
+        self.wait_until(
+            || self.hub.sessions.session(id).is_none(),
+            "no link of the machine",
+        )
+        .await;
     }
 
     /// Polls `cond` every few milliseconds for at most [`WAIT`].

@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::params;
 use scm_common::ServeOptions;
 use scm_common::backoff::Backoff;
 use scm_common::card::mask;
@@ -48,7 +47,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridges::{Bridge, BridgeSwipe, DeviceKey, Route, SubmitError};
-use crate::state::{self, Store, now_ms};
+use crate::state::{self, DeviceSettings, SettingChange, now_ms};
 
 pub mod client;
 pub mod http;
@@ -567,7 +566,8 @@ pub struct Listeners {
 pub struct RfideasBridge {
     devices: Vec<Device>,
     settings: RfideasSettings,
-    store: Store,
+    /// The devices' stored settings (and their audit records).
+    store: Arc<dyn DeviceSettings>,
     tls: tokio_rustls::TlsConnector,
     outcomes: mpsc::Sender<OutcomeReport>,
     /// Serialises configuration changes (database, then memory).
@@ -592,16 +592,6 @@ impl fmt::Debug for RfideasBridge {
             .finish_non_exhaustive()
     }
 }
-
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS rfideas_settings (
-    machine_id INTEGER NOT NULL,
-    reader TEXT NOT NULL,
-    name TEXT NOT NULL,
-    value TEXT NOT NULL,
-    updated_ms INTEGER NOT NULL,
-    updated_by TEXT NOT NULL,
-    PRIMARY KEY (machine_id, reader, name)
-);";
 
 /// Loads PEM certificates into a root store.
 pub fn load_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, RfideasError> {
@@ -646,7 +636,7 @@ impl RfideasBridge {
         devices: Vec<RfideasDevice>,
         settings: RfideasSettings,
         ca: &std::path::Path,
-        store: Store,
+        store: Arc<dyn DeviceSettings>,
         outcomes: mpsc::Sender<OutcomeReport>,
     ) -> Result<Arc<RfideasBridge>, RfideasError> {
         let ca = settings.ca.clone().unwrap_or_else(|| ca.to_path_buf());
@@ -660,13 +650,7 @@ impl RfideasBridge {
             path: ca.clone(),
             detail: e.to_string(),
         })?;
-        store.run_blocking(|c| c.execute_batch(SCHEMA))?;
-        let rows: Vec<(u16, String, String, String)> = store.run_blocking(|c| {
-            let mut st =
-                c.prepare("SELECT machine_id, reader, name, value FROM rfideas_settings")?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            rows.collect()
-        })?;
+        let rows = store.load_all()?;
         let devices: Vec<Device> = devices
             .into_iter()
             .map(|cfg| {
@@ -676,8 +660,8 @@ impl RfideasBridge {
                 };
                 let stored: BTreeMap<String, String> = rows
                     .iter()
-                    .filter(|(m, r, _, _)| *m == key.machine && *r == key.reader)
-                    .map(|(_, _, k, v)| (k.clone(), v.clone()))
+                    .filter(|s| s.machine == key.machine && s.reader == key.reader)
+                    .map(|s| (s.name.clone(), s.value.clone()))
                     .collect();
                 Device {
                     host: normalise_host(&cfg.host),
@@ -1450,40 +1434,32 @@ impl RfideasBridge {
         let host = dev.host.clone();
         let actor = format!("print-server {}", peer.ip().to_canonical());
         let source = peer.to_string();
-        let rows = changes.clone();
+        // One transaction for the settings and their audit records.
+        let rows: Vec<SettingChange> = changes
+            .iter()
+            .map(|(k, v, old)| SettingChange {
+                name: k.clone(),
+                value: v.clone(),
+                audit_detail: format!(
+                    "rfideas {key} ({host}): {k} set to {:?} (was {})",
+                    trunc(v, 200),
+                    old.as_deref()
+                        .map(|o| format!("{:?}", trunc(o, 200)))
+                        .unwrap_or_else(|| "unset".into())
+                ),
+            })
+            .collect();
         let res = self
             .store
-            .run(move |c| {
-                // One transaction for the settings and their audit records (written with
-                // `state::audit`, which needs the connection itself).
-                c.execute_batch("BEGIN IMMEDIATE")?;
-                let res = (|| {
-                for (k, v, old) in &rows {
-                    c.execute(
-                        "INSERT INTO rfideas_settings (machine_id, reader, name, value, updated_ms, updated_by)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                         ON CONFLICT (machine_id, reader, name) DO UPDATE SET value = ?4, updated_ms = ?5, updated_by = ?6",
-                        params![key.machine, key.reader, k, v, now, actor],
-                    )?;
-                    let detail = format!(
-                        "rfideas {key} ({host}): {k} set to {:?} (was {})",
-                        trunc(v, 200),
-                        old.as_deref()
-                            .map(|o| format!("{:?}", trunc(o, 200)))
-                            .unwrap_or_else(|| "unset".into())
-                    );
-                    state::audit(c, &actor, &source, "rfideas_config", &detail)?;
-                }
-                Ok(())
-                })();
-                match res {
-                    Ok(()) => c.execute_batch("COMMIT"),
-                    Err(e) => {
-                        let _ = c.execute_batch("ROLLBACK");
-                        Err(e)
-                    }
-                }
-            })
+            .store(
+                key.machine,
+                key.reader.clone(),
+                rows,
+                now,
+                actor,
+                source,
+                "rfideas_config",
+            )
             .await;
         if let Err(e) = res {
             tracing::error!(device = %dev.key, "cannot store 241 settings: {e}");

@@ -170,17 +170,7 @@ impl AdminService {
     /// Proto machines for `ids` (every configured machine if `None`), in configuration
     /// order.
     async fn machines(&self, only: Option<u16>) -> Result<Vec<pb::Machine>, ApiError> {
-        let (rows, desired) = self
-            .hub
-            .store
-            .run(move |c| {
-                let rows = match only {
-                    Some(id) => state::get_machine(c, id)?.into_iter().collect(),
-                    None => state::list_machines(c)?,
-                };
-                Ok((rows, desired_details(c, only)?))
-            })
-            .await?;
+        let (rows, desired) = self.hub.store.fleet().machines_with_desired(only).await?;
         let rows: HashMap<u16, MachineRow> = rows.into_iter().map(|r| (r.id, r)).collect();
         Ok(self
             .hub
@@ -202,37 +192,7 @@ impl AdminService {
 }
 
 /// SHA-256 and attempt count of each machine's desired generation.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Desired {
-    /// Hex SHA-256 of the desired generation's content, if there is one.
-    pub sha256: Option<String>,
-    /// Delivery attempts recorded for it.
-    pub attempts: u32,
-}
-
-fn desired_details(
-    c: &mut rusqlite::Connection,
-    only: Option<u16>,
-) -> rusqlite::Result<HashMap<u16, Desired>> {
-    let mut st = c.prepare(
-        "SELECT m.id,
-                (SELECT g.sha256 FROM configs g
-                  WHERE g.machine_id = m.id AND g.generation = m.desired_generation),
-                (SELECT COUNT(*) FROM push_attempts p
-                  WHERE p.machine_id = m.id AND p.generation = m.desired_generation)
-         FROM machines m WHERE ?1 IS NULL OR m.id = ?1",
-    )?;
-    let rows = st.query_map([only], |r| {
-        Ok((
-            r.get::<_, u16>(0)?,
-            Desired {
-                sha256: r.get(1)?,
-                attempts: r.get::<_, i64>(2)?.clamp(0, i64::from(u32::MAX)) as u32,
-            },
-        ))
-    })?;
-    rows.collect()
-}
+pub use crate::state::DesiredRow as Desired;
 
 /// Maps what the SCM knows about one machine to the API's `Machine`.
 pub fn machine_to_proto(
@@ -470,7 +430,8 @@ impl Admin for AdminService {
         let history = self
             .hub
             .store
-            .run(move |c| state::history(c, id, limit))
+            .fleet()
+            .history(id, limit)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::GetMachineResponse {
@@ -567,7 +528,8 @@ impl Admin for AdminService {
         let rows = self
             .hub
             .store
-            .run(move |c| state::list_audit(c, limit))
+            .audit()
+            .list(limit)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::GetAuditResponse {

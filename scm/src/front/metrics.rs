@@ -163,13 +163,9 @@ impl scm_common::http::Endpoints for Endpoints {
     }
 
     async fn health(&self) -> Result<(), String> {
-        let q = self
-            .hub
-            .store
-            .run(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)));
+        let q = self.hub.store.health().probe();
         match tokio::time::timeout(DB_TIMEOUT, q).await {
-            Ok(Ok(1)) => Ok(()),
-            Ok(Ok(v)) => Err(format!("database answered {v} to SELECT 1")),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("database unreachable: {e}")),
             Err(_) => Err(format!(
                 "database did not answer within {} s",

@@ -406,7 +406,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn machines(&mut self) -> Result<(), SessionError> {
-        let rows = match self.hub.store.run(state::list_machines).await {
+        let rows = match self.hub.store.fleet().list_machines().await {
             Ok(r) => r,
             Err(e) => return self.store_error(e).await,
         };
@@ -445,11 +445,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn status(&mut self, id: u16) -> Result<(), SessionError> {
-        let res = self
-            .hub
-            .store
-            .run(move |c| Ok((state::get_machine(c, id)?, state::attempts(c, id, 5)?)))
-            .await;
+        let res = self.hub.store.fleet().machine_status(id, 5).await;
         let (m, attempts) = match res {
             Ok((Some(m), a)) => (m, a),
             Ok((None, _)) => {
@@ -549,12 +545,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn swipes(&mut self) -> Result<(), SessionError> {
-        let rows = match self
-            .hub
-            .store
-            .run(|c| crate::ops::swipes::list(c, 20))
-            .await
-        {
+        let rows = match self.hub.store.journal().list(20).await {
             Ok(r) => r,
             Err(e) => return self.store_error(e).await,
         };
@@ -597,7 +588,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn audit_list(&mut self) -> Result<(), SessionError> {
-        let rows = match self.hub.store.run(|c| state::list_audit(c, 20)).await {
+        let rows = match self.hub.store.audit().list(20).await {
             Ok(r) => r,
             Err(e) => return self.store_error(e).await,
         };
@@ -627,7 +618,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ))
                 .await;
         }
-        let rows = match self.hub.store.run(move |c| state::history(c, id, 20)).await {
+        let rows = match self.hub.store.fleet().history(id, 20).await {
             Ok(r) => r,
             Err(e) => return self.store_error(e).await,
         };

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use crate::app::config::ScmConfig;
 use crate::hub::Hub;
 use crate::ops::push::{self, PushError, PushResult};
-use crate::state::{self, StoreError};
+use crate::state::StoreError;
 
 /// Which machines an operation is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,7 +255,8 @@ pub async fn push_many(
     let id_list = ids.clone();
     let generations = match hub
         .store
-        .run(move |c| state::create_generations(c, &id_list, &content, &actor))
+        .fleet()
+        .create_generations(id_list, content, actor)
         .await
     {
         Ok(g) => g,
@@ -300,7 +301,7 @@ pub async fn push_many(
     }
     // Group commit: the outcomes were recorded without waiting for the disk; one sync
     // makes them all durable before the operator is answered.
-    if let Err(e) = hub.store.run(state::sync).await {
+    if let Err(e) = hub.store.fleet().sync().await {
         tracing::error!("cannot sync the recorded push outcomes to disk: {e}");
     }
     results.sort_by_key(|(id, _)| *id);

@@ -14,7 +14,7 @@ use scm_proto::{Code, Frame, FrameCodec};
 use tokio::net::TcpStream;
 
 use crate::hub::Hub;
-use crate::state::{self, Generation, Outcome, StoreError};
+use crate::state::{Durability, Generation, Outcome, StoreError};
 
 /// What became of a push.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,13 +102,10 @@ pub async fn push(
     let actor_owned = actor.to_string();
     let (generation, _new) = hub
         .store
-        .run(move |c| state::create_generation(c, id, &content, &actor_owned))
+        .fleet()
+        .create_generation(id, content, actor_owned)
         .await?;
-    let Some(generation) = hub
-        .store
-        .run(move |c| state::get_generation(c, id, generation))
-        .await?
-    else {
+    let Some(generation) = hub.store.fleet().get_generation(id, generation).await? else {
         return Err(PushError::Store(StoreError::Task(format!(
             "generation {generation} of machine {id} vanished"
         ))));
@@ -127,11 +124,7 @@ pub async fn rollback(
     if hub.cfg.machine(id).is_none() {
         return Err(PushError::UnknownMachine(id));
     }
-    let Some(old) = hub
-        .store
-        .run(move |c| state::get_generation(c, id, to))
-        .await?
-    else {
+    let Some(old) = hub.store.fleet().get_generation(id, to).await? else {
         return Ok(None);
     };
     push(hub, id, old.content, actor).await.map(Some)
@@ -163,7 +156,7 @@ pub async fn deliver(hub: &Arc<Hub>, generation: Generation) -> Result<PushResul
 pub enum Sync {
     /// Before [`deliver_with`] returns (its own fsync).
     Now,
-    /// At the caller's next [`state::sync`]: a fleet push records every outcome without
+    /// At the caller's next [`FleetState::sync`](crate::state::FleetState::sync): a fleet push records every outcome without
     /// waiting for the disk and syncs once before it answers the operator (group commit).
     Batched,
 }
@@ -178,7 +171,7 @@ pub async fn deliver_with(
     let _guard = hub.delivery_locks.acquire(id).await;
     let g = generation.generation;
     let started = std::time::Instant::now();
-    let state = hub.store.run(move |c| state::get_machine(c, id)).await?;
+    let state = hub.store.fleet().get_machine(id).await?;
     if let Some(m) = state {
         let newest = m.desired_generation.max(m.applied_generation);
         if m.applied_generation == g {
@@ -230,7 +223,7 @@ pub async fn record(hub: &Hub, id: u16, result: &PushResult) -> Result<(), Store
     record_with(hub, id, result, Sync::Now).await
 }
 
-/// [`record`], durable now or at the caller's next [`state::sync`].
+/// [`record`], durable now or at the caller's next [`FleetState::sync`](crate::state::FleetState::sync).
 pub async fn record_with(
     hub: &Hub,
     id: u16,
@@ -251,9 +244,14 @@ pub async fn record_with(
     };
     tracing::info!(machine = id, generation = g, outcome = ?outcome, "{detail}");
     hub.events.push(id, result);
-    let durable = sync == Sync::Now;
+    let durability = if sync == Sync::Now {
+        Durability::Synced
+    } else {
+        Durability::Deferred
+    };
     hub.store
-        .run(move |c| state::record_attempt_with(c, id, g, outcome, &detail, durable))
+        .fleet()
+        .record_attempt(id, g, outcome, detail, durability)
         .await
 }
 
@@ -391,7 +389,7 @@ mod tests {
             machine_id: 7,
             generation: 3,
             content: b"k=v\n".to_vec(),
-            sha256: state::sha256_hex(b"k=v\n"),
+            sha256: crate::state::sha256_hex(b"k=v\n"),
         }
     }
 

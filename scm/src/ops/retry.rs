@@ -18,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 use crate::coord::retry::RetryScheduler;
 use crate::hub::Hub;
 use crate::ops::push::{self, PushResult};
-use crate::state;
 
 /// `[retry]` in the SCM configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -60,7 +59,7 @@ pub async fn run(hub: Arc<Hub>, kick: Arc<dyn RetryScheduler>, shutdown: Cancell
     // while); a push that fails later waits its first back-off step.
     let mut first_pass = true;
     loop {
-        let pending = match hub.store.run(state::pending_all).await {
+        let pending = match hub.store.fleet().pending_all().await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("retry: cannot read pending pushes: {e}");
@@ -86,14 +85,7 @@ pub async fn run(hub: Arc<Hub>, kick: Arc<dyn RetryScheduler>, shutdown: Cancell
             if st.next > now || push::config_target(&hub, *id).is_none() {
                 continue;
             }
-            let g = match hub
-                .store
-                .run({
-                    let id = *id;
-                    move |c| state::pending_generation(c, id)
-                })
-                .await
-            {
+            let g = match hub.store.fleet().pending_generation(*id).await {
                 Ok(Some(g)) => g,
                 _ => continue,
             };

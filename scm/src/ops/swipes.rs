@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, params};
 use scm_common::card::{CardRules, mask};
 use scm_common::lock::LockExt;
 use scm_proto::v1::{self, NackReason};
@@ -22,7 +21,9 @@ use crate::bridges::generic::{GenericBridge, Outcome, OutcomeReport};
 use crate::bridges::rfideas::{self, RfideasBridge};
 use crate::bridges::{BridgeSwipe, Route, SubmitError};
 use crate::coord::dedup::{Dedup, LocalDedup};
-use crate::state::now_ms;
+use crate::state::{
+    JournalOp, JournalOutcome, StoreError, SwipeJournal, SwipeRecord as Row, now_ms,
+};
 
 /// `[swipes]` in the SCM configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -75,28 +76,6 @@ pub enum Verdict {
     Nack(NackReason, String),
 }
 
-/// One journal row.
-#[derive(Debug, Clone)]
-struct Row {
-    event_id: String,
-    machine: u16,
-    reader: String,
-    card_masked: String,
-    swiped_at_ms: i64,
-    outcome: &'static str,
-    detail: String,
-}
-
-#[derive(Debug)]
-enum JournalOp {
-    Insert(Row, Option<oneshot::Sender<()>>),
-    Outcome {
-        event_id: String,
-        outcome: &'static str,
-        detail: String,
-    },
-}
-
 /// Swipe handling shared by every agent link.
 pub struct Swipes {
     settings: SwipeSettings,
@@ -104,10 +83,8 @@ pub struct Swipes {
     /// Recent event ids, for de-duplication.
     seen: Arc<dyn Dedup>,
     journal: mpsc::Sender<JournalOp>,
-    /// The journal's connection: the writer thread's, and the low-rate fast path's.
-    journal_conn: Arc<Mutex<Connection>>,
-    /// Store operations in flight (the journal yields to them).
-    gate: crate::state::WriteGate,
+    /// The journal's store: the writer thread's, and the low-rate fast path's.
+    journal_store: Arc<dyn SwipeJournal>,
     /// When the fast path last committed (tokio time).
     last_inline: Mutex<Option<tokio::time::Instant>>,
     bridge: Arc<GenericBridge>,
@@ -134,7 +111,7 @@ fn valid_id(s: &str, max: usize) -> bool {
 }
 
 impl Swipes {
-    /// Opens the journal (its own SQLite connection on the SCM's database), loads recent
+    /// Opens the journal (its own handle on the SCM's store), loads recent
     /// event ids, and starts the journal writer and the bridge-outcome consumer.
     /// Every answered swipe is published on `events` (card masked).
     // Each argument is one independent piece of the start-up wiring (two bridges with
@@ -149,38 +126,13 @@ impl Swipes {
         rfideas: Arc<RfideasBridge>,
         rf_outcomes: mpsc::Receiver<rfideas::OutcomeReport>,
         events: crate::coord::events::Events,
-    ) -> Result<Arc<Swipes>, rusqlite::Error> {
-        let conn = Connection::open(store.path())?;
-        let gate = store.write_gate();
-        conn.busy_timeout(JOURNAL_BUSY)?;
-        // The journal does not fsync each commit: a process crash loses nothing (the WAL
-        // is in the OS cache); a power loss may lose the last moments of the journal.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // The journal writer's commits never checkpoint: a checkpoint copies the WAL into
-        // the database and waits for the disk (hundreds of ms on a slow disk), and every
-        // swipe waits for its journal commit. A checkpointer of its own does it instead.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let checkpoint_conn = Connection::open(store.path())?;
-        checkpoint_conn.busy_timeout(Duration::from_secs(5))?;
+    ) -> Result<Arc<Swipes>, StoreError> {
+        let conn = store.journal().clone();
         let now = now_ms();
         let horizon = now - settings.max_ttl_ms as i64 - 60_000;
         let seen = LocalDedup::new(settings.dedup_max);
         {
-            // The newest rows by id, back to the horizon (rows are appended as swipes
-            // arrive), and at most as many as the de-duplication set keeps.
-            let mut st =
-                conn.prepare("SELECT event_id, received_ms FROM swipes ORDER BY id DESC LIMIT ?1")?;
-            let limit = i64::try_from(settings.dedup_max).unwrap_or(i64::MAX);
-            let mut rows = st.query([limit])?;
-            let mut recent = Vec::new();
-            while let Some(r) = rows.next()? {
-                let at: i64 = r.get(1)?;
-                if at < horizon {
-                    break;
-                }
-                recent.push((r.get::<_, String>(0)?, at));
-            }
-            recent.reverse();
+            let recent = conn.recent_event_ids(settings.dedup_max, horizon)?;
             for (id, at) in recent {
                 seen.insert(&id, at + settings.max_ttl_ms as i64 + 60_000, now);
             }
@@ -190,14 +142,12 @@ impl Swipes {
             seen.remembered()
         );
         let (tx, rx) = mpsc::channel(settings.journal_queue.max(16));
-        let conn = Arc::new(Mutex::new(conn));
         let swipes = Arc::new(Swipes {
             settings,
             rules,
             seen: Arc::new(seen),
             journal: tx,
-            journal_conn: conn.clone(),
-            gate: gate.clone(),
+            journal_store: conn.clone(),
             last_inline: Mutex::new(None),
             bridge,
             events,
@@ -207,7 +157,8 @@ impl Swipes {
         // Neither task keeps `Swipes` alive: when the SCM drops it, the journal channel
         // closes and the writer finishes its last batch and ends.
         let stats = swipes.stats.clone();
-        tokio::task::spawn_blocking(move || journal_writer(conn, rx, stats, gate));
+        let checkpoint_conn = conn.clone();
+        tokio::task::spawn_blocking(move || journal_writer(conn, rx, stats));
         tokio::spawn(checkpointer(checkpoint_conn, Arc::downgrade(&swipes)));
         let weak = Arc::downgrade(&swipes);
         tokio::spawn(consume_outcomes(weak, outcomes));
@@ -232,7 +183,7 @@ impl Swipes {
                 status,
                 attempts,
             } => (
-                "delivered",
+                JournalOutcome::Delivered,
                 format!(
                     "rfideas {} to {server} (HTTP {status}, attempt {attempts})",
                     r.key
@@ -242,15 +193,16 @@ impl Swipes {
                 attempts,
                 last_error,
             } => (
-                "expired",
+                JournalOutcome::Expired,
                 format!(
                     "no print server took it in time on rfideas {} ({attempts} attempts; last error: {last_error})",
                     r.key
                 ),
             ),
-            rfideas::Outcome::Failed { reason } => {
-                ("failed", format!("rfideas {}: {reason}", r.key))
-            }
+            rfideas::Outcome::Failed { reason } => (
+                JournalOutcome::Failed,
+                format!("rfideas {}: {reason}", r.key),
+            ),
         };
         self.journal(JournalOp::Outcome {
             event_id: r.event_id,
@@ -276,30 +228,12 @@ impl Swipes {
             }
             *last = Some(now);
         }
-        if self.journal.capacity() < self.journal.max_capacity() || self.gate.in_flight() > 0 {
+        if self.journal.capacity() < self.journal.max_capacity() || self.journal_store.store_busy()
+        {
             return Some(row);
         }
-        let Ok(mut conn) = self.journal_conn.try_lock() else {
-            return Some(row);
-        };
-        let _ = conn.busy_timeout(Duration::ZERO);
-        let batch = [JournalOp::Insert(row, None)];
-        let result = write_batch(&mut conn, &batch);
-        let _ = conn.busy_timeout(JOURNAL_BUSY);
-        drop(conn);
-        match result {
-            Ok(()) => None,
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if matches!(
-                    e.code,
-                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                ) =>
-            {
-                let [JournalOp::Insert(row, _)] = batch else {
-                    unreachable!("built above")
-                };
-                Some(row)
-            }
+        match self.journal_store.commit_now(row) {
+            Ok(back) => back,
             Err(e) => {
                 self.stats.journal_lost.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("swipe journal: cannot write 1 record: {e}; forwarding anyway");
@@ -317,9 +251,12 @@ impl Swipes {
 
     fn outcome(&self, r: OutcomeReport) {
         let (outcome, detail) = match r.outcome {
-            Outcome::Delivered { peer } => ("delivered", format!("generic {} to {peer}", r.key)),
+            Outcome::Delivered { peer } => (
+                JournalOutcome::Delivered,
+                format!("generic {} to {peer}", r.key),
+            ),
             Outcome::Expired => (
-                "expired",
+                JournalOutcome::Expired,
                 format!("no print server took it in time on generic {}", r.key),
             ),
         };
@@ -362,7 +299,10 @@ impl Swipes {
         if let Err(e) = self.rules.validate(&s.card) {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(machine, reader = %s.reader_id, card = %masked, "swipe refused: {e}");
-            self.journal(JournalOp::Insert(row("rejected", e.to_string()), None));
+            self.journal(JournalOp::Insert(
+                row(JournalOutcome::Rejected, e.to_string()),
+                None,
+            ));
             return Verdict::Nack(NackReason::InvalidCard, e.to_string());
         }
         let ttl = match s.ttl_ms {
@@ -398,10 +338,13 @@ impl Swipes {
             if rf {
                 to.push(format!("rfideas {machine}/{}", s.reader_id));
             }
-            ("queued", format!("queued for {}", to.join(" and ")))
+            (
+                JournalOutcome::Queued,
+                format!("queued for {}", to.join(" and ")),
+            )
         } else {
             (
-                "no_route",
+                JournalOutcome::NoRoute,
                 format!(
                     "no bridge device for {machine}/{}; recorded only",
                     s.reader_id
@@ -476,7 +419,7 @@ impl Swipes {
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 self.journal(JournalOp::Outcome {
                     event_id: s.event_id.clone(),
-                    outcome: "busy",
+                    outcome: JournalOutcome::Busy,
                     detail: e.to_string(),
                 });
                 Verdict::Nack(NackReason::Busy, e.to_string())
@@ -516,20 +459,13 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Checkpoints the database's write-ahead log every [`CHECKPOINT_EVERY`] on its own
 /// connection, off the swipe path (a PASSIVE checkpoint does not block the writers).
 /// Ends when the SCM drops its `Swipes`.
-async fn checkpointer(conn: Connection, swipes: std::sync::Weak<Swipes>) {
-    let conn = Arc::new(Mutex::new(conn));
+async fn checkpointer(conn: Arc<dyn SwipeJournal>, swipes: std::sync::Weak<Swipes>) {
     loop {
         tokio::time::sleep(CHECKPOINT_EVERY).await;
         if swipes.strong_count() == 0 {
             return;
         }
-        let c = conn.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            let c = c.lock_unpoisoned();
-            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        })
-        .await;
-        if let Ok(Err(e)) = r {
+        if let Err(e) = conn.checkpoint().await {
             tracing::warn!(
                 "swipe journal: checkpoint failed (retried in {CHECKPOINT_EVERY:?}): {e}"
             );
@@ -537,26 +473,23 @@ async fn checkpointer(conn: Connection, swipes: std::sync::Weak<Swipes>) {
     }
 }
 
-/// Longest a journal batch waits for the store's operations (see [`crate::state::WriteGate`]).
+/// Longest a journal batch waits for the store's operations (see
+/// [`SwipeJournal::yield_to_store`]).
 const YIELD_TO_STORE_MAX: Duration = Duration::from_secs(1);
-
-/// How long the journal's connection waits for SQLite's write lock.
-const JOURNAL_BUSY: Duration = Duration::from_secs(5);
 
 /// Swipes closer together than this go to the writer thread, whose batches commit many
 /// swipes at once (see [`Swipes::commit_now`]).
 const INLINE_GAP: Duration = Duration::from_micros(500);
 
 fn journal_writer(
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<dyn SwipeJournal>,
     mut rx: mpsc::Receiver<JournalOp>,
     stats: Arc<SwipeStats>,
-    gate: crate::state::WriteGate,
 ) {
     while let Some(first) = rx.blocking_recv() {
         // Operators' pushes and machine state go first: between two batches the database
         // is free for them (the journal can wait; its queue is bounded).
-        gate.wait_idle(YIELD_TO_STORE_MAX);
+        conn.yield_to_store(YIELD_TO_STORE_MAX);
         let mut batch = vec![first];
         while batch.len() < 1024 {
             match rx.try_recv() {
@@ -564,10 +497,7 @@ fn journal_writer(
                 Err(_) => break,
             }
         }
-        let result = {
-            let mut conn = conn.lock_unpoisoned();
-            write_batch(&mut conn, &batch)
-        };
+        let result = conn.write_batch(&batch);
         if let Err(e) = result {
             stats
                 .journal_lost
@@ -580,81 +510,6 @@ fn journal_writer(
             }
         }
     }
-}
-
-/// Writes `batch` in one transaction.
-fn write_batch(conn: &mut Connection, batch: &[JournalOp]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    let now = now_ms();
-    for op in batch {
-        match op {
-            JournalOp::Insert(r, _) => {
-                // Cached statements: parsing the SQL anew for every swipe took
-                // ~5% of the SCM's CPU at full swipe load (perf, docs/benchmarks.md).
-                tx.prepare_cached(
-                    "INSERT INTO swipes (event_id, machine_id, reader, card_masked, swiped_at_ms, received_ms, outcome, detail, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?6)",
-                )?
-                .execute(params![r.event_id, r.machine, r.reader, r.card_masked, r.swiped_at_ms, now, r.outcome, r.detail])?;
-            }
-            JournalOp::Outcome {
-                event_id,
-                outcome,
-                detail,
-            } => {
-                // A swipe sent to two bridges (Generic and 241) gets two outcomes:
-                // `delivered` wins over `failed`, which wins over the rest; the
-                // second detail is appended.
-                tx.prepare_cached(
-                    "UPDATE swipes SET
-                        outcome = CASE
-                            WHEN outcome = 'delivered' THEN outcome
-                            WHEN outcome = 'failed' AND ?2 <> 'delivered' THEN outcome
-                            ELSE ?2 END,
-                        detail = CASE WHEN outcome = 'queued' THEN ?3 ELSE detail || '; ' || ?3 END,
-                        updated_ms = ?4
-                     WHERE id = (SELECT MAX(id) FROM swipes WHERE event_id = ?1)",
-                )?
-                .execute(params![event_id, outcome, detail, now])?;
-            }
-        }
-    }
-    tx.commit()
-}
-
-/// One row of the swipe listing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SwipeRow {
-    /// Unix ms received.
-    pub received_ms: i64,
-    /// Machine.
-    pub machine: u16,
-    /// Reader.
-    pub reader: String,
-    /// Masked card.
-    pub card_masked: String,
-    /// Outcome.
-    pub outcome: String,
-    /// Details.
-    pub detail: String,
-}
-
-/// The newest swipes, newest first.
-pub fn list(c: &mut Connection, limit: u32) -> rusqlite::Result<Vec<SwipeRow>> {
-    let mut st = c.prepare(
-        "SELECT received_ms, machine_id, reader, card_masked, outcome, detail FROM swipes ORDER BY id DESC LIMIT ?1",
-    )?;
-    let rows = st.query_map([limit], |r| {
-        Ok(SwipeRow {
-            received_ms: r.get(0)?,
-            machine: r.get(1)?,
-            reader: r.get(2)?,
-            card_masked: r.get(3)?,
-            outcome: r.get(4)?,
-            detail: r.get(5)?,
-        })
-    })?;
-    rows.collect()
 }
 
 #[cfg(test)]
@@ -671,6 +526,22 @@ mod tests {
     }
 }
 
+/// Runs a store call to completion on a runtime of its own, from synchronous tests (and
+/// from paused-clock tests without letting their clock advance).
+#[cfg(test)]
+fn block_on<T: Send>(f: impl std::future::Future<Output = T> + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(f)
+        })
+        .join()
+        .unwrap()
+    })
+}
+
 #[cfg(test)]
 mod journal_tests {
     use super::*;
@@ -679,38 +550,34 @@ mod journal_tests {
     fn journal(outcomes: &[(&'static str, &str)]) -> (String, String) {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("scm.db");
-        drop(crate::state::Store::open(&path).unwrap());
-        let conn = Connection::open(&path).unwrap();
+        let store = crate::state::Store::open(&path).unwrap();
+        let conn = store.journal().clone();
         let (tx, rx) = mpsc::channel(16);
         let stats = Arc::new(SwipeStats::default());
-        let gate = crate::state::WriteGate::default();
-        let conn = Arc::new(Mutex::new(conn));
-        let writer = std::thread::spawn(move || journal_writer(conn, rx, stats, gate));
+        let writer = std::thread::spawn(move || journal_writer(conn, rx, stats));
         let row = Row {
             event_id: "e1".into(),
             machine: 1,
             reader: "r1".into(),
             card_masked: "****1234".into(),
             swiped_at_ms: 0,
-            outcome: "queued",
+            outcome: JournalOutcome::Queued,
             detail: "queued for generic 1/r1 and rfideas 1/r1".into(),
         };
         tx.blocking_send(JournalOp::Insert(row, None)).unwrap();
         for (o, detail) in outcomes {
             tx.blocking_send(JournalOp::Outcome {
                 event_id: "e1".into(),
-                outcome: o,
+                outcome: JournalOutcome::parse(o).unwrap(),
                 detail: detail.to_string(),
             })
             .unwrap();
         }
         drop(tx);
         writer.join().unwrap();
-        let c = Connection::open(&path).unwrap();
-        c.query_row("SELECT outcome, detail FROM swipes", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .unwrap()
+        let rows = block_on(store.journal().list(10)).unwrap();
+        assert_eq!(rows.len(), 1);
+        (rows[0].outcome.as_str().into(), rows[0].detail.clone())
     }
 
     #[test]
@@ -750,7 +617,7 @@ mod fast_path_tests {
             Vec::new(),
             Default::default(),
             &dir.join("no-ca.pem"),
-            store.clone(),
+            store.devices().clone(),
             rtx,
         )
         .unwrap();
@@ -775,22 +642,17 @@ mod fast_path_tests {
             reader: "r1".into(),
             card_masked: "****1234".into(),
             swiped_at_ms: 0,
-            outcome: "no_route",
+            outcome: JournalOutcome::NoRoute,
             detail: String::new(),
         }
     }
 
     fn journaled(store: &crate::state::Store, id: &str) -> bool {
-        let id = id.to_string();
-        store
-            .run_blocking(move |c| {
-                c.query_row(
-                    "SELECT COUNT(*) FROM swipes WHERE event_id = ?1",
-                    [&id],
-                    |r| r.get::<_, i64>(0),
-                )
-            })
+        block_on(store.journal().list(u32::MAX))
             .unwrap()
+            .iter()
+            .filter(|r| r.event_id == id)
+            .count()
             == 1
     }
 
@@ -809,12 +671,11 @@ mod fast_path_tests {
         // once instead of waiting for the lock.
         tokio::time::advance(INLINE_GAP * 2).await;
         let path = d.path().join("scm.db");
-        let other = Connection::open(&path).unwrap();
-        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let other = crate::state::sqlite::LockHolder::take(&path);
         let started = std::time::Instant::now();
         assert!(s.commit_now(row("c")).is_some(), "locked elsewhere");
         assert!(started.elapsed() < Duration::from_secs(1), "did not wait");
-        other.execute_batch("ROLLBACK").unwrap();
+        drop(other);
         tokio::time::advance(INLINE_GAP * 2).await;
         assert!(s.commit_now(row("c")).is_none());
         assert!(journaled(&store, "c"));

@@ -13,6 +13,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::state::Store;
 
 /// Bound on every wait for something that must happen.
 const WAIT: Duration = Duration::from_secs(10);
@@ -83,7 +84,8 @@ fn harness_with(devices: Vec<RfideasDevice>, settings: RfideasSettings) -> Harne
     let store = Store::open(&db.path().join("scm.db")).unwrap();
     let pki = pki();
     let (tx, outcomes) = mpsc::channel(64);
-    let bridge = RfideasBridge::new(devices, settings, &pki.ca_path, store.clone(), tx).unwrap();
+    let bridge =
+        RfideasBridge::new(devices, settings, &pki.ca_path, store.devices().clone(), tx).unwrap();
     Harness {
         bridge,
         outcomes,
@@ -262,7 +264,7 @@ async fn configure_then_read_back_audited_and_durable() {
     )
     .await;
     assert_eq!(status_of(&resp), 200);
-    let audit = h.store.run_blocking(|c| state::list_audit(c, 10)).unwrap();
+    let audit = h.store.audit().list(10).await.unwrap();
     assert_eq!(audit.len(), 4, "{audit:?}");
     assert!(audit.iter().all(|a| a.action == "rfideas_config"));
     assert!(
@@ -279,7 +281,7 @@ async fn configure_then_read_back_audited_and_durable() {
         vec![device(1, "reader-1.example"), device(2, "reader-2.example")],
         RfideasSettings::default(),
         &h.pki.ca_path,
-        h.store.clone(),
+        h.store.devices().clone(),
         tx,
     )
     .unwrap();
@@ -639,7 +641,7 @@ async fn swipe_is_sent_as_an_https_get_with_escaped_values() {
         )),
         fast(),
         &h.pki.ca_path,
-        h.store.clone(),
+        h.store.devices().clone(),
         tx,
     )
     .unwrap();
@@ -701,7 +703,7 @@ async fn one_swipe(
         with_url(format!("https://127.0.0.1:{}/s?c={{card}}", addr.port())),
         fast(),
         &h.pki.ca_path,
-        h.store.clone(),
+        h.store.devices().clone(),
         tx,
     )
     .unwrap();
@@ -831,7 +833,7 @@ async fn print_server_down_expires_the_swipe_and_nothing_is_sent_late() {
         with_url("https://127.0.0.1:9/s?c={card}".into()),
         fast(),
         &h.pki.ca_path,
-        h.store.clone(),
+        h.store.devices().clone(),
         tx,
     )
     .unwrap();
@@ -869,7 +871,7 @@ async fn device_without_url_fails_and_in_flight_is_bounded() {
             ..fast()
         },
         &h.pki.ca_path,
-        h.store.clone(),
+        h.store.devices().clone(),
         tx,
     )
     .unwrap();
@@ -996,7 +998,7 @@ fn a_missing_ca_file_is_named() {
         vec![device(1, "a")],
         RfideasSettings::default(),
         &missing,
-        store.clone(),
+        store.devices().clone(),
         tx.clone(),
     )
     .unwrap_err()
@@ -1011,7 +1013,7 @@ fn a_missing_ca_file_is_named() {
         vec![device(1, "a")],
         RfideasSettings::default(),
         &empty,
-        store,
+        store.devices().clone(),
         tx,
     )
     .unwrap_err()

@@ -1,0 +1,476 @@
+//! Behaviour tests of the state traits, for any backend: each test takes a factory of
+//! fresh, empty, migrated stores. A backend's tests invoke them all with
+//! [`conformance_suite!`](crate::conformance_suite) and its own factory.
+
+use std::any::Any;
+use std::time::Duration;
+
+use super::{
+    Durability, JournalOp, JournalOutcome, Outcome, SettingChange, Store, SwipeRecord, now_ms,
+    sha256_hex,
+};
+
+/// A fresh store and whatever keeps it alive (a temporary directory, a scratch schema).
+pub(crate) struct Fresh {
+    pub(crate) store: Store,
+    pub(crate) _keep: Box<dyn Any + Send>,
+}
+
+/// Makes a fresh store.
+pub(crate) type Factory = fn() -> Fresh;
+
+/// Defines one `#[tokio::test]` per conformance test, each on stores from `$factory`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! conformance_suite {
+    ($factory:expr) => {
+        $crate::conformance_suite!(@tests $factory;
+            same_content_makes_no_new_generation,
+            fleet_generations_in_one_transaction,
+            superseded_attempt_leaves_the_machine_alone,
+            pending_until_acked_and_never_after_nack,
+            pending_all_lists_undelivered_and_not_nacked,
+            history_lists_generations_with_their_last_outcome,
+            applied_by_hash,
+            attempts_newest_first_with_limit,
+            deferred_and_synced_attempts_read_the_same,
+            hello_is_recorded,
+            status_and_desired_details,
+            audit_is_newest_first_and_limited,
+            journal_insert_outcome_and_list,
+            journal_duplicate_event_ids_update_the_newest,
+            journal_recent_ids_are_bounded_and_oldest_first,
+            journal_commit_now_when_idle,
+            device_settings_are_stored_with_their_audit,
+            health_probe_answers,
+        );
+    };
+    (@tests $factory:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                $crate::state::conformance::$name($factory).await;
+            }
+        )*
+    };
+}
+
+/// A fresh store with machines 1 ("one", version 1) and 2 ("two", version 0).
+fn store(new: Factory) -> Fresh {
+    let f = new();
+    f.store
+        .fleet()
+        .sync_machines(&[(1, "one".into(), 1), (2, "two".into(), 0)])
+        .unwrap();
+    f
+}
+
+async fn create(s: &Store, id: u16, content: &[u8], actor: &str) -> (u64, bool) {
+    s.fleet()
+        .create_generation(id, content.to_vec(), actor.into())
+        .await
+        .unwrap()
+}
+
+async fn attempt(s: &Store, id: u16, g: u64, outcome: Outcome, detail: &str) {
+    s.fleet()
+        .record_attempt(id, g, outcome, detail.into(), Durability::Synced)
+        .await
+        .unwrap()
+}
+
+pub(crate) async fn same_content_makes_no_new_generation(new: Factory) {
+    let f = store(new);
+    let s = &f.store;
+    let (g1, new1) = create(s, 1, b"a=1\n", "op").await;
+    let (g2, new2) = create(s, 1, b"a=1\n", "op").await;
+    let (g3, new3) = create(s, 1, b"a=2\n", "op").await;
+    assert_eq!((g1, new1, g2, new2, g3, new3), (1, true, 1, false, 2, true));
+    let (g4, _) = create(s, 2, b"x", "op").await;
+    assert_eq!(g4, 1, "generations count per machine");
+    let g = s.fleet().get_generation(1, 2).await.unwrap().unwrap();
+    assert_eq!(
+        (g.content.as_slice(), g.sha256),
+        (&b"a=2\n"[..], sha256_hex(b"a=2\n"))
+    );
+    assert_eq!(s.fleet().get_generation(1, 9).await.unwrap(), None);
+}
+
+pub(crate) async fn fleet_generations_in_one_transaction(new: Factory) {
+    let f = store(new);
+    let s = &f.store;
+    create(s, 1, b"same\n", "op").await;
+    create(s, 2, b"old\n", "op").await;
+    let gens = s
+        .fleet()
+        .create_generations(vec![1, 2], b"same\n".to_vec(), "op".into())
+        .await
+        .unwrap();
+    let got: Vec<(u16, u64)> = gens.iter().map(|g| (g.machine_id, g.generation)).collect();
+    assert_eq!(
+        got,
+        vec![(1, 1), (2, 2)],
+        "same content keeps its generation"
+    );
+    assert!(gens.iter().all(|g| g.sha256 == sha256_hex(b"same\n")));
+    let m2 = s.fleet().get_machine(2).await.unwrap().unwrap();
+    assert_eq!(m2.desired_generation, 2);
+    // An unknown machine fails the whole transaction: nothing is half-stored.
+    assert!(
+        s.fleet()
+            .create_generations(vec![2, 999], b"new\n".to_vec(), "op".into())
+            .await
+            .is_err()
+    );
+    let m2 = s.fleet().get_machine(2).await.unwrap().unwrap();
+    assert_eq!(m2.desired_generation, 2, "rolled back");
+}
+
+pub(crate) async fn superseded_attempt_leaves_the_machine_alone(new: Factory) {
+    let f = store(new);
+    let s = &f.store;
+    create(s, 1, b"a\n", "op").await;
+    create(s, 1, b"b\n", "op").await;
+    attempt(s, 1, 1, Outcome::Superseded, "newer").await;
+    let m = s.fleet().get_machine(1).await.unwrap().unwrap();
+    assert_eq!((m.desired_generation, m.applied_generation), (2, 0));
+    assert_eq!(m.last_error, None);
+    let p = s.fleet().pending_generation(1).await.unwrap();
+    assert_eq!(p.map(|g| g.generation), Some(2));
+}
+
+pub(crate) async fn pending_until_acked_and_never_after_nack(new: Factory) {
+    let f = store(new);
+    let s = &f.store;
+    create(s, 1, b"a", "op").await;
+    let p = s.fleet().pending_generation(1).await.unwrap().unwrap();
+    assert_eq!((p.generation, p.content.as_slice()), (1, &b"a"[..]));
+    attempt(s, 1, 1, Outcome::Unreachable, "refused").await;
+    assert!(s.fleet().pending_generation(1).await.unwrap().is_some());
+    attempt(s, 1, 1, Outcome::Ack, "ok").await;
+    assert!(s.fleet().pending_generation(1).await.unwrap().is_none());
+    let m = s.fleet().get_machine(1).await.unwrap().unwrap();
+    assert_eq!(
+        (m.desired_generation, m.applied_generation, m.last_error),
+        (1, 1, None)
+    );
+
+    create(s, 1, b"b", "op").await;
+    attempt(s, 1, 2, Outcome::Nack, "bad key").await;
+    assert!(s.fleet().pending_generation(1).await.unwrap().is_none());
+    let m = s.fleet().get_machine(1).await.unwrap().unwrap();
+    assert!(m.last_error.unwrap().contains("bad key"));
+    assert_eq!(s.fleet().pending_generation(99).await.unwrap(), None);
+}
+
+pub(crate) async fn pending_all_lists_undelivered_and_not_nacked(new: Factory) {
+    let f = store(new);
+    let s = &f.store;
+    create(s, 1, b"a", "op").await;
+    create(s, 2, b"b", "op").await;
+    assert_eq!(s.fleet().pending_all().await.unwrap(), vec![(1, 1), (2, 1)]);
+    attempt(s, 1, 1, Outcome::Ack, "ok").await;
+    attempt(s, 2, 1, Outcome::Nack, "no").await;
+    assert!(s.fleet().pending_all().await.unwrap().is_empty());
+    create(s, 2, b"c", "op").await;
+    assert_eq!(s.fleet().pending_all().await.unwrap(), vec![(2, 2)]);
+}
+
+pub(crate) async fn history_lists_generations_with_their_last_outcome(new: Factory) {
+    let f = store(new);
+    let s = &f.store;
+    create(s, 1, b"one", "alice").await;
+    attempt(s, 1, 1, Outcome::Unreachable, "x").await;
+    attempt(s, 1, 1, Outcome::Ack, "ok").await;
+    create(s, 1, b"two!", "bob").await;
+    let h = s.fleet().history(1, 10).await.unwrap();
+    assert_eq!(h.len(), 2);
+    assert_eq!(
+        (h[0].generation, h[0].len, h[0].created_by.as_str()),
+        (2, 4, "bob")
+    );
+    assert_eq!(h[0].last_outcome, None);
+    assert_eq!(h[1].last_outcome.as_deref(), Some("ack"));
+    assert_eq!(h[1].sha256, sha256_hex(b"one"));
+    assert_eq!(s.fleet().history(1, 1).await.unwrap().len(), 1, "limit");
+}
+
+pub(crate) async fn applied_by_hash(new: Factory) {
+    let f = store(new);
+    let s = &f.store;
+    create(s, 1, b"a", "op").await;
+    let g = s
+        .fleet()
+        .mark_applied_by_hash(1, sha256_hex(b"a"))
+        .await
+        .unwrap();
+    assert_eq!(g, Some(1));
+    assert_eq!(
+        s.fleet()
+            .mark_applied_by_hash(1, sha256_hex(b"zz"))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        s.fleet()
+            .get_machine(1)
+            .await
+            .unwrap()
+            .unwrap()
+            .applied_generation,
+        1
+    );
+}
+
+pub(crate) async fn attempts_newest_first_with_limit(new: Factory) {
+    let f = store(new);
+    let s = &f.store;
+    create(s, 1, b"a", "op").await;
+    attempt(s, 1, 1, Outcome::Unreachable, "first").await;
+    attempt(s, 1, 1, Outcome::Nack, "second").await;
+    attempt(s, 1, 1, Outcome::Ack, "third").await;
+    let a = s.fleet().attempts(1, 2).await.unwrap();
+    let got: Vec<(u64, &str, &str)> = a
+        .iter()
+        .map(|(g, _, o, d)| (*g, o.as_str(), d.as_str()))
+        .collect();
+    assert_eq!(got, vec![(1, "ack", "third"), (1, "nack", "second")]);
+    assert!(s.fleet().attempts(2, 10).await.unwrap().is_empty());
+}
+
+pub(crate) async fn deferred_and_synced_attempts_read_the_same(new: Factory) {
+    let f = store(new);
+    let s = &f.store;
+    create(s, 1, b"a", "op").await;
+    create(s, 2, b"b", "op").await;
+    s.fleet()
+        .record_attempt(1, 1, Outcome::Ack, "ok".into(), Durability::Deferred)
+        .await
+        .unwrap();
+    s.fleet()
+        .record_attempt(2, 1, Outcome::Nack, "no".into(), Durability::Synced)
+        .await
+        .unwrap();
+    // Visible at once, durable after sync.
+    let m1 = s.fleet().get_machine(1).await.unwrap().unwrap();
+    assert_eq!(m1.applied_generation, 1);
+    s.fleet().sync().await.unwrap();
+    assert!(s.fleet().pending_all().await.unwrap().is_empty());
+    let m2 = s.fleet().get_machine(2).await.unwrap().unwrap();
+    assert!(m2.last_error.unwrap().contains("nack (no)"));
+}
+
+pub(crate) async fn hello_is_recorded(new: Factory) {
+    let f = store(new);
+    let s = &f.store;
+    let before = now_ms();
+    s.fleet()
+        .record_hello(1, "127.0.0.1:5000".into())
+        .await
+        .unwrap();
+    let m = s.fleet().get_machine(1).await.unwrap().unwrap();
+    assert_eq!(m.last_peer.as_deref(), Some("127.0.0.1:5000"));
+    assert!(m.last_hello_ms.unwrap() >= before);
+    // Other writes after a HELLO are unaffected.
+    create(s, 1, b"a", "op").await;
+    assert_eq!(s.fleet().list_machines().await.unwrap().len(), 2);
+}
+
+pub(crate) async fn status_and_desired_details(new: Factory) {
+    let f = store(new);
+    let s = &f.store;
+    create(s, 1, b"a", "op").await;
+    attempt(s, 1, 1, Outcome::Unreachable, "x").await;
+    let (m, a) = s.fleet().machine_status(1, 5).await.unwrap();
+    assert_eq!(m.unwrap().name, "one");
+    assert_eq!(a.len(), 1);
+    let (none, a) = s.fleet().machine_status(9, 5).await.unwrap();
+    assert!(none.is_none() && a.is_empty());
+    let (rows, desired) = s.fleet().machines_with_desired(None).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(desired[&1].sha256, Some(sha256_hex(b"a")));
+    assert_eq!(desired[&1].attempts, 1);
+    assert_eq!(desired[&2].sha256, None);
+    let (rows, desired) = s.fleet().machines_with_desired(Some(2)).await.unwrap();
+    assert_eq!((rows.len(), desired.len()), (1, 1));
+}
+
+pub(crate) async fn audit_is_newest_first_and_limited(new: Factory) {
+    let f = store(new);
+    let s = &f.store;
+    for i in 0..5 {
+        s.audit()
+            .append("op".into(), "127.0.0.1:1".into(), "push", format!("n{i}"))
+            .await
+            .unwrap();
+    }
+    let a = s.audit().list(3).await.unwrap();
+    let details: Vec<&str> = a.iter().map(|r| r.detail.as_str()).collect();
+    assert_eq!(details, vec!["n4", "n3", "n2"]);
+    assert!(a.iter().all(|r| r.action == "push" && r.actor == "op"));
+    assert!(a.windows(2).all(|w| w[0].at_ms >= w[1].at_ms));
+}
+
+fn record(id: &str, outcome: JournalOutcome) -> SwipeRecord {
+    SwipeRecord {
+        event_id: id.into(),
+        machine: 1,
+        reader: "r1".into(),
+        card_masked: "****1234".into(),
+        swiped_at_ms: 0,
+        outcome,
+        detail: "queued for generic 1/r1".into(),
+    }
+}
+
+fn outcome(id: &str, outcome: JournalOutcome, detail: &str) -> JournalOp {
+    JournalOp::Outcome {
+        event_id: id.into(),
+        outcome,
+        detail: detail.into(),
+    }
+}
+
+pub(crate) async fn journal_insert_outcome_and_list(new: Factory) {
+    let f = new();
+    let j = f.store.journal().clone();
+    j.write_batch(&[
+        JournalOp::Insert(record("e1", JournalOutcome::Queued), None),
+        JournalOp::Insert(record("e2", JournalOutcome::Queued), None),
+        outcome("e1", JournalOutcome::Expired, "g"),
+    ])
+    .unwrap();
+    j.write_batch(&[
+        outcome("e1", JournalOutcome::Delivered, "rf"),
+        outcome("e2", JournalOutcome::Failed, "rf"),
+        outcome("e2", JournalOutcome::Expired, "g"),
+    ])
+    .unwrap();
+    let rows = j.list(10).await.unwrap();
+    let got: Vec<(&str, JournalOutcome, &str)> = rows
+        .iter()
+        .map(|r| (r.event_id.as_str(), r.outcome, r.detail.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("e2", JournalOutcome::Failed, "rf; g"),
+            ("e1", JournalOutcome::Delivered, "g; rf"),
+        ]
+    );
+    assert_eq!(rows[0].card_masked, "****1234");
+    assert_eq!(j.list(1).await.unwrap().len(), 1, "limit");
+    // An outcome for an unknown event changes nothing.
+    j.write_batch(&[outcome("nope", JournalOutcome::Busy, "x")])
+        .unwrap();
+    assert_eq!(j.list(10).await.unwrap().len(), 2);
+}
+
+pub(crate) async fn journal_duplicate_event_ids_update_the_newest(new: Factory) {
+    let f = new();
+    let j = f.store.journal().clone();
+    j.write_batch(&[
+        JournalOp::Insert(record("e1", JournalOutcome::Queued), None),
+        JournalOp::Insert(record("e1", JournalOutcome::Queued), None),
+        outcome("e1", JournalOutcome::Busy, "full"),
+    ])
+    .unwrap();
+    let rows = j.list(10).await.unwrap();
+    assert_eq!(rows.len(), 2, "both records are kept");
+    assert_eq!(
+        (rows[0].outcome, rows[1].outcome),
+        (JournalOutcome::Busy, JournalOutcome::Queued)
+    );
+}
+
+pub(crate) async fn journal_recent_ids_are_bounded_and_oldest_first(new: Factory) {
+    let f = new();
+    let j = f.store.journal().clone();
+    let batch: Vec<JournalOp> = (0..5)
+        .map(|i| JournalOp::Insert(record(&format!("e{i}"), JournalOutcome::NoRoute), None))
+        .collect();
+    j.write_batch(&batch).unwrap();
+    let recent = j.recent_event_ids(3, 0).unwrap();
+    let ids: Vec<&str> = recent.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, vec!["e2", "e3", "e4"]);
+    assert!(
+        j.recent_event_ids(10, now_ms() + 60_000)
+            .unwrap()
+            .is_empty()
+    );
+    j.checkpoint().await.unwrap();
+}
+
+pub(crate) async fn journal_commit_now_when_idle(new: Factory) {
+    let f = new();
+    let j = f.store.journal().clone();
+    assert!(!j.store_busy());
+    assert!(!j.yield_to_store(Duration::from_millis(10)));
+    let back = j
+        .commit_now(record("fast", JournalOutcome::NoRoute))
+        .unwrap();
+    assert!(back.is_none(), "committed");
+    let rows = j.list(10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].event_id.as_str(), rows[0].outcome),
+        ("fast", JournalOutcome::NoRoute)
+    );
+}
+
+pub(crate) async fn device_settings_are_stored_with_their_audit(new: Factory) {
+    let f = new();
+    let d = f.store.devices().clone();
+    assert!(d.load_all().unwrap().is_empty());
+    let change = |name: &str, value: &str| SettingChange {
+        name: name.into(),
+        value: value.into(),
+        audit_detail: format!("{name} set to {value}"),
+    };
+    d.store(
+        1,
+        "r1".into(),
+        vec![change("a", "1"), change("b", "2")],
+        now_ms(),
+        "print-server 10.0.0.1".into(),
+        "10.0.0.1:4000".into(),
+        "rfideas_config",
+    )
+    .await
+    .unwrap();
+    d.store(
+        1,
+        "r1".into(),
+        vec![change("a", "3")],
+        now_ms(),
+        "print-server 10.0.0.1".into(),
+        "10.0.0.1:4000".into(),
+        "rfideas_config",
+    )
+    .await
+    .unwrap();
+    let mut all: Vec<(u16, String, String, String)> = d
+        .load_all()
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.machine, s.reader, s.name, s.value))
+        .collect();
+    all.sort();
+    assert_eq!(
+        all,
+        vec![
+            (1, "r1".into(), "a".into(), "3".into()),
+            (1, "r1".into(), "b".into(), "2".into()),
+        ]
+    );
+    let audit = f.store.audit().list(10).await.unwrap();
+    assert_eq!(audit.len(), 3);
+    assert_eq!(audit[0].detail, "a set to 3");
+    assert!(audit.iter().all(|a| a.action == "rfideas_config"));
+}
+
+pub(crate) async fn health_probe_answers(new: Factory) {
+    let f = new();
+    f.store.health().probe().await.unwrap();
+}
