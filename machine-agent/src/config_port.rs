@@ -80,12 +80,54 @@ pub enum Decision {
     Nack(Frame),
 }
 
-fn nack(version: u8, machine_id: u16, request_id: u64, reason: NackReason, text: String) -> Frame {
-    if version == 1 {
-        scm_proto::reply_frame(&Message::nack(request_id, reason, text), machine_id)
-    } else {
-        scm_proto::text_frame(Code::Nack, machine_id, &text)
+/// The two dialects of the protocol as the config port answers them: version 0 with a
+/// status text, version 1 with a message echoing the request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    V0,
+    V1,
+}
+
+impl Dialect {
+    /// Version 1 is this project's protocol; anything else is answered as version 0.
+    fn of(version: u8) -> Dialect {
+        if version == 1 {
+            Dialect::V1
+        } else {
+            Dialect::V0
+        }
     }
+
+    /// The request id to echo (version 0 has none; 0 when the payload is unreadable).
+    fn request_id(self, frame: &Frame) -> u64 {
+        match self {
+            Dialect::V1 => Message::decode(frame).map(|m| m.request_id()).unwrap_or(0),
+            Dialect::V0 => 0,
+        }
+    }
+
+    fn nack(self, machine_id: u16, request_id: u64, reason: NackReason, text: String) -> Frame {
+        match self {
+            Dialect::V1 => {
+                scm_proto::reply_frame(&Message::nack(request_id, reason, text), machine_id)
+            }
+            Dialect::V0 => scm_proto::text_frame(Code::Nack, machine_id, &text),
+        }
+    }
+
+    /// The ACK of a stored CONFIG (version 0: `OK`).
+    fn stored(self, machine_id: u16, request_id: u64, text: String, generation: u64) -> Frame {
+        match self {
+            Dialect::V1 => {
+                scm_proto::reply_frame(&Message::ack(request_id, text, generation), machine_id)
+            }
+            Dialect::V0 => scm_proto::text_frame(Code::Ack, machine_id, "OK"),
+        }
+    }
+}
+
+fn nack(version: u8, machine_id: u16, request_id: u64, reason: NackReason, text: String) -> Frame {
+    Dialect::of(version).nack(machine_id, request_id, reason, text)
 }
 
 /// Checks one frame (pure: no I/O), so every refusal is unit-tested.
@@ -94,11 +136,8 @@ pub fn decide(machine_id: u16, frame: &Frame) -> Decision {
     if let Some(n) = frame.nack_if_unknown() {
         return Decision::Nack(n);
     }
-    let request_id = if version == 1 {
-        Message::decode(frame).map(|m| m.request_id()).unwrap_or(0)
-    } else {
-        0
-    };
+    let dialect = Dialect::of(version);
+    let request_id = dialect.request_id(frame);
     if frame.code() != Some(Code::Config) {
         return Decision::Nack(nack(
             version,
@@ -120,7 +159,7 @@ pub fn decide(machine_id: u16, frame: &Frame) -> Decision {
             ),
         ));
     }
-    if version == 0 {
+    if dialect == Dialect::V0 {
         return Decision::Store {
             content: frame.data.to_vec(),
             generation: 0,
@@ -261,11 +300,7 @@ impl ConfigPort {
                             // Fault tests: stored durably, not yet ACKed.
                             scm_common::failpoint::pause("agent-after-durable-write").await;
                         }
-                        if version == 1 {
-                            scm_proto::reply_frame(&Message::ack(request_id, text, generation), id)
-                        } else {
-                            scm_proto::text_frame(Code::Ack, id, "OK")
-                        }
+                        Dialect::of(version).stored(id, request_id, text, generation)
                     }
                     Err(e) => {
                         tracing::error!("{e}");

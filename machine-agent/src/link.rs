@@ -2,6 +2,10 @@
 //! carry the SCM identity), say HELLO with the applied generation and hash and the config
 //! port, then send heartbeats. Any failure closes the link and the agent reconnects after
 //! a jittered exponential back-off, so a restarted SCM is not hit by every agent at once.
+//!
+//! The protocol decisions are in [`machine`] (I/O-free, unit-tested with paused time);
+//! this file connects, and drives the state machine with frames, timers and the swipe
+//! queue. The driver is generic over the byte stream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +14,16 @@ use scm_certs::identity::Identity;
 use scm_common::reload::Slot;
 use scm_proto::FrameCodec;
 use scm_proto::io::{FrameReader, write_frame};
-use scm_proto::v1::{self, Message};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::storage::ConfigStore;
 use crate::swipes::SwipeQueue;
+
+pub(crate) mod machine;
+
+use machine::{Action, AgentLink, Applied, Params, Reconnect};
 
 /// Settings for the link.
 #[derive(Debug, Clone)]
@@ -76,21 +84,21 @@ pub async fn run(
     queue: Arc<SwipeQueue>,
     shutdown: CancellationToken,
 ) {
-    let mut attempt = 0u32;
+    let mut reconnect = Reconnect::default();
     loop {
         // The connector in force (a reload replaces it for the next connection).
         let current = connector.current();
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = session(&settings, &current, &store, &queue, &mut attempt) => r,
+            r = session(&settings, &current, &store, &queue, &mut reconnect) => r,
         };
         queue.link_lost();
         crate::metrics::global().link_lost();
         if let Err(e) = result {
             tracing::warn!("{e}");
         }
+        let attempt = reconnect.next_attempt();
         let delay = backoff(attempt, settings.reconnect_min, settings.reconnect_max);
-        attempt = attempt.saturating_add(1);
         tracing::info!("reconnecting to the SCM in {} ms", delay.as_millis());
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -104,7 +112,7 @@ async fn session(
     connector: &tokio_rustls::TlsConnector,
     store: &Arc<tokio::sync::Mutex<ConfigStore>>,
     queue: &SwipeQueue,
-    attempt: &mut u32,
+    reconnect: &mut Reconnect,
 ) -> Result<(), LinkError> {
     let connect_err = |reason: String| LinkError::Connect {
         addr: s.scm_address.clone(),
@@ -121,120 +129,100 @@ async fn session(
             crate::metrics::global().handshake_failed(&e);
             connect_err(format!("TLS handshake refused ({}): {e}", e.reason()))
         })?;
-    let (r, mut w) = tokio::io::split(tls);
-    let mut reader = FrameReader::new(r, FrameCodec::new(4096));
+    let (r, w) = tokio::io::split(tls);
     let applied = store.lock().await.applied();
-    let mut request_id = 1u64;
-    let hello = Message::Hello(v1::Hello {
-        request_id,
-        agent_version: format!("machine-agent {}", env!("CARGO_PKG_VERSION")),
-        config_port: u32::from(s.config_port),
-        applied_generation: applied.as_ref().map(|a| a.generation).unwrap_or(0),
-        applied_sha256: applied
-            .as_ref()
-            .map(|a| a.sha256.to_vec())
-            .unwrap_or_default(),
-        readers: s.readers.clone(),
-    });
-    write_frame(&mut w, &scm_proto::reply_frame(&hello, s.machine_id))
-        .await
-        .map_err(|e| connect_err(e.to_string()))?;
-    // In TLS 1.3 a refused client certificate only shows here, on the first read.
-    let answer = reader
-        .read_frame(Some(s.reply), s.stall)
-        .await
-        .map_err(|e| LinkError::Refused(format!("no answer to HELLO ({e}); is our certificate accepted?")))?
-        .ok_or_else(|| LinkError::Refused("connection closed before the answer to HELLO; the SCM may have refused our certificate".into()))?;
-    match Message::decode(&answer) {
-        Ok(Message::Ack(a)) if a.request_id == request_id => {
-            tracing::info!(
-                "connected to SCM at {} (desired generation {})",
-                s.scm_address,
-                a.generation
-            );
-        }
-        Ok(Message::Nack(n)) => {
-            return Err(LinkError::Refused(format!(
-                "{} ({})",
-                n.detail,
-                n.reason().as_str_name()
-            )));
-        }
-        Ok(m) => {
-            return Err(LinkError::Refused(format!(
-                "unexpected answer {}",
-                m.code().name()
-            )));
-        }
-        Err(_) => {
-            return Err(LinkError::Refused(format!(
-                "unexpected answer: {}",
-                answer.text_lossy()
-            )));
-        }
-    }
-    *attempt = 0;
-    crate::metrics::global().link_established();
-    let mut tick = tokio::time::interval(s.heartbeat);
-    tick.tick().await;
-    let mut outstanding: Option<(u64, tokio::time::Instant)> = None;
-    let mut send_swipes = true;
+    drive(s, r, w, applied, queue, reconnect).await
+}
+
+/// Runs one connection to the SCM over any byte stream until it fails.
+async fn drive<R, W>(
+    s: &LinkSettings,
+    r: R,
+    mut w: W,
+    applied: Option<crate::storage::Applied>,
+    queue: &SwipeQueue,
+    reconnect: &mut Reconnect,
+) -> Result<(), LinkError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut reader = FrameReader::new(r, FrameCodec::new(4096));
+    let mut link = AgentLink::new(
+        Params {
+            machine_id: s.machine_id,
+            config_port: s.config_port,
+            heartbeat: s.heartbeat,
+            reply: s.reply,
+            stall: s.stall,
+            readers: s.readers.clone(),
+        },
+        applied.map(|a| Applied {
+            generation: a.generation,
+            sha256: a.sha256,
+        }),
+    );
     loop {
-        if send_swipes {
-            send_swipes = false;
-            let batch = queue.take_unsent(|| {
-                request_id += 1;
-                request_id
-            });
-            for m in &batch {
-                write_frame(&mut w, &scm_proto::reply_frame(m, s.machine_id))
-                    .await
-                    .map_err(|e| LinkError::Lost(e.to_string()))?;
+        while let Some(action) = link.poll_action() {
+            match action {
+                Action::Send(f) => write_frame(&mut w, &f).await.map_err(|e| {
+                    if link.is_up() {
+                        LinkError::Lost(e.to_string())
+                    } else {
+                        LinkError::Connect {
+                            addr: s.scm_address.clone(),
+                            reason: e.to_string(),
+                        }
+                    }
+                })?,
+                Action::Established { desired } => {
+                    tracing::info!(
+                        "connected to SCM at {} (desired generation {desired})",
+                        s.scm_address,
+                    );
+                    reconnect.established();
+                    crate::metrics::global().link_established();
+                }
+                Action::SendSwipes => {
+                    let batch = queue.take_unsent(|| link.next_request_id());
+                    for m in &batch {
+                        write_frame(&mut w, &scm_proto::reply_frame(m, s.machine_id))
+                            .await
+                            .map_err(|e| LinkError::Lost(e.to_string()))?;
+                    }
+                }
+                Action::Answered(a) => {
+                    let swipe = queue.answered(a.request_id, a.ok, a.reason, &a.detail);
+                    link.answered(a, swipe);
+                }
+                Action::Close(e) => return Err(e),
             }
         }
-        let deadline = outstanding
-            .map(|(_, t)| t + s.reply)
-            .unwrap_or_else(|| tokio::time::Instant::now() + s.heartbeat * 4);
+        let (idle, stall) = link.read_limits();
+        // Without a link timer (before the HELLO is answered) this sleeps for ever; the
+        // read's idle timeout bounds that phase.
+        let timer = link.poll_timeout();
         let swipe_deadline = queue
             .next_deadline()
             .unwrap_or_else(|| tokio::time::Instant::now() + s.heartbeat);
+        let up = link.is_up();
         tokio::select! {
-            _ = tick.tick() => {
-                if outstanding.is_none() {
-                    request_id += 1;
-                    let hb = Message::Heartbeat(v1::Heartbeat { request_id, sent_at_unix_ms: now_ms() });
-                    write_frame(&mut w, &scm_proto::reply_frame(&hb, s.machine_id)).await.map_err(|e| LinkError::Lost(e.to_string()))?;
-                    outstanding = Some((request_id, tokio::time::Instant::now()));
-                }
-            }
-            _ = queue.changed() => send_swipes = true,
-            _ = tokio::time::sleep_until(swipe_deadline) => send_swipes = true,
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(LinkError::Lost("no answer from the SCM in time".into()));
-            }
-            f = reader.read_frame(None, s.stall) => {
-                let f = f.map_err(|e| LinkError::Lost(e.to_string()))?
-                    .ok_or_else(|| LinkError::Lost("the SCM closed the link".into()))?;
-                match Message::decode(&f) {
-                    Ok(Message::Ack(a)) => {
-                        if queue.answered(a.request_id, true, v1::NackReason::Unspecified, &a.detail) {
-                            send_swipes = true;
-                        } else if outstanding.is_some_and(|(id, _)| id == a.request_id) {
-                            outstanding = None;
-                        }
-                    }
-                    Ok(Message::Nack(n)) => {
-                        if queue.answered(n.request_id, false, n.reason(), &n.detail) {
-                            send_swipes = true;
-                        } else {
-                            tracing::warn!("SCM NACK: {} ({})", n.detail, n.reason().as_str_name());
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!("undecodable frame from the SCM: {e}"),
-                }
-            }
+            _ = sleep_until(timer) => link.handle_timeout(tokio::time::Instant::now()),
+            _ = queue.changed(), if up => link.swipes_due(),
+            _ = tokio::time::sleep_until(swipe_deadline), if up => link.swipes_due(),
+            f = reader.read_frame(idle, stall) => match f {
+                Ok(Some(f)) => link.handle_frame(f, tokio::time::Instant::now()),
+                Ok(None) => link.handle_end(),
+                Err(e) => link.handle_error(e),
+            },
         }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

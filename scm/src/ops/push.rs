@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use scm_certs::identity::Identity;
 use scm_proto::io::{FrameReader, write_frame};
-use scm_proto::v1::{self, Message};
-use scm_proto::{Code, Frame, FrameCodec};
+use scm_proto::{Frame, FrameCodec};
 use tokio::net::TcpStream;
 
 use crate::hub::Hub;
+use crate::link::dialect::Dialect;
 use crate::state::{Durability, Generation, Outcome, StoreError};
 
 /// What became of a push.
@@ -270,47 +270,12 @@ pub fn config_frame(
     generation: &Generation,
     request_id: u64,
 ) -> Result<Frame, scm_proto::FrameError> {
-    let id = generation.machine_id;
-    if version == 0 {
-        Frame::v0(Code::Config, id, generation.content.clone())
-    } else {
-        let sha = hex::decode(&generation.sha256).unwrap_or_default();
-        Message::Config(v1::Config {
-            request_id,
-            generation: generation.generation,
-            content: generation.content.clone(),
-            sha256: sha,
-        })
-        .to_frame(id)
-    }
+    Dialect::from_version(version).config_frame(generation, request_id)
 }
 
 /// Interprets a frame received in answer to a CONFIG.
 pub fn parse_reply(frame: &Frame, id: u16, request_id: u64) -> Result<Reply, String> {
-    if frame.id != id {
-        return Err(format!("answer names machine {} instead of {id}", frame.id));
-    }
-    if frame.version == 0 {
-        return match frame.code() {
-            Some(Code::Ack) => Ok(Reply::Ack(frame.text_lossy())),
-            Some(Code::Nack) => Ok(Reply::Nack(frame.text_lossy())),
-            _ => Err(format!("unexpected answer code {}", frame.code)),
-        };
-    }
-    match Message::decode(frame) {
-        Ok(Message::Ack(a)) if a.request_id == request_id => Ok(Reply::Ack(a.detail)),
-        Ok(Message::Nack(n)) if n.request_id == request_id => Ok(Reply::Nack(format!(
-            "{} ({})",
-            n.detail,
-            n.reason().as_str_name()
-        ))),
-        Ok(m) => Err(format!(
-            "unexpected answer {} with request id {}",
-            m.code().name(),
-            m.request_id()
-        )),
-        Err(e) => Err(format!("malformed answer: {e}")),
-    }
+    Dialect::from_version(frame.version).parse_reply(frame, id, request_id)
 }
 
 async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result<Reply, String> {
@@ -383,6 +348,8 @@ fn count_outcome_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use scm_proto::Code;
+    use scm_proto::v1::{self, Message};
 
     fn generation() -> Generation {
         Generation {

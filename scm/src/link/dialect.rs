@@ -1,0 +1,317 @@
+//! The two dialects of the machine protocol (docs/protocol.md section 4): how a frame's
+//! payload is read, how each dialect answers, which requests need a HELLO on the same
+//! connection, and how a CONFIG and its answer are encoded. Everything that differs
+//! between version 0 and version 1 is decided here, so the link's state machine and the
+//! config-port push carry no version branches of their own.
+
+use scm_proto::v1::{self, Message, NackReason, PayloadError};
+use scm_proto::{Code, Frame, FrameError};
+
+use crate::ops::push::Reply;
+use crate::state::Generation;
+
+/// A protocol version this SCM speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// The original protocol: raw payloads, status texts, no request ids.
+    V0,
+    /// This project's agents: protobuf payloads, request ids echoed in answers.
+    V1,
+}
+
+/// A request from a machine, read in its dialect. Version 0 has no request ids: they
+/// are 0 there, and the answer refers to the request just before it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Request {
+    /// HELLO, with what a version-1 agent announces (nothing for version 0).
+    Hello {
+        request_id: u64,
+        config_port: Option<u16>,
+        readers: Vec<String>,
+        applied_sha256: Vec<u8>,
+    },
+    /// MSG and its text.
+    Msg { request_id: u64, text: String },
+    /// HEARTBEAT (version 1).
+    Heartbeat { request_id: u64 },
+    /// SWIPE (version 1).
+    Swipe(v1::Swipe),
+    /// An ACK or NACK: never answered.
+    Answer(Code),
+    /// A request only the SCM may send (CONFIG, RESET).
+    NotAccepted { request_id: u64, code: Code },
+}
+
+impl Dialect {
+    /// The dialect of a frame of this version, if the version is supported.
+    pub(crate) fn of(version: u8) -> Option<Dialect> {
+        match version {
+            0 => Some(Dialect::V0),
+            1 => Some(Dialect::V1),
+            _ => None,
+        }
+    }
+
+    /// The dialect to speak to a machine configured (or last seen) at `version`: 0 is
+    /// the original protocol, anything newer is this project's agents.
+    pub(crate) fn from_version(version: u8) -> Dialect {
+        if version == 0 {
+            Dialect::V0
+        } else {
+            Dialect::V1
+        }
+    }
+
+    /// The VERSION byte.
+    pub(crate) fn version(self) -> u8 {
+        match self {
+            Dialect::V0 => 0,
+            Dialect::V1 => 1,
+        }
+    }
+
+    /// Reads a frame whose version and code are known.
+    pub(crate) fn parse(self, frame: &Frame, code: Code) -> Result<Request, PayloadError> {
+        match self {
+            Dialect::V0 => Ok(match code {
+                Code::Hello => Request::Hello {
+                    request_id: 0,
+                    config_port: None,
+                    readers: Vec::new(),
+                    applied_sha256: Vec::new(),
+                },
+                Code::Msg => Request::Msg {
+                    request_id: 0,
+                    text: frame.text_lossy(),
+                },
+                Code::Ack | Code::Nack => Request::Answer(code),
+                // SWIPE and HEARTBEAT are unknown codes in version 0 and never get here.
+                _ => Request::NotAccepted {
+                    request_id: 0,
+                    code,
+                },
+            }),
+            Dialect::V1 => Ok(match Message::decode(frame)? {
+                Message::Hello(h) => Request::Hello {
+                    request_id: h.request_id,
+                    config_port: u16::try_from(h.config_port).ok().filter(|p| *p != 0),
+                    readers: h.readers,
+                    applied_sha256: h.applied_sha256,
+                },
+                Message::Msg(m) => Request::Msg {
+                    request_id: m.request_id,
+                    text: m.text,
+                },
+                Message::Heartbeat(h) => Request::Heartbeat {
+                    request_id: h.request_id,
+                },
+                Message::Swipe(s) => Request::Swipe(s),
+                Message::Ack(_) | Message::Nack(_) => Request::Answer(code),
+                m @ (Message::Config(_) | Message::Reset(_)) => Request::NotAccepted {
+                    request_id: m.request_id(),
+                    code,
+                },
+            }),
+        }
+    }
+
+    /// The request id of a frame, for a NACK sent before the frame is otherwise read
+    /// (0 when there is none or the payload cannot be read).
+    pub(crate) fn request_id(self, frame: &Frame) -> u64 {
+        match self {
+            Dialect::V0 => 0,
+            Dialect::V1 => Message::decode(frame).map(|m| m.request_id()).unwrap_or(0),
+        }
+    }
+
+    /// Whether every request but HELLO needs an accepted HELLO on the same connection.
+    /// Version 0 has no such rule: a version-0 MSG on a new connection is checked
+    /// against the address of the machine's last HELLO instead.
+    pub(crate) fn needs_hello_on_link(self) -> bool {
+        self == Dialect::V1
+    }
+
+    /// Whether a waiting configuration is delivered in-band, as the answer to HELLO
+    /// (version 0), rather than over the machine's config port after the ACK.
+    pub(crate) fn config_in_band(self) -> bool {
+        self == Dialect::V0
+    }
+
+    /// Whether answers to ordinary requests are held back and sent with the answers to
+    /// the frames that arrived with them. Version-0 machines have one request
+    /// outstanding at a time, so their answers go out at once.
+    pub(crate) fn batches_answers(self) -> bool {
+        self == Dialect::V1
+    }
+
+    /// An ACK: version 0 sends `detail` as the status text, version 1 an `Ack` echoing
+    /// `request_id` with `detail` and `generation`.
+    pub(crate) fn ack(
+        self,
+        id: u16,
+        request_id: u64,
+        detail: impl Into<String>,
+        generation: u64,
+    ) -> Frame {
+        match self {
+            Dialect::V0 => scm_proto::text_frame(Code::Ack, id, &detail.into()),
+            Dialect::V1 => {
+                scm_proto::reply_frame(&Message::ack(request_id, detail, generation), id)
+            }
+        }
+    }
+
+    /// A NACK: version 0 sends the text alone, version 1 a `Nack` with `reason`.
+    pub(crate) fn nack(
+        self,
+        id: u16,
+        request_id: u64,
+        reason: NackReason,
+        text: impl Into<String>,
+    ) -> Frame {
+        match self {
+            Dialect::V0 => scm_proto::text_frame(Code::Nack, id, &text.into()),
+            Dialect::V1 => scm_proto::reply_frame(&Message::nack(request_id, reason, text), id),
+        }
+    }
+
+    /// The CONFIG frame carrying `generation` (version 1 with its number and hash).
+    pub(crate) fn config_frame(
+        self,
+        generation: &Generation,
+        request_id: u64,
+    ) -> Result<Frame, FrameError> {
+        let id = generation.machine_id;
+        match self {
+            Dialect::V0 => Frame::v0(Code::Config, id, generation.content.clone()),
+            Dialect::V1 => {
+                let sha = hex::decode(&generation.sha256).unwrap_or_default();
+                Message::Config(v1::Config {
+                    request_id,
+                    generation: generation.generation,
+                    content: generation.content.clone(),
+                    sha256: sha,
+                })
+                .to_frame(id)
+            }
+        }
+    }
+
+    /// Interprets a frame in this dialect received in answer to a CONFIG for machine
+    /// `id` (version 1: sent with `request_id`).
+    pub(crate) fn parse_reply(
+        self,
+        frame: &Frame,
+        id: u16,
+        request_id: u64,
+    ) -> Result<Reply, String> {
+        if frame.id != id {
+            return Err(format!("answer names machine {} instead of {id}", frame.id));
+        }
+        match self {
+            Dialect::V0 => match frame.code() {
+                Some(Code::Ack) => Ok(Reply::Ack(frame.text_lossy())),
+                Some(Code::Nack) => Ok(Reply::Nack(frame.text_lossy())),
+                _ => Err(format!("unexpected answer code {}", frame.code)),
+            },
+            Dialect::V1 => match Message::decode(frame) {
+                Ok(Message::Ack(a)) if a.request_id == request_id => Ok(Reply::Ack(a.detail)),
+                Ok(Message::Nack(n)) if n.request_id == request_id => Ok(Reply::Nack(format!(
+                    "{} ({})",
+                    n.detail,
+                    n.reason().as_str_name()
+                ))),
+                Ok(m) => Err(format!(
+                    "unexpected answer {} with request id {}",
+                    m.code().name(),
+                    m.request_id()
+                )),
+                Err(e) => Err(format!("malformed answer: {e}")),
+            },
+        }
+    }
+}
+
+/// Whether a version-0 MSG on a connection without HELLO comes from the address of the
+/// machine's last HELLO (`last_peer`, as recorded): the IP must match, the port may not.
+pub(crate) fn from_last_hello_address(last_peer: Option<&str>, peer: std::net::SocketAddr) -> bool {
+    last_peer
+        .and_then(|p| p.parse::<std::net::SocketAddr>().ok())
+        .map(|a| a.ip())
+        == Some(peer.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_map_to_dialects() {
+        assert_eq!(Dialect::of(0), Some(Dialect::V0));
+        assert_eq!(Dialect::of(1), Some(Dialect::V1));
+        assert_eq!(Dialect::of(7), None);
+        assert_eq!(Dialect::from_version(0), Dialect::V0);
+        assert_eq!(Dialect::from_version(3), Dialect::V1);
+        assert_eq!(Dialect::V1.version(), 1);
+    }
+
+    #[test]
+    fn answers_per_dialect() {
+        let a = Dialect::V0.ack(42, 9, "OK", 3);
+        assert_eq!(
+            a.to_bytes().unwrap().as_ref(),
+            b"\x00\x96\x2a\x00\x02\x00OK"
+        );
+        let n = Dialect::V0.nack(42, 9, NackReason::NotAllowed, "no");
+        assert_eq!(
+            n.to_bytes().unwrap().as_ref(),
+            b"\x00\x97\x2a\x00\x02\x00no"
+        );
+        match Message::decode(&Dialect::V1.ack(42, 9, "OK", 3)).unwrap() {
+            Message::Ack(a) => assert_eq!(
+                (a.request_id, a.detail.as_str(), a.generation),
+                (9, "OK", 3)
+            ),
+            m => panic!("{m:?}"),
+        }
+        match Message::decode(&Dialect::V1.nack(42, 9, NackReason::NotAllowed, "no")).unwrap() {
+            Message::Nack(n) => assert_eq!((n.request_id, n.reason()), (9, NackReason::NotAllowed)),
+            m => panic!("{m:?}"),
+        }
+    }
+
+    #[test]
+    fn last_hello_address_compares_ips_only() {
+        let peer: std::net::SocketAddr = "10.0.0.5:4000".parse().unwrap();
+        let cases = [
+            (Some("10.0.0.5:3999"), true),
+            (Some("10.0.0.6:4000"), false),
+            (Some("not an address"), false),
+            (None, false),
+        ];
+        for (last, want) in cases {
+            assert_eq!(from_last_hello_address(last, peer), want, "{last:?}");
+        }
+    }
+
+    #[test]
+    fn v0_requests_have_no_ids_and_config_is_refused() {
+        let msg = Frame::v0(Code::Msg, 3, &b"hi"[..]).unwrap();
+        assert_eq!(
+            Dialect::V0.parse(&msg, Code::Msg).unwrap(),
+            Request::Msg {
+                request_id: 0,
+                text: "hi".into()
+            }
+        );
+        let cfg = Frame::v0(Code::Config, 3, &b"x"[..]).unwrap();
+        assert_eq!(
+            Dialect::V0.parse(&cfg, Code::Config).unwrap(),
+            Request::NotAccepted {
+                request_id: 0,
+                code: Code::Config
+            }
+        );
+        assert_eq!(Dialect::V0.request_id(&msg), 0);
+    }
+}
