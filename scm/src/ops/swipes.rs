@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::bridges::generic::{GenericBridge, Outcome, OutcomeReport};
 use crate::bridges::rfideas::{self, RfideasBridge};
-use crate::bridges::{BridgeSwipe, Route, SubmitError};
+use crate::bridges::{Bridge, BridgeSwipe, Route, SubmitError};
 use crate::coord::dedup::{Dedup, LocalDedup};
 use crate::state::{
     JournalOp, JournalOutcome, StoreError, SwipeJournal, SwipeRecord as Row, now_ms,
@@ -88,6 +88,8 @@ pub struct Swipes {
     /// When the fast path last committed (tokio time).
     last_inline: Mutex<Option<tokio::time::Instant>>,
     bridge: Arc<GenericBridge>,
+    /// The bridges a swipe is routed over, in the order their names appear in details.
+    routes: [Arc<dyn Bridge>; 2],
     /// Where every answered swipe is published (masked).
     events: crate::coord::events::Events,
     rfideas: Arc<RfideasBridge>,
@@ -149,6 +151,7 @@ impl Swipes {
             journal: tx,
             journal_store: conn.clone(),
             last_inline: Mutex::new(None),
+            routes: [bridge.clone(), Arc::new(rfideas.clone())],
             bridge,
             events,
             rfideas,
@@ -321,26 +324,28 @@ impl Swipes {
             return Verdict::Ack("duplicate; already received".into());
         }
         let expires_at = tokio::time::Instant::now() + Duration::from_millis(ttl);
-        let generic = self.bridge.has_device(machine, &s.reader_id);
-        // A 241 device that no print server has configured yet (no swipe URL) only takes
-        // the swipe when it is the reader's only route (and then records why it failed).
-        let rf = match self.rfideas.route(machine, &s.reader_id) {
-            Route::Ready => true,
-            Route::NotConfigured => !generic,
-            Route::None => false,
+        // Ready bridges take the swipe; a device that cannot deliver yet (a 241 device no
+        // print server has configured) only when nothing is ready, and then records why
+        // it failed. At most two bridges: no allocation for the choice.
+        let routes = self.routes.each_ref().map(|b| b.route(machine, &s.reader_id));
+        let wanted = if routes.contains(&Route::Ready) {
+            Route::Ready
+        } else {
+            Route::NotConfigured
         };
-        let routed = generic || rf;
+        let chosen = routes.map(|r| r == wanted);
+        let routed = chosen.contains(&true);
         let (outcome, detail) = if routed {
-            let mut to = Vec::new();
-            if generic {
-                to.push(format!("generic {machine}/{}", s.reader_id));
-            }
-            if rf {
-                to.push(format!("rfideas {machine}/{}", s.reader_id));
+            let mut to = String::new();
+            for (b, _) in self.routes.iter().zip(chosen).filter(|(_, c)| *c) {
+                if !to.is_empty() {
+                    to.push_str(" and ");
+                }
+                to.push_str(&format!("{} {machine}/{}", b.name(), s.reader_id));
             }
             (
                 JournalOutcome::Queued,
-                format!("queued for {}", to.join(" and ")),
+                format!("queued for {to}"),
             )
         } else {
             (
@@ -381,32 +386,33 @@ impl Swipes {
             expires_at,
             received_at,
         };
-        let rf_result = if rf {
-            Some(self.rfideas.submit(machine, &s.reader_id, swipe.clone()))
-        } else {
-            None
-        };
-        let generic_result = if generic {
-            self.bridge.submit(machine, &s.reader_id, swipe)
-        } else {
-            Err(SubmitError::NoDevice)
-        };
-        // With both bridges, one accepting the swipe is enough.
-        let result = match rf_result {
-            Some(Ok(())) => {
-                if let Err(e) = &generic_result
-                    && generic
-                {
-                    tracing::warn!(machine, reader = %s.reader_id, event = %s.event_id, "generic bridge did not take the swipe: {e}");
+        // With both bridges, one taking the swipe is enough; if none does, the first
+        // bridge's refusal is the answer.
+        let mut taken = false;
+        let mut refusal = None;
+        let mut swipe = Some(swipe);
+        let last = chosen.iter().rposition(|c| *c);
+        let several = chosen.iter().filter(|c| **c).count() > 1;
+        for (i, b) in self.routes.iter().enumerate().filter(|(i, _)| chosen[*i]) {
+            let one = if Some(i) == last {
+                swipe.take()
+            } else {
+                swipe.clone()
+            };
+            let Some(one) = one else { break };
+            match b.submit(machine, &s.reader_id, one) {
+                Ok(()) => taken = true,
+                Err(e) => {
+                    if several {
+                        tracing::warn!(machine, reader = %s.reader_id, event = %s.event_id, "{} bridge did not take the swipe: {e}", b.name());
+                    }
+                    refusal.get_or_insert(e);
                 }
-                Ok(())
             }
-            Some(Err(e)) if !generic => Err(e),
-            Some(Err(e)) => {
-                tracing::warn!(machine, reader = %s.reader_id, event = %s.event_id, "rfideas bridge did not take the swipe: {e}");
-                generic_result
-            }
-            None => generic_result,
+        }
+        let result = match (taken, refusal) {
+            (true, _) | (false, None) => Ok(()),
+            (false, Some(e)) => Err(e),
         };
         match result {
             Ok(()) => {
