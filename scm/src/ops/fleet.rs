@@ -103,6 +103,19 @@ impl fmt::Display for Target {
     }
 }
 
+impl Target {
+    /// The target as an operator writes it (`7`, `group:lobby`, `label:x`, `all`): what
+    /// [`FromStr`] reads back.
+    pub fn selector(&self) -> String {
+        match self {
+            Target::Machine(id) => id.to_string(),
+            Target::Group(g) => format!("group:{g}"),
+            Target::Label(l) => format!("label:{l}"),
+            Target::All => "all".into(),
+        }
+    }
+}
+
 /// Whether `s` may be used as a group name or a label: 1 to 64 characters from
 /// `A-Z a-z 0-9 . _ - = :`.
 pub fn valid_name(s: &str) -> bool {
@@ -349,6 +362,9 @@ mod tests {
             "label:site=north".parse(),
             Ok(Target::Label("site=north".into()))
         );
+        for t in ["7", "all", "group:lobby", "label:site=north"] {
+            assert_eq!(t.parse::<Target>().unwrap().selector(), t);
+        }
         for bad in [
             "",
             "x",

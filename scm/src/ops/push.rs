@@ -288,42 +288,102 @@ pub fn config_frame(
     }
 }
 
+/// Why a frame is not an answer to our CONFIG.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AnswerError {
+    /// The answer is about another machine.
+    #[error("answer names machine {named} instead of {expected}")]
+    WrongMachine {
+        /// Machine the frame names.
+        named: u16,
+        /// Machine the CONFIG was for.
+        expected: u16,
+    },
+    /// A version-0 frame that is neither ACK nor NACK.
+    #[error("unexpected answer code {0}")]
+    UnexpectedCode(u8),
+    /// A version-1 message that is not the answer to this request.
+    #[error("unexpected answer {code} with request id {request_id}")]
+    Unexpected {
+        /// The message's code name.
+        code: &'static str,
+        /// Its request id.
+        request_id: u64,
+    },
+    /// The payload could not be decoded.
+    #[error("malformed answer: {0}")]
+    Malformed(#[from] scm_proto::PayloadError),
+}
+
 /// Interprets a frame received in answer to a CONFIG.
-pub fn parse_reply(frame: &Frame, id: u16, request_id: u64) -> Result<Reply, String> {
+pub fn parse_answer(frame: &Frame, id: u16, request_id: u64) -> Result<Reply, AnswerError> {
     if frame.id != id {
-        return Err(format!("answer names machine {} instead of {id}", frame.id));
+        return Err(AnswerError::WrongMachine {
+            named: frame.id,
+            expected: id,
+        });
     }
     if frame.version == 0 {
         return match frame.code() {
             Some(Code::Ack) => Ok(Reply::Ack(frame.text_lossy())),
             Some(Code::Nack) => Ok(Reply::Nack(frame.text_lossy())),
-            _ => Err(format!("unexpected answer code {}", frame.code)),
+            _ => Err(AnswerError::UnexpectedCode(frame.code)),
         };
     }
-    match Message::decode(frame) {
-        Ok(Message::Ack(a)) if a.request_id == request_id => Ok(Reply::Ack(a.detail)),
-        Ok(Message::Nack(n)) if n.request_id == request_id => Ok(Reply::Nack(format!(
+    match Message::decode(frame)? {
+        Message::Ack(a) if a.request_id == request_id => Ok(Reply::Ack(a.detail)),
+        Message::Nack(n) if n.request_id == request_id => Ok(Reply::Nack(format!(
             "{} ({})",
             n.detail,
             n.reason().as_str_name()
         ))),
-        Ok(m) => Err(format!(
-            "unexpected answer {} with request id {}",
-            m.code().name(),
-            m.request_id()
-        )),
-        Err(e) => Err(format!("malformed answer: {e}")),
+        m => Err(AnswerError::Unexpected {
+            code: m.code().name(),
+            request_id: m.request_id(),
+        }),
     }
 }
 
-async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result<Reply, String> {
+/// [`parse_answer`] with the error as text, for the in-band CONFIG of `link.rs` (which
+/// records it as a detail). It goes when the link's sans-IO rewrite takes the typed error.
+pub fn parse_reply(frame: &Frame, id: u16, request_id: u64) -> Result<Reply, String> {
+    parse_answer(frame, id, request_id).map_err(|e| e.to_string())
+}
+
+/// Why a CONFIG could not be delivered over the machine's config port (the texts end up
+/// in the attempt's detail and in operators' replies).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum SendError {
+    #[error("no TCP connection within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("cannot connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Handshake(#[source] scm_certs::tls::HandshakeError),
+    #[error("configuration does not fit in a frame: {0}")]
+    Frame(#[source] scm_proto::FrameError),
+    #[error("cannot send CONFIG: {0}")]
+    Send(#[source] std::io::Error),
+    #[error("no answer to CONFIG: {0}")]
+    NoAnswer(#[source] scm_proto::ReadError),
+    #[error(
+        "the machine closed the connection without answering (was the SCM's certificate refused?)"
+    )]
+    Closed,
+    #[error("{0}")]
+    Answer(#[from] AnswerError),
+}
+
+async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result<Reply, SendError> {
     let id = generation.machine_id;
     let version = hub.cfg.machine(id).map(|m| m.protocol_version).unwrap_or(1);
     let connect_timeout = Duration::from_millis(hub.cfg.timeouts.push_connect_ms);
     let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(target))
         .await
-        .map_err(|_| format!("no TCP connection within {connect_timeout:?}"))?
-        .map_err(|e| format!("cannot connect: {e}"))?;
+        .map_err(|_| SendError::ConnectTimeout(connect_timeout))?
+        .map_err(SendError::Connect)?;
     let _ = tcp.set_nodelay(true);
     let tls = scm_certs::tls::connect(
         &hub.tls.machines(),
@@ -332,27 +392,22 @@ async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result
         connect_timeout,
     )
     .await
-    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    .map_err(SendError::Handshake)?;
     let (r, mut w) = tokio::io::split(tls);
     let request_id = hub_request_id(hub);
-    let frame = config_frame(version, generation, request_id)
-        .map_err(|e| format!("configuration does not fit in a frame: {e}"))?;
-    write_frame(&mut w, &frame)
-        .await
-        .map_err(|e| format!("cannot send CONFIG: {e}"))?;
+    let frame = config_frame(version, generation, request_id).map_err(SendError::Frame)?;
+    write_frame(&mut w, &frame).await.map_err(SendError::Send)?;
     scm_common::failpoint::pause("scm-after-config-sent").await;
     let mut reader = FrameReader::new(r, FrameCodec::new(4096));
     let reply_timeout = Duration::from_millis(hub.cfg.timeouts.push_reply_ms);
     let answer = reader
         .read_frame(Some(reply_timeout), reply_timeout)
         .await
-        .map_err(|e| format!("no answer to CONFIG: {e}"))?
-        .ok_or_else(|| {
-            "the machine closed the connection without answering (was the SCM's certificate refused?)".to_string()
-        })?;
+        .map_err(SendError::NoAnswer)?
+        .ok_or(SendError::Closed)?;
     // Close with close_notify so the machine sees a clean end of the session.
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
-    parse_reply(&answer, id, request_id)
+    Ok(parse_answer(&answer, id, request_id)?)
 }
 
 fn hub_request_id(hub: &Hub) -> u64 {
@@ -421,19 +476,25 @@ mod tests {
     #[test]
     fn replies_are_matched_to_the_request() {
         let ack = scm_proto::reply_frame(&Message::ack(5, "stored", 3), 7);
-        assert_eq!(parse_reply(&ack, 7, 5), Ok(Reply::Ack("stored".into())));
-        assert!(parse_reply(&ack, 7, 6).is_err(), "wrong request id");
-        assert!(parse_reply(&ack, 8, 5).is_err(), "wrong machine");
+        assert_eq!(
+            parse_answer(&ack, 7, 5).ok(),
+            Some(Reply::Ack("stored".into()))
+        );
+        assert!(parse_answer(&ack, 7, 6).is_err(), "wrong request id");
+        assert!(parse_answer(&ack, 8, 5).is_err(), "wrong machine");
         let nack = scm_proto::reply_frame(
             &Message::nack(5, v1::NackReason::WrongMachineId, "not me"),
             7,
         );
-        match parse_reply(&nack, 7, 5) {
+        match parse_answer(&nack, 7, 5) {
             Ok(Reply::Nack(t)) => assert!(t.contains("not me") && t.contains("WRONG_MACHINE_ID")),
             r => panic!("{r:?}"),
         }
         let v0 = Frame::v0(Code::Nack, 7, &b"bad"[..]).unwrap();
-        assert_eq!(parse_reply(&v0, 7, 0), Ok(Reply::Nack("bad".into())));
+        assert_eq!(
+            parse_answer(&v0, 7, 0).ok(),
+            Some(Reply::Nack("bad".into()))
+        );
     }
 
     #[test]
