@@ -240,7 +240,8 @@ impl Progress {
 }
 
 /// Stores `content` as the desired configuration of every machine in `ids` and delivers
-/// it, at most `limits.push_concurrency` at a time. Progress is published on `progress`
+/// it, at most `limits.push_concurrency` at a time. The machines and the content have
+/// been checked by the caller ([`crate::ops::operator`], the one place that checks them). Progress is published on `progress`
 /// after every answer. Returns each machine's result in id order.
 pub async fn push_many(
     hub: &Arc<Hub>,
@@ -256,14 +257,6 @@ pub async fn push_many(
         }
     };
     publish(&totals);
-    if let Some(&bad) = ids.iter().find(|id| hub.cfg.machine(**id).is_none()) {
-        return fail_all(&ids, || PushError::UnknownMachine(bad));
-    }
-    let max = hub.cfg.limits.max_config_bytes;
-    if content.len() > max {
-        let size = content.len();
-        return fail_all(&ids, || PushError::TooLarge { size, max });
-    }
     let actor = actor.to_owned();
     let id_list = ids.clone();
     let generations = match hub

@@ -243,6 +243,8 @@ pub(crate) async fn rollback(
     result
 }
 
+/// The old content comes back as a new generation, so the agent's ordering holds; it is
+/// checked against today's limits like any other push.
 async fn rollback_to(
     hub: &Arc<Hub>,
     actor: &Actor,
@@ -250,13 +252,18 @@ async fn rollback_to(
     to: u64,
 ) -> Result<PushResult, OpError> {
     fleet::select(&hub.cfg, &Target::Machine(id))?;
-    match push::rollback(hub, id, to, &actor.name).await? {
-        Some(r) => Ok(r),
-        None => Err(OpError::NoGeneration {
+    let Some(old) = hub
+        .store
+        .run(move |c| state::get_generation(c, id, to))
+        .await?
+    else {
+        return Err(OpError::NoGeneration {
             machine: id,
             generation: to,
-        }),
-    }
+        });
+    };
+    check_content(hub, &old.content)?;
+    Ok(push::push(hub, id, old.content, &actor.name).await?)
 }
 
 /// A configured machine, or [`OpError::UnknownMachine`].

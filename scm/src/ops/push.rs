@@ -83,22 +83,15 @@ pub enum PushError {
     Store(#[from] StoreError),
 }
 
-/// Stores `content` as machine `id`'s desired configuration and delivers it now.
+/// Stores `content` as machine `id`'s desired configuration and delivers it now. The
+/// machine and the content have been checked by the caller ([`crate::ops::operator`], the
+/// one place that checks them).
 pub async fn push(
     hub: &Arc<Hub>,
     id: u16,
     content: Vec<u8>,
     actor: &str,
 ) -> Result<PushResult, PushError> {
-    if hub.cfg.machine(id).is_none() {
-        return Err(PushError::UnknownMachine(id));
-    }
-    if content.len() > hub.cfg.limits.max_config_bytes {
-        return Err(PushError::TooLarge {
-            size: content.len(),
-            max: hub.cfg.limits.max_config_bytes,
-        });
-    }
     let actor_owned = actor.to_string();
     let (generation, _new) = hub
         .store
@@ -114,27 +107,6 @@ pub async fn push(
         ))));
     };
     Ok(deliver(hub, generation).await?)
-}
-
-/// Makes an earlier generation's content the desired configuration again (as a new
-/// generation, so the agent's ordering holds) and delivers it.
-pub async fn rollback(
-    hub: &Arc<Hub>,
-    id: u16,
-    to: u64,
-    actor: &str,
-) -> Result<Option<PushResult>, PushError> {
-    if hub.cfg.machine(id).is_none() {
-        return Err(PushError::UnknownMachine(id));
-    }
-    let Some(old) = hub
-        .store
-        .run(move |c| state::get_generation(c, id, to))
-        .await?
-    else {
-        return Ok(None);
-    };
-    push(hub, id, old.content, actor).await.map(Some)
 }
 
 /// Where machine `id`'s config port is, if known.
