@@ -421,7 +421,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.reply(r).await?
                 }
                 Command::Swipes => {
-                    let a = swipes(&self.hub).await;
+                    let a = swipes(&self.hub, &actor).await;
                     self.answer(a).await?
                 }
                 Command::Audit => {
@@ -741,12 +741,10 @@ async fn status(hub: &Hub, actor: &Actor, id: u16) -> Result<Lines, Reply> {
 }
 
 /// `swipes`: served by the console only (the admin API streams swipes as events).
-async fn swipes(hub: &Hub) -> Result<Lines, Reply> {
-    let rows = hub
-        .store
-        .run(|c| crate::ops::swipes::list(c, 20))
+async fn swipes(hub: &Hub, actor: &Actor) -> Result<Lines, Reply> {
+    let rows = operator::swipes(hub, actor, 20)
         .await
-        .map_err(|e| refusal(&OpError::Store(e)))?;
+        .map_err(|e| refusal(&e))?;
     let mut lines: Vec<String> = rows
         .iter()
         .rev()

@@ -1,6 +1,7 @@
 //! What an operator can ask of the SCM, written once for both front ends (the telnet
 //! console and the gRPC admin API): pushes to one machine or a fleet, rollbacks, and the
-//! reads (machines, one machine's state, history, the audit log).
+//! reads (machines, one machine's state, history, the audit log, and the swipes listing,
+//! which only the console serves).
 //!
 //! Each operation takes the [`Actor`] (who, with which role, from where, through which
 //! front end), checks the role, the target and the content here and nowhere else, records
@@ -19,6 +20,7 @@ use crate::hub::Hub;
 use crate::ops::audit::{self, AuditAction};
 use crate::ops::fleet::{self, Progress, SelectError, Target};
 use crate::ops::push::{self, PushError, PushResult};
+use crate::ops::swipes::SwipeRow;
 use crate::state::{self, AuditRow, HistoryRow, MachineRow, StoreError};
 
 /// The front end an operator came through (it is part of some audit records).
@@ -374,4 +376,13 @@ pub(crate) async fn audit_log(
 ) -> Result<Vec<AuditRow>, OpError> {
     tracing::debug!(operator = %actor.name, via = %actor.front, "audit log");
     Ok(hub.store.run(move |c| state::list_audit(c, limit)).await?)
+}
+
+/// The newest `limit` card swipes (masked), newest first.
+pub(crate) async fn swipes(hub: &Hub, actor: &Actor, limit: u32) -> Result<Vec<SwipeRow>, OpError> {
+    tracing::debug!(operator = %actor.name, via = %actor.front, "swipes");
+    Ok(hub
+        .store
+        .run(move |c| crate::ops::swipes::list(c, limit))
+        .await?)
 }
