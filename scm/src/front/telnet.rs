@@ -4,6 +4,11 @@
 //! password is typed with echo off (WILL ECHO around the prompt), and every reply is one
 //! line `<3-digit code> <text>` in the style of SMTP/FTP (multi-line replies use
 //! `<code>-` on all but the last line). 2xx done, 3xx send more, 4xx try later, 5xx refused.
+//!
+//! The session only reads lines, parses them ([`command`]), knows who is logged in and
+//! renders: every operation is a use case of [`crate::ops::operator`], shared with the
+//! admin API, and every answer is a typed [`reply::Reply`] or [`reply::Lines`] (an
+//! [`OpError`] becomes one in [`refusal`]).
 
 pub mod command;
 pub mod reply;

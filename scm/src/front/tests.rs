@@ -263,6 +263,45 @@ async fn both_front_ends_refuse_the_same_requests_the_same_way() {
     );
 }
 
+#[tokio::test]
+async fn an_accepted_push_is_answered_and_audited_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = hub(dir.path()).await;
+    let svc = AdminService::new(hub.clone(), CancellationToken::new());
+    let mut admin = Console::open(&hub, "admin").await;
+    // Machine 2 is not connected: both pushes stay pending.
+    let console = admin.send(&["push 2", "a=1", "."]).await;
+    assert!(
+        console.contains("450 machine 2 unreachable; generation 1 pending"),
+        "{console}"
+    );
+    let req = pb::PushConfigRequest {
+        target: "2".into(),
+        content: b"b=2\n".to_vec(),
+    };
+    let r = svc
+        .push_config(request(req, "admin"))
+        .await
+        .expect("accepted")
+        .into_inner();
+    assert_eq!(r.outcomes.len(), 1, "{r:?}");
+    assert_eq!(r.outcomes[0].outcome(), pb::PushOutcome::Pending, "{r:?}");
+    assert_eq!(r.outcomes[0].generation, 2, "{r:?}");
+    let audit = hub.store.run(|c| state::list_audit(c, 100)).await.unwrap();
+    let pushes: Vec<&str> = audit
+        .iter()
+        .filter(|a| a.action == "push")
+        .map(|a| a.detail.as_str())
+        .collect();
+    assert_eq!(
+        pushes,
+        vec![
+            "machine 2 generation 2 (4 bytes): pending",
+            "machine 2 generation 1 (4 bytes): pending",
+        ]
+    );
+}
+
 #[test]
 fn every_refusal_renders_alike_on_both_front_ends() {
     let store = || StoreError::Task("gone".into());
