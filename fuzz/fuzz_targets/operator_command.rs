@@ -3,6 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use scm::front::telnet::reply::ReplyCode;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(line) = std::str::from_utf8(data) else {
@@ -10,7 +11,13 @@ fuzz_target!(|data: &[u8]| {
     };
     match scm::front::telnet::command::parse(line) {
         Ok(_) => {}
-        Err(reply) => {
+        Err(e) => {
+            let reply = e.reply();
+            assert!(
+                matches!(reply.code, ReplyCode::Unknown | ReplyCode::Syntax),
+                "{reply}"
+            );
+            let reply = reply.to_string();
             assert!(reply.starts_with("500 ") || reply.starts_with("501 "), "{reply}");
             assert!(!reply.contains('\n') && !reply.contains('\r'));
             assert!(reply.len() <= 400, "{} bytes", reply.len());

@@ -5,3 +5,6 @@
 pub mod admin;
 pub mod metrics;
 pub mod telnet;
+
+#[cfg(test)]
+mod tests;

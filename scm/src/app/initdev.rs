@@ -224,7 +224,8 @@ pub fn init_dev_with(
             .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
             .collect::<String>()
     };
-    let hash = crate::ops::auth::hash_password(&admin_password).map_err(InitDevError::Usage)?;
+    let hash = crate::ops::auth::hash_password(&admin_password)
+        .map_err(|e| InitDevError::Usage(e.to_string()))?;
 
     let mut scm = String::new();
     let _ = write!(

@@ -9,7 +9,10 @@
 //!
 //! Authorisation happens per RPC: the operator must be a configured `[[operator]]`
 //! (otherwise `PERMISSION_DENIED`), and `PushConfig` needs the `admin` role (a read-only
-//! operator gets `PERMISSION_DENIED`, and the refusal is audited as `push_refused`). On
+//! operator gets `PERMISSION_DENIED`, and the refusal is audited as `push_refused`). The
+//! operations themselves, that role check among them, are the use cases of
+//! [`crate::ops::operator`], shared with the telnet console: this module maps requests onto
+//! them and their typed answers and errors onto messages and status codes. On
 //! shutdown, each connection is closed gracefully: open event streams end, in-flight
 //! calls finish, then HTTP/2 GOAWAY.
 
@@ -31,10 +34,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::codegen::Service as _;
 use tonic::{Request, Response, Status};
 
-use crate::app::config::{MachineConfig, OperatorRole};
+use crate::app::config::MachineConfig;
 use crate::coord::events::{Event, EventKind, PushOutcome, Received};
 use crate::hub::{Hub, Session};
-use crate::ops::fleet::{self, Progress, SelectError, Target};
+use crate::ops::fleet::{Progress, SelectError, Target};
+use crate::ops::operator::{self, Actor, Desired, Front, OpError};
 use crate::ops::push::{PushError, PushResult};
 use crate::state::{self, AuditRow, HistoryRow, MachineRow, StoreError};
 
@@ -137,18 +141,20 @@ impl AdminService {
         AdminService { hub, shutdown }
     }
 
-    /// The caller and its role, or why it may not call anything.
-    fn authorize<T>(&self, req: &Request<T>) -> Result<(Caller, OperatorRole), ApiError> {
+    /// The caller as the use cases see it, or why it may not call anything.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<Actor, ApiError> {
         let caller = req
             .extensions()
             .get::<Caller>()
             .cloned()
             .ok_or(ApiError::NoCaller)?;
         match self.hub.operator(&caller.operator) {
-            Some(op) => {
-                let role = op.role;
-                Ok((caller, role))
-            }
+            Some(op) => Ok(Actor {
+                name: caller.operator,
+                role: op.role,
+                source: caller.peer.to_string(),
+                front: Front::AdminApi,
+            }),
             None => {
                 tracing::warn!(operator = %caller.operator, peer = %caller.peer, "admin API: operator not configured; refused");
                 Err(ApiError::UnknownOperator(caller.operator))
@@ -156,21 +162,12 @@ impl AdminService {
         }
     }
 
-    async fn audit(&self, caller: &Caller, action: &'static str, detail: String) {
-        self.hub
-            .audit(
-                caller.operator.clone(),
-                caller.peer.to_string(),
-                action,
-                detail,
-            )
-            .await;
-    }
-
     /// Proto machines for `ids` (every configured machine if `None`), in configuration
     /// order.
-    async fn machines(&self, only: Option<u16>) -> Result<Vec<pb::Machine>, ApiError> {
-        let (rows, desired) = self.hub.store.fleet().machines_with_desired(only).await?;
+    async fn machines(&self, actor: &Actor, only: Option<u16>) -> Result<Vec<pb::Machine>, Status> {
+        let (rows, desired) = operator::machines(&self.hub, actor, only)
+            .await
+            .map_err(op_status)?;
         let rows: HashMap<u16, MachineRow> = rows.into_iter().map(|r| (r.id, r)).collect();
         Ok(self
             .hub
@@ -191,11 +188,32 @@ impl AdminService {
     }
 }
 
-/// SHA-256 and attempt count of each machine's desired generation.
-pub use crate::state::DesiredRow as Desired;
+/// The status for a refused or failed operation: the same refusals as on the telnet
+/// console, each with a message that says what to do.
+pub(crate) fn op_status(e: OpError) -> Status {
+    match e {
+        OpError::ReadOnly(name) => ApiError::ReadOnly(name).into(),
+        OpError::Target(e) => select_status(e),
+        OpError::UnknownMachine(id) => ApiError::UnknownMachine(u32::from(id)).into(),
+        e @ OpError::NoGeneration { .. } => {
+            Status::not_found(format!("{e}; GetMachine lists the generations"))
+        }
+        OpError::Empty => {
+            ApiError::Invalid("empty configuration; nothing was stored or sent".into()).into()
+        }
+        e @ OpError::TooLarge { .. } => ApiError::Invalid(format!(
+            "{e} (limits.max_config_bytes); nothing was stored or sent"
+        ))
+        .into(),
+        OpError::Store(e) => ApiError::Store(e).into(),
+        OpError::TaskFailed => Status::internal(
+            "the push task failed; see the SCM's log, then check ListMachines for what was stored",
+        ),
+    }
+}
 
 /// Maps what the SCM knows about one machine to the API's `Machine`.
-pub fn machine_to_proto(
+pub(crate) fn machine_to_proto(
     cfg: &MachineConfig,
     row: Option<&MachineRow>,
     session: Option<&Session>,
@@ -278,29 +296,6 @@ pub fn totals_of(results: &[(u16, Result<PushResult, PushError>)]) -> pb::PushTo
         pending: n(p.pending),
         superseded: n(p.superseded),
         refused: n(p.failed),
-    }
-}
-
-/// The audit detail of a push, worded as for telnet pushes.
-fn push_audit_detail(
-    target: &Target,
-    size: usize,
-    results: &[(u16, Result<PushResult, PushError>)],
-) -> String {
-    match (target, results) {
-        (Target::Machine(id), [(_, Ok(r))]) => format!(
-            "machine {id} generation {} ({size} bytes): {}",
-            r.generation(),
-            crate::front::telnet::outcome_word(r)
-        ),
-        (Target::Machine(id), [(_, Err(e))]) => format!("machine {id}: refused: {e}"),
-        _ => {
-            let mut p = Progress::start(results.len());
-            for (_, r) in results {
-                p.add(r);
-            }
-            format!("{target} ({size} bytes): {}", p.line())
-        }
     }
 }
 
@@ -407,8 +402,8 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::ListMachinesRequest>,
     ) -> Result<Response<pb::ListMachinesResponse>, Status> {
-        self.authorize(&req)?;
-        let machines = self.machines(None).await?;
+        let actor = self.authorize(&req)?;
+        let machines = self.machines(&actor, None).await?;
         Ok(Response::new(pb::ListMachinesResponse { machines }))
     }
 
@@ -416,24 +411,17 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::GetMachineRequest>,
     ) -> Result<Response<pb::GetMachineResponse>, Status> {
-        self.authorize(&req)?;
+        let actor = self.authorize(&req)?;
         let r = req.into_inner();
-        let id = u16::try_from(r.id)
-            .ok()
-            .filter(|id| self.hub.cfg.machine(*id).is_some())
-            .ok_or(ApiError::UnknownMachine(r.id))?;
+        let id = u16::try_from(r.id).map_err(|_| ApiError::UnknownMachine(r.id))?;
         let limit = match r.history_limit {
             0 => HISTORY_DEFAULT,
             n => n.min(HISTORY_MAX),
         };
-        let machine = self.machines(Some(id)).await?.into_iter().next();
-        let history = self
-            .hub
-            .store
-            .fleet()
-            .history(id, limit)
+        let history = operator::history(&self.hub, &actor, id, limit)
             .await
-            .map_err(ApiError::from)?;
+            .map_err(op_status)?;
+        let machine = self.machines(&actor, Some(id)).await?.into_iter().next();
         Ok(Response::new(pb::GetMachineResponse {
             machine,
             history: history.into_iter().map(generation_to_proto).collect(),
@@ -444,55 +432,22 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::PushConfigRequest>,
     ) -> Result<Response<pb::PushConfigResponse>, Status> {
-        let (caller, role) = self.authorize(&req)?;
+        let actor = self.authorize(&req)?;
         let r = req.into_inner();
-        if role != OperatorRole::Admin {
-            let target: String = r.target.chars().take(80).collect();
-            self.audit(
-                &caller,
-                "push_refused",
-                format!("target {target}: read-only operator (admin API)"),
-            )
-            .await;
-            return Err(ApiError::ReadOnly(caller.operator).into());
-        }
         let target: Target = r.target.parse().map_err(select_status)?;
-        let ids = fleet::select(&self.hub.cfg, &target).map_err(select_status)?;
-        let max = self.hub.cfg.limits.max_config_bytes;
-        if r.content.is_empty() {
-            return Err(ApiError::Invalid(
-                "empty configuration; nothing was stored or sent".into(),
-            )
-            .into());
-        }
-        if r.content.len() > max {
-            return Err(ApiError::Invalid(format!(
-                "configuration is {} bytes; at most {max} bytes can be sent (limits.max_config_bytes); nothing was stored or sent",
-                r.content.len()
-            ))
-            .into());
-        }
-        tracing::info!(operator = %caller.operator, peer = %caller.peer, %target, machines = ids.len(), "admin API: push");
-        // The push runs to its end and is audited even if the client goes away meanwhile.
-        let hub = self.hub.clone();
-        let service = self.clone();
-        let size = r.content.len();
-        let task = tokio::spawn(async move {
-            let results = fleet::push_many(&hub, ids, r.content, &caller.operator, None).await;
-            service
-                .audit(&caller, "push", push_audit_detail(&target, size, &results))
-                .await;
-            results
-        });
-        let results = task.await.map_err(|e| {
-            tracing::error!("admin API push task failed: {e}");
-            Status::internal(
-                "the push task failed; see the SCM's log, then check ListMachines for what was stored",
-            )
-        })?;
+        let plan = operator::authorise_push(&self.hub, &actor, target)
+            .await
+            .map_err(op_status)?;
+        let report = operator::push(&self.hub, &actor, plan, r.content, None)
+            .await
+            .map_err(op_status)?;
         Ok(Response::new(pb::PushConfigResponse {
-            outcomes: results.iter().map(|(id, r)| outcome_of(*id, r)).collect(),
-            totals: Some(totals_of(&results)),
+            outcomes: report
+                .results
+                .iter()
+                .map(|(id, r)| outcome_of(*id, r))
+                .collect(),
+            totals: Some(totals_of(&report.results)),
         }))
     }
 
@@ -502,9 +457,9 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let (caller, _) = self.authorize(&req)?;
+        let actor = self.authorize(&req)?;
         let sub = self.hub.events.subscribe();
-        tracing::info!(operator = %caller.operator, peer = %caller.peer, "admin API: watching events");
+        tracing::info!(operator = %actor.name, peer = %actor.source, "admin API: watching events");
         let token = self.shutdown.clone();
         let stream = futures_util::stream::unfold((sub, token), |(mut sub, token)| async move {
             let next = tokio::select! {
@@ -520,18 +475,14 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::GetAuditRequest>,
     ) -> Result<Response<pb::GetAuditResponse>, Status> {
-        self.authorize(&req)?;
+        let actor = self.authorize(&req)?;
         let limit = match req.get_ref().limit {
             0 => AUDIT_DEFAULT,
             n => n.min(AUDIT_MAX),
         };
-        let rows = self
-            .hub
-            .store
-            .audit()
-            .list(limit)
+        let rows = operator::audit_log(&self.hub, &actor, limit)
             .await
-            .map_err(ApiError::from)?;
+            .map_err(op_status)?;
         Ok(Response::new(pb::GetAuditResponse {
             entries: rows.into_iter().map(audit_to_proto).collect(),
         }))
@@ -859,6 +810,7 @@ mod tests {
             (t.total, t.ack, t.nack, t.pending, t.superseded, t.refused),
             (5, 1, 1, 1, 1, 1)
         );
+        let push_audit_detail = crate::ops::audit::push_detail;
         assert_eq!(
             push_audit_detail(&Target::Machine(1), 10, &results[..1]),
             "machine 1 generation 3 (10 bytes): ack"

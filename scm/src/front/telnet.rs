@@ -4,8 +4,14 @@
 //! password is typed with echo off (WILL ECHO around the prompt), and every reply is one
 //! line `<3-digit code> <text>` in the style of SMTP/FTP (multi-line replies use
 //! `<code>-` on all but the last line). 2xx done, 3xx send more, 4xx try later, 5xx refused.
+//!
+//! The session only reads lines, parses them ([`command`]), knows who is logged in and
+//! renders: every operation is a use case of [`crate::ops::operator`], shared with the
+//! admin API, and every answer is a typed [`reply::Reply`] or [`reply::Lines`] (an
+//! [`OpError`] becomes one in [`refusal`]).
 
 pub mod command;
+pub mod reply;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,12 +23,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::config::{OperatorConfig, OperatorRole};
+use crate::app::config::OperatorConfig;
 use crate::front::telnet::command::Command;
+use crate::front::telnet::reply::{Lines, Reply, ReplyCode};
 use crate::hub::Hub;
+use crate::ops::audit::{self, AuditAction, one_line};
 use crate::ops::fleet::{self, Progress, Target};
+use crate::ops::operator::{self, Actor, Front, OpError, PushReport};
 use crate::ops::push::{self, PushError, PushResult};
-use crate::state;
 
 /// The prompt shown before each command.
 pub const PROMPT: &str = "scm> ";
@@ -76,6 +84,20 @@ pub async fn handle_tls(
     s.run(Some(name), registration.token.clone()).await
 }
 
+/// Serves one session on any stream, logged in as `operator` as if by a certificate: the
+/// in-process tests of the console drive it over a pipe.
+#[cfg(test)]
+pub(crate) async fn serve_logged_in<S: AsyncRead + AsyncWrite + Unpin>(
+    hub: Arc<Hub>,
+    io: S,
+    peer: SocketAddr,
+    operator: String,
+    shutdown: CancellationToken,
+) -> Result<(), SessionError> {
+    let mut s = Session::new(hub, TelnetConn::new(io, Mode::Lines), peer);
+    s.run(Some(operator), shutdown).await
+}
+
 /// One line of input, or what happened instead.
 enum Input {
     Line(String),
@@ -112,42 +134,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    fn actor(&self) -> String {
-        self.operator
-            .as_ref()
-            .map(|o| o.name.clone())
-            .unwrap_or_else(|| "-".into())
+    /// The logged-in operator as the use cases see it (`None` before login).
+    fn actor(&self) -> Option<Actor> {
+        self.operator.as_ref().map(|o| Actor {
+            name: o.name.clone(),
+            role: o.role,
+            source: self.peer.to_string(),
+            front: Front::Telnet,
+        })
     }
 
-    async fn audit(&self, action: &'static str, detail: String) {
-        match action {
-            "login" => crate::metrics::global().logins.inc(&["ok"]),
-            "login_failed" => crate::metrics::global().logins.inc(&["failed"]),
-            "login_refused" => crate::metrics::global().logins.inc(&["locked"]),
-            _ => {}
-        }
-        self.hub
-            .audit(self.actor(), self.peer.to_string(), action, detail)
-            .await;
+    /// A login record (before login the actor is `-`).
+    async fn audit(&self, action: AuditAction, detail: String) {
+        let name = self.operator.as_ref().map_or("-", |o| o.name.as_str());
+        audit::record(&self.hub, name, &self.peer.to_string(), action, detail).await;
     }
 
-    async fn reply(&mut self, line: &str) -> Result<(), SessionError> {
-        self.conn.send_line(line).await?;
+    async fn reply(&mut self, r: Reply) -> Result<(), SessionError> {
+        self.conn.send_line(&r.to_string()).await?;
         Ok(())
     }
 
-    /// A multi-line reply: every line but the last as `<code>-<text>`, the last as
-    /// `<code> <text>`, written with one flush.
-    async fn reply_lines(&mut self, code: u16, lines: Vec<String>) -> Result<(), SessionError> {
-        let n = lines.len();
-        for (i, l) in lines.into_iter().enumerate() {
-            let sep = if i + 1 == n { ' ' } else { '-' };
-            self.conn
-                .feed(scm_telnet::Out::Text(format!("{code}{sep}{l}\r\n")))
-                .await?;
-        }
+    /// A multi-line reply, written with one flush.
+    async fn reply_lines(&mut self, lines: Lines) -> Result<(), SessionError> {
+        self.conn
+            .feed(scm_telnet::Out::Text(lines.render()))
+            .await?;
         self.conn.flush().await?;
         Ok(())
+    }
+
+    /// An answer that is either a multi-line reply or a one-line refusal.
+    async fn answer(&mut self, a: Result<Lines, Reply>) -> Result<(), SessionError> {
+        match a {
+            Ok(lines) => self.reply_lines(lines).await,
+            Err(r) => self.reply(r).await,
+        }
     }
 
     /// Reads the next line with a timeout, answering telnet commands on the way.
@@ -170,7 +192,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         Ok(s) => Input::Line(s),
                         Err(_) => {
                             if !in_body {
-                                self.reply("501 line is not valid UTF-8; ignored").await?;
+                                self.reply(Reply::new(
+                                    ReplyCode::Syntax,
+                                    "line is not valid UTF-8; ignored",
+                                ))
+                                .await?;
                             }
                             Input::Invalid
                         }
@@ -178,8 +204,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Some(Event::LineTooLong { limit }) => {
                     if !in_body {
-                        self.reply(&format!("500 line longer than {limit} bytes; ignored"))
-                            .await?;
+                        self.reply(Reply::new(
+                            ReplyCode::Unknown,
+                            format!("line longer than {limit} bytes; ignored"),
+                        ))
+                        .await?;
                     }
                     return Ok(Input::TooLong);
                 }
@@ -201,28 +230,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         cert_operator: Option<String>,
         shutdown: CancellationToken,
     ) -> Result<(), SessionError> {
-        self.reply(&format!("220 SCM hub {} ready", env!("CARGO_PKG_VERSION")))
-            .await?;
+        self.reply(Reply::new(
+            ReplyCode::Ready,
+            format!("SCM hub {} ready", env!("CARGO_PKG_VERSION")),
+        ))
+        .await?;
         match cert_operator {
             Some(name) => match self.hub.operator(&name).cloned() {
                 Some(op) => {
                     self.operator = Some(op.clone());
-                    self.audit("login", "by certificate".into()).await;
-                    self.reply(&format!(
-                        "230 logged in as {} ({}) by certificate; type help for commands",
-                        op.name,
-                        op.role.as_str()
+                    self.audit(AuditAction::Login, "by certificate".into())
+                        .await;
+                    self.reply(Reply::new(
+                        ReplyCode::LoggedIn,
+                        format!(
+                            "logged in as {} ({}) by certificate; type help for commands",
+                            op.name,
+                            op.role.as_str()
+                        ),
                     ))
                     .await?;
                 }
                 None => {
                     self.audit(
-                        "login_failed",
+                        AuditAction::LoginFailed,
                         format!("certificate for unknown operator {name}"),
                     )
                     .await;
-                    self.reply(&format!(
-                        "530 operator {name} from the certificate has no account on this SCM"
+                    self.reply(Reply::new(
+                        ReplyCode::LoginRefused,
+                        format!("operator {name} from the certificate has no account on this SCM"),
                     ))
                     .await?;
                     return Ok(());
@@ -239,7 +276,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Ok(Ok(false)) => return Ok(()),
                     Ok(Err(e)) => return Err(e),
                     Err(_) => {
-                        let _ = self.reply("421 login not completed in time; closing").await;
+                        let _ = self
+                            .reply(Reply::new(
+                                ReplyCode::Closing,
+                                "login not completed in time; closing",
+                            ))
+                            .await;
                         return Err(SessionError::Timeout("login not completed in time"));
                     }
                 }
@@ -257,12 +299,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let t = Duration::from_millis(self.hub.cfg.timeouts.login_ms) + Duration::from_secs(1);
         for _attempt in 0..3 {
             if let Some(left) = self.hub.throttle.locked(ip) {
-                self.reply(&format!(
-                    "421 too many failed logins from {ip}; try again in {} s",
-                    left.as_secs().max(1)
-                ))
-                .await?;
-                self.audit("login_refused", format!("{ip} is locked out"))
+                self.reply(locked_out(ip, left)).await?;
+                self.audit(AuditAction::LoginRefused, format!("{ip} is locked out"))
                     .await;
                 return Ok(false);
             }
@@ -294,12 +332,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if let (true, Some(op)) = (ok, op) {
                 self.hub.throttle.success(ip);
                 self.operator = Some(op.clone());
-                self.audit("login", "by password".into()).await;
+                self.audit(AuditAction::Login, "by password".into()).await;
                 tracing::info!(operator = %op.name, "operator logged in");
-                self.reply(&format!(
-                    "230 logged in as {} ({}); type help for commands",
-                    op.name,
-                    op.role.as_str()
+                self.reply(Reply::new(
+                    ReplyCode::LoggedIn,
+                    format!(
+                        "logged in as {} ({}); type help for commands",
+                        op.name,
+                        op.role.as_str()
+                    ),
                 ))
                 .await?;
                 return Ok(true);
@@ -307,22 +348,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let locked = self.hub.throttle.failure(ip);
             tracing::warn!(user = %user.escape_debug(), "failed login");
             self.audit(
-                "login_failed",
+                AuditAction::LoginFailed,
                 format!("user {:?}", user.escape_debug().to_string()),
             )
             .await;
             tokio::time::sleep(self.hub.throttle.failure_delay()).await;
             if let Some(l) = locked {
-                self.reply(&format!(
-                    "421 too many failed logins from {ip}; try again in {} s",
-                    l.as_secs().max(1)
-                ))
-                .await?;
+                self.reply(locked_out(ip, l)).await?;
                 return Ok(false);
             }
-            self.reply("530 login incorrect").await?;
+            self.reply(Reply::new(ReplyCode::LoginRefused, "login incorrect"))
+                .await?;
         }
-        self.reply("421 too many attempts; closing").await?;
+        self.reply(Reply::new(ReplyCode::Closing, "too many attempts; closing"))
+            .await?;
         Ok(false)
     }
 
@@ -334,11 +373,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 _ = shutdown.cancelled() => {
                     let revoked = self.revoked.as_ref().is_some_and(|r| r.is_cancelled());
                     let text = if revoked {
-                        "421 your certificate has been revoked; closing"
+                        "your certificate has been revoked; closing"
                     } else {
-                        "421 SCM shutting down"
+                        "SCM shutting down"
                     };
-                    let _ = self.reply(text).await;
+                    let _ = self.reply(Reply::new(ReplyCode::Closing, text)).await;
                     return Ok(());
                 }
                 i = self.read_input(idle, false) => i?,
@@ -354,341 +393,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             let cmd = match crate::front::telnet::command::parse(&line) {
                 Ok(c) => c,
-                Err(reply) => {
-                    self.reply(&reply).await?;
+                Err(e) => {
+                    self.reply(e.reply()).await?;
                     continue;
                 }
             };
+            let Some(actor) = self.actor() else {
+                // Commands are read only after a login; this is a guard, not a path.
+                self.reply(Reply::new(ReplyCode::LoginRefused, "log in first"))
+                    .await?;
+                continue;
+            };
             match cmd {
                 Command::Empty => {}
-                Command::Help => self.help().await?,
-                Command::Machines => self.machines().await?,
-                Command::Groups => self.groups().await?,
-                Command::Status(id) => self.status(id).await?,
-                Command::Push(t) => self.push(t, idle).await?,
-                Command::History(id) => self.history(id).await?,
-                Command::Rollback(id, g) => self.rollback(id, g).await?,
-                Command::Swipes => self.swipes().await?,
-                Command::Audit => self.audit_list().await?,
+                Command::Help => self.reply_lines(help()).await?,
+                Command::Machines => {
+                    let a = machines(&self.hub, &actor).await;
+                    self.answer(a).await?
+                }
+                Command::Groups => self.reply_lines(groups(&self.hub)).await?,
+                Command::Status(id) => {
+                    let a = status(&self.hub, &actor, id).await;
+                    self.answer(a).await?
+                }
+                Command::Push(t) => self.push(&actor, t, idle).await?,
+                Command::History(id) => {
+                    let a = history(&self.hub, &actor, id).await;
+                    self.answer(a).await?
+                }
+                Command::Rollback(id, g) => {
+                    let r = rollback(&self.hub, &actor, id, g).await;
+                    self.reply(r).await?
+                }
+                Command::Swipes => {
+                    let a = swipes(&self.hub, &actor).await;
+                    self.answer(a).await?
+                }
+                Command::Audit => {
+                    let a = audit_list(&self.hub, &actor).await;
+                    self.answer(a).await?
+                }
                 Command::Quit => {
-                    self.reply("221 bye").await?;
+                    self.reply(Reply::new(ReplyCode::Bye, "bye")).await?;
                     return Ok(());
                 }
             }
         }
     }
 
-    async fn help(&mut self) -> Result<(), SessionError> {
-        for l in [
-            "214-commands:",
-            "214-  machines          list machines, their connection and configuration state",
-            "214-  status <id>       details of one machine",
-            "214-  groups            machine groups and their members",
-            "214-  push <target>     send a configuration: type it, then a line holding only \".\"",
-            "214-                    (a line that starts with \".\" is sent with one more \".\");",
-            "214-                    target: a machine id, group:NAME, label:TEXT or all;",
-            "214-                    a fleet push shows 151- progress lines while it runs",
-            "214-  history <id>      the machine's configuration generations",
-            "214-  rollback <id> <g> make generation g's content current again (a new generation)",
-            "214-  swipes            the last card swipes (masked) and what became of them",
-            "214-  audit             the last operator actions",
-            "214-  quit              end the session",
-            "214 replies: 2xx done, 3xx send more, 4xx try later, 5xx refused",
-        ] {
-            self.reply(l).await?;
-        }
-        Ok(())
-    }
-
-    async fn store_error(&mut self, e: state::StoreError) -> Result<(), SessionError> {
-        tracing::error!("database error: {e}");
-        self.reply(&format!("451 {}", e.operator_hint())).await
-    }
-
-    async fn machines(&mut self) -> Result<(), SessionError> {
-        let rows = match self.hub.store.fleet().list_machines().await {
-            Ok(r) => r,
-            Err(e) => return self.store_error(e).await,
-        };
-        let mut lines = vec![format!(
-            "{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  {:<20} LAST ERROR",
-            "ID", "NAME", "VER", "LINK", "DESIRED", "APPLIED", "GROUPS"
-        )];
-        for m in &rows {
-            let link = if self.hub.sessions.session(m.id).is_some() {
-                "connected"
-            } else {
-                "down"
-            };
-            let err = m.last_error.clone().unwrap_or_else(|| "-".into());
-            let groups = self
-                .hub
-                .cfg
-                .machine(m.id)
-                .map(|c| c.groups.join(","))
-                .filter(|g| !g.is_empty())
-                .unwrap_or_else(|| "-".into());
-            lines.push(format!(
-                "{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  {:<20} {}",
-                m.id,
-                truncate(&m.name, 16),
-                m.protocol_version,
-                link,
-                m.desired_generation,
-                m.applied_generation,
-                truncate(&groups, 20),
-                truncate(&err, 60)
-            ));
-        }
-        lines.push(format!("{} machines", rows.len()));
-        self.reply_lines(250, lines).await
-    }
-
-    async fn status(&mut self, id: u16) -> Result<(), SessionError> {
-        let res = self.hub.store.fleet().machine_status(id, 5).await;
-        let (m, attempts) = match res {
-            Ok((Some(m), a)) => (m, a),
-            Ok((None, _)) => {
-                return self
-                    .reply(&format!(
-                        "550 machine {id} is not known; `machines` lists the known ones"
-                    ))
-                    .await;
-            }
-            Err(e) => return self.store_error(e).await,
-        };
-        let mut lines = vec![format!("machine {} ({})", m.id, m.name)];
-        lines.push(format!("protocol version: {}", m.protocol_version));
-        if let Some(c) = self.hub.cfg.machine(id) {
-            let list = |v: &[String]| {
-                if v.is_empty() {
-                    "-".to_string()
-                } else {
-                    v.join(", ")
-                }
-            };
-            lines.push(format!("groups: {}", list(&c.groups)));
-            lines.push(format!("labels: {}", list(&c.labels)));
-        }
-        match self.hub.sessions.session(id) {
-            Some(s) => lines.push(format!(
-                "link: connected from {} since {}",
-                s.peer,
-                fmt_ms(s.connected_since_ms)
-            )),
-            None => lines.push("link: not connected".into()),
-        }
-        lines.push(format!(
-            "last HELLO: {}",
-            match (&m.last_hello_ms, &m.last_peer) {
-                (Some(t), Some(p)) => format!("{} from {p}", fmt_ms(*t)),
-                _ => "never".into(),
-            }
-        ));
-        lines.push(format!(
-            "config address: {}",
-            push::config_target(&self.hub, id)
-                .unwrap_or_else(|| "unknown (in-band at next HELLO)".into())
-        ));
-        let state = if m.desired_generation == 0 {
-            "no configuration pushed yet".to_string()
-        } else if m.desired_generation == m.applied_generation {
-            "up to date".to_string()
-        } else {
-            "pending".to_string()
-        };
-        lines.push(format!(
-            "generation: desired {}, applied {} ({state})",
-            m.desired_generation, m.applied_generation
-        ));
-        lines.push(format!(
-            "last error: {}",
-            m.last_error.unwrap_or_else(|| "-".into())
-        ));
-        if let Some(s) = self.hub.sessions.session(id) {
-            lines.push(format!(
-                "readers: {}",
-                if s.readers.is_empty() {
-                    "none announced".to_string()
-                } else {
-                    s.readers.join(", ")
-                }
-            ));
-        }
-        for d in self.hub.swipes.bridge().status(Some(id)) {
-            let conn = match d.connected {
-                Some((peer, since)) => {
-                    format!("print server connected from {peer} since {}", fmt_ms(since))
-                }
-                None => "no print server connected".to_string(),
-            };
-            let listen = d
-                .listen
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "not listening".into());
-            lines.push(format!(
-                "generic {}: {conn}; listening on {listen}; {} queued, {} delivered, {} expired, {} refused peers",
-                d.key, d.queued, d.delivered, d.expired, d.refused_peers
-            ));
-        }
-        for d in self.hub.swipes.rfideas().status(Some(id)) {
-            lines.push(d.summary(fmt_ms));
-        }
-        for (g, at, outcome, detail) in attempts {
-            lines.push(format!(
-                "attempt: {} generation {g} {outcome}: {}",
-                fmt_ms(at),
-                truncate(&detail, 100)
-            ));
-        }
-        self.reply_lines(211, lines).await
-    }
-
-    async fn swipes(&mut self) -> Result<(), SessionError> {
-        let rows = match self.hub.store.journal().list(20).await {
-            Ok(r) => r,
-            Err(e) => return self.store_error(e).await,
-        };
-        let mut lines: Vec<String> = rows
-            .iter()
-            .rev()
-            .map(|r| {
-                format!(
-                    "{} machine {} reader {} card {} {}: {}",
-                    fmt_ms(r.received_ms),
-                    r.machine,
-                    r.reader,
-                    r.card_masked,
-                    r.outcome,
-                    truncate(&r.detail, 120)
-                )
-            })
-            .collect();
-        // Delivered and expired are counted by the bridge itself, per device.
-        let devices = self.hub.swipes.bridge().status(None);
-        let delivered: u64 = devices.iter().map(|d| d.delivered).sum();
-        let expired: u64 = devices.iter().map(|d| d.expired).sum();
-        let r241 = self.hub.swipes.rfideas().status(None);
-        let st = &self.hub.swipes.stats;
-        use std::sync::atomic::Ordering::Relaxed;
-        lines.push(format!(
-            "{} swipes shown; since start: Generic {} delivered, {} expired; 241 {} delivered, {} expired, {} failed; {} duplicate, {} rejected, {} busy, {} without route",
-            rows.len(),
-            delivered,
-            expired,
-            r241.iter().map(|d| d.delivered).sum::<u64>(),
-            r241.iter().map(|d| d.expired).sum::<u64>(),
-            r241.iter().map(|d| d.failed).sum::<u64>(),
-            st.duplicate.load(Relaxed),
-            st.rejected.load(Relaxed),
-            st.busy.load(Relaxed),
-            st.no_route.load(Relaxed),
-        ));
-        self.reply_lines(250, lines).await
-    }
-
-    async fn audit_list(&mut self) -> Result<(), SessionError> {
-        let rows = match self.hub.store.audit().list(20).await {
-            Ok(r) => r,
-            Err(e) => return self.store_error(e).await,
-        };
-        let mut lines: Vec<String> = rows
-            .iter()
-            .rev()
-            .map(|r| {
-                format!(
-                    "{} {} from {}: {} {}",
-                    fmt_ms(r.at_ms),
-                    r.actor,
-                    r.source,
-                    r.action,
-                    truncate(&r.detail, 120)
-                )
-            })
-            .collect();
-        lines.push(format!("{} audit records shown", rows.len()));
-        self.reply_lines(250, lines).await
-    }
-
-    async fn history(&mut self, id: u16) -> Result<(), SessionError> {
-        if self.hub.cfg.machine(id).is_none() {
-            return self
-                .reply(&format!(
-                    "550 machine {id} is not known; `machines` lists the known ones"
-                ))
-                .await;
-        }
-        let rows = match self.hub.store.fleet().history(id, 20).await {
-            Ok(r) => r,
-            Err(e) => return self.store_error(e).await,
-        };
-        let mut lines: Vec<String> = rows
-            .iter()
-            .map(|r| {
-                format!(
-                    "generation {} {} bytes sha256 {} by {} at {}: {}",
-                    r.generation,
-                    r.len,
-                    &r.sha256[..r.sha256.len().min(16)],
-                    r.created_by,
-                    fmt_ms(r.created_ms),
-                    r.last_outcome.as_deref().unwrap_or("not sent")
-                )
-            })
-            .collect();
-        lines.push(format!("{} generations of machine {id}", rows.len()));
-        self.reply_lines(250, lines).await
-    }
-
-    async fn rollback(&mut self, id: u16, to: u64) -> Result<(), SessionError> {
-        let Some(op) = self.operator.clone() else {
-            return self.reply("530 log in first").await;
-        };
-        if op.role == OperatorRole::ReadOnly {
-            self.audit(
-                "push_refused",
-                format!("rollback of machine {id}: read-only operator"),
-            )
-            .await;
-            return self
-                .reply(&format!(
-                    "550 operator {} is read-only and cannot push",
-                    op.name
-                ))
-                .await;
-        }
-        let result = push::rollback(&self.hub, id, to, &op.name).await;
-        let line = match &result {
-            Ok(None) => {
-                format!("550 machine {id} has no generation {to}; `history {id}` lists them")
-            }
-            Ok(Some(r)) => push_reply(id, r),
-            Err(e @ PushError::UnknownMachine(_)) => format!("550 {e}"),
-            Err(e) => format!("451 {e}"),
-        };
-        self.audit(
-            "rollback",
-            format!("machine {id} to generation {to}: {}", one_line(&line)),
-        )
-        .await;
-        self.reply(&line).await
-    }
-
-    async fn groups(&mut self) -> Result<(), SessionError> {
-        let groups = fleet::groups(&self.hub.cfg);
-        let mut lines: Vec<String> = groups
-            .iter()
-            .map(|(g, ids)| {
-                let ids: Vec<String> = ids.iter().map(u16::to_string).collect();
-                format!("{g}: {} machines: {}", ids.len(), ids.join(" "))
-            })
-            .collect();
-        lines.push(format!("{} groups", groups.len()));
-        self.reply_lines(250, lines).await
-    }
-
     /// Reads a configuration body (dot-terminated, dot-stuffed). `None` when the session
-    /// ended or the push was refused (the reply has been sent).
+    /// ended or the body was refused while it was read (the reply has been sent). The
+    /// limit is enforced here as well, as the body arrives, so that a session never holds
+    /// more than `limits.max_config_bytes`; the content checks proper are the use case's.
     async fn read_body(&mut self, idle: Duration) -> Result<Option<Vec<u8>>, SessionError> {
         let max = self.hub.cfg.limits.max_config_bytes;
         let mut body: Vec<u8> = Vec::new();
@@ -697,7 +453,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             match self.read_input(idle, true).await? {
                 Input::Eof => return Ok(None),
                 Input::Interrupt => {
-                    self.reply("500 push cancelled; nothing sent").await?;
+                    self.reply(Reply::new(
+                        ReplyCode::Unknown,
+                        "push cancelled; nothing sent",
+                    ))
+                    .await?;
                     return Ok(None);
                 }
                 // Not answered line by line: the whole push is refused at the end.
@@ -717,182 +477,454 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         if too_large {
-            self.reply(&format!(
-                "552 configuration refused (larger than {max} bytes, a line over the limit, or not UTF-8); nothing sent"
+            self.reply(Reply::new(
+                ReplyCode::BodyRefused,
+                format!(
+                    "configuration refused (larger than {max} bytes, a line over the limit, or not UTF-8); nothing sent"
+                ),
             ))
             .await?;
-            return Ok(None);
-        }
-        if body.is_empty() {
-            self.reply("501 empty configuration; nothing sent").await?;
             return Ok(None);
         }
         Ok(Some(body))
     }
 
-    async fn push(&mut self, target: Target, idle: Duration) -> Result<(), SessionError> {
-        let Some(op) = self.operator.clone() else {
-            return self.reply("530 log in first").await;
+    /// `push <target>`: authorised before the body is asked for, so that a refused push
+    /// never gets a 354.
+    async fn push(
+        &mut self,
+        actor: &Actor,
+        target: Target,
+        idle: Duration,
+    ) -> Result<(), SessionError> {
+        let plan = match operator::authorise_push(&self.hub, actor, target).await {
+            Ok(p) => p,
+            Err(e) => return self.reply(refusal(&e)).await,
         };
-        let ids = match fleet::select(&self.hub.cfg, &target) {
-            Ok(ids) => ids,
-            Err(e) => return self.reply(&format!("550 {e}")).await,
-        };
-        if op.role == OperatorRole::ReadOnly {
-            self.audit("push_refused", format!("{target}: read-only operator"))
-                .await;
-            return self
-                .reply(&format!(
-                    "550 operator {} is read-only and cannot push",
-                    op.name
-                ))
-                .await;
-        }
-        let what = match &target {
+        let what = match plan.target() {
             Target::Machine(id) => format!("machine {id}"),
-            t => format!("{t} ({} machines)", ids.len()),
+            t => format!("{t} ({} machines)", plan.machines()),
         };
-        self.reply(&format!(
-            "354 send the configuration for {what}; end with a line holding only \".\""
+        self.reply(Reply::new(
+            ReplyCode::SendBody,
+            format!("send the configuration for {what}; end with a line holding only \".\""),
         ))
         .await?;
         let Some(body) = self.read_body(idle).await? else {
             return Ok(());
         };
-        match target {
-            Target::Machine(id) => self.push_one(id, body, &op.name).await,
-            t => self.push_fleet(t, ids, body, &op.name).await,
+        if matches!(plan.target(), Target::Machine(_)) {
+            let r = operator::push(&self.hub, actor, plan, body, None).await;
+            return self.reply(push_one_reply(r)).await;
         }
-    }
-
-    async fn push_one(&mut self, id: u16, body: Vec<u8>, actor: &str) -> Result<(), SessionError> {
-        let size = body.len();
-        let result = push::push(&self.hub, id, body, actor).await;
-        let line = match &result {
-            Ok(r) => push_reply(id, r),
-            Err(e @ (PushError::UnknownMachine(_) | PushError::TooLarge { .. })) => {
-                format!("550 {e}")
-            }
-            Err(e) => format!("451 {e}"),
-        };
-        let detail = match &result {
-            Ok(r) => format!(
-                "machine {id} generation {} ({size} bytes): {}",
-                r.generation(),
-                outcome_word(r)
-            ),
-            Err(e) => format!("machine {id}: refused: {e}"),
-        };
-        self.audit("push", detail).await;
-        self.reply(&line).await
-    }
-
-    /// A push to many machines: `151-` progress lines while it runs (at most every
-    /// 500 ms, and once at the end), then one line per machine and a summary.
-    async fn push_fleet(
-        &mut self,
-        target: Target,
-        ids: Vec<u16>,
-        body: Vec<u8>,
-        actor: &str,
-    ) -> Result<(), SessionError> {
-        let size = body.len();
-        let (tx, mut rx) = tokio::sync::watch::channel(Progress::start(ids.len()));
+        // A fleet push: `151-` progress lines while it runs (at most every 500 ms, and
+        // once at the end), then one line per machine and a summary.
+        let (tx, mut rx) = tokio::sync::watch::channel(Progress::start(plan.machines()));
         let hub = self.hub.clone();
-        let actor_owned = actor.to_owned();
-        let mut task =
-            tokio::spawn(
-                async move { fleet::push_many(&hub, ids, body, &actor_owned, Some(tx)).await },
-            );
+        let task = operator::push(&hub, actor, plan, body, Some(tx));
+        tokio::pin!(task);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shown: Option<Progress> = None;
-        let results = loop {
+        let report = loop {
             tokio::select! {
+                // The use case first: a push refused at once (an empty body) shows no
+                // progress line.
+                biased;
                 r = &mut task => break r,
                 _ = tick.tick() => {
                     let p = *rx.borrow_and_update();
                     if shown != Some(p) {
                         shown = Some(p);
-                        self.reply(&format!("151-{}", p.line())).await?;
+                        self.progress(p).await?;
                     }
                 }
             }
         };
-        let results = match results {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("fleet push task failed: {e}");
-                return self
-                    .reply("451 the push task failed; see the SCM's log, then check `machines`")
-                    .await;
+        match report {
+            Ok(report) => {
+                self.progress(report.totals()).await?;
+                self.reply_lines(fleet_reply(&report)).await
             }
-        };
-        let mut totals = Progress::start(results.len());
-        let mut lines = Vec::with_capacity(results.len() + 2);
-        for (id, r) in &results {
-            totals.add(r);
-            lines.push(match r {
-                Ok(r) => push_reply(*id, r)[4..].to_string(),
-                Err(e) => format!("machine {id}: not attempted: {e}"),
-            });
+            Err(e) => self.reply(refusal(&e)).await,
         }
-        self.reply(&format!("151-{}", totals.line())).await?;
-        let code = if totals.failed > 0 {
-            451
-        } else if totals.nack > 0 {
-            554
-        } else if totals.pending > 0 {
-            450
-        } else {
-            250
-        };
-        lines.push(format!("{target}: {}", totals.line()));
-        self.audit(
-            "push",
-            format!("{target} ({size} bytes): {}", totals.line()),
-        )
-        .await;
-        self.reply_lines(code, lines).await
+    }
+
+    async fn progress(&mut self, p: Progress) -> Result<(), SessionError> {
+        let line = Reply::new(ReplyCode::Progress, p.line()).continued();
+        self.conn.send_line(&line).await?;
+        Ok(())
     }
 }
 
-/// The outcome as the audit log words it (telnet and admin API pushes alike).
-pub(crate) fn outcome_word(r: &PushResult) -> String {
-    match r {
-        PushResult::Ack { .. } => "ack".into(),
-        PushResult::Nack { detail, .. } => format!("nack {}", one_line(detail)),
-        PushResult::Unreachable { .. } => "pending".into(),
-        PushResult::Superseded { by, .. } => format!("superseded by generation {by}"),
+fn locked_out(ip: std::net::IpAddr, left: Duration) -> Reply {
+    Reply::new(
+        ReplyCode::Closing,
+        format!(
+            "too many failed logins from {ip}; try again in {} s",
+            left.as_secs().max(1)
+        ),
+    )
+}
+
+/// The console's reply to a refused or failed operation.
+pub(crate) fn refusal(e: &OpError) -> Reply {
+    let code = match e {
+        OpError::ReadOnly(_)
+        | OpError::Target(_)
+        | OpError::UnknownMachine(_)
+        | OpError::NoGeneration { .. }
+        | OpError::TooLarge { .. } => ReplyCode::Refused,
+        OpError::Empty => ReplyCode::Syntax,
+        OpError::Store(_) | OpError::TaskFailed => ReplyCode::Failed,
+    };
+    let text = match e {
+        OpError::NoGeneration {
+            machine,
+            generation,
+        } => format!(
+            "machine {machine} has no generation {generation}; `history {machine}` lists them"
+        ),
+        OpError::Empty => "empty configuration; nothing sent".into(),
+        OpError::TaskFailed => {
+            "the push task failed; see the SCM's log, then check `machines`".into()
+        }
+        OpError::Store(s) => {
+            tracing::error!("database error: {s}");
+            e.to_string()
+        }
+        _ => e.to_string(),
+    };
+    Reply::new(code, text)
+}
+
+fn help() -> Lines {
+    let lines = [
+        "commands:",
+        "  machines          list machines, their connection and configuration state",
+        "  status <id>       details of one machine",
+        "  groups            machine groups and their members",
+        "  push <target>     send a configuration: type it, then a line holding only \".\"",
+        "                    (a line that starts with \".\" is sent with one more \".\");",
+        "                    target: a machine id, group:NAME, label:TEXT or all;",
+        "                    a fleet push shows 151- progress lines while it runs",
+        "  history <id>      the machine's configuration generations",
+        "  rollback <id> <g> make generation g's content current again (a new generation)",
+        "  swipes            the last card swipes (masked) and what became of them",
+        "  audit             the last operator actions",
+        "  quit              end the session",
+        "replies: 2xx done, 3xx send more, 4xx try later, 5xx refused",
+    ];
+    Lines::new(ReplyCode::Help, lines.map(String::from).to_vec())
+}
+
+async fn machines(hub: &Hub, actor: &Actor) -> Result<Lines, Reply> {
+    let (rows, _) = operator::machines(hub, actor, None)
+        .await
+        .map_err(|e| refusal(&e))?;
+    let mut lines = vec![format!(
+        "{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  {:<20} LAST ERROR",
+        "ID", "NAME", "VER", "LINK", "DESIRED", "APPLIED", "GROUPS"
+    )];
+    for m in &rows {
+        let link = if hub.sessions.session(m.id).is_some() {
+            "connected"
+        } else {
+            "down"
+        };
+        let err = m.last_error.clone().unwrap_or_else(|| "-".into());
+        let groups = hub
+            .cfg
+            .machine(m.id)
+            .map(|c| c.groups.join(","))
+            .filter(|g| !g.is_empty())
+            .unwrap_or_else(|| "-".into());
+        lines.push(format!(
+            "{:<6} {:<16} {:<3} {:<10} {:>7} {:>7}  {:<20} {}",
+            m.id,
+            truncate(&m.name, 16),
+            m.protocol_version,
+            link,
+            m.desired_generation,
+            m.applied_generation,
+            truncate(&groups, 20),
+            truncate(&err, 60)
+        ));
     }
+    lines.push(format!("{} machines", rows.len()));
+    Ok(Lines::new(ReplyCode::Done, lines))
+}
+
+async fn status(hub: &Hub, actor: &Actor, id: u16) -> Result<Lines, Reply> {
+    let (m, attempts) = operator::status(hub, actor, id, 5)
+        .await
+        .map_err(|e| refusal(&e))?;
+    let mut lines = vec![format!("machine {} ({})", m.id, m.name)];
+    lines.push(format!("protocol version: {}", m.protocol_version));
+    if let Some(c) = hub.cfg.machine(id) {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        lines.push(format!("groups: {}", list(&c.groups)));
+        lines.push(format!("labels: {}", list(&c.labels)));
+    }
+    match hub.sessions.session(id) {
+        Some(s) => lines.push(format!(
+            "link: connected from {} since {}",
+            s.peer,
+            fmt_ms(s.connected_since_ms)
+        )),
+        None => lines.push("link: not connected".into()),
+    }
+    lines.push(format!(
+        "last HELLO: {}",
+        match (&m.last_hello_ms, &m.last_peer) {
+            (Some(t), Some(p)) => format!("{} from {p}", fmt_ms(*t)),
+            _ => "never".into(),
+        }
+    ));
+    lines.push(format!(
+        "config address: {}",
+        push::config_target(hub, id).unwrap_or_else(|| "unknown (in-band at next HELLO)".into())
+    ));
+    let state = if m.desired_generation == 0 {
+        "no configuration pushed yet".to_string()
+    } else if m.desired_generation == m.applied_generation {
+        "up to date".to_string()
+    } else {
+        "pending".to_string()
+    };
+    lines.push(format!(
+        "generation: desired {}, applied {} ({state})",
+        m.desired_generation, m.applied_generation
+    ));
+    lines.push(format!(
+        "last error: {}",
+        m.last_error.unwrap_or_else(|| "-".into())
+    ));
+    if let Some(s) = hub.sessions.session(id) {
+        lines.push(format!(
+            "readers: {}",
+            if s.readers.is_empty() {
+                "none announced".to_string()
+            } else {
+                s.readers.join(", ")
+            }
+        ));
+    }
+    for d in hub.swipes.bridge().status(Some(id)) {
+        let conn = match d.connected {
+            Some((peer, since)) => {
+                format!("print server connected from {peer} since {}", fmt_ms(since))
+            }
+            None => "no print server connected".to_string(),
+        };
+        let listen = d
+            .listen
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "not listening".into());
+        lines.push(format!(
+            "generic {}: {conn}; listening on {listen}; {} queued, {} delivered, {} expired, {} refused peers",
+            d.key, d.queued, d.delivered, d.expired, d.refused_peers
+        ));
+    }
+    for d in hub.swipes.rfideas().status(Some(id)) {
+        lines.push(d.summary(fmt_ms));
+    }
+    for (g, at, outcome, detail) in attempts {
+        lines.push(format!(
+            "attempt: {} generation {g} {outcome}: {}",
+            fmt_ms(at),
+            truncate(&detail, 100)
+        ));
+    }
+    Ok(Lines::new(ReplyCode::Status, lines))
+}
+
+/// `swipes`: served by the console only (the admin API streams swipes as events).
+async fn swipes(hub: &Hub, actor: &Actor) -> Result<Lines, Reply> {
+    let rows = operator::swipes(hub, actor, 20)
+        .await
+        .map_err(|e| refusal(&e))?;
+    let mut lines: Vec<String> = rows
+        .iter()
+        .rev()
+        .map(|r| {
+            format!(
+                "{} machine {} reader {} card {} {}: {}",
+                fmt_ms(r.received_ms),
+                r.machine,
+                r.reader,
+                r.card_masked,
+                r.outcome,
+                truncate(&r.detail, 120)
+            )
+        })
+        .collect();
+    // Delivered and expired are counted by the bridge itself, per device.
+    let devices = hub.swipes.bridge().status(None);
+    let delivered: u64 = devices.iter().map(|d| d.delivered).sum();
+    let expired: u64 = devices.iter().map(|d| d.expired).sum();
+    let r241 = hub.swipes.rfideas().status(None);
+    let st = &hub.swipes.stats;
+    use std::sync::atomic::Ordering::Relaxed;
+    lines.push(format!(
+        "{} swipes shown; since start: Generic {} delivered, {} expired; 241 {} delivered, {} expired, {} failed; {} duplicate, {} rejected, {} busy, {} without route",
+        rows.len(),
+        delivered,
+        expired,
+        r241.iter().map(|d| d.delivered).sum::<u64>(),
+        r241.iter().map(|d| d.expired).sum::<u64>(),
+        r241.iter().map(|d| d.failed).sum::<u64>(),
+        st.duplicate.load(Relaxed),
+        st.rejected.load(Relaxed),
+        st.busy.load(Relaxed),
+        st.no_route.load(Relaxed),
+    ));
+    Ok(Lines::new(ReplyCode::Done, lines))
+}
+
+async fn audit_list(hub: &Hub, actor: &Actor) -> Result<Lines, Reply> {
+    let rows = operator::audit_log(hub, actor, 20)
+        .await
+        .map_err(|e| refusal(&e))?;
+    let mut lines: Vec<String> = rows
+        .iter()
+        .rev()
+        .map(|r| {
+            format!(
+                "{} {} from {}: {} {}",
+                fmt_ms(r.at_ms),
+                r.actor,
+                r.source,
+                r.action,
+                truncate(&r.detail, 120)
+            )
+        })
+        .collect();
+    lines.push(format!("{} audit records shown", rows.len()));
+    Ok(Lines::new(ReplyCode::Done, lines))
+}
+
+async fn history(hub: &Hub, actor: &Actor, id: u16) -> Result<Lines, Reply> {
+    let rows = operator::history(hub, actor, id, 20)
+        .await
+        .map_err(|e| refusal(&e))?;
+    let mut lines: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "generation {} {} bytes sha256 {} by {} at {}: {}",
+                r.generation,
+                r.len,
+                &r.sha256[..r.sha256.len().min(16)],
+                r.created_by,
+                fmt_ms(r.created_ms),
+                r.last_outcome.as_deref().unwrap_or("not sent")
+            )
+        })
+        .collect();
+    lines.push(format!("{} generations of machine {id}", rows.len()));
+    Ok(Lines::new(ReplyCode::Done, lines))
+}
+
+async fn rollback(hub: &Arc<Hub>, actor: &Actor, id: u16, to: u64) -> Reply {
+    match operator::rollback(hub, actor, id, to).await {
+        Ok(r) => push_reply(id, &r),
+        Err(e) => refusal(&e),
+    }
+}
+
+fn groups(hub: &Hub) -> Lines {
+    let groups = fleet::groups(&hub.cfg);
+    let mut lines: Vec<String> = groups
+        .iter()
+        .map(|(g, ids)| {
+            let ids: Vec<String> = ids.iter().map(u16::to_string).collect();
+            format!("{g}: {} machines: {}", ids.len(), ids.join(" "))
+        })
+        .collect();
+    lines.push(format!("{} groups", groups.len()));
+    Lines::new(ReplyCode::Done, lines)
+}
+
+/// The answer to a push to one machine.
+fn push_one_reply(r: Result<PushReport, OpError>) -> Reply {
+    match r {
+        Ok(report) => match report.results.first() {
+            Some((id, Ok(r))) => push_reply(*id, r),
+            Some((_, Err(e))) => {
+                let code = match e {
+                    PushError::UnknownMachine(_) | PushError::TooLarge { .. } => ReplyCode::Refused,
+                    _ => ReplyCode::Failed,
+                };
+                Reply::new(code, e.to_string())
+            }
+            None => refusal(&OpError::TaskFailed),
+        },
+        Err(e) => refusal(&e),
+    }
+}
+
+/// The answer to a fleet push: one line per machine, then the totals; the code is the
+/// worst outcome's.
+fn fleet_reply(report: &PushReport) -> Lines {
+    let totals = report.totals();
+    let mut lines = Vec::with_capacity(report.results.len() + 1);
+    for (id, r) in &report.results {
+        lines.push(match r {
+            Ok(r) => push_reply(*id, r).text,
+            Err(e) => format!("machine {id}: not attempted: {e}"),
+        });
+    }
+    let code = if totals.failed > 0 {
+        ReplyCode::Failed
+    } else if totals.nack > 0 {
+        ReplyCode::Nack
+    } else if totals.pending > 0 {
+        ReplyCode::Pending
+    } else {
+        ReplyCode::Done
+    };
+    lines.push(format!("{}: {}", report.target, totals.line()));
+    Lines::new(code, lines)
 }
 
 /// The operator's one-line answer for a delivery result.
-fn push_reply(id: u16, r: &PushResult) -> String {
+fn push_reply(id: u16, r: &PushResult) -> Reply {
     match r {
-        PushResult::Ack { generation, detail } => format!(
-            "250 ACK machine {id} generation {generation}: {}",
-            one_line(detail)
+        PushResult::Ack { generation, detail } => Reply::new(
+            ReplyCode::Done,
+            format!(
+                "ACK machine {id} generation {generation}: {}",
+                one_line(detail)
+            ),
         ),
-        PushResult::Nack { generation, detail } => format!(
-            "554 NACK machine {id} generation {generation}: {}",
-            one_line(detail)
+        PushResult::Nack { generation, detail } => Reply::new(
+            ReplyCode::Nack,
+            format!(
+                "NACK machine {id} generation {generation}: {}",
+                one_line(detail)
+            ),
         ),
-        PushResult::Unreachable { generation, detail } => format!(
-            "450 machine {id} unreachable; generation {generation} pending, retried with back-off and at its next HELLO: {}",
-            one_line(detail)
+        PushResult::Unreachable { generation, detail } => Reply::new(
+            ReplyCode::Pending,
+            format!(
+                "machine {id} unreachable; generation {generation} pending, retried with back-off and at its next HELLO: {}",
+                one_line(detail)
+            ),
         ),
-        PushResult::Superseded { generation, by } => format!(
-            "251 machine {id} generation {generation} superseded: generation {by} is newer and is the one delivered; not sent"
+        PushResult::Superseded { generation, by } => Reply::new(
+            ReplyCode::Superseded,
+            format!(
+                "machine {id} generation {generation} superseded: generation {by} is newer and is the one delivered; not sent"
+            ),
         ),
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(300)
-        .collect()
 }
 
 fn truncate(s: &str, n: usize) -> String {

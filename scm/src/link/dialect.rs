@@ -7,7 +7,6 @@
 use scm_proto::v1::{self, Message, NackReason, PayloadError};
 use scm_proto::{Code, Frame, FrameError};
 
-use crate::ops::push::Reply;
 use crate::state::Generation;
 
 /// A protocol version this SCM speaks.
@@ -204,32 +203,70 @@ impl Dialect {
         frame: &Frame,
         id: u16,
         request_id: u64,
-    ) -> Result<Reply, String> {
+    ) -> Result<Reply, AnswerError> {
         if frame.id != id {
-            return Err(format!("answer names machine {} instead of {id}", frame.id));
+            return Err(AnswerError::WrongMachine {
+                named: frame.id,
+                expected: id,
+            });
         }
         match self {
             Dialect::V0 => match frame.code() {
                 Some(Code::Ack) => Ok(Reply::Ack(frame.text_lossy())),
                 Some(Code::Nack) => Ok(Reply::Nack(frame.text_lossy())),
-                _ => Err(format!("unexpected answer code {}", frame.code)),
+                _ => Err(AnswerError::UnexpectedCode(frame.code)),
             },
-            Dialect::V1 => match Message::decode(frame) {
-                Ok(Message::Ack(a)) if a.request_id == request_id => Ok(Reply::Ack(a.detail)),
-                Ok(Message::Nack(n)) if n.request_id == request_id => Ok(Reply::Nack(format!(
+            Dialect::V1 => match Message::decode(frame)? {
+                Message::Ack(a) if a.request_id == request_id => Ok(Reply::Ack(a.detail)),
+                Message::Nack(n) if n.request_id == request_id => Ok(Reply::Nack(format!(
                     "{} ({})",
                     n.detail,
                     n.reason().as_str_name()
                 ))),
-                Ok(m) => Err(format!(
-                    "unexpected answer {} with request id {}",
-                    m.code().name(),
-                    m.request_id()
-                )),
-                Err(e) => Err(format!("malformed answer: {e}")),
+                m => Err(AnswerError::Unexpected {
+                    code: m.code().name(),
+                    request_id: m.request_id(),
+                }),
             },
         }
     }
+}
+
+/// A machine's answer to a CONFIG.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// ACK with its text.
+    Ack(String),
+    /// NACK with its reason.
+    Nack(String),
+}
+
+/// Why a frame is not an answer to our CONFIG.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AnswerError {
+    /// The answer is about another machine.
+    #[error("answer names machine {named} instead of {expected}")]
+    WrongMachine {
+        /// Machine the frame names.
+        named: u16,
+        /// Machine the CONFIG was for.
+        expected: u16,
+    },
+    /// A version-0 frame that is neither ACK nor NACK.
+    #[error("unexpected answer code {0}")]
+    UnexpectedCode(u8),
+    /// A version-1 message that is not the answer to this request.
+    #[error("unexpected answer {code} with request id {request_id}")]
+    Unexpected {
+        /// The message's code name.
+        code: &'static str,
+        /// Its request id.
+        request_id: u64,
+    },
+    /// The payload could not be decoded.
+    #[error("malformed answer: {0}")]
+    Malformed(#[from] scm_proto::PayloadError),
 }
 
 /// Whether a version-0 MSG on a connection without HELLO comes from the address of the

@@ -19,8 +19,8 @@ use scm_proto::v1::{self, NackReason};
 use scm_proto::{Code, Frame, FrameError};
 use tokio::time::Instant;
 
-use super::dialect::{self, Dialect, Request};
-use crate::ops::push::{PushResult, Reply};
+use super::dialect::{self, Dialect, Reply, Request};
+use crate::ops::push::PushResult;
 use crate::ops::swipes::Verdict;
 use crate::state::Generation;
 
@@ -175,9 +175,9 @@ impl LinkMachine {
                     generation: g,
                     detail,
                 },
-                Err(detail) => PushResult::Unreachable {
+                Err(e) => PushResult::Unreachable {
                     generation: g,
-                    detail,
+                    detail: e.to_string(),
                 },
             };
             self.config_answered(wait, result, now);

@@ -5,14 +5,19 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier, SaltString};
 
 use crate::app::config::OperatorConfig;
 
+/// Why a password could not be hashed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot hash the password: {0}")]
+pub struct HashError(argon2::password_hash::Error);
+
 /// Hashes a password into an Argon2id PHC string for `[[operator]] password_hash`.
-pub fn hash_password(password: &str) -> Result<String, String> {
+pub fn hash_password(password: &str) -> Result<String, HashError> {
     let salt_bytes: [u8; 16] = rand::random();
-    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| e.to_string())?;
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(HashError)?;
     argon2::Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| format!("cannot hash the password: {e}"))
+        .map_err(HashError)
 }
 
 /// Checks `password` against the operator's hash. Runs Argon2, so call it off the async

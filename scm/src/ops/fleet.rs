@@ -103,6 +103,19 @@ impl fmt::Display for Target {
     }
 }
 
+impl Target {
+    /// The target as an operator writes it (`7`, `group:lobby`, `label:x`, `all`): what
+    /// [`FromStr`] reads back.
+    pub fn selector(&self) -> String {
+        match self {
+            Target::Machine(id) => id.to_string(),
+            Target::Group(g) => format!("group:{g}"),
+            Target::Label(l) => format!("label:{l}"),
+            Target::All => "all".into(),
+        }
+    }
+}
+
 /// Whether `s` may be used as a group name or a label: 1 to 64 characters from
 /// `A-Z a-z 0-9 . _ - = :`.
 pub fn valid_name(s: &str) -> bool {
@@ -227,7 +240,8 @@ impl Progress {
 }
 
 /// Stores `content` as the desired configuration of every machine in `ids` and delivers
-/// it, at most `limits.push_concurrency` at a time. Progress is published on `progress`
+/// it, at most `limits.push_concurrency` at a time. The machines and the content have
+/// been checked by the caller ([`crate::ops::operator`], the one place that checks them). Progress is published on `progress`
 /// after every answer. Returns each machine's result in id order.
 pub async fn push_many(
     hub: &Arc<Hub>,
@@ -243,14 +257,6 @@ pub async fn push_many(
         }
     };
     publish(&totals);
-    if let Some(&bad) = ids.iter().find(|id| hub.cfg.machine(**id).is_none()) {
-        return fail_all(&ids, || PushError::UnknownMachine(bad));
-    }
-    let max = hub.cfg.limits.max_config_bytes;
-    if content.len() > max {
-        let size = content.len();
-        return fail_all(&ids, || PushError::TooLarge { size, max });
-    }
     let actor = actor.to_owned();
     let id_list = ids.clone();
     let generations = match hub
@@ -350,6 +356,9 @@ mod tests {
             "label:site=north".parse(),
             Ok(Target::Label("site=north".into()))
         );
+        for t in ["7", "all", "group:lobby", "label:site=north"] {
+            assert_eq!(t.parse::<Target>().unwrap().selector(), t);
+        }
         for bad in [
             "",
             "x",

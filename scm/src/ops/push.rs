@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 use crate::hub::Hub;
 use crate::link::dialect::Dialect;
+pub use crate::link::dialect::{AnswerError, Reply};
 use crate::state::{Durability, Generation, Outcome, StoreError};
 
 /// What became of a push.
@@ -83,22 +84,15 @@ pub enum PushError {
     Store(#[from] StoreError),
 }
 
-/// Stores `content` as machine `id`'s desired configuration and delivers it now.
+/// Stores `content` as machine `id`'s desired configuration and delivers it now. The
+/// machine and the content have been checked by the caller ([`crate::ops::operator`], the
+/// one place that checks them).
 pub async fn push(
     hub: &Arc<Hub>,
     id: u16,
     content: Vec<u8>,
     actor: &str,
 ) -> Result<PushResult, PushError> {
-    if hub.cfg.machine(id).is_none() {
-        return Err(PushError::UnknownMachine(id));
-    }
-    if content.len() > hub.cfg.limits.max_config_bytes {
-        return Err(PushError::TooLarge {
-            size: content.len(),
-            max: hub.cfg.limits.max_config_bytes,
-        });
-    }
     let actor_owned = actor.to_string();
     let (generation, _new) = hub
         .store
@@ -111,23 +105,6 @@ pub async fn push(
         ))));
     };
     Ok(deliver(hub, generation).await?)
-}
-
-/// Makes an earlier generation's content the desired configuration again (as a new
-/// generation, so the agent's ordering holds) and delivers it.
-pub async fn rollback(
-    hub: &Arc<Hub>,
-    id: u16,
-    to: u64,
-    actor: &str,
-) -> Result<Option<PushResult>, PushError> {
-    if hub.cfg.machine(id).is_none() {
-        return Err(PushError::UnknownMachine(id));
-    }
-    let Some(old) = hub.store.fleet().get_generation(id, to).await? else {
-        return Ok(None);
-    };
-    push(hub, id, old.content, actor).await.map(Some)
 }
 
 /// Where machine `id`'s config port is, if known.
@@ -255,15 +232,6 @@ pub async fn record_with(
         .await
 }
 
-/// A machine's answer to a CONFIG.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    /// ACK with its text.
-    Ack(String),
-    /// NACK with its reason.
-    Nack(String),
-}
-
 /// The CONFIG frame for this machine's protocol version.
 pub fn config_frame(
     version: u8,
@@ -274,18 +242,43 @@ pub fn config_frame(
 }
 
 /// Interprets a frame received in answer to a CONFIG.
-pub fn parse_reply(frame: &Frame, id: u16, request_id: u64) -> Result<Reply, String> {
+pub fn parse_answer(frame: &Frame, id: u16, request_id: u64) -> Result<Reply, AnswerError> {
     Dialect::from_version(frame.version).parse_reply(frame, id, request_id)
 }
 
-async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result<Reply, String> {
+/// Why a CONFIG could not be delivered over the machine's config port (the texts end up
+/// in the attempt's detail and in operators' replies).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum SendError {
+    #[error("no TCP connection within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("cannot connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Handshake(#[source] scm_certs::tls::HandshakeError),
+    #[error("configuration does not fit in a frame: {0}")]
+    Frame(#[source] scm_proto::FrameError),
+    #[error("cannot send CONFIG: {0}")]
+    Send(#[source] std::io::Error),
+    #[error("no answer to CONFIG: {0}")]
+    NoAnswer(#[source] scm_proto::ReadError),
+    #[error(
+        "the machine closed the connection without answering (was the SCM's certificate refused?)"
+    )]
+    Closed,
+    #[error("{0}")]
+    Answer(#[from] AnswerError),
+}
+
+async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result<Reply, SendError> {
     let id = generation.machine_id;
     let version = hub.cfg.machine(id).map(|m| m.protocol_version).unwrap_or(1);
     let connect_timeout = Duration::from_millis(hub.cfg.timeouts.push_connect_ms);
     let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(target))
         .await
-        .map_err(|_| format!("no TCP connection within {connect_timeout:?}"))?
-        .map_err(|e| format!("cannot connect: {e}"))?;
+        .map_err(|_| SendError::ConnectTimeout(connect_timeout))?
+        .map_err(SendError::Connect)?;
     let _ = tcp.set_nodelay(true);
     let tls = scm_certs::tls::connect(
         &hub.tls.machines(),
@@ -294,27 +287,22 @@ async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result
         connect_timeout,
     )
     .await
-    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    .map_err(SendError::Handshake)?;
     let (r, mut w) = tokio::io::split(tls);
     let request_id = hub_request_id(hub);
-    let frame = config_frame(version, generation, request_id)
-        .map_err(|e| format!("configuration does not fit in a frame: {e}"))?;
-    write_frame(&mut w, &frame)
-        .await
-        .map_err(|e| format!("cannot send CONFIG: {e}"))?;
+    let frame = config_frame(version, generation, request_id).map_err(SendError::Frame)?;
+    write_frame(&mut w, &frame).await.map_err(SendError::Send)?;
     scm_common::failpoint::pause("scm-after-config-sent").await;
     let mut reader = FrameReader::new(r, FrameCodec::new(4096));
     let reply_timeout = Duration::from_millis(hub.cfg.timeouts.push_reply_ms);
     let answer = reader
         .read_frame(Some(reply_timeout), reply_timeout)
         .await
-        .map_err(|e| format!("no answer to CONFIG: {e}"))?
-        .ok_or_else(|| {
-            "the machine closed the connection without answering (was the SCM's certificate refused?)".to_string()
-        })?;
+        .map_err(SendError::NoAnswer)?
+        .ok_or(SendError::Closed)?;
     // Close with close_notify so the machine sees a clean end of the session.
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
-    parse_reply(&answer, id, request_id)
+    Ok(parse_answer(&answer, id, request_id)?)
 }
 
 fn hub_request_id(hub: &Hub) -> u64 {
@@ -385,19 +373,25 @@ mod tests {
     #[test]
     fn replies_are_matched_to_the_request() {
         let ack = scm_proto::reply_frame(&Message::ack(5, "stored", 3), 7);
-        assert_eq!(parse_reply(&ack, 7, 5), Ok(Reply::Ack("stored".into())));
-        assert!(parse_reply(&ack, 7, 6).is_err(), "wrong request id");
-        assert!(parse_reply(&ack, 8, 5).is_err(), "wrong machine");
+        assert_eq!(
+            parse_answer(&ack, 7, 5).ok(),
+            Some(Reply::Ack("stored".into()))
+        );
+        assert!(parse_answer(&ack, 7, 6).is_err(), "wrong request id");
+        assert!(parse_answer(&ack, 8, 5).is_err(), "wrong machine");
         let nack = scm_proto::reply_frame(
             &Message::nack(5, v1::NackReason::WrongMachineId, "not me"),
             7,
         );
-        match parse_reply(&nack, 7, 5) {
+        match parse_answer(&nack, 7, 5) {
             Ok(Reply::Nack(t)) => assert!(t.contains("not me") && t.contains("WRONG_MACHINE_ID")),
             r => panic!("{r:?}"),
         }
         let v0 = Frame::v0(Code::Nack, 7, &b"bad"[..]).unwrap();
-        assert_eq!(parse_reply(&v0, 7, 0), Ok(Reply::Nack("bad".into())));
+        assert_eq!(
+            parse_answer(&v0, 7, 0).ok(),
+            Some(Reply::Nack("bad".into()))
+        );
     }
 
     #[test]

@@ -327,7 +327,10 @@ impl Swipes {
         // Ready bridges take the swipe; a device that cannot deliver yet (a 241 device no
         // print server has configured) only when nothing is ready, and then records why
         // it failed. At most two bridges: no allocation for the choice.
-        let routes = self.routes.each_ref().map(|b| b.route(machine, &s.reader_id));
+        let routes = self
+            .routes
+            .each_ref()
+            .map(|b| b.route(machine, &s.reader_id));
         let wanted = if routes.contains(&Route::Ready) {
             Route::Ready
         } else {
@@ -343,10 +346,7 @@ impl Swipes {
                 }
                 to.push_str(&format!("{} {machine}/{}", b.name(), s.reader_id));
             }
-            (
-                JournalOutcome::Queued,
-                format!("queued for {to}"),
-            )
+            (JournalOutcome::Queued, format!("queued for {to}"))
         } else {
             (
                 JournalOutcome::NoRoute,

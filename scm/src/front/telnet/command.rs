@@ -1,10 +1,11 @@
 //! The operator command language of the telnet port, parsed without I/O: one input line
-//! in, a [`Command`] or the exact refusal reply out. Kept pure so it can be unit-tested
+//! in, a [`Command`] or a typed refusal ([`ParseError`], which knows its reply) out. Kept pure so it can be unit-tested
 //! exhaustively and fuzzed.
 
 use scm_common::text::quoted;
 
-use crate::ops::fleet::Target;
+use crate::front::telnet::reply::{Reply, ReplyCode};
+use crate::ops::fleet::{SelectError, Target};
 
 /// One operator command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +34,39 @@ pub enum Command {
     Quit,
 }
 
-/// Parses one line. `Err` holds the whole reply line to send (`500 ...` or `501 ...`).
-pub fn parse(line: &str) -> Result<Command, String> {
+/// Why a line is not a command. [`ParseError::reply`] is the reply to send (`500` for an
+/// unknown command, `501` for bad arguments); every text echoes at most a bounded part of
+/// the input and stays on one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseError {
+    /// Not a command (its first 40 characters).
+    #[error("unknown command {0:?}; type help for the list")]
+    Unknown(String),
+    /// The command with the wrong arguments: its usage.
+    #[error("usage: {0}")]
+    Usage(String),
+    /// Not a machine id (the argument, quoted and cut).
+    #[error("{0} is not a machine id (0-65535)")]
+    NotAMachineId(String),
+    /// Not a push target.
+    #[error("{0}")]
+    Target(#[from] SelectError),
+}
+
+impl ParseError {
+    /// The reply that refuses the line.
+    pub fn reply(&self) -> Reply {
+        let code = match self {
+            ParseError::Unknown(_) => ReplyCode::Unknown,
+            _ => ReplyCode::Syntax,
+        };
+        Reply::new(code, self.to_string())
+    }
+}
+
+/// Parses one line.
+pub fn parse(line: &str) -> Result<Command, ParseError> {
     let line = line.trim();
     if line.is_empty() {
         return Ok(Command::Empty);
@@ -42,10 +74,11 @@ pub fn parse(line: &str) -> Result<Command, String> {
     let mut words = line.split_whitespace();
     let cmd = words.next().unwrap_or("").to_ascii_lowercase();
     let args: Vec<&str> = words.collect();
-    let machine_id = |s: &str| -> Result<u16, String> {
+    let machine_id = |s: &str| -> Result<u16, ParseError> {
         s.parse::<u16>()
-            .map_err(|_| format!("501 {} is not a machine id (0-65535)", quoted(s, 40)))
+            .map_err(|_| ParseError::NotAMachineId(quoted(s, 40)))
     };
+    let usage = |u: &str| ParseError::Usage(u.to_owned());
     match (cmd.as_str(), args.as_slice()) {
         ("help", _) => Ok(Command::Help),
         ("machines", []) => Ok(Command::Machines),
@@ -55,26 +88,18 @@ pub fn parse(line: &str) -> Result<Command, String> {
         ("quit" | "exit" | "logout", []) => Ok(Command::Quit),
         ("status", [id]) => machine_id(id).map(Command::Status),
         ("history", [id]) => machine_id(id).map(Command::History),
-        ("push", [target]) => target
-            .parse::<Target>()
-            .map(Command::Push)
-            .map_err(|e| format!("501 {e}")),
+        ("push", [target]) => Ok(Command::Push(target.parse::<Target>()?)),
         ("rollback", [id, generation]) => match (id.parse::<u16>(), generation.parse::<u64>()) {
             (Ok(id), Ok(g)) if g > 0 => Ok(Command::Rollback(id, g)),
-            _ => Err("501 usage: rollback <machine id> <generation>".into()),
+            _ => Err(usage("rollback <machine id> <generation>")),
         },
-        ("rollback", _) => Err("501 usage: rollback <machine id> <generation>".into()),
-        ("push", _) => Err("501 usage: push <machine id | group:NAME | label:TEXT | all>".into()),
-        ("status" | "history", _) => Err(format!("501 usage: {cmd} <machine id>")),
+        ("rollback", _) => Err(usage("rollback <machine id> <generation>")),
+        ("push", _) => Err(usage("push <machine id | group:NAME | label:TEXT | all>")),
+        ("status" | "history", _) => Err(usage(&format!("{cmd} <machine id>"))),
         ("machines" | "groups" | "audit" | "swipes" | "quit" | "exit" | "logout", _) => {
-            Err(format!("501 usage: {cmd} (no arguments)"))
+            Err(usage(&format!("{cmd} (no arguments)")))
         }
-        _ => {
-            let shown: String = cmd.chars().take(40).collect();
-            Err(format!(
-                "500 unknown command {shown:?}; type help for the list"
-            ))
-        }
+        _ => Err(ParseError::Unknown(cmd.chars().take(40).collect())),
     }
 }
 
@@ -136,15 +161,16 @@ mod tests {
             ),
         ];
         for (line, want) in bad {
-            assert_eq!(parse(line), Err(want.to_string()), "{line:?}");
+            let got = parse(line).map_err(|e| e.reply().to_string());
+            assert_eq!(got, Err(want.to_string()), "{line:?}");
         }
         let long = "x".repeat(5000);
-        let e = parse(&long).unwrap_err();
+        let e = parse(&long).unwrap_err().reply().to_string();
         assert!(e.len() < 100, "echoes at most 40 bytes: {e}");
         // Found by fuzzing (operator_command, fixture echo-bounded-after-escaping): a
         // target of control characters escaped to several bytes each.
         let nasty = format!("push g{}", "\u{1d}".repeat(200));
-        let e = parse(&nasty).unwrap_err();
+        let e = parse(&nasty).unwrap_err().reply().to_string();
         assert!(e.len() < 160, "{} bytes: {e}", e.len());
     }
 }

@@ -1,0 +1,334 @@
+//! What an operator can ask of the SCM, written once for both front ends (the telnet
+//! console and the gRPC admin API): pushes to one machine or a fleet, rollbacks, and the
+//! reads (machines, one machine's state, history, the audit log, and the swipes listing,
+//! which only the console serves).
+//!
+//! Each operation takes the [`Actor`] (who, with which role, from where, through which
+//! front end), checks the role, the target and the content here and nowhere else, records
+//! the audit entry with one wording ([`crate::ops::audit`]), and answers with typed values
+//! or an [`OpError`]. The front ends only parse, say who is logged in, and render: so
+//! whatever one of them refuses, the other refuses for the same reason.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::app::config::OperatorRole;
+use crate::hub::Hub;
+use crate::ops::audit::{self, AuditAction};
+use crate::ops::fleet::{self, Progress, SelectError, Target};
+use crate::ops::push::{self, PushError, PushResult};
+use crate::state::SwipeRow;
+use crate::state::{self, AuditRow, HistoryRow, MachineRow, StoreError};
+
+/// The front end an operator came through (it is part of some audit records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Front {
+    /// The telnet console (plain or TLS).
+    Telnet,
+    /// The gRPC admin API.
+    AdminApi,
+}
+
+impl fmt::Display for Front {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Front::Telnet => "telnet",
+            Front::AdminApi => "admin API",
+        })
+    }
+}
+
+/// Who asks: an authenticated, configured operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Actor {
+    /// Operator name.
+    pub name: String,
+    /// What the operator may do.
+    pub role: OperatorRole,
+    /// Peer address, as the audit log records it.
+    pub source: String,
+    /// Through which front end.
+    pub front: Front,
+}
+
+/// Why an operation was refused or failed. Each front end renders these in its own terms
+/// (a telnet reply code, a gRPC status), never by matching on text.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OpError {
+    /// The operator may only read.
+    #[error("operator {0} is read-only and cannot push")]
+    ReadOnly(String),
+    /// The target names nothing (or the SCM has no machines).
+    #[error("{0}")]
+    Target(#[from] SelectError),
+    /// No such machine (reads).
+    #[error("machine {0} is not known; `machines` lists the known ones")]
+    UnknownMachine(u16),
+    /// Rollback to a generation that does not exist.
+    #[error("machine {machine} has no generation {generation}")]
+    NoGeneration {
+        /// Machine.
+        machine: u16,
+        /// Generation asked for.
+        generation: u64,
+    },
+    /// Nothing to push.
+    #[error("empty configuration")]
+    Empty,
+    /// More than `limits.max_config_bytes`.
+    #[error("configuration is {size} bytes; at most {max} bytes can be sent")]
+    TooLarge {
+        /// Size given.
+        size: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The database failed; nothing was stored or sent.
+    #[error("{hint}", hint = .0.operator_hint())]
+    Store(#[from] StoreError),
+    /// The task running a push failed (a bug: it is logged).
+    #[error("the push task failed")]
+    TaskFailed,
+}
+
+impl From<PushError> for OpError {
+    fn from(e: PushError) -> Self {
+        match e {
+            PushError::UnknownMachine(id) => OpError::Target(SelectError::UnknownMachine(id)),
+            PushError::TooLarge { size, max } => OpError::TooLarge { size, max },
+            PushError::Store(e) => OpError::Store(e),
+        }
+    }
+}
+
+/// Refuses a change by a read-only operator, and records the refusal. The one place
+/// the role is checked.
+async fn may_change(
+    hub: &Hub,
+    actor: &Actor,
+    refused: impl FnOnce() -> String,
+) -> Result<(), OpError> {
+    if actor.role == OperatorRole::Admin {
+        return Ok(());
+    }
+    audit::record(
+        hub,
+        &actor.name,
+        &actor.source,
+        AuditAction::PushRefused,
+        refused(),
+    )
+    .await;
+    Err(OpError::ReadOnly(actor.name.clone()))
+}
+
+/// A push the actor may make, to machines that exist: made by [`authorise_push`] before
+/// the front end accepts the content (telnet asks for it only then).
+#[derive(Debug)]
+pub(crate) struct PushPlan {
+    target: Target,
+    ids: Vec<u16>,
+}
+
+impl PushPlan {
+    /// The target.
+    pub(crate) fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// How many machines it reaches.
+    pub(crate) fn machines(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// Checks that `actor` may push to `target` (the refusal of a read-only operator is
+/// audited) and that the target names machines.
+pub(crate) async fn authorise_push(
+    hub: &Hub,
+    actor: &Actor,
+    target: Target,
+) -> Result<PushPlan, OpError> {
+    may_change(hub, actor, || audit::push_refused(&target, actor.front)).await?;
+    let ids = fleet::select(&hub.cfg, &target)?;
+    Ok(PushPlan { target, ids })
+}
+
+/// The content limits: not empty, at most `limits.max_config_bytes`.
+pub(crate) fn check_content(hub: &Hub, content: &[u8]) -> Result<(), OpError> {
+    let max = hub.cfg.limits.max_config_bytes;
+    if content.is_empty() {
+        return Err(OpError::Empty);
+    }
+    if content.len() > max {
+        return Err(OpError::TooLarge {
+            size: content.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// What a push did, machine by machine (in id order).
+#[derive(Debug)]
+pub(crate) struct PushReport {
+    /// The target pushed to.
+    pub target: Target,
+    /// Each machine's result; a machine that could not be attempted has an error.
+    pub results: Vec<(u16, Result<PushResult, PushError>)>,
+}
+
+impl PushReport {
+    /// Totals over all machines.
+    pub(crate) fn totals(&self) -> Progress {
+        let mut p = Progress::start(self.results.len());
+        for (_, r) in &self.results {
+            p.add(r);
+        }
+        p
+    }
+}
+
+/// Pushes `content` as planned: one machine is stored and delivered on its own, a fleet
+/// in one transaction with bounded concurrency (progress published on `progress`). The
+/// push runs in a task of its own, to its end and with its audit record, even if the
+/// operator goes away meanwhile.
+pub(crate) async fn push(
+    hub: &Arc<Hub>,
+    actor: &Actor,
+    plan: PushPlan,
+    content: Vec<u8>,
+    progress: Option<watch::Sender<Progress>>,
+) -> Result<PushReport, OpError> {
+    check_content(hub, &content)?;
+    tracing::info!(operator = %actor.name, via = %actor.front, target = %plan.target, machines = plan.ids.len(), "push");
+    let hub = hub.clone();
+    let actor = actor.clone();
+    let task = tokio::spawn(async move {
+        let size = content.len();
+        let PushPlan { target, ids } = plan;
+        let results = match target {
+            Target::Machine(id) => vec![(id, push::push(&hub, id, content, &actor.name).await)],
+            _ => fleet::push_many(&hub, ids, content, &actor.name, progress).await,
+        };
+        let detail = audit::push_detail(&target, size, &results);
+        audit::record(&hub, &actor.name, &actor.source, AuditAction::Push, detail).await;
+        PushReport { target, results }
+    });
+    task.await.map_err(|e| {
+        tracing::error!("push task failed: {e}");
+        OpError::TaskFailed
+    })
+}
+
+/// Makes generation `to` of machine `id` current again (as a new generation) and
+/// delivers it; audited whatever becomes of it once the role allows it.
+pub(crate) async fn rollback(
+    hub: &Arc<Hub>,
+    actor: &Actor,
+    id: u16,
+    to: u64,
+) -> Result<PushResult, OpError> {
+    may_change(hub, actor, || audit::rollback_refused(id, to, actor.front)).await?;
+    let result = rollback_to(hub, actor, id, to).await;
+    audit::record(
+        hub,
+        &actor.name,
+        &actor.source,
+        AuditAction::Rollback,
+        audit::rollback_detail(id, to, &result),
+    )
+    .await;
+    result
+}
+
+/// The old content comes back as a new generation, so the agent's ordering holds; it is
+/// checked against today's limits like any other push.
+async fn rollback_to(
+    hub: &Arc<Hub>,
+    actor: &Actor,
+    id: u16,
+    to: u64,
+) -> Result<PushResult, OpError> {
+    fleet::select(&hub.cfg, &Target::Machine(id))?;
+    let Some(old) = hub.store.fleet().get_generation(id, to).await? else {
+        return Err(OpError::NoGeneration {
+            machine: id,
+            generation: to,
+        });
+    };
+    check_content(hub, &old.content)?;
+    Ok(push::push(hub, id, old.content, &actor.name).await?)
+}
+
+/// A configured machine, or [`OpError::UnknownMachine`].
+fn known(hub: &Hub, id: u16) -> Result<(), OpError> {
+    match hub.cfg.machine(id) {
+        Some(_) => Ok(()),
+        None => Err(OpError::UnknownMachine(id)),
+    }
+}
+
+/// SHA-256 and attempt count of each machine's desired generation.
+pub(crate) type Desired = state::DesiredRow;
+
+/// The stored state of every machine (`only`: of that one), with its desired
+/// generation's details.
+pub(crate) async fn machines(
+    hub: &Hub,
+    actor: &Actor,
+    only: Option<u16>,
+) -> Result<(Vec<MachineRow>, HashMap<u16, Desired>), OpError> {
+    tracing::debug!(operator = %actor.name, via = %actor.front, "machines");
+    Ok(hub.store.fleet().machines_with_desired(only).await?)
+}
+
+/// One delivery attempt: generation, Unix ms, outcome, detail.
+pub(crate) type Attempt = state::AttemptRow;
+
+/// One configured machine's stored state and its newest `attempts` delivery attempts.
+pub(crate) async fn status(
+    hub: &Hub,
+    actor: &Actor,
+    id: u16,
+    attempts: u32,
+) -> Result<(MachineRow, Vec<Attempt>), OpError> {
+    tracing::debug!(operator = %actor.name, via = %actor.front, machine = id, "status");
+    known(hub, id)?;
+    let res = hub.store.fleet().machine_status(id, attempts).await?;
+    match res {
+        (Some(m), a) => Ok((m, a)),
+        (None, _) => Err(OpError::UnknownMachine(id)),
+    }
+}
+
+/// A configured machine's newest `limit` generations, newest first.
+pub(crate) async fn history(
+    hub: &Hub,
+    actor: &Actor,
+    id: u16,
+    limit: u32,
+) -> Result<Vec<HistoryRow>, OpError> {
+    tracing::debug!(operator = %actor.name, via = %actor.front, machine = id, "history");
+    known(hub, id)?;
+    Ok(hub.store.fleet().history(id, limit).await?)
+}
+
+/// The newest `limit` audit records, newest first.
+pub(crate) async fn audit_log(
+    hub: &Hub,
+    actor: &Actor,
+    limit: u32,
+) -> Result<Vec<AuditRow>, OpError> {
+    tracing::debug!(operator = %actor.name, via = %actor.front, "audit log");
+    Ok(hub.store.audit().list(limit).await?)
+}
+
+/// The newest `limit` card swipes (masked), newest first.
+pub(crate) async fn swipes(hub: &Hub, actor: &Actor, limit: u32) -> Result<Vec<SwipeRow>, OpError> {
+    tracing::debug!(operator = %actor.name, via = %actor.front, "swipes");
+    Ok(hub.store.journal().list(limit).await?)
+}
