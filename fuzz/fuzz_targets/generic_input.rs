@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 use scm_common::card::{CardRules, mask};
 
 fuzz_target!(|data: &[u8]| {
-    let _ = scm::bridges::generic::last_command(data);
+    let _ = scm::fuzzing::last_command(data);
     if let Ok(card) = std::str::from_utf8(data) {
         let _ = CardRules::default().validate(card);
         let m = mask(card);

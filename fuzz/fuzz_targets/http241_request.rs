@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use scm::bridges::rfideas::http::{self, Parse};
+use scm::fuzzing::http::{self, Parse};
 
 const MAX: usize = 1024;
 

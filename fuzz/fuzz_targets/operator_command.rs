@@ -3,13 +3,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use scm::front::telnet::reply::ReplyCode;
+use scm::fuzzing::ReplyCode;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(line) = std::str::from_utf8(data) else {
         return;
     };
-    match scm::front::telnet::command::parse(line) {
+    match scm::fuzzing::parse_command(line) {
         Ok(_) => {}
         Err(e) => {
             let reply = e.reply();
@@ -23,5 +23,5 @@ fuzz_target!(|data: &[u8]| {
             assert!(reply.len() <= 400, "{} bytes", reply.len());
         }
     }
-    let _ = line.parse::<scm::ops::fleet::Target>();
+    let _ = line.parse::<scm::fuzzing::Target>();
 });

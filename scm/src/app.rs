@@ -10,3 +10,6 @@ pub mod server;
 mod testkit;
 #[cfg(test)]
 mod tests;
+
+/// For `scm hash-password`.
+pub use crate::ops::auth::{HashError, hash_password};

@@ -10,11 +10,11 @@ use tokio::time::Instant;
 
 use scm_common::card::mask;
 
-pub mod generic;
-pub mod rfideas;
+pub(crate) mod generic;
+pub(crate) mod rfideas;
 
 /// One print-server bridge, as the swipe path sees it.
-pub trait Bridge: Send + Sync {
+pub(crate) trait Bridge: Send + Sync {
     /// The bridge's name in logs and journal details (`generic`, `rfideas`).
     fn name(&self) -> &'static str;
     /// Whether this bridge takes the swipes of `reader` at `machine`.
@@ -26,7 +26,7 @@ pub trait Bridge: Send + Sync {
 
 /// Whether a bridge takes the swipes of a reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     /// No device of the bridge for this reader.
     None,
     /// A device that cannot deliver yet (a 241 device without a swipe URL: the print
@@ -38,7 +38,7 @@ pub enum Route {
 
 /// Identifies a device: a machine and one of its readers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DeviceKey {
+pub(crate) struct DeviceKey {
     /// Machine id.
     pub machine: u16,
     /// Reader id.
@@ -53,7 +53,7 @@ impl fmt::Display for DeviceKey {
 
 /// A swipe to deliver. Its `Debug` output masks the card number.
 #[derive(Clone)]
-pub struct BridgeSwipe {
+pub(crate) struct BridgeSwipe {
     /// The agent's event id, echoed in the bridge's outcome report.
     pub event_id: String,
     /// The card number (written as is, followed by `\n`).
@@ -76,7 +76,7 @@ impl fmt::Debug for BridgeSwipe {
 
 /// Why a bridge refused a swipe.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubmitError {
+pub(crate) enum SubmitError {
     /// No device of the bridge is configured for that machine and reader.
     #[error("no device is configured for this machine and reader")]
     NoDevice,

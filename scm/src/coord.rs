@@ -10,9 +10,9 @@
 //! - [`events`]: the event bus for watchers ([`events::EventBus`]);
 //! - [`throttle`]: failed operator logins per source ([`throttle::LoginThrottle`]).
 
-pub mod dedup;
-pub mod delivery;
-pub mod events;
-pub mod retry;
-pub mod sessions;
-pub mod throttle;
+pub(crate) mod dedup;
+pub(crate) mod delivery;
+pub(crate) mod events;
+pub(crate) mod retry;
+pub(crate) mod sessions;
+pub(crate) mod throttle;

@@ -2,9 +2,9 @@
 //! endpoint. They parse requests, authorise them and render the answers; the use cases
 //! themselves live in [`crate::ops`].
 
-pub mod admin;
-pub mod metrics;
-pub mod telnet;
+pub(crate) mod admin;
+pub(crate) mod metrics;
+pub(crate) mod telnet;
 
 #[cfg(test)]
 mod tests;

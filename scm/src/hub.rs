@@ -14,10 +14,10 @@ use crate::coord::throttle::{LoginThrottle, Throttle};
 use crate::state::Store;
 
 // Where the link and the front ends have always found it.
-pub use crate::coord::sessions::Session;
+pub(crate) use crate::coord::sessions::Session;
 
 /// Everything the SCM's servers share.
-pub struct Hub {
+pub(crate) struct Hub {
     /// The configuration in force.
     pub cfg: ScmConfig,
     /// The database.
@@ -50,7 +50,7 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     /// Builds the hub.
-    pub fn new(
+    pub(crate) fn new(
         cfg: ScmConfig,
         store: Store,
         tls: Arc<crate::tlsreload::TlsState>,
@@ -73,18 +73,24 @@ impl Hub {
     }
 
     /// A fresh id for requests and links.
-    pub fn next_id(&self) -> u64 {
+    pub(crate) fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The operator account with this name.
-    pub fn operator(&self, name: &str) -> Option<&OperatorConfig> {
+    pub(crate) fn operator(&self, name: &str) -> Option<&OperatorConfig> {
         self.cfg.operators.iter().find(|o| o.name == name)
     }
 
     /// Appends to the audit log. A failure to write is logged, never silently dropped:
     /// the action itself has already been answered by then.
-    pub async fn audit(&self, actor: String, source: String, action: &'static str, detail: String) {
+    pub(crate) async fn audit(
+        &self,
+        actor: String,
+        source: String,
+        action: &'static str,
+        detail: String,
+    ) {
         if let Err(e) = self
             .store
             .audit()

@@ -1,5 +1,6 @@
 //! The SCM hub as a library. `main.rs` parses the command line and calls into [`app`];
-//! end-to-end tests run the real binary. The module map and the rules for where new code
+//! end-to-end tests run the real binary, and the fuzz targets drive the parsers through
+//! [`fuzzing`]. Everything else is `pub(crate)`. The module map and the rules for where new code
 //! goes are in `ARCHITECTURE.md` at the repository root.
 //!
 //! Layers, imports pointing down only:
@@ -9,14 +10,16 @@
 //! - [`link`], [`bridges`], [`state`], [`coord`]: the agent link, the print-server bridges,
 //!   the durable state and the in-process coordinators.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod app;
-pub mod bridges;
-pub mod coord;
-pub mod front;
-pub mod hub;
-pub mod link;
-pub mod metrics;
-pub mod ops;
-pub mod state;
-pub mod tlsreload;
+pub(crate) mod bridges;
+pub(crate) mod coord;
+pub(crate) mod front;
+pub mod fuzzing;
+pub(crate) mod hub;
+pub(crate) mod link;
+pub(crate) mod metrics;
+pub(crate) mod ops;
+pub(crate) mod state;
+pub(crate) mod tlsreload;

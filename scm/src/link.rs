@@ -32,7 +32,7 @@ use machine::{Action, Close, LinkMachine, Params};
 /// Why an agent link ended.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum LinkError {
+pub(crate) enum LinkError {
     /// The TLS handshake failed (reason label in the message).
     #[error("TLS handshake refused ({reason}): {0}", reason = .0.reason())]
     Handshake(#[from] scm_certs::tls::HandshakeError),
@@ -88,7 +88,7 @@ async fn establish(
 }
 
 /// Serves one agent connection.
-pub async fn handle(
+pub(crate) async fn handle(
     hub: Arc<Hub>,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,

@@ -79,7 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve { config } => {
             let cfg = load(&config)?;
-            scm_common::logging::init(cfg.log.format);
+            scm_common::logging::init(cfg.log_format());
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -100,8 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::CheckConfig { config } => {
             let cfg = load(&config)?;
-            let machines = cfg.machines.len();
-            let operators = cfg.operators.len();
+            let (machines, operators) = cfg.counts();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -147,7 +146,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(!pw.is_empty(), "empty password; type one on standard input");
             println!(
                 "{}",
-                scm::ops::auth::hash_password(pw).map_err(anyhow::Error::msg)?
+                scm::app::hash_password(pw).map_err(anyhow::Error::msg)?
             );
             Ok(())
         }

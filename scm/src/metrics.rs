@@ -11,7 +11,7 @@ use scm_common::metrics::{Counter, CounterFamily, Histogram, LATENCY_BUCKETS};
 
 /// Counters and histograms of events.
 #[derive(Debug)]
-pub struct ScmMetrics {
+pub(crate) struct ScmMetrics {
     /// Agent links whose HELLO was accepted.
     pub agent_connections: Counter,
     /// TLS handshakes refused, by listener and reason.
@@ -61,11 +61,11 @@ impl Default for ScmMetrics {
 static GLOBAL: LazyLock<ScmMetrics> = LazyLock::new(ScmMetrics::default);
 
 /// The process's metrics.
-pub fn global() -> &'static ScmMetrics {
+pub(crate) fn global() -> &'static ScmMetrics {
     &GLOBAL
 }
 
 /// Counts a refused TLS handshake on `listener` (`agents`, `telnet-tls`).
-pub fn handshake_failed(listener: &'static str, e: &scm_certs::tls::HandshakeError) {
+pub(crate) fn handshake_failed(listener: &'static str, e: &scm_certs::tls::HandshakeError) {
     global().handshake_failures.inc(&[listener, e.reason()]);
 }

@@ -3,9 +3,9 @@
 //! swipe from the agent link to the print-server bridges.
 
 pub(crate) mod audit;
-pub mod auth;
-pub mod fleet;
+pub(crate) mod auth;
+pub(crate) mod fleet;
 pub(crate) mod operator;
-pub mod push;
-pub mod retry;
-pub mod swipes;
+pub(crate) mod push;
+pub(crate) mod retry;
+pub(crate) mod swipes;

@@ -88,7 +88,7 @@ impl StoreError {
 
 /// When a write must be on the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
+pub(crate) enum Durability {
     /// Durable when the call returns.
     Synced,
     /// Atomic and visible when the call returns, but durable only after the caller's
@@ -99,7 +99,7 @@ pub enum Durability {
 
 /// One machine as the SCM knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MachineRow {
+pub(crate) struct MachineRow {
     /// Machine id.
     pub id: u16,
     /// Human name.
@@ -120,7 +120,7 @@ pub struct MachineRow {
 
 /// One stored configuration generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Generation {
+pub(crate) struct Generation {
     /// Machine id.
     pub machine_id: u16,
     /// Generation number, from 1, per machine.
@@ -133,7 +133,7 @@ pub struct Generation {
 
 /// Outcome of one delivery attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The machine stored it.
     Ack,
     /// The machine refused it; final for that generation.
@@ -147,7 +147,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// The stored text.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Ack => "ack",
             Self::Nack => "nack",
@@ -159,7 +159,7 @@ impl Outcome {
 
 /// One generation in a machine's history.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistoryRow {
+pub(crate) struct HistoryRow {
     /// Generation number.
     pub generation: u64,
     /// SHA-256, hex.
@@ -175,11 +175,11 @@ pub struct HistoryRow {
 }
 
 /// One delivery attempt as listed: `(generation, unix ms, outcome, detail)`.
-pub type AttemptRow = (u64, i64, String, String);
+pub(crate) type AttemptRow = (u64, i64, String, String);
 
 /// SHA-256 and attempt count of a machine's desired generation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DesiredRow {
+pub(crate) struct DesiredRow {
     /// Hex SHA-256 of the desired generation's content, if there is one.
     pub sha256: Option<String>,
     /// Delivery attempts recorded for it.
@@ -188,7 +188,7 @@ pub struct DesiredRow {
 
 /// One audit record.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditRow {
+pub(crate) struct AuditRow {
     /// Unix ms.
     pub at_ms: i64,
     /// Who (operator name, or `-` before login).
@@ -203,7 +203,7 @@ pub struct AuditRow {
 
 /// What became of a swipe, as the journal records it (stored as [`JournalOutcome::as_str`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum JournalOutcome {
+pub(crate) enum JournalOutcome {
     /// Handed to a bridge; no final outcome yet.
     Queued,
     /// No bridge device for its reader; recorded only.
@@ -222,7 +222,7 @@ pub enum JournalOutcome {
 
 impl JournalOutcome {
     /// The stored text.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Queued => "queued",
             Self::NoRoute => "no_route",
@@ -235,7 +235,7 @@ impl JournalOutcome {
     }
 
     /// The outcome stored as `s`.
-    pub fn parse(s: &str) -> Option<JournalOutcome> {
+    pub(crate) fn parse(s: &str) -> Option<JournalOutcome> {
         Some(match s {
             "queued" => Self::Queued,
             "no_route" => Self::NoRoute,
@@ -257,7 +257,7 @@ impl fmt::Display for JournalOutcome {
 
 /// One new swipe journal record.
 #[derive(Debug, Clone)]
-pub struct SwipeRecord {
+pub(crate) struct SwipeRecord {
     /// The agent's event id (de-duplication key).
     pub event_id: String,
     /// Machine.
@@ -276,7 +276,7 @@ pub struct SwipeRecord {
 
 /// One write to the swipe journal.
 #[derive(Debug)]
-pub enum JournalOp {
+pub(crate) enum JournalOp {
     /// A new record; the sender, if any, is told once the batch holding it is committed
     /// (or has failed).
     Insert(SwipeRecord, Option<oneshot::Sender<()>>),
@@ -293,7 +293,7 @@ pub enum JournalOp {
 
 /// One row of the swipe listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SwipeRow {
+pub(crate) struct SwipeRow {
     /// The agent's event id.
     pub event_id: String,
     /// Unix ms received.
@@ -312,7 +312,7 @@ pub struct SwipeRow {
 
 /// One stored 241 device setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceSetting {
+pub(crate) struct DeviceSetting {
     /// Machine of the device.
     pub machine: u16,
     /// Reader of the device.
@@ -325,7 +325,7 @@ pub struct DeviceSetting {
 
 /// One setting to store, with the audit record that says so.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SettingChange {
+pub(crate) struct SettingChange {
     /// Setting name.
     pub name: String,
     /// New value.
@@ -335,13 +335,15 @@ pub struct SettingChange {
 }
 
 /// A store operation's result, boxed so that the traits work as `Arc<dyn ...>`.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+pub(crate) type StoreFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// Machines, their configuration generations and delivery attempts.
-pub trait FleetState: Send + Sync {
+pub(crate) trait FleetState: Send + Sync {
     /// Inserts or updates the configured machines `(id, name, protocol version)`, in one
     /// transaction. Start-up: blocks the calling thread.
     fn sync_machines(&self, machines: &[(u16, String, u8)]) -> Result<(), StoreError>;
+    #[cfg(test)]
     /// All machines, by id.
     fn list_machines(&self) -> StoreFuture<'_, Vec<MachineRow>>;
     /// One machine.
@@ -375,6 +377,7 @@ pub trait FleetState: Send + Sync {
     fn pending_all(&self) -> StoreFuture<'_, Vec<(u16, u64)>>;
     /// A machine's generations with their last outcome, newest first.
     fn history(&self, id: u16, limit: u32) -> StoreFuture<'_, Vec<HistoryRow>>;
+    #[cfg(test)]
     /// Attempts for one machine, newest first.
     fn attempts(&self, id: u16, limit: u32) -> StoreFuture<'_, Vec<AttemptRow>>;
     /// One machine with its newest attempts, read together.
@@ -407,7 +410,7 @@ pub trait FleetState: Send + Sync {
 }
 
 /// The operator audit log.
-pub trait AuditLog: Send + Sync {
+pub(crate) trait AuditLog: Send + Sync {
     /// Appends one record (durable when it returns).
     fn append(
         &self,
@@ -423,7 +426,7 @@ pub trait AuditLog: Send + Sync {
 /// The swipe journal: what became of every swipe. Its writes are synchronous calls made
 /// by the journal's writer thread and, at a low rate, by the link itself (the hot path:
 /// no hand-off); they need not wait for the disk.
-pub trait SwipeJournal: Send + Sync {
+pub(crate) trait SwipeJournal: Send + Sync {
     /// Writes `batch` in one transaction, waiting for the database's lock if need be.
     /// Blocks the calling thread.
     fn write_batch(&self, batch: &[JournalOp]) -> Result<(), StoreError>;
@@ -450,7 +453,7 @@ pub trait SwipeJournal: Send + Sync {
 }
 
 /// Settings print servers store on RFIDeas 241 devices.
-pub trait DeviceSettings: Send + Sync {
+pub(crate) trait DeviceSettings: Send + Sync {
     /// Every device's stored settings. Start-up: blocks the calling thread.
     fn load_all(&self) -> Result<Vec<DeviceSetting>, StoreError>;
     /// Stores `changes` for one device and appends their audit records (action
@@ -470,14 +473,14 @@ pub trait DeviceSettings: Send + Sync {
 }
 
 /// Whether the database answers.
-pub trait Health: Send + Sync {
+pub(crate) trait Health: Send + Sync {
     /// Runs a trivial query.
     fn probe(&self) -> StoreFuture<'_, ()>;
 }
 
 /// The SCM's handles on its state; cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct Store {
     fleet: Arc<dyn FleetState>,
     audit: Arc<dyn AuditLog>,
     journal: Arc<dyn SwipeJournal>,
@@ -495,54 +498,53 @@ impl fmt::Debug for Store {
 }
 
 impl Store {
+    #[cfg(test)]
     /// Opens (creating if needed) the SQLite database at `path` and migrates it; a write
     /// waits up to 5 s for another process's lock.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    pub(crate) fn open(path: &Path) -> Result<Store, StoreError> {
         Store::open_with_timeout(path, Duration::from_secs(5))
     }
 
     /// [`Store::open`] with the given lock wait.
-    pub fn open_with_timeout(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
+    pub(crate) fn open_with_timeout(
+        path: &Path,
+        busy_timeout: Duration,
+    ) -> Result<Store, StoreError> {
         sqlite::open(path, busy_timeout)
     }
 
-    /// The database (file, or server and name).
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Machines, generations and attempts.
-    pub fn fleet(&self) -> &Arc<dyn FleetState> {
+    pub(crate) fn fleet(&self) -> &Arc<dyn FleetState> {
         &self.fleet
     }
 
     /// The audit log.
-    pub fn audit(&self) -> &Arc<dyn AuditLog> {
+    pub(crate) fn audit(&self) -> &Arc<dyn AuditLog> {
         &self.audit
     }
 
     /// The swipe journal.
-    pub fn journal(&self) -> &Arc<dyn SwipeJournal> {
+    pub(crate) fn journal(&self) -> &Arc<dyn SwipeJournal> {
         &self.journal
     }
 
     /// The 241 devices' settings.
-    pub fn devices(&self) -> &Arc<dyn DeviceSettings> {
+    pub(crate) fn devices(&self) -> &Arc<dyn DeviceSettings> {
         &self.devices
     }
 
     /// The health probe.
-    pub fn health(&self) -> &Arc<dyn Health> {
+    pub(crate) fn health(&self) -> &Arc<dyn Health> {
         &self.health
     }
 }
 
 // Milliseconds since the Unix epoch; the one clock helper, re-exported where the SCM's
 // modules have always found it.
-pub use scm_common::clock::now_ms;
+pub(crate) use scm_common::clock::now_ms;
 
 /// Hex SHA-256.
-pub fn sha256_hex(data: &[u8]) -> String {
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }

@@ -14,7 +14,7 @@
 //! token that the reload cancels; the other sessions keep running.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -61,7 +61,7 @@ struct Live {
 }
 
 /// The SCM's reloadable TLS material and its established TLS sessions.
-pub struct TlsState {
+pub(crate) struct TlsState {
     files: TlsFiles,
     machine_policy: TlsPolicy,
     agents: RwLock<TlsAcceptor>,
@@ -82,7 +82,7 @@ impl std::fmt::Debug for TlsState {
 
 /// What a successful reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reloaded {
+pub(crate) struct Reloaded {
     /// Serial numbers the CRLs now list.
     pub revoked_serials: usize,
     /// Established sessions closed because their certificate is now revoked.
@@ -91,7 +91,7 @@ pub struct Reloaded {
 
 /// An established session's registration; dropping it forgets the session.
 #[derive(Debug)]
-pub struct Registration {
+pub(crate) struct Registration {
     state: Arc<TlsState>,
     id: u64,
     /// Cancelled when the session must end: server shutdown, or its certificate was
@@ -102,7 +102,7 @@ pub struct Registration {
 
 impl Registration {
     /// Cancelled only when a reload revoked this session's certificate.
-    pub fn revoked(&self) -> &CancellationToken {
+    pub(crate) fn revoked(&self) -> &CancellationToken {
         &self.revoked
     }
 }
@@ -116,7 +116,10 @@ impl Drop for Registration {
 
 impl TlsState {
     /// Loads every configuration from `files`.
-    pub fn load(files: TlsFiles, machine_policy: TlsPolicy) -> Result<Arc<TlsState>, TlsError> {
+    pub(crate) fn load(
+        files: TlsFiles,
+        machine_policy: TlsPolicy,
+    ) -> Result<Arc<TlsState>, TlsError> {
         let c = Configs::build(&files, machine_policy)?;
         Ok(Arc::new(TlsState {
             files,
@@ -131,39 +134,29 @@ impl TlsState {
     }
 
     /// The agent link's acceptor in force.
-    pub fn agents(&self) -> TlsAcceptor {
+    pub(crate) fn agents(&self) -> TlsAcceptor {
         self.agents.current()
     }
 
     /// The TLS telnet acceptor in force.
-    pub fn operator(&self) -> TlsAcceptor {
+    pub(crate) fn operator(&self) -> TlsAcceptor {
         self.operator.current()
     }
 
     /// The admin API's acceptor in force.
-    pub fn admin(&self) -> TlsAcceptor {
+    pub(crate) fn admin(&self) -> TlsAcceptor {
         self.admin.current()
     }
 
     /// The connector toward machines' config ports in force.
-    pub fn machines(&self) -> TlsConnector {
+    pub(crate) fn machines(&self) -> TlsConnector {
         self.machines.current()
-    }
-
-    /// The CRL files re-read on reload.
-    pub fn crl_files(&self) -> &[PathBuf] {
-        &self.files.crls
-    }
-
-    /// Number of established TLS sessions.
-    pub fn sessions(&self) -> usize {
-        self.sessions.lock_unpoisoned().len()
     }
 
     /// Registers a session after its handshake. Its token is a child of `parent` (the
     /// server's shutdown token) and is also cancelled if a reload revokes the peer's
     /// certificate.
-    pub fn register(
+    pub(crate) fn register(
         self: &Arc<Self>,
         listener: &'static str,
         who: &Identity,
@@ -196,7 +189,7 @@ impl TlsState {
 
     /// Re-reads the files, swaps every configuration, and closes the established
     /// sessions whose certificate the CRLs now list. On error nothing changes.
-    pub fn reload(&self) -> Result<Reloaded, TlsError> {
+    pub(crate) fn reload(&self) -> Result<Reloaded, TlsError> {
         let c = Configs::build(&self.files, self.machine_policy)?;
         let revoked = tls::revoked_serials(&self.files.crls)?;
         self.agents.install(c.agents);
@@ -241,7 +234,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// Reloads `state` on every SIGHUP until `shutdown`, counting the outcomes.
-pub async fn reload_on_sighup(
+pub(crate) async fn reload_on_sighup(
     state: Arc<TlsState>,
     hup: tokio::signal::unix::Signal,
     shutdown: CancellationToken,

@@ -21,53 +21,53 @@ pub const ENV_PREFIX: &str = "SCM";
 pub struct ScmConfig {
     /// Logging.
     #[serde(default)]
-    pub log: LogSection,
+    pub(crate) log: LogSection,
     /// Listen addresses.
     #[serde(default)]
-    pub listen: ListenSection,
+    pub(crate) listen: ListenSection,
     /// The SCM's certificate, key and trusted CA.
-    pub tls: TlsSection,
+    pub(crate) tls: TlsSection,
     /// The SQLite database.
-    pub database: DatabaseSection,
+    pub(crate) database: DatabaseSection,
     /// Connection and size limits.
     #[serde(default)]
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// Timeouts.
     #[serde(default)]
-    pub timeouts: Timeouts,
+    pub(crate) timeouts: Timeouts,
     /// Operator login throttling.
     #[serde(default)]
-    pub login: LoginSection,
+    pub(crate) login: LoginSection,
     /// Operator accounts.
     #[serde(default, rename = "operator")]
-    pub operators: Vec<OperatorConfig>,
+    pub(crate) operators: Vec<OperatorConfig>,
     /// The machines this SCM knows.
     #[serde(default, rename = "machine")]
-    pub machines: Vec<MachineConfig>,
+    pub(crate) machines: Vec<MachineConfig>,
     /// Card swipe handling.
     #[serde(default)]
-    pub swipes: crate::ops::swipes::SwipeSettings,
+    pub(crate) swipes: crate::ops::swipes::SwipeSettings,
     /// Card number rules (checked again at the SCM).
     #[serde(default)]
-    pub cards: scm_common::card::CardRules,
+    pub(crate) cards: scm_common::card::CardRules,
     /// Generic-mode card reader devices presented to print servers.
     #[serde(default, rename = "generic")]
-    pub generic: Vec<crate::bridges::generic::GenericDevice>,
+    pub(crate) generic: Vec<crate::bridges::generic::GenericDevice>,
     /// Settings for every Generic device.
     #[serde(default)]
-    pub bridge: crate::bridges::generic::BridgeSettings,
+    pub(crate) bridge: crate::bridges::generic::BridgeSettings,
     /// Retries of pending pushes.
     #[serde(default)]
-    pub retry: crate::ops::retry::RetrySettings,
+    pub(crate) retry: crate::ops::retry::RetrySettings,
     /// The event bus (admin API `WatchEvents`).
     #[serde(default)]
-    pub events: crate::coord::events::EventSettings,
+    pub(crate) events: crate::coord::events::EventSettings,
     /// RFIDeas 241 Client Mode devices presented to print servers.
     #[serde(default, rename = "rfideas")]
-    pub rfideas: Vec<crate::bridges::rfideas::RfideasDevice>,
+    pub(crate) rfideas: Vec<crate::bridges::rfideas::RfideasDevice>,
     /// Settings for every 241 device.
     #[serde(default)]
-    pub rfideas_bridge: crate::bridges::rfideas::RfideasSettings,
+    pub(crate) rfideas_bridge: crate::bridges::rfideas::RfideasSettings,
 }
 
 /// `[log]`
@@ -499,6 +499,16 @@ impl ScmConfig {
             }
         }
         Ok(())
+    }
+
+    /// The log format chosen (`[log] format`).
+    pub fn log_format(&self) -> scm_common::logging::LogFormat {
+        self.log.format
+    }
+
+    /// How many machines and operators are configured.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.machines.len(), self.operators.len())
     }
 
     /// The machine with this id, if configured.

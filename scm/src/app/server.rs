@@ -91,7 +91,7 @@ pub async fn bind_all(prepared: &Prepared) -> Result<Listeners, StartError> {
 /// Must be called inside a tokio runtime (it starts the swipe journal's tasks).
 pub struct Prepared {
     /// Shared state.
-    pub hub: Arc<Hub>,
+    pub(crate) hub: Arc<Hub>,
     sighup: Option<tokio::signal::unix::Signal>,
 }
 

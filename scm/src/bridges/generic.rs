@@ -49,9 +49,9 @@ mod tests;
 
 /// Size of the buffer each connection reads the server's bytes into. Everything read is
 /// discarded, so a connection never holds more than this much of the server's input.
-pub const READ_BUF: usize = 1024;
+pub(crate) const READ_BUF: usize = 1024;
 /// Most swipes written to a print server in one write.
-pub const WRITE_BATCH: usize = 64;
+pub(crate) const WRITE_BATCH: usize = 64;
 
 /// Longest reader id.
 const MAX_READER_LEN: usize = 64;
@@ -71,7 +71,7 @@ fn default_version_reply() -> String {
 /// `[[generic]]` in the SCM configuration: one device.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct GenericDevice {
+pub(crate) struct GenericDevice {
     /// The machine the device belongs to.
     pub machine: u16,
     /// The reader id on that machine (ASCII letters, digits, `-`, `_`, `.`; 1 to 64).
@@ -89,7 +89,7 @@ pub struct GenericDevice {
 /// `[bridge]` in the SCM configuration: settings for every Generic device.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct BridgeSettings {
+pub(crate) struct BridgeSettings {
     /// Most swipes waiting per device; further swipes are refused.
     pub queue_max: usize,
     /// A write to the print server that takes longer closes the connection.
@@ -127,7 +127,7 @@ impl Default for BridgeSettings {
 
 /// Checks the devices and the settings. The error is `(key, message)`, with keys such as
 /// `generic[2].listen` or `bridge.queue_max`.
-pub fn validate(
+pub(crate) fn validate(
     devices: &[GenericDevice],
     settings: &BridgeSettings,
 ) -> Result<(), (String, String)> {
@@ -270,7 +270,7 @@ fn listen_conflict(a: SocketAddr, b: SocketAddr) -> bool {
 
 /// How a swipe left the bridge.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Written, with its `\n`, to the print server at `peer`.
     Delivered {
         /// The print server's address.
@@ -282,7 +282,7 @@ pub enum Outcome {
 
 /// One swipe's outcome, sent on the bridge's outcome channel.
 #[derive(Debug, Clone)]
-pub struct OutcomeReport {
+pub(crate) struct OutcomeReport {
     /// The device.
     pub key: DeviceKey,
     /// The swipe's event id.
@@ -293,7 +293,7 @@ pub struct OutcomeReport {
 
 /// What [`GenericBridge::status`] reports per device.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceStatus {
+pub(crate) struct DeviceStatus {
     /// The device.
     pub key: DeviceKey,
     /// The address its listener is bound to, once bound.
@@ -311,7 +311,7 @@ pub struct DeviceStatus {
 }
 
 /// The bridge: every configured Generic device, its queue and its connection.
-pub struct GenericBridge {
+pub(crate) struct GenericBridge {
     devices: Vec<Device>,
     settings: BridgeSettings,
     outcomes: mpsc::Sender<OutcomeReport>,
@@ -412,7 +412,7 @@ impl GenericBridge {
     /// Creates the bridge. `outcomes` receives one report per swipe that leaves the
     /// bridge (delivered or expired); a full channel loses the report (counted and
     /// logged) rather than blocking the bridge.
-    pub fn new(
+    pub(crate) fn new(
         devices: Vec<GenericDevice>,
         settings: BridgeSettings,
         outcomes: mpsc::Sender<OutcomeReport>,
@@ -441,7 +441,7 @@ impl GenericBridge {
 
     /// Binds every device's listener (logging `listening on ADDR (generic M/R)`); the
     /// order matches the devices given to [`GenericBridge::new`].
-    pub async fn bind(&self) -> std::io::Result<Vec<TcpListener>> {
+    pub(crate) async fn bind(&self) -> std::io::Result<Vec<TcpListener>> {
         let mut listeners = Vec::with_capacity(self.devices.len());
         for d in &self.devices {
             let listener = scm_common::bind(&d.cfg.listen, &format!("generic {}", d.key)).await?;
@@ -453,7 +453,11 @@ impl GenericBridge {
 
     /// Serves every listener (one per device, in device order) and expires queued swipes,
     /// until `shutdown` is cancelled.
-    pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>, shutdown: CancellationToken) {
+    pub(crate) async fn serve(
+        self: Arc<Self>,
+        listeners: Vec<TcpListener>,
+        shutdown: CancellationToken,
+    ) {
         if listeners.len() != self.devices.len() {
             tracing::warn!(
                 "{} Generic devices but {} listeners; devices without a listener only queue and expire swipes",
@@ -493,13 +497,13 @@ impl GenericBridge {
     }
 
     /// Whether a Generic device is configured for this machine and reader.
-    pub fn has_device(&self, machine: u16, reader: &str) -> bool {
+    pub(crate) fn has_device(&self, machine: u16, reader: &str) -> bool {
         self.find(machine, reader).is_some()
     }
 
     /// Queues a swipe for the device; returns at once. A swipe that has already expired
     /// is reported [`Outcome::Expired`] right away.
-    pub fn submit(
+    pub(crate) fn submit(
         &self,
         machine: u16,
         reader: &str,
@@ -547,7 +551,7 @@ impl GenericBridge {
     }
 
     /// Status of every device of a machine (all devices if `machine` is `None`).
-    pub fn status(&self, machine: Option<u16>) -> Vec<DeviceStatus> {
+    pub(crate) fn status(&self, machine: Option<u16>) -> Vec<DeviceStatus> {
         self.devices
             .iter()
             .filter(|d| machine.is_none_or(|m| d.key.machine == m))

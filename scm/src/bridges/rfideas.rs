@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bridges::{Bridge, BridgeSwipe, DeviceKey, Route, SubmitError};
 use crate::state::{self, DeviceSettings, SettingChange, now_ms};
 
-pub mod client;
+pub(crate) mod client;
 pub mod http;
 #[cfg(test)]
 mod tests;
@@ -64,7 +64,7 @@ const MAX_KEY: usize = 64;
 /// `[[rfideas]]` in the SCM configuration: one device in 241 Client Mode.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct RfideasDevice {
+pub(crate) struct RfideasDevice {
     /// The machine the device belongs to.
     pub machine: u16,
     /// The reader id on that machine.
@@ -95,7 +95,7 @@ fn s(v: &str) -> String {
 /// `[rfideas_bridge]`: settings for every 241 device.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct RfideasSettings {
+pub(crate) struct RfideasSettings {
     /// CA certificate(s) (PEM) that print servers' HTTPS certificates must chain to.
     /// Default: `[tls] ca`.
     pub ca: Option<PathBuf>,
@@ -155,7 +155,7 @@ impl Default for RfideasSettings {
 }
 
 /// Checks the devices and settings. The error is `(key, message)`.
-pub fn validate(
+pub(crate) fn validate(
     devices: &[RfideasDevice],
     st: &RfideasSettings,
     machines: &[u16],
@@ -362,7 +362,7 @@ fn valid_mac(m: &str) -> bool {
 
 /// The device's MAC-style id: configured, or `02:53:43:MM:MM:RR` (a locally administered
 /// address from the machine id and a hash of the reader id).
-pub fn device_mac(d: &RfideasDevice) -> String {
+pub(crate) fn device_mac(d: &RfideasDevice) -> String {
     if !d.mac.is_empty() {
         return d.mac.to_ascii_lowercase();
     }
@@ -375,7 +375,7 @@ pub fn device_mac(d: &RfideasDevice) -> String {
 }
 
 /// The host part of a `Host` header value: without port, lower case, no trailing dot.
-pub fn host_name(value: &str) -> String {
+pub(crate) fn host_name(value: &str) -> String {
     let v = value.trim();
     let host = if let Some(rest) = v.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
@@ -407,7 +407,7 @@ pub enum RfideasError {
 
 /// How a swipe left the 241 bridge.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The print server answered `2xx`.
     Delivered {
         /// The print server's host and port.
@@ -433,7 +433,7 @@ pub enum Outcome {
 
 /// One swipe's outcome.
 #[derive(Debug, Clone)]
-pub struct OutcomeReport {
+pub(crate) struct OutcomeReport {
     /// The device.
     pub key: DeviceKey,
     /// The swipe's event id.
@@ -444,7 +444,7 @@ pub struct OutcomeReport {
 
 /// What [`RfideasBridge::status`] reports per device.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceStatus {
+pub(crate) struct DeviceStatus {
     /// The device.
     pub key: DeviceKey,
     /// Its host name.
@@ -477,7 +477,7 @@ pub struct DeviceStatus {
 
 impl DeviceStatus {
     /// One line for the operator's `status`; `time` formats Unix milliseconds.
-    pub fn summary(&self, time: impl Fn(i64) -> String) -> String {
+    pub(crate) fn summary(&self, time: impl Fn(i64) -> String) -> String {
         let cfg = match self.last_config {
             Some((t, peer)) => format!("last configured by {peer} at {}", time(t)),
             None => "not configured by a print server since start".into(),
@@ -563,7 +563,7 @@ pub struct Listeners {
 }
 
 /// The 241 bridge.
-pub struct RfideasBridge {
+pub(crate) struct RfideasBridge {
     devices: Vec<Device>,
     settings: RfideasSettings,
     /// The devices' stored settings (and their audit records).
@@ -594,7 +594,7 @@ impl fmt::Debug for RfideasBridge {
 }
 
 /// Loads PEM certificates into a root store.
-pub fn load_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, RfideasError> {
+pub(crate) fn load_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, RfideasError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let bad = |detail: String| RfideasError::Ca {
@@ -632,7 +632,7 @@ impl Bridge for Arc<RfideasBridge> {
 impl RfideasBridge {
     /// Creates the bridge: loads the CA for print servers and every device's stored
     /// settings. `outcomes` receives one report per swipe.
-    pub fn new(
+    pub(crate) fn new(
         devices: Vec<RfideasDevice>,
         settings: RfideasSettings,
         ca: &std::path::Path,
@@ -700,14 +700,14 @@ impl RfideasBridge {
     }
 
     /// Whether any device is configured.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.devices.is_empty()
     }
 
     /// Binds the shared listener at `shared` (if any device exists and the address is not
     /// empty) and each device's own listener, logging `listening on ADDR (rfideas)` and
     /// `listening on ADDR (rfideas M/R)`.
-    pub async fn bind(&self, shared: &str) -> std::io::Result<Listeners> {
+    pub(crate) async fn bind(&self, shared: &str) -> std::io::Result<Listeners> {
         let mut out = Listeners::default();
         if self.devices.is_empty() {
             return Ok(out);
@@ -727,7 +727,7 @@ impl RfideasBridge {
     }
 
     /// Serves the listeners until `shutdown` is cancelled; then stops swipes in flight.
-    pub async fn serve(self: Arc<Self>, listeners: Listeners, shutdown: CancellationToken) {
+    pub(crate) async fn serve(self: Arc<Self>, listeners: Listeners, shutdown: CancellationToken) {
         let mut tasks = JoinSet::new();
         let all = listeners
             .shared
@@ -757,8 +757,9 @@ impl RfideasBridge {
         while tasks.join_next().await.is_some() {}
     }
 
+    #[cfg(test)]
     /// Stops swipes in flight (also done by [`RfideasBridge::serve`] at shutdown).
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.cancel();
     }
 
@@ -780,7 +781,7 @@ impl RfideasBridge {
     }
 
     /// Whether swipes of this reader go to a 241 device.
-    pub fn route(&self, machine: u16, reader: &str) -> Route {
+    pub(crate) fn route(&self, machine: u16, reader: &str) -> Route {
         match self.find(machine, reader) {
             None => Route::None,
             Some(i) if self.template(&self.devices[i]).is_some() => Route::Ready,
@@ -790,7 +791,7 @@ impl RfideasBridge {
 
     /// Sends a swipe in the background; returns at once. Every swipe accepted here gets
     /// exactly one [`OutcomeReport`].
-    pub fn submit(
+    pub(crate) fn submit(
         self: &Arc<Self>,
         machine: u16,
         reader: &str,
@@ -981,7 +982,7 @@ impl RfideasBridge {
     }
 
     /// Status of every device of a machine (all if `machine` is `None`).
-    pub fn status(&self, machine: Option<u16>) -> Vec<DeviceStatus> {
+    pub(crate) fn status(&self, machine: Option<u16>) -> Vec<DeviceStatus> {
         self.devices
             .iter()
             .filter(|d| machine.is_none_or(|m| d.key.machine == m))
@@ -1017,14 +1018,19 @@ impl RfideasBridge {
             .collect()
     }
 
+    #[cfg(test)]
     /// The device's stored settings (for tests and tools).
-    pub fn settings_of(&self, machine: u16, reader: &str) -> Option<BTreeMap<String, String>> {
+    pub(crate) fn settings_of(
+        &self,
+        machine: u16,
+        reader: &str,
+    ) -> Option<BTreeMap<String, String>> {
         self.find(machine, reader)
             .map(|i| self.devices[i].lock().settings.clone())
     }
 
     /// The bridge's metrics in the Prometheus text format.
-    pub fn metrics_text(&self) -> String {
+    pub(crate) fn metrics_text(&self) -> String {
         let mut e = Exposition::new();
         e.family(
             "scm_rfideas_requests_total",
@@ -1089,7 +1095,7 @@ impl RfideasBridge {
     }
 
     /// Serves one configuration-side connection (any byte stream, for tests).
-    pub async fn handle_conn<S: AsyncRead + AsyncWrite + Unpin>(
+    pub(crate) async fn handle_conn<S: AsyncRead + AsyncWrite + Unpin>(
         self: Arc<Self>,
         mut stream: S,
         peer: SocketAddr,

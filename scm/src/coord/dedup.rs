@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use scm_common::lock::LockExt;
 
 /// Remembers recent event ids.
-pub trait Dedup: Send + Sync + std::fmt::Debug {
+pub(crate) trait Dedup: Send + Sync + std::fmt::Debug {
     /// Remembers `id` until `forget_at_ms` (Unix ms); false if it was already there.
     /// `now_ms` is the current time, which forgets the ids whose time has come.
     fn insert(&self, id: &str, forget_at_ms: i64, now_ms: i64) -> bool;
@@ -25,14 +25,14 @@ pub trait Dedup: Send + Sync + std::fmt::Debug {
 
 /// The in-process set, holding at most `max` ids.
 #[derive(Debug)]
-pub struct LocalDedup {
+pub(crate) struct LocalDedup {
     max: usize,
     seen: Mutex<Seen>,
 }
 
 impl LocalDedup {
     /// An empty set keeping at most `max` ids.
-    pub fn new(max: usize) -> LocalDedup {
+    pub(crate) fn new(max: usize) -> LocalDedup {
         LocalDedup {
             max,
             seen: Mutex::new(Seen::default()),

@@ -14,13 +14,13 @@ use futures_util::future::BoxFuture;
 use scm_common::lock::LockExt;
 
 /// Held while delivering to one machine; dropping it lets the next delivery start.
-pub struct DeliveryGuard {
+pub(crate) struct DeliveryGuard {
     _held: Box<dyn Send>,
 }
 
 impl DeliveryGuard {
     /// A guard that releases the lock when `held` is dropped.
-    pub fn new(held: impl Send + 'static) -> DeliveryGuard {
+    pub(crate) fn new(held: impl Send + 'static) -> DeliveryGuard {
         DeliveryGuard {
             _held: Box::new(held),
         }
@@ -34,7 +34,7 @@ impl std::fmt::Debug for DeliveryGuard {
 }
 
 /// Serialises deliveries per machine.
-pub trait DeliveryLocks: Send + Sync + std::fmt::Debug {
+pub(crate) trait DeliveryLocks: Send + Sync + std::fmt::Debug {
     /// Waits until no other delivery to machine `id` is in progress.
     fn acquire(&self, id: u16) -> BoxFuture<'_, DeliveryGuard>;
 }
@@ -42,7 +42,7 @@ pub trait DeliveryLocks: Send + Sync + std::fmt::Debug {
 /// One async mutex per machine, in this process. Entries are never removed: there is one
 /// per configured machine at most.
 #[derive(Debug, Default)]
-pub struct LocalDeliveryLocks {
+pub(crate) struct LocalDeliveryLocks {
     locks: Mutex<HashMap<u16, Arc<tokio::sync::Mutex<()>>>>,
 }
 

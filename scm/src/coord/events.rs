@@ -27,7 +27,7 @@ use crate::state::now_ms;
 /// `[events]` in the SCM configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct EventSettings {
+pub(crate) struct EventSettings {
     /// Events buffered for watchers; a watcher further behind than this loses events
     /// (and is told how many).
     pub capacity: usize,
@@ -41,7 +41,7 @@ impl Default for EventSettings {
 
 /// What became of a delivery attempt, as watchers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushOutcome {
+pub(crate) enum PushOutcome {
     /// The machine stored the configuration.
     Ack,
     /// The machine refused it.
@@ -52,21 +52,9 @@ pub enum PushOutcome {
     Superseded,
 }
 
-impl PushOutcome {
-    /// Upper-case name (`ACK`, `NACK`, `PENDING`, `SUPERSEDED`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ack => "ACK",
-            Self::Nack => "NACK",
-            Self::Pending => "PENDING",
-            Self::Superseded => "SUPERSEDED",
-        }
-    }
-}
-
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EventKind {
+pub(crate) enum EventKind {
     /// A machine's event link came up (HELLO accepted).
     Connected {
         /// Machine id.
@@ -111,7 +99,7 @@ pub enum EventKind {
 
 /// One published event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
+pub(crate) struct Event {
     /// Sequence number, from 1, in publishing order.
     pub seq: u64,
     /// Unix ms.
@@ -122,7 +110,7 @@ pub struct Event {
 
 /// What a watcher receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Received {
+pub(crate) enum Received {
     /// The next event.
     Event(Arc<Event>),
     /// The watcher fell behind and this many events were dropped for it.
@@ -130,24 +118,25 @@ pub enum Received {
 }
 
 /// A bus: numbers events, hands them to every current watcher, never waits.
-pub trait EventBus: Send + Sync + std::fmt::Debug {
+pub(crate) trait EventBus: Send + Sync + std::fmt::Debug {
     /// Publishes an event; never waits. Returns its sequence number.
     fn publish(&self, kind: EventKind) -> u64;
     /// Starts watching: events published from now on.
     fn subscribe(&self) -> Subscription;
     /// Number of current watchers.
+    #[cfg(test)]
     fn watchers(&self) -> usize;
 }
 
 /// What a bus gives one watcher.
-pub trait Watcher: Send + std::fmt::Debug {
+pub(crate) trait Watcher: Send + std::fmt::Debug {
     /// The next event, a lag report, or `None` once the bus is gone.
     fn next(&mut self) -> BoxFuture<'_, Option<Received>>;
 }
 
 /// The in-process bus: a bounded broadcast channel.
 #[derive(Debug)]
-pub struct LocalBus {
+pub(crate) struct LocalBus {
     tx: broadcast::Sender<Arc<Event>>,
     /// The last sequence number; held while sending so sequence order is send order.
     seq: Mutex<u64>,
@@ -155,7 +144,7 @@ pub struct LocalBus {
 
 impl LocalBus {
     /// A bus buffering `capacity` events per watcher (at least 1).
-    pub fn new(capacity: usize) -> LocalBus {
+    pub(crate) fn new(capacity: usize) -> LocalBus {
         let (tx, _) = broadcast::channel(capacity.max(1));
         LocalBus {
             tx,
@@ -184,6 +173,7 @@ impl EventBus for LocalBus {
         })
     }
 
+    #[cfg(test)]
     fn watchers(&self) -> usize {
         self.tx.receiver_count()
     }
@@ -208,38 +198,39 @@ impl Watcher for LocalWatcher {
 
 /// The handle publishers and watchers hold; cheap to clone (all clones reach the same bus).
 #[derive(Debug, Clone)]
-pub struct Events {
+pub(crate) struct Events {
     bus: Arc<dyn EventBus>,
 }
 
 impl Events {
     /// A handle on a new in-process bus buffering `capacity` events per watcher (at least 1).
-    pub fn new(capacity: usize) -> Events {
+    pub(crate) fn new(capacity: usize) -> Events {
         Events::on(Arc::new(LocalBus::new(capacity)))
     }
 
     /// A handle on `bus`.
-    pub fn on(bus: Arc<dyn EventBus>) -> Events {
+    pub(crate) fn on(bus: Arc<dyn EventBus>) -> Events {
         Events { bus }
     }
 
     /// Publishes an event; never waits. Returns its sequence number.
-    pub fn publish(&self, kind: EventKind) -> u64 {
+    pub(crate) fn publish(&self, kind: EventKind) -> u64 {
         self.bus.publish(kind)
     }
 
     /// Starts watching: events published from now on.
-    pub fn subscribe(&self) -> Subscription {
+    pub(crate) fn subscribe(&self) -> Subscription {
         self.bus.subscribe()
     }
 
     /// Number of current watchers.
-    pub fn watchers(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn watchers(&self) -> usize {
         self.bus.watchers()
     }
 
     /// A machine's link came up.
-    pub fn connected(&self, machine: u16, peer: impl ToString, version: u8) {
+    pub(crate) fn connected(&self, machine: u16, peer: impl ToString, version: u8) {
         self.publish(EventKind::Connected {
             machine,
             peer: peer.to_string(),
@@ -248,7 +239,7 @@ impl Events {
     }
 
     /// A machine's link went down.
-    pub fn disconnected(&self, machine: u16, peer: impl ToString) {
+    pub(crate) fn disconnected(&self, machine: u16, peer: impl ToString) {
         self.publish(EventKind::Disconnected {
             machine,
             peer: peer.to_string(),
@@ -256,7 +247,7 @@ impl Events {
     }
 
     /// A delivery outcome was recorded.
-    pub fn push(&self, machine: u16, result: &PushResult) {
+    pub(crate) fn push(&self, machine: u16, result: &PushResult) {
         let (generation, outcome, detail) = push_parts(result);
         self.publish(EventKind::Push {
             machine,
@@ -267,7 +258,7 @@ impl Events {
     }
 
     /// A swipe was answered; `card_masked` must already be masked.
-    pub fn swipe(
+    pub(crate) fn swipe(
         &self,
         machine: u16,
         reader: &str,
@@ -291,7 +282,7 @@ impl Events {
 }
 
 /// Generation, outcome and detail of a delivery result.
-pub fn push_parts(result: &PushResult) -> (u64, PushOutcome, String) {
+pub(crate) fn push_parts(result: &PushResult) -> (u64, PushOutcome, String) {
     match result {
         PushResult::Ack { generation, detail } => (*generation, PushOutcome::Ack, detail.clone()),
         PushResult::Nack { generation, detail } => (*generation, PushOutcome::Nack, detail.clone()),
@@ -308,13 +299,13 @@ pub fn push_parts(result: &PushResult) -> (u64, PushOutcome, String) {
 
 /// One watcher's view of the bus.
 #[derive(Debug)]
-pub struct Subscription {
+pub(crate) struct Subscription {
     watcher: Box<dyn Watcher>,
 }
 
 impl Subscription {
     /// A subscription reading from `watcher`.
-    pub fn new(watcher: impl Watcher + 'static) -> Subscription {
+    pub(crate) fn new(watcher: impl Watcher + 'static) -> Subscription {
         Subscription {
             watcher: Box::new(watcher),
         }
@@ -322,7 +313,7 @@ impl Subscription {
 
     /// The next event, or how many were dropped because this watcher fell behind.
     /// `None` once the bus is gone (the SCM is shutting down).
-    pub async fn next(&mut self) -> Option<Received> {
+    pub(crate) async fn next(&mut self) -> Option<Received> {
         self.watcher.next().await
     }
 }

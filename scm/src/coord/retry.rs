@@ -9,7 +9,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 
 /// Wakes the retry task early.
-pub trait RetryScheduler: Send + Sync + std::fmt::Debug {
+pub(crate) trait RetryScheduler: Send + Sync + std::fmt::Debug {
     /// Asks the retry task to look again now.
     fn kick(&self);
     /// Resolves at the next kick, or at once if one came while nobody waited.
@@ -18,7 +18,7 @@ pub trait RetryScheduler: Send + Sync + std::fmt::Debug {
 
 /// Wakes this process's retry task. Kicks while it is busy fold into one.
 #[derive(Debug, Default)]
-pub struct Kick(Notify);
+pub(crate) struct Kick(Notify);
 
 impl RetryScheduler for Kick {
     fn kick(&self) {

@@ -14,7 +14,7 @@ use scm_common::lock::LockExt;
 
 /// A machine's live event link.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Session {
+pub(crate) struct Session {
     /// Peer address of the link.
     pub peer: SocketAddr,
     /// Protocol version of its HELLO.
@@ -30,7 +30,7 @@ pub struct Session {
 }
 
 /// Who holds which machine's link.
-pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
+pub(crate) trait SessionRegistry: Send + Sync + std::fmt::Debug {
     /// Registers a machine's link; a newer link replaces an older one.
     fn register(&self, id: u16, session: Session);
     /// Removes the machine's link if it is still `link_id`.
@@ -43,7 +43,7 @@ pub trait SessionRegistry: Send + Sync + std::fmt::Debug {
 
 /// The registry of this process's links.
 #[derive(Debug, Default)]
-pub struct LocalSessions {
+pub(crate) struct LocalSessions {
     sessions: Mutex<HashMap<u16, Session>>,
 }
 

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::app::config::LoginSection;
 
 /// Counts failed logins per source and says who is locked out.
-pub trait LoginThrottle: Send + Sync + std::fmt::Debug {
+pub(crate) trait LoginThrottle: Send + Sync + std::fmt::Debug {
     /// If `ip` is locked out, how long it still is.
     fn locked(&self, ip: IpAddr) -> Option<Duration>;
     /// Records a failure; returns the lockout if this failure caused one.
@@ -37,7 +37,7 @@ struct Entry {
 
 /// Failed-login bookkeeping per source address, in this process.
 #[derive(Debug)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     cfg: LoginSection,
     entries: Mutex<HashMap<IpAddr, Entry>>,
 }
@@ -47,7 +47,7 @@ const MAX_TRACKED: usize = 10_000;
 
 impl Throttle {
     /// A throttle with these settings.
-    pub fn new(cfg: LoginSection) -> Self {
+    pub(crate) fn new(cfg: LoginSection) -> Self {
         Self {
             cfg,
             entries: Mutex::new(HashMap::new()),

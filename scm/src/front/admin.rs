@@ -44,7 +44,7 @@ use crate::state::{self, AuditRow, HistoryRow, MachineRow, StoreError};
 
 /// Bytes allowed in a request on top of `limits.max_config_bytes` (the target string and
 /// protobuf framing of a `PushConfig`).
-pub const REQUEST_MARGIN: usize = 4096;
+pub(crate) const REQUEST_MARGIN: usize = 4096;
 
 /// HTTP/2 ping interval on admin connections, and how long a ping may stay unanswered
 /// before the connection is closed.
@@ -61,7 +61,7 @@ const HISTORY_MAX: u32 = 200;
 /// Why an admin connection ended.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConnError {
+pub(crate) enum ConnError {
     /// The TLS handshake failed (reason label in the message).
     #[error("TLS handshake refused ({reason}): {0}", reason = .0.reason())]
     Handshake(#[from] scm_certs::tls::HandshakeError),
@@ -72,7 +72,7 @@ pub enum ConnError {
 
 /// Who is calling: inserted into every request's extensions by [`handle`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
+pub(crate) struct Caller {
     /// Operator name from the certificate's `urn:scm:operator:NAME`.
     pub operator: String,
     /// Peer address of the connection.
@@ -129,7 +129,7 @@ impl From<ApiError> for Status {
 
 /// The service behind one admin connection.
 #[derive(Debug, Clone)]
-pub struct AdminService {
+pub(crate) struct AdminService {
     hub: Arc<Hub>,
     /// Cancelled on shutdown: ends open event streams.
     shutdown: CancellationToken,
@@ -137,7 +137,7 @@ pub struct AdminService {
 
 impl AdminService {
     /// The service over `hub`; event streams end when `shutdown` is cancelled.
-    pub fn new(hub: Arc<Hub>, shutdown: CancellationToken) -> AdminService {
+    pub(crate) fn new(hub: Arc<Hub>, shutdown: CancellationToken) -> AdminService {
         AdminService { hub, shutdown }
     }
 
@@ -248,7 +248,7 @@ fn machine_groups(cfg: &MachineConfig) -> Vec<String> {
 /// The status for a `PushConfig` target that cannot be used: `INVALID_ARGUMENT` for a
 /// malformed one, `NOT_FOUND` for one that names nothing, `FAILED_PRECONDITION` when no
 /// machine is configured at all.
-pub fn select_status(e: SelectError) -> Status {
+pub(crate) fn select_status(e: SelectError) -> Status {
     let msg = match &e {
         SelectError::Invalid(_) => format!("{e}; for example \"7\", \"group:lobby\" or \"all\""),
         SelectError::UnknownMachine(_) | SelectError::UnknownLabel(_) => {
@@ -266,7 +266,7 @@ pub fn select_status(e: SelectError) -> Status {
 }
 
 /// One machine's outcome of a `PushConfig`.
-pub fn outcome_of(id: u16, r: &Result<PushResult, PushError>) -> pb::MachineOutcome {
+pub(crate) fn outcome_of(id: u16, r: &Result<PushResult, PushError>) -> pb::MachineOutcome {
     let (generation, outcome, detail) = match r {
         Ok(r) => {
             let (g, o, d) = crate::coord::events::push_parts(r);
@@ -283,7 +283,7 @@ pub fn outcome_of(id: u16, r: &Result<PushResult, PushError>) -> pb::MachineOutc
 }
 
 /// Totals over a `PushConfig`'s results (an SCM-side failure counts as refused).
-pub fn totals_of(results: &[(u16, Result<PushResult, PushError>)]) -> pb::PushTotals {
+pub(crate) fn totals_of(results: &[(u16, Result<PushResult, PushError>)]) -> pb::PushTotals {
     let mut p = Progress::start(results.len());
     for (_, r) in results {
         p.add(r);
@@ -300,7 +300,7 @@ pub fn totals_of(results: &[(u16, Result<PushResult, PushError>)]) -> pb::PushTo
 }
 
 /// Maps a history row to the API's `GenerationInfo`.
-pub fn generation_to_proto(h: HistoryRow) -> pb::GenerationInfo {
+pub(crate) fn generation_to_proto(h: HistoryRow) -> pb::GenerationInfo {
     pb::GenerationInfo {
         generation: h.generation,
         sha256: h.sha256,
@@ -312,7 +312,7 @@ pub fn generation_to_proto(h: HistoryRow) -> pb::GenerationInfo {
 }
 
 /// Maps an audit row to the API's `AuditEntry`.
-pub fn audit_to_proto(a: AuditRow) -> pb::AuditEntry {
+pub(crate) fn audit_to_proto(a: AuditRow) -> pb::AuditEntry {
     pb::AuditEntry {
         at_ms: a.at_ms,
         actor: a.actor,
@@ -323,7 +323,7 @@ pub fn audit_to_proto(a: AuditRow) -> pb::AuditEntry {
 }
 
 /// The API's enum value for a bus outcome.
-pub fn outcome_to_proto(o: PushOutcome) -> pb::PushOutcome {
+pub(crate) fn outcome_to_proto(o: PushOutcome) -> pb::PushOutcome {
     match o {
         PushOutcome::Ack => pb::PushOutcome::Ack,
         PushOutcome::Nack => pb::PushOutcome::Nack,
@@ -333,7 +333,7 @@ pub fn outcome_to_proto(o: PushOutcome) -> pb::PushOutcome {
 }
 
 /// Maps what a watcher received to the API's `Event`.
-pub fn event_to_proto(r: &Received) -> pb::Event {
+pub(crate) fn event_to_proto(r: &Received) -> pb::Event {
     use pb::event::Kind;
     match r {
         Received::Lagged(n) => pb::Event {
@@ -394,7 +394,7 @@ pub fn event_to_proto(r: &Received) -> pb::Event {
 }
 
 /// A boxed stream of events for `WatchEvents`.
-pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+pub(crate) type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
 #[tonic::codegen::async_trait]
 impl Admin for AdminService {
@@ -502,7 +502,7 @@ fn is_grpc_content_type(headers: &http::HeaderMap) -> bool {
 /// Serves one admin connection: TLS 1.3 handshake with an operator certificate (inside
 /// this task, under the handshake timeout), then HTTP/2 until the client closes or
 /// `shutdown` is cancelled (graceful: open streams end, then GOAWAY).
-pub async fn handle(
+pub(crate) async fn handle(
     hub: Arc<Hub>,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,

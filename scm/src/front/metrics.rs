@@ -15,7 +15,7 @@ use crate::ops::swipes::SwipeStats;
 
 /// Everything a scrape shows, gathered.
 #[derive(Debug)]
-pub struct Snapshot<'a> {
+pub(crate) struct Snapshot<'a> {
     /// Event counters.
     pub metrics: &'a ScmMetrics,
     /// Machines with a live link.
@@ -27,7 +27,7 @@ pub struct Snapshot<'a> {
 }
 
 /// Renders the text exposition.
-pub fn render(s: &Snapshot<'_>) -> String {
+pub(crate) fn render(s: &Snapshot<'_>) -> String {
     let m = s.metrics;
     let mut e = Exposition::new();
     e.gauge(
@@ -139,13 +139,13 @@ const DB_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `/metrics` and `/health` for the SCM.
 #[derive(Debug)]
-pub struct Endpoints {
+pub(crate) struct Endpoints {
     hub: Arc<Hub>,
 }
 
 impl Endpoints {
     /// Endpoints over this hub.
-    pub fn new(hub: Arc<Hub>) -> Endpoints {
+    pub(crate) fn new(hub: Arc<Hub>) -> Endpoints {
         Endpoints { hub }
     }
 }

@@ -10,8 +10,8 @@
 //! admin API, and every answer is a typed [`reply::Reply`] or [`reply::Lines`] (an
 //! [`OpError`] becomes one in [`refusal`]).
 
-pub mod command;
-pub mod reply;
+pub(crate) mod command;
+pub(crate) mod reply;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,12 +33,12 @@ use crate::ops::operator::{self, Actor, Front, OpError, PushReport};
 use crate::ops::push::{self, PushError, PushResult};
 
 /// The prompt shown before each command.
-pub const PROMPT: &str = "scm> ";
+pub(crate) const PROMPT: &str = "scm> ";
 
 /// Why a session ended abnormally.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum SessionError {
+pub(crate) enum SessionError {
     /// Telnet I/O failed.
     #[error("{0}")]
     Telnet(#[from] scm_telnet::ConnError),
@@ -51,7 +51,7 @@ pub enum SessionError {
 }
 
 /// Serves one plain-telnet connection.
-pub async fn handle_plain(
+pub(crate) async fn handle_plain(
     hub: Arc<Hub>,
     tcp: TcpStream,
     peer: SocketAddr,
@@ -62,7 +62,7 @@ pub async fn handle_plain(
 }
 
 /// Serves one TLS telnet connection: the operator certificate logs the operator in.
-pub async fn handle_tls(
+pub(crate) async fn handle_tls(
     hub: Arc<Hub>,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
@@ -859,7 +859,7 @@ fn push_one_reply(r: Result<PushReport, OpError>) -> Reply {
             Some((id, Ok(r))) => push_reply(*id, r),
             Some((_, Err(e))) => {
                 let code = match e {
-                    PushError::UnknownMachine(_) | PushError::TooLarge { .. } => ReplyCode::Refused,
+                    PushError::UnknownMachine(_) => ReplyCode::Refused,
                     _ => ReplyCode::Failed,
                 };
                 Reply::new(code, e.to_string())
@@ -933,7 +933,7 @@ fn truncate(s: &str, n: usize) -> String {
 }
 
 /// Formats Unix milliseconds as RFC 3339 UTC.
-pub fn fmt_ms(ms: i64) -> String {
+pub(crate) fn fmt_ms(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
         .and_then(|t| {

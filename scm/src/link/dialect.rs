@@ -234,7 +234,7 @@ impl Dialect {
 
 /// A machine's answer to a CONFIG.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
+pub(crate) enum Reply {
     /// ACK with its text.
     Ack(String),
     /// NACK with its reason.
@@ -244,7 +244,7 @@ pub enum Reply {
 /// Why a frame is not an answer to our CONFIG.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum AnswerError {
+pub(crate) enum AnswerError {
     /// The answer is about another machine.
     #[error("answer names machine {named} instead of {expected}")]
     WrongMachine {

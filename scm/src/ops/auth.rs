@@ -22,7 +22,7 @@ pub fn hash_password(password: &str) -> Result<String, HashError> {
 
 /// Checks `password` against the operator's hash. Runs Argon2, so call it off the async
 /// workers. An operator without a password hash can never log in with a password.
-pub fn verify_password(op: &OperatorConfig, password: &str) -> bool {
+pub(crate) fn verify_password(op: &OperatorConfig, password: &str) -> bool {
     if op.password_hash.is_empty() {
         return false;
     }

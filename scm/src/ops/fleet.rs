@@ -118,7 +118,7 @@ impl Target {
 
 /// Whether `s` may be used as a group name or a label: 1 to 64 characters from
 /// `A-Z a-z 0-9 . _ - = :`.
-pub fn valid_name(s: &str) -> bool {
+pub(crate) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
@@ -126,7 +126,7 @@ pub fn valid_name(s: &str) -> bool {
 }
 
 /// The machines `target` names, in id order.
-pub fn select(cfg: &ScmConfig, target: &Target) -> Result<Vec<u16>, SelectError> {
+pub(crate) fn select(cfg: &ScmConfig, target: &Target) -> Result<Vec<u16>, SelectError> {
     let mut ids: Vec<u16> = match target {
         Target::Machine(id) => {
             return if cfg.machine(*id).is_some() {
@@ -171,7 +171,7 @@ pub fn select(cfg: &ScmConfig, target: &Target) -> Result<Vec<u16>, SelectError>
 }
 
 /// Every group and its members (in id order).
-pub fn groups(cfg: &ScmConfig) -> BTreeMap<String, Vec<u16>> {
+pub(crate) fn groups(cfg: &ScmConfig) -> BTreeMap<String, Vec<u16>> {
     let mut out: BTreeMap<String, Vec<u16>> = BTreeMap::new();
     for m in &cfg.machines {
         for g in &m.groups {
@@ -186,7 +186,7 @@ pub fn groups(cfg: &ScmConfig) -> BTreeMap<String, Vec<u16>> {
 
 /// Running totals of a fleet push.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Progress {
+pub(crate) struct Progress {
     /// Machines targeted.
     pub total: usize,
     /// Stored by the machine (or already applied).
@@ -203,7 +203,7 @@ pub struct Progress {
 
 impl Progress {
     /// Everything pending, nothing answered yet.
-    pub fn start(total: usize) -> Self {
+    pub(crate) fn start(total: usize) -> Self {
         Progress {
             total,
             pending: total,
@@ -212,7 +212,7 @@ impl Progress {
     }
 
     /// Counts one machine's result (it leaves "pending" unless it stays pending).
-    pub fn add(&mut self, result: &Result<PushResult, PushError>) {
+    pub(crate) fn add(&mut self, result: &Result<PushResult, PushError>) {
         match result {
             Ok(PushResult::Ack { .. }) => self.ack += 1,
             Ok(PushResult::Nack { .. }) => self.nack += 1,
@@ -224,7 +224,7 @@ impl Progress {
     }
 
     /// `940/1000 ACK, 3 NACK, 57 pending` (superseded and failed only when non-zero).
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         let mut s = format!(
             "{}/{} ACK, {} NACK, {} pending",
             self.ack, self.total, self.nack, self.pending
@@ -243,7 +243,7 @@ impl Progress {
 /// it, at most `limits.push_concurrency` at a time. The machines and the content have
 /// been checked by the caller ([`crate::ops::operator`], the one place that checks them). Progress is published on `progress`
 /// after every answer. Returns each machine's result in id order.
-pub async fn push_many(
+pub(crate) async fn push_many(
     hub: &Arc<Hub>,
     ids: Vec<u16>,
     content: Vec<u8>,

@@ -98,7 +98,6 @@ impl From<PushError> for OpError {
     fn from(e: PushError) -> Self {
         match e {
             PushError::UnknownMachine(id) => OpError::Target(SelectError::UnknownMachine(id)),
-            PushError::TooLarge { size, max } => OpError::TooLarge { size, max },
             PushError::Store(e) => OpError::Store(e),
         }
     }

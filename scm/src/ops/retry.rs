@@ -22,7 +22,7 @@ use crate::ops::push::{self, PushResult};
 /// `[retry]` in the SCM configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RetrySettings {
+pub(crate) struct RetrySettings {
     /// First retry delay; doubles per failed attempt.
     pub initial_ms: u64,
     /// Longest delay between attempts.
@@ -40,7 +40,7 @@ impl Default for RetrySettings {
 
 /// The delay before retry `attempt` (0-based): `initial * 2^attempt`, capped, drawn from
 /// its upper half so machines that failed together do not retry together.
-pub fn delay(s: &RetrySettings, attempt: u32) -> Duration {
+pub(crate) fn delay(s: &RetrySettings, attempt: u32) -> Duration {
     Backoff::from_millis(s.initial_ms, s.max_ms).jittered(attempt)
 }
 
@@ -52,7 +52,7 @@ struct State {
 }
 
 /// Runs until shutdown.
-pub async fn run(hub: Arc<Hub>, kick: Arc<dyn RetryScheduler>, shutdown: CancellationToken) {
+pub(crate) async fn run(hub: Arc<Hub>, kick: Arc<dyn RetryScheduler>, shutdown: CancellationToken) {
     let settings = hub.cfg.retry.clone();
     let mut states: HashMap<u16, State> = HashMap::new();
     // At start, whatever is pending is tried at once (the SCM may have been down for a

@@ -28,7 +28,7 @@ use crate::state::{
 /// `[swipes]` in the SCM configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SwipeSettings {
+pub(crate) struct SwipeSettings {
     /// Lifetime of a swipe whose SWIPE says `ttl_ms = 0`.
     pub default_ttl_ms: u64,
     /// Longest lifetime accepted; longer ones are cut to this.
@@ -52,7 +52,7 @@ impl Default for SwipeSettings {
 
 /// Counters.
 #[derive(Debug, Default)]
-pub struct SwipeStats {
+pub(crate) struct SwipeStats {
     /// Accepted and handed to a bridge.
     pub queued: AtomicU64,
     /// Accepted with no bridge device for their reader.
@@ -69,7 +69,7 @@ pub struct SwipeStats {
 
 /// The answer to one SWIPE.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// ACK with this detail.
     Ack(String),
     /// NACK with this reason and detail.
@@ -77,7 +77,7 @@ pub enum Verdict {
 }
 
 /// Swipe handling shared by every agent link.
-pub struct Swipes {
+pub(crate) struct Swipes {
     settings: SwipeSettings,
     rules: CardRules,
     /// Recent event ids, for de-duplication.
@@ -119,7 +119,7 @@ impl Swipes {
     // Each argument is one independent piece of the start-up wiring (two bridges with
     // their outcome channels, the event bus); a struct would only rename the list.
     #[allow(clippy::too_many_arguments)]
-    pub fn start(
+    pub(crate) fn start(
         store: &crate::state::Store,
         settings: SwipeSettings,
         rules: CardRules,
@@ -170,12 +170,12 @@ impl Swipes {
     }
 
     /// The bridge.
-    pub fn bridge(&self) -> &Arc<GenericBridge> {
+    pub(crate) fn bridge(&self) -> &Arc<GenericBridge> {
         &self.bridge
     }
 
     /// The RFIDeas 241 bridge.
-    pub fn rfideas(&self) -> &Arc<RfideasBridge> {
+    pub(crate) fn rfideas(&self) -> &Arc<RfideasBridge> {
         &self.rfideas
     }
 
@@ -272,7 +272,7 @@ impl Swipes {
 
     /// Handles one SWIPE from machine `machine` (the id already checked against the
     /// certificate), and publishes the answer on the event bus (card masked).
-    pub async fn receive(&self, machine: u16, s: &v1::Swipe) -> Verdict {
+    pub(crate) async fn receive(&self, machine: u16, s: &v1::Swipe) -> Verdict {
         let verdict = self.answer(machine, s).await;
         self.events
             .swipe(machine, &s.reader_id, mask(&s.card), &verdict);

@@ -161,6 +161,7 @@ impl FleetState for SqliteStore {
         self.run_blocking(|c| q::sync_machines(c, machines))
     }
 
+    #[cfg(test)]
     fn list_machines(&self) -> StoreFuture<'_, Vec<MachineRow>> {
         Box::pin(self.run(q::list_machines))
     }
@@ -207,6 +208,7 @@ impl FleetState for SqliteStore {
         Box::pin(self.run(move |c| q::history(c, id, limit)))
     }
 
+    #[cfg(test)]
     fn attempts(&self, id: u16, limit: u32) -> StoreFuture<'_, Vec<AttemptRow>> {
         Box::pin(self.run(move |c| q::attempts(c, id, limit)))
     }

@@ -21,17 +21,18 @@ use tokio::net::TcpStream;
 use super::http::{self, Parse, percent_encode};
 
 /// Largest response head read from a print server.
-pub const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+pub(crate) const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
 /// The placeholders a template may use.
-pub const PLACEHOLDERS: &[&str] = &["card", "device", "time", "time_ms", "machine", "reader"];
+pub(crate) const PLACEHOLDERS: &[&str] =
+    &["card", "device", "time", "time_ms", "machine", "reader"];
 
 /// Longest template.
-pub const MAX_TEMPLATE: usize = 2048;
+pub(crate) const MAX_TEMPLATE: usize = 2048;
 
 /// Where a rendered swipe URL points.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     /// Host name or IP address (IPv6 without brackets).
     pub host: String,
     /// TCP port.
@@ -49,7 +50,7 @@ impl std::fmt::Debug for Target {
 
 impl Target {
     /// `host:port` as the `Host` header wants it.
-    pub fn authority(&self) -> String {
+    pub(crate) fn authority(&self) -> String {
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
@@ -65,7 +66,7 @@ impl Target {
 
 /// Values for the placeholders.
 #[derive(Clone)]
-pub struct Vars<'a> {
+pub(crate) struct Vars<'a> {
     /// Card number.
     pub card: &'a str,
     /// MAC-style device id.
@@ -151,7 +152,7 @@ fn trunc(s: &str) -> String {
 }
 
 /// Checks a swipe URL template; the message says what is wrong.
-pub fn validate_template(t: &str) -> Result<(), String> {
+pub(crate) fn validate_template(t: &str) -> Result<(), String> {
     if t.len() > MAX_TEMPLATE {
         return Err(format!("the swipe URL is longer than {MAX_TEMPLATE} bytes"));
     }
@@ -193,7 +194,7 @@ pub fn validate_template(t: &str) -> Result<(), String> {
 }
 
 /// Renders a (validated) template with the swipe's values.
-pub fn render(t: &str, v: &Vars<'_>) -> Result<Target, String> {
+pub(crate) fn render(t: &str, v: &Vars<'_>) -> Result<Target, String> {
     validate_template(t)?;
     let (host, port, tail) = split_url(t)?;
     let mut out = String::with_capacity(tail.len() + 64);
@@ -224,7 +225,7 @@ pub fn render(t: &str, v: &Vars<'_>) -> Result<Target, String> {
 
 /// Why one attempt to send a swipe failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AttemptError {
+pub(crate) enum AttemptError {
     /// TCP connect failed (refused, unreachable, name not found).
     #[error("cannot connect to {0}")]
     Connect(String),
@@ -249,12 +250,12 @@ pub enum AttemptError {
 
 impl AttemptError {
     /// Whether retrying within the swipe's lifetime could help.
-    pub fn retryable(&self) -> bool {
+    pub(crate) fn retryable(&self) -> bool {
         !matches!(self, Self::Certificate(_))
     }
 
     /// A short fixed label for metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Self::Connect(_) => "connect",
             Self::Certificate(_) => "certificate",
@@ -268,7 +269,7 @@ impl AttemptError {
 
 /// The print server's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
+pub(crate) struct Answer {
     /// Status code.
     pub status: u16,
     /// `Location`, for redirects.
@@ -277,7 +278,7 @@ pub struct Answer {
 
 /// Builds the client TLS configuration: ring, TLS 1.2 and 1.3, trusting only `roots`,
 /// no client certificate.
-pub fn tls_config(roots: rustls::RootCertStore) -> Result<Arc<ClientConfig>, rustls::Error> {
+pub(crate) fn tls_config(roots: rustls::RootCertStore) -> Result<Arc<ClientConfig>, rustls::Error> {
     let cfg =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
@@ -287,7 +288,7 @@ pub fn tls_config(roots: rustls::RootCertStore) -> Result<Arc<ClientConfig>, rus
 }
 
 /// Sends one GET and reads the response head.
-pub async fn get(
+pub(crate) async fn get(
     tls: &tokio_rustls::TlsConnector,
     target: &Target,
     connect_timeout: Duration,

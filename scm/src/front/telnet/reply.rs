@@ -92,7 +92,7 @@ impl fmt::Display for Reply {
 
 /// A multi-line reply: all lines carry the same code.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lines {
+pub(crate) struct Lines {
     /// The code.
     pub code: ReplyCode,
     /// The texts, in order; the last one ends the reply.
@@ -101,13 +101,13 @@ pub struct Lines {
 
 impl Lines {
     /// A multi-line reply.
-    pub fn new(code: ReplyCode, lines: Vec<String>) -> Lines {
+    pub(crate) fn new(code: ReplyCode, lines: Vec<String>) -> Lines {
         Lines { code, lines }
     }
 
     /// The wire form: every line but the last as `<code>-<text>`, the last as
     /// `<code> <text>`, each ended by CR LF.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let n = self.lines.len();
         let mut out = String::new();
         for (i, l) in self.lines.iter().enumerate() {
