@@ -59,6 +59,7 @@ impl Agent {
     pub fn prepare(cfg: AgentConfig) -> Result<Agent, StartError> {
         let files = cfg.tls_files();
         let server = tls::server_config(&files, TlsPolicy::default(), &[])?;
+        metrics::global().record_certificates(&files);
         let client = tls::client_config(&files, TlsPolicy::default())?;
         let store = ConfigStore::open(&cfg.storage.dir)?;
         let ms = Duration::from_millis;
@@ -190,7 +191,10 @@ impl Agent {
                     }
                     tracing::info!("SIGHUP received: reloading certificates, key, CA and CRLs");
                     match reload_tls(&files, &port, &connector) {
-                        Ok(()) => tracing::info!("TLS reloaded"),
+                        Ok(()) => {
+                            metrics::global().record_certificates(&files);
+                            tracing::info!("TLS reloaded")
+                        }
                         Err(e) => tracing::error!(
                             "TLS reload failed, keeping the previous certificates and CRLs: {e}"
                         ),
