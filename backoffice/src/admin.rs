@@ -162,7 +162,8 @@ pub fn fmt_ms(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-fn outcome_name(o: i32) -> &'static str {
+/// The outcome as the text output names it (`ACK`, `NACK`, ...).
+pub fn outcome_name(o: i32) -> &'static str {
     match pb::PushOutcome::try_from(o) {
         Ok(pb::PushOutcome::Ack) => "ACK",
         Ok(pb::PushOutcome::Nack) => "NACK",

@@ -3,8 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cli;
 pub mod client;
 pub mod config;
+pub mod output;
 
 use std::time::Duration;
 

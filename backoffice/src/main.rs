@@ -3,83 +3,17 @@
 //! open an interactive shell, or watch the SCM's live events over its admin API.
 #![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use backoffice::cli::{Cli, Cmd};
 use backoffice::config::BackofficeConfig;
+use backoffice::output::{self, Format};
 use backoffice::{Client, Stream};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use scm_telnet::Event;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "backoffice",
-    version,
-    about = "Operator back office for the SCM hub"
-)]
-struct Cli {
-    /// Configuration file (TOML); BACKOFFICE__SECTION__KEY variables override it.
-    #[arg(long)]
-    config: PathBuf,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Debug, Subcommand)]
-enum Cmd {
-    /// Push a configuration file to a machine, a group or all machines; exit 0 when every
-    /// machine ACKed, 1 when one NACKed, 2 otherwise (pending, superseded, refused).
-    Push {
-        /// Machine id (the same as `--target ID`).
-        #[arg(long, conflicts_with = "target", required_unless_present = "target")]
-        machine: Option<u16>,
-        /// Target: a machine id, `group:NAME`, `label:TEXT` or `all`. Progress is shown on
-        /// standard error while a fleet push runs.
-        #[arg(long)]
-        target: Option<String>,
-        /// Configuration file to send.
-        #[arg(long)]
-        file: PathBuf,
-    },
-    /// List the machines.
-    Machines,
-    /// Show one machine.
-    Status {
-        /// Machine id.
-        id: u16,
-    },
-    /// Recent card swipes (masked) and what became of them.
-    Swipes,
-    /// A machine's configuration generations.
-    History {
-        /// Machine id.
-        id: u16,
-    },
-    /// Make an earlier generation current again; exit codes as for push.
-    Rollback {
-        /// Machine id.
-        #[arg(long)]
-        machine: u16,
-        /// Generation to return to.
-        #[arg(long)]
-        generation: u64,
-    },
-    /// The operator audit log.
-    Audit,
-    /// Interactive session with the SCM (type `quit` to leave).
-    Shell,
-    /// Print the SCM's live events (connections, push outcomes, swipes), one line each,
-    /// until interrupted; uses the admin API ([admin] address) and the certificate of [tls].
-    Watch {
-        /// Stop after this many events (exit 0).
-        #[arg(long)]
-        count: Option<u64>,
-    },
-    /// Validate the configuration and exit.
-    CheckConfig,
-}
 
 /// Exit status for anything that is neither ACK nor NACK.
 const OTHER: u8 = 2;
@@ -94,6 +28,7 @@ fn load(path: &Path) -> anyhow::Result<BackofficeConfig> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let format = cli.output;
     scm_certs::tls::install_default_provider();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -112,6 +47,15 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("backoffice: {e:#}");
+            if format == Format::Json {
+                let v = serde_json::json!({
+                    "schema": output::SCHEMA,
+                    "ok": false,
+                    "error": format!("{e:#}"),
+                    "exit": OTHER,
+                });
+                println!("{v}");
+            }
             ExitCode::from(OTHER)
         }
     }
@@ -119,18 +63,37 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     let cfg = load(&cli.config)?;
+    let json = cli.output == Format::Json;
     if let Cmd::CheckConfig = cli.cmd {
-        println!("{}: configuration is valid", cli.config.display());
+        if json {
+            let v = serde_json::json!({
+                "schema": output::SCHEMA,
+                "command": "check-config",
+                "ok": true,
+                "config": cli.config.display().to_string(),
+            });
+            println!("{v}");
+        } else {
+            println!("{}: configuration is valid", cli.config.display());
+        }
         return Ok(0);
     }
     if let Cmd::Watch { count } = cli.cmd {
-        return watch(&cfg, count).await;
+        return watch(&cfg, count, cli.output).await;
     }
     if let Cmd::Push { file, .. } = &cli.cmd {
         // Read the file before connecting, so a typo does not cost a login.
         std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
     }
     let mut client = backoffice::connect(&cfg).await?;
+    let print = |doc: serde_json::Value, r: &backoffice::Reply| {
+        if json {
+            println!("{doc}");
+            reply_code(r)
+        } else {
+            print_reply(r)
+        }
+    };
     let code = match cli.cmd {
         Cmd::Push {
             machine,
@@ -144,26 +107,57 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let r = client
                 .push_to(&target, &content, |p| eprintln!("progress: {p}"))
                 .await?;
-            if r.lines.len() > 1 {
-                for l in &r.lines[..r.lines.len() - 1] {
-                    println!("{l}");
+            if json {
+                let code = exit_of(&r);
+                println!("{}", output::push("push", &target, &r, code));
+                code
+            } else {
+                if r.lines.len() > 1 {
+                    for l in &r.lines[..r.lines.len() - 1] {
+                        println!("{l}");
+                    }
                 }
+                outcome_code(&r)
             }
-            outcome_code(&r)
         }
         Cmd::Rollback {
             machine,
             generation,
-        } => outcome_code(
-            &client
+        } => {
+            let r = client
                 .command(&format!("rollback {machine} {generation}"))
-                .await?,
-        ),
-        Cmd::History { id } => print_reply(client.command(&format!("history {id}")).await?),
-        Cmd::Machines => print_reply(client.command("machines").await?),
-        Cmd::Status { id } => print_reply(client.command(&format!("status {id}")).await?),
-        Cmd::Audit => print_reply(client.command("audit").await?),
-        Cmd::Swipes => print_reply(client.command("swipes").await?),
+                .await?;
+            if json {
+                let code = exit_of(&r);
+                println!(
+                    "{}",
+                    output::push("rollback", &machine.to_string(), &r, code)
+                );
+                code
+            } else {
+                outcome_code(&r)
+            }
+        }
+        Cmd::History { id } => {
+            let r = client.command(&format!("history {id}")).await?;
+            print(output::history(id, &r), &r)
+        }
+        Cmd::Machines => {
+            let r = client.command("machines").await?;
+            print(output::machines(&r), &r)
+        }
+        Cmd::Status { id } => {
+            let r = client.command(&format!("status {id}")).await?;
+            print(output::status(id, &r), &r)
+        }
+        Cmd::Audit => {
+            let r = client.command("audit").await?;
+            print(output::audit(&r), &r)
+        }
+        Cmd::Swipes => {
+            let r = client.command("swipes").await?;
+            print(output::swipes(&r), &r)
+        }
         Cmd::Shell => return shell(client).await,
         Cmd::CheckConfig | Cmd::Watch { .. } => 0,
     };
@@ -173,7 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
 
 /// Prints the SCM's events until interrupted (exit 0), `count` events were printed (exit
 /// 0), or the stream fails or ends (exit 2).
-async fn watch(cfg: &BackofficeConfig, count: Option<u64>) -> anyhow::Result<u8> {
+async fn watch(cfg: &BackofficeConfig, count: Option<u64>, format: Format) -> anyhow::Result<u8> {
     let mut client = backoffice::admin::connect(cfg).await?;
     let mut stream = client
         .watch_events(scm_proto::admin::WatchEventsRequest {})
@@ -194,7 +188,10 @@ async fn watch(cfg: &BackofficeConfig, count: Option<u64>) -> anyhow::Result<u8>
         };
         match next {
             Ok(Some(event)) => {
-                let line = backoffice::admin::format_event(&event);
+                let line = match format {
+                    Format::Text => backoffice::admin::format_event(&event),
+                    Format::Json => output::event(&event).to_string(),
+                };
                 out.write_all(format!("{line}\n").as_bytes()).await?;
                 out.flush().await?;
                 printed += 1;
@@ -211,34 +208,41 @@ async fn watch(cfg: &BackofficeConfig, count: Option<u64>) -> anyhow::Result<u8>
     }
 }
 
-/// Prints a push or rollback answer; 0 on ACK, 1 on NACK, 2 otherwise.
-fn outcome_code(r: &backoffice::Reply) -> u8 {
-    let line = format!("{} {}", r.code, r.last());
+/// The exit status of a push or rollback answer: 0 on ACK, 1 on NACK, 2 otherwise.
+fn exit_of(r: &backoffice::Reply) -> u8 {
     match r.code {
-        250 => {
-            println!("{line}");
-            0
-        }
-        554 => {
-            println!("{line}");
-            1
-        }
-        _ => {
-            eprintln!("{line}");
-            OTHER
-        }
+        250 => 0,
+        554 => 1,
+        _ => OTHER,
     }
 }
 
-fn print_reply(r: backoffice::Reply) -> u8 {
-    for l in &r.lines {
-        println!("{l}");
+/// Prints a push or rollback answer; 0 on ACK, 1 on NACK, 2 otherwise.
+fn outcome_code(r: &backoffice::Reply) -> u8 {
+    let line = format!("{} {}", r.code, r.last());
+    let code = exit_of(r);
+    if code == OTHER {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
     }
+    code
+}
+
+/// 0 for a 2xx reply, 2 otherwise.
+fn reply_code(r: &backoffice::Reply) -> u8 {
     if (200..300).contains(&r.code) {
         0
     } else {
         OTHER
     }
+}
+
+fn print_reply(r: &backoffice::Reply) -> u8 {
+    for l in &r.lines {
+        println!("{l}");
+    }
+    reply_code(r)
 }
 
 /// Forwards standard input to the SCM line by line and prints what it sends.

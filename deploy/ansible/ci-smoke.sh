@@ -263,4 +263,47 @@ if [ "$code" != 0 ] || ! grep -q '^250 ACK machine 1 generation 1' <<<"$out"; th
 fi
 stored=$prefix/var/lib/machine-agent/config/config.current
 cmp -s "$stored" "$work/smoke.cfg" || { echo "ci-smoke: $stored does not hold the pushed file" >&2; exit 1; }
-echo "ci-smoke: the Ansible deployment works (lint clean, idempotent, handlers fire, binaries deployed, push ACKed)"
+
+# 6. The scm_config module (library/scm_config.py) against the running fleet, twice:
+#    ACK reports changed, the second run (content already applied) changed=0; check mode
+#    reports a change without pushing; an unknown machine fails with the SCM's reason.
+echo "== scm_config module: push-config.yml against the deployed fleet =="
+mkdir -p "$work/files"
+echo "pushed-by=scm_config" >"$work/files/m1.cfg"
+cat >"$work/pushes.yml" <<PUSHES
+scm_config_backoffice: $bin/backoffice
+scm_config_backoffice_config: $prefix/etc/scm-backoffice/backoffice.toml
+scm_config_environment:
+  BACKOFFICE__SCM__ADDRESS: "$telnet"
+scm_config_pushes:
+  - machine: 1
+    src: $work/files/m1.cfg
+  - target: "group:ci"
+    src: $work/files/m1.cfg
+PUSHES
+push_play() {
+  (cd "$here" && ansible-playbook -i "$work/inventory.yml" push-config.yml --limit operators -e "@$work/pushes.yml" "$@") | tee "$work/play.out"
+}
+push_play --check
+[ -z "$(failed)" ] || { echo "ci-smoke: scm_config check mode failed" >&2; exit 1; }
+[ "$(changed)" = 1 ] || { echo "ci-smoke: scm_config check mode did not report the change (changed=$(changed))" >&2; exit 1; }
+cmp -s "$stored" "$work/smoke.cfg" || { echo "ci-smoke: check mode pushed something" >&2; exit 1; }
+push_play
+[ -z "$(failed)" ] || { echo "ci-smoke: scm_config push failed" >&2; exit 1; }
+[ "$(changed)" = 1 ] || { echo "ci-smoke: scm_config: the first push did not report changed (changed=$(changed))" >&2; exit 1; }
+cmp -s "$stored" "$work/files/m1.cfg" || { echo "ci-smoke: $stored does not hold the file pushed by scm_config" >&2; exit 1; }
+echo "== scm_config module: second run (must report changed=0) =="
+push_play
+[ -z "$(failed)" ] || { echo "ci-smoke: scm_config second run failed" >&2; exit 1; }
+[ "$(changed)" = 0 ] || { echo "ci-smoke: scm_config second run changed=$(changed), want 0" >&2; exit 1; }
+push_play --check
+[ "$(changed)" = 0 ] || { echo "ci-smoke: scm_config check mode reports a change for applied content" >&2; exit 1; }
+echo "== scm_config module: an unknown machine fails with the SCM's reason =="
+set +e
+(cd "$here" && BACKOFFICE__SCM__ADDRESS="$telnet" ansible -i "$work/inventory.yml" operators -m scm_config \
+  -a "machine=99 src=$work/files/m1.cfg backoffice=$bin/backoffice config=$prefix/etc/scm-backoffice/backoffice.toml" \
+  -e "ansible_python_interpreter=$venv/bin/python" 2>&1) >"$work/fail.out"
+set -e
+grep -q 'FAILED' "$work/fail.out" && grep -q 'not known to this SCM' "$work/fail.out" \
+  || { echo "ci-smoke: scm_config did not fail with the SCM's reason for machine 99:" >&2; cat "$work/fail.out" >&2; exit 1; }
+echo "ci-smoke: the Ansible deployment works (lint clean, idempotent, handlers fire, binaries deployed, push ACKed; scm_config idempotent, check mode, failure reason)"

@@ -61,6 +61,7 @@ impl Agent {
     pub fn prepare(cfg: AgentConfig) -> Result<Agent, StartError> {
         let files = cfg.tls_files();
         let server = tls::server_config(&files, TlsPolicy::default(), &[])?;
+        metrics::global().record_certificates(&files);
         let client = tls::client_config(&files, TlsPolicy::default())?;
         let store = ConfigStore::open(&cfg.storage.dir)?;
         let ms = Duration::from_millis;
@@ -181,7 +182,12 @@ impl Agent {
             tokio::spawn(scm_common::reload::reload_on_sighup(
                 hup,
                 shutdown.clone(),
-                move || reload_tls(&files, &port, &connector).map(|()| String::new()),
+                move || {
+                    reload_tls(&files, &port, &connector).map(|()| {
+                        metrics::global().record_certificates(&files);
+                        String::new()
+                    })
+                },
             ));
         }
         set.spawn(link::run(

@@ -23,6 +23,10 @@ pub struct AgentMetrics {
     pub configs: CounterFamily,
     /// TLS handshakes that failed (config port and event link), by reason.
     pub handshake_failures: CounterFamily,
+    /// notAfter (Unix seconds) of the machine's certificate; 0 until read.
+    pub cert_machine_expiry: Gauge,
+    /// notAfter (Unix seconds) of the CA certificate; 0 until read.
+    pub cert_ca_expiry: Gauge,
     links: Counter,
 }
 
@@ -33,6 +37,8 @@ impl Default for AgentMetrics {
             reconnects: Counter::default(),
             configs: CounterFamily::with(&["outcome"], &[&["ack"], &["nack"]]),
             handshake_failures: CounterFamily::new(&["reason"]),
+            cert_machine_expiry: Gauge::default(),
+            cert_ca_expiry: Gauge::default(),
             links: Counter::default(),
         }
     }
@@ -59,6 +65,28 @@ impl AgentMetrics {
     }
 }
 
+impl AgentMetrics {
+    /// Reads the expiry of the machine's and the CA's certificate (the first certificate
+    /// of each PEM file) for `agent_certificate_expiry_timestamp_seconds`; a file that
+    /// cannot be read or parsed leaves its gauge unchanged (the TLS set-up reports it).
+    pub fn record_certificates(&self, files: &scm_certs::tls::TlsFiles) {
+        if let Some(t) = not_after(&files.cert) {
+            self.cert_machine_expiry.set(t);
+        }
+        if let Some(t) = not_after(&files.ca) {
+            self.cert_ca_expiry.set(t);
+        }
+    }
+}
+
+/// notAfter of the first certificate in a PEM file, Unix seconds.
+fn not_after(path: &std::path::Path) -> Option<i64> {
+    let pem = std::fs::read(path).ok()?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 static GLOBAL: LazyLock<AgentMetrics> = LazyLock::new(AgentMetrics::default);
 
 /// The process's metrics.
@@ -69,6 +97,24 @@ pub fn global() -> &'static AgentMetrics {
 /// Renders the text exposition.
 pub fn render(m: &AgentMetrics, queue: &SwipeQueue) -> String {
     let mut e = Exposition::new();
+    let certs = [
+        ("machine", m.cert_machine_expiry.get()),
+        ("ca", m.cert_ca_expiry.get()),
+    ];
+    if certs.iter().any(|(_, t)| *t > 0) {
+        e.header(
+            "agent_certificate_expiry_timestamp_seconds",
+            Kind::Gauge,
+            "notAfter of the agent's certificates (machine, ca), Unix seconds; re-read at SIGHUP.",
+        );
+        for (name, t) in certs.iter().filter(|(_, t)| *t > 0) {
+            e.sample(
+                "agent_certificate_expiry_timestamp_seconds",
+                &[("certificate", name)],
+                t,
+            );
+        }
+    }
     e.gauge(
         "agent_scm_link_up",
         "1 while the event link to the SCM is up (HELLO acknowledged), else 0.",

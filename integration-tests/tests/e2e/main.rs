@@ -9,6 +9,7 @@ mod fleet;
 mod frames;
 mod halfopen;
 mod hardening;
+mod json;
 mod metrics;
 mod mtls;
 mod relay;

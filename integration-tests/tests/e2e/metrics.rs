@@ -206,6 +206,20 @@ fn scm_and_agent_expose_exact_metrics_and_health() {
             "agent_swipe_queue 0",
         ],
     );
+    // The agent exports its certificates' expiry (init-dev issues them for years).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for cert in ["machine", "ca"] {
+        let key = format!("agent_certificate_expiry_timestamp_seconds{{certificate=\"{cert}\"}} ");
+        let t: f64 = agent_text
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in:\n{agent_text}"));
+        assert!(t > now + 30.0 * 86400.0, "{cert} expires at {t}");
+    }
     for (name, text) in [("scm", &scm_text), ("agent", &agent_text)] {
         assert!(
             !text.contains("12345678"),
