@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::app::config::{OperatorConfig, ScmConfig};
+use crate::app::config::ScmConfig;
 use crate::coord::delivery::{DeliveryLocks, LocalDeliveryLocks};
 use crate::coord::retry::{Kick, RetryScheduler};
 use crate::coord::sessions::{LocalSessions, SessionRegistry};
 use crate::coord::throttle::{LoginThrottle, Throttle};
+use crate::ops::auth::OperatorConfig;
 use crate::state::Store;
 
 // Where the link and the front ends have always found it.

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use scm_common::Secret;
 use scm_common::config::{ConfigError, Env};
 use scm_common::logging::LogFormat;
 
@@ -37,13 +36,13 @@ pub struct ScmConfig {
     pub(crate) timeouts: Timeouts,
     /// Operator login throttling.
     #[serde(default)]
-    pub(crate) login: LoginSection,
+    pub(crate) login: crate::coord::throttle::LoginSection,
     /// Operator accounts.
     #[serde(default, rename = "operator")]
-    pub(crate) operators: Vec<OperatorConfig>,
+    pub(crate) operators: Vec<crate::ops::auth::OperatorConfig>,
     /// The machines this SCM knows.
     #[serde(default, rename = "machine")]
-    pub(crate) machines: Vec<MachineConfig>,
+    pub(crate) machines: Vec<crate::ops::fleet::MachineConfig>,
     /// Card swipe handling.
     #[serde(default)]
     pub(crate) swipes: crate::ops::swipes::SwipeSettings,
@@ -225,94 +224,6 @@ impl Timeouts {
     pub fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
     }
-}
-
-/// `[login]`: failed-login throttling per source address.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoginSection {
-    /// Failures from one address within `window_ms` before it is locked out.
-    pub max_failures: u32,
-    /// Window over which failures are counted.
-    pub window_ms: u64,
-    /// How long a locked-out address is refused.
-    pub lockout_ms: u64,
-    /// Pause after each failed attempt.
-    pub failure_delay_ms: u64,
-}
-
-impl Default for LoginSection {
-    fn default() -> Self {
-        Self {
-            max_failures: 5,
-            window_ms: 60_000,
-            lockout_ms: 300_000,
-            failure_delay_ms: 1_000,
-        }
-    }
-}
-
-/// What an operator may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OperatorRole {
-    /// Everything.
-    Admin,
-    /// Look, never change.
-    ReadOnly,
-}
-
-impl OperatorRole {
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Admin => "admin",
-            Self::ReadOnly => "read_only",
-        }
-    }
-}
-
-/// `[[operator]]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OperatorConfig {
-    /// Login name; also the name in the operator's certificate (`urn:scm:operator:NAME`).
-    pub name: String,
-    /// Argon2 PHC hash (`scm hash-password`). Empty: certificate login only.
-    #[serde(default)]
-    pub password_hash: Secret,
-    /// `admin` or `read_only`.
-    pub role: OperatorRole,
-}
-
-/// `[[machine]]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MachineConfig {
-    /// Machine id (the frame ID field and the certificate's `urn:scm:machine:ID`).
-    pub id: u16,
-    /// Human name.
-    #[serde(default)]
-    pub name: String,
-    /// Protocol version the machine speaks: 0 (original) or 1 (this project's agents).
-    #[serde(default = "default_version")]
-    pub protocol_version: u8,
-    /// Where its config port is (`host:port`). If absent, the SCM uses the address of the
-    /// machine's last HELLO and the port it reported (version 1), or delivers in-band on
-    /// HELLO (version 0).
-    #[serde(default)]
-    pub config_addr: Option<String>,
-    /// Groups the machine belongs to; `push group:NAME` targets every member.
-    #[serde(default)]
-    pub groups: Vec<String>,
-    /// Free-form labels (for example `site=north`); `push label:TEXT` targets every
-    /// machine carrying exactly that label.
-    #[serde(default)]
-    pub labels: Vec<String>,
-}
-
-fn default_version() -> u8 {
-    1
 }
 
 /// A configuration that failed validation.
@@ -512,8 +423,8 @@ impl ScmConfig {
     }
 
     /// The machine with this id, if configured.
-    pub fn machine(&self, id: u16) -> Option<&MachineConfig> {
-        self.machines.iter().find(|m| m.id == id)
+    pub(crate) fn machine(&self, id: u16) -> Option<&crate::ops::fleet::MachineConfig> {
+        crate::ops::fleet::machine(&self.machines, id)
     }
 
     /// TLS file set for `scm-certs`.

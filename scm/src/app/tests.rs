@@ -77,7 +77,7 @@ async fn a_link_ends_when_its_agent_stops_and_comes_back_with_it() {
 async fn a_read_only_operator_is_refused_a_push() {
     let scm = TestScm::start(&[5], |cfg| {
         for o in &mut cfg.operators {
-            o.role = crate::app::config::OperatorRole::ReadOnly;
+            o.role = crate::ops::auth::OperatorRole::ReadOnly;
         }
     })
     .await;

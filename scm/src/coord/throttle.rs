@@ -14,7 +14,7 @@ use std::time::Duration;
 use scm_common::lock::LockExt;
 use tokio::time::Instant;
 
-use crate::app::config::LoginSection;
+use serde::Deserialize;
 
 /// Counts failed logins per source and says who is locked out.
 pub(crate) trait LoginThrottle: Send + Sync + std::fmt::Debug {
@@ -26,6 +26,31 @@ pub(crate) trait LoginThrottle: Send + Sync + std::fmt::Debug {
     fn success(&self, ip: IpAddr);
     /// The pause after each failure.
     fn failure_delay(&self) -> Duration;
+}
+
+/// `[login]`: failed-login throttling per source address.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct LoginSection {
+    /// Failures from one address within `window_ms` before it is locked out.
+    pub(crate) max_failures: u32,
+    /// Window over which failures are counted.
+    pub(crate) window_ms: u64,
+    /// How long a locked-out address is refused.
+    pub(crate) lockout_ms: u64,
+    /// Pause after each failed attempt.
+    pub(crate) failure_delay_ms: u64,
+}
+
+impl Default for LoginSection {
+    fn default() -> Self {
+        Self {
+            max_failures: 5,
+            window_ms: 60_000,
+            lockout_ms: 300_000,
+            failure_delay_ms: 1_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

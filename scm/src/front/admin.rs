@@ -34,9 +34,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::codegen::Service as _;
 use tonic::{Request, Response, Status};
 
-use crate::app::config::MachineConfig;
 use crate::coord::events::{Event, EventKind, PushOutcome, Received};
 use crate::hub::{Hub, Session};
+use crate::ops::fleet::MachineConfig;
 use crate::ops::fleet::{Progress, SelectError, Target};
 use crate::ops::operator::{self, Actor, Desired, Front, OpError};
 use crate::ops::push::{PushError, PushResult};

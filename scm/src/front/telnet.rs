@@ -23,11 +23,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::config::OperatorConfig;
 use crate::front::telnet::command::Command;
 use crate::front::telnet::reply::{Lines, Reply, ReplyCode};
 use crate::hub::Hub;
 use crate::ops::audit::{self, AuditAction, one_line};
+use crate::ops::auth::OperatorConfig;
 use crate::ops::fleet::{self, Progress, Target};
 use crate::ops::operator::{self, Actor, Front, OpError, PushReport};
 use crate::ops::push::{self, PushError, PushResult};
@@ -840,7 +840,7 @@ async fn rollback(hub: &Arc<Hub>, actor: &Actor, id: u16, to: u64) -> Reply {
 }
 
 fn groups(hub: &Hub) -> Lines {
-    let groups = fleet::groups(&hub.cfg);
+    let groups = fleet::groups(&hub.cfg.machines);
     let mut lines: Vec<String> = groups
         .iter()
         .map(|(g, ids)| {

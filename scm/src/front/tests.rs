@@ -14,11 +14,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Status};
 
-use crate::app::config::{OperatorConfig, OperatorRole, ScmConfig};
+use crate::app::config::ScmConfig;
 use crate::front::admin::{AdminService, Caller, op_status};
 use crate::front::telnet::refusal;
 use crate::front::telnet::reply::ReplyCode;
 use crate::hub::Hub;
+use crate::ops::auth::{OperatorConfig, OperatorRole};
 use crate::ops::fleet::SelectError;
 use crate::ops::operator::OpError;
 use crate::state::StoreError;

@@ -3,7 +3,41 @@
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, SaltString};
 
-use crate::app::config::OperatorConfig;
+use scm_common::Secret;
+use serde::Deserialize;
+
+/// What an operator may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum OperatorRole {
+    /// Everything.
+    Admin,
+    /// Look, never change.
+    ReadOnly,
+}
+
+impl OperatorRole {
+    /// Lower-case name.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::ReadOnly => "read_only",
+        }
+    }
+}
+
+/// `[[operator]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OperatorConfig {
+    /// Login name; also the name in the operator's certificate (`urn:scm:operator:NAME`).
+    pub(crate) name: String,
+    /// Argon2 PHC hash (`scm hash-password`). Empty: certificate login only.
+    #[serde(default)]
+    pub(crate) password_hash: Secret,
+    /// `admin` or `read_only`.
+    pub(crate) role: OperatorRole,
+}
 
 /// Why a password could not be hashed.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +71,6 @@ pub(crate) fn verify_password(op: &OperatorConfig, password: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::config::OperatorRole;
     use scm_common::Secret;
 
     #[test]

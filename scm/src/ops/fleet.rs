@@ -16,10 +16,45 @@ use scm_common::text::quoted;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::app::config::ScmConfig;
 use crate::hub::Hub;
 use crate::ops::push::{self, PushError, PushResult};
 use crate::state::StoreError;
+use serde::Deserialize;
+
+/// `[[machine]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MachineConfig {
+    /// Machine id (the frame ID field and the certificate's `urn:scm:machine:ID`).
+    pub(crate) id: u16,
+    /// Human name.
+    #[serde(default)]
+    pub(crate) name: String,
+    /// Protocol version the machine speaks: 0 (original) or 1 (this project's agents).
+    #[serde(default = "default_version")]
+    pub(crate) protocol_version: u8,
+    /// Where its config port is (`host:port`). If absent, the SCM uses the address of the
+    /// machine's last HELLO and the port it reported (version 1), or delivers in-band on
+    /// HELLO (version 0).
+    #[serde(default)]
+    pub(crate) config_addr: Option<String>,
+    /// Groups the machine belongs to; `push group:NAME` targets every member.
+    #[serde(default)]
+    pub(crate) groups: Vec<String>,
+    /// Free-form labels (for example `site=north`); `push label:TEXT` targets every
+    /// machine carrying exactly that label.
+    #[serde(default)]
+    pub(crate) labels: Vec<String>,
+}
+
+fn default_version() -> u8 {
+    1
+}
+
+/// The configured machine with this id.
+pub(crate) fn machine(machines: &[MachineConfig], id: u16) -> Option<&MachineConfig> {
+    machines.iter().find(|m| m.id == id)
+}
 
 /// Which machines an operation is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,24 +161,22 @@ pub(crate) fn valid_name(s: &str) -> bool {
 }
 
 /// The machines `target` names, in id order.
-pub(crate) fn select(cfg: &ScmConfig, target: &Target) -> Result<Vec<u16>, SelectError> {
+pub(crate) fn select(machines: &[MachineConfig], target: &Target) -> Result<Vec<u16>, SelectError> {
     let mut ids: Vec<u16> = match target {
         Target::Machine(id) => {
-            return if cfg.machine(*id).is_some() {
+            return if machine(machines, *id).is_some() {
                 Ok(vec![*id])
             } else {
                 Err(SelectError::UnknownMachine(*id))
             };
         }
-        Target::All => cfg.machines.iter().map(|m| m.id).collect(),
-        Target::Group(g) => cfg
-            .machines
+        Target::All => machines.iter().map(|m| m.id).collect(),
+        Target::Group(g) => machines
             .iter()
             .filter(|m| m.groups.iter().any(|x| x == g))
             .map(|m| m.id)
             .collect(),
-        Target::Label(l) => cfg
-            .machines
+        Target::Label(l) => machines
             .iter()
             .filter(|m| m.labels.iter().any(|x| x == l))
             .map(|m| m.id)
@@ -152,7 +185,7 @@ pub(crate) fn select(cfg: &ScmConfig, target: &Target) -> Result<Vec<u16>, Selec
     if ids.is_empty() {
         return Err(match target {
             Target::Group(name) => {
-                let known: Vec<String> = groups(cfg).into_keys().collect();
+                let known: Vec<String> = groups(machines).into_keys().collect();
                 SelectError::UnknownGroup {
                     name: name.clone(),
                     known: if known.is_empty() {
@@ -171,9 +204,9 @@ pub(crate) fn select(cfg: &ScmConfig, target: &Target) -> Result<Vec<u16>, Selec
 }
 
 /// Every group and its members (in id order).
-pub(crate) fn groups(cfg: &ScmConfig) -> BTreeMap<String, Vec<u16>> {
+pub(crate) fn groups(machines: &[MachineConfig]) -> BTreeMap<String, Vec<u16>> {
     let mut out: BTreeMap<String, Vec<u16>> = BTreeMap::new();
-    for m in &cfg.machines {
+    for m in machines {
         for g in &m.groups {
             out.entry(g.clone()).or_default().push(m.id);
         }
@@ -321,6 +354,7 @@ fn fail_all(ids: &[u16], err: impl Fn() -> PushError) -> Vec<(u16, Result<PushRe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::config::ScmConfig;
 
     fn cfg() -> ScmConfig {
         let text = r#"
@@ -379,32 +413,38 @@ mod tests {
     #[test]
     fn selection_by_group_label_and_all() {
         let c = cfg();
-        assert_eq!(select(&c, &Target::All), Ok(vec![1, 2, 3]));
-        assert_eq!(select(&c, &Target::Group("lobby".into())), Ok(vec![1, 3]));
-        assert_eq!(select(&c, &Target::Group("floor-2".into())), Ok(vec![1]));
+        assert_eq!(select(&c.machines, &Target::All), Ok(vec![1, 2, 3]));
         assert_eq!(
-            select(&c, &Target::Label("site=north".into())),
+            select(&c.machines, &Target::Group("lobby".into())),
+            Ok(vec![1, 3])
+        );
+        assert_eq!(
+            select(&c.machines, &Target::Group("floor-2".into())),
+            Ok(vec![1])
+        );
+        assert_eq!(
+            select(&c.machines, &Target::Label("site=north".into())),
             Ok(vec![1, 2])
         );
-        assert_eq!(select(&c, &Target::Machine(2)), Ok(vec![2]));
+        assert_eq!(select(&c.machines, &Target::Machine(2)), Ok(vec![2]));
         assert_eq!(
-            select(&c, &Target::Machine(9)),
+            select(&c.machines, &Target::Machine(9)),
             Err(SelectError::UnknownMachine(9))
         );
-        let e = select(&c, &Target::Group("roof".into())).unwrap_err();
+        let e = select(&c.machines, &Target::Group("roof".into())).unwrap_err();
         assert_eq!(
             e.to_string(),
             "no machine is in group \"roof\"; known groups: floor-2, lobby"
         );
         assert!(matches!(
-            select(&c, &Target::Label("site=south".into())),
+            select(&c.machines, &Target::Label("site=south".into())),
             Err(SelectError::UnknownLabel(_))
         ));
     }
 
     #[test]
     fn groups_lists_members() {
-        let g = groups(&cfg());
+        let g = groups(&cfg().machines);
         assert_eq!(g.get("lobby"), Some(&vec![1, 3]));
         assert_eq!(g.len(), 2);
     }

@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::app::config::OperatorRole;
 use crate::hub::Hub;
 use crate::ops::audit::{self, AuditAction};
+use crate::ops::auth::OperatorRole;
 use crate::ops::fleet::{self, Progress, SelectError, Target};
 use crate::ops::push::{self, PushError, PushResult};
 use crate::state::SwipeRow;
@@ -152,7 +152,7 @@ pub(crate) async fn authorise_push(
     target: Target,
 ) -> Result<PushPlan, OpError> {
     may_change(hub, actor, || audit::push_refused(&target, actor.front)).await?;
-    let ids = fleet::select(&hub.cfg, &target)?;
+    let ids = fleet::select(&hub.cfg.machines, &target)?;
     Ok(PushPlan { target, ids })
 }
 
@@ -252,7 +252,7 @@ async fn rollback_to(
     id: u16,
     to: u64,
 ) -> Result<PushResult, OpError> {
-    fleet::select(&hub.cfg, &Target::Machine(id))?;
+    fleet::select(&hub.cfg.machines, &Target::Machine(id))?;
     let Some(old) = hub.store.fleet().get_generation(id, to).await? else {
         return Err(OpError::NoGeneration {
             machine: id,
