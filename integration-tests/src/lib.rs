@@ -62,6 +62,24 @@ pub fn bin(name: &str) -> PathBuf {
 struct Log {
     text: Mutex<String>,
     grew: Condvar,
+    /// The pipe reached its end (the process closed it or exited).
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Log {
+    /// Waits (at most `max`) until the pipe has been read to its end, so that what a
+    /// process printed just before it exited is in the text.
+    fn wait_closed(&self, max: std::time::Duration) {
+        let deadline = std::time::Instant::now() + max;
+        let mut t = self.text.lock_unpoisoned();
+        while !self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            t = self.grew.wait_timeout_unpoisoned(t, left).0;
+        }
+    }
 }
 
 /// A running binary.
@@ -79,7 +97,12 @@ fn pump(mut r: impl Read + Send + 'static, log: Arc<Log>) {
         let mut buf = [0u8; 8192];
         loop {
             match r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) | Err(_) => {
+                    let _t = log.text.lock_unpoisoned();
+                    log.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    log.grew.notify_all();
+                    break;
+                }
                 Ok(n) => {
                     let mut t = log.text.lock_unpoisoned();
                     t.push_str(&String::from_utf8_lossy(&buf[..n]));
@@ -194,7 +217,11 @@ impl Proc {
     /// Waits for the process to exit (after it was told to) and returns its status code.
     /// (The test runner's timeout bounds this wait; see `.config/nextest.toml`.)
     pub fn wait_exit(&mut self) -> Option<i32> {
-        self.child.wait().ok().and_then(|s| s.code())
+        let code = self.child.wait().ok().and_then(|s| s.code());
+        // The pipes' reader threads may not have taken the last bytes yet.
+        self.stdout.wait_closed(std::time::Duration::from_secs(10));
+        self.log.wait_closed(std::time::Duration::from_secs(10));
+        code
     }
 
     /// Sends a signal (`TERM`, `KILL`, ...).
