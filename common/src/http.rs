@@ -27,12 +27,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ServeOptions;
 
+/// Why a process reports itself unhealthy (`503`, the reason as the body).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unhealthy(pub String);
+
 /// What the server exposes.
 pub trait Endpoints: Send + Sync + 'static {
     /// The metrics in the Prometheus text format.
     fn metrics(&self) -> impl Future<Output = String> + Send;
     /// `Ok(())` when the process is serving, otherwise the reason.
-    fn health(&self) -> impl Future<Output = Result<(), String>> + Send;
+    fn health(&self) -> impl Future<Output = Result<(), Unhealthy>> + Send;
 }
 
 /// Limits of the HTTP server.
@@ -195,7 +200,7 @@ async fn answer<E: Endpoints>(head: &str, endpoints: &E) -> Vec<u8> {
                 503,
                 "Service Unavailable",
                 "text/plain",
-                &format!("unhealthy: {}\n", why.replace(['\r', '\n'], " ")),
+                &format!("unhealthy: {}\n", why.0.replace(['\r', '\n'], " ")),
                 &[],
             ),
         },
@@ -244,9 +249,9 @@ mod tests {
         async fn metrics(&self) -> String {
             "# TYPE x_total counter\nx_total 7\n".into()
         }
-        async fn health(&self) -> Result<(), String> {
+        async fn health(&self) -> Result<(), Unhealthy> {
             if self.sick.load(Ordering::Relaxed) {
-                Err("database unreachable".into())
+                Err(Unhealthy("database unreachable".into()))
             } else {
                 Ok(())
             }

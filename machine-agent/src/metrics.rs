@@ -181,7 +181,7 @@ impl scm_common::http::Endpoints for Endpoints {
         render(global(), &self.queue)
     }
 
-    async fn health(&self) -> Result<(), String> {
+    async fn health(&self) -> Result<(), scm_common::http::Unhealthy> {
         // Answering at all means the agent's runtime is serving.
         Ok(())
     }

@@ -182,7 +182,7 @@ pub(crate) fn validate(
     for (i, d) in devices.iter().enumerate() {
         let key = |field: &str| format!("generic[{i}].{field}");
         if let Err(m) = check_reader(&d.reader) {
-            return err(key("reader"), m);
+            return err(key("reader"), m.to_string());
         }
         if let Some(j) = devices[..i]
             .iter()
@@ -246,17 +246,24 @@ pub(crate) fn validate(
     Ok(())
 }
 
-fn check_reader(reader: &str) -> Result<(), String> {
+/// What is wrong with a reader id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum ReaderIdError {
+    #[error("must have 1 to {MAX_READER_LEN} characters")]
+    Length,
+    #[error("{0:?} may only contain ASCII letters, digits, '-', '_' and '.'")]
+    Chars(String),
+}
+
+fn check_reader(reader: &str) -> Result<(), ReaderIdError> {
     if reader.is_empty() || reader.len() > MAX_READER_LEN {
-        return Err(format!("must have 1 to {MAX_READER_LEN} characters"));
+        return Err(ReaderIdError::Length);
     }
     if !reader
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     {
-        return Err(format!(
-            "{reader:?} may only contain ASCII letters, digits, '-', '_' and '.'"
-        ));
+        return Err(ReaderIdError::Chars(reader.to_string()));
     }
     Ok(())
 }

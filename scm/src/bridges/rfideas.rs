@@ -301,7 +301,7 @@ pub(crate) fn validate(
         if !d.swipe_url.is_empty()
             && let Err(m) = client::validate_template(&d.swipe_url)
         {
-            return err(key("swipe_url"), m);
+            return err(key("swipe_url"), m.to_string());
         }
         if !d.mac.is_empty() && !valid_mac(&d.mac) {
             return err(
@@ -317,17 +317,19 @@ pub(crate) fn validate(
     Ok(())
 }
 
-fn check_key(k: &str) -> Result<(), String> {
+/// A setting name outside `A-Z a-z 0-9 . _ -` or of the wrong length (shown cut).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("setting name {0:?} must have 1 to {MAX_KEY} characters from A-Z a-z 0-9 . _ -")]
+struct BadSettingName(String);
+
+fn check_key(k: &str) -> Result<(), BadSettingName> {
     if k.is_empty()
         || k.len() > MAX_KEY
         || !k
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
     {
-        return Err(format!(
-            "setting name {:?} must have 1 to {MAX_KEY} characters from A-Z a-z 0-9 . _ -",
-            k.chars().take(70).collect::<String>()
-        ));
+        return Err(BadSettingName(k.chars().take(70).collect()));
     }
     Ok(())
 }
@@ -1313,7 +1315,7 @@ impl RfideasBridge {
         }
         let pairs = match http::parse_query(query.unwrap_or("")) {
             Ok(p) => p,
-            Err(e) => return Reply::error(400, "Bad Request", e),
+            Err(e) => return Reply::error(400, "Bad Request", e.to_string()),
         };
         if pairs.is_empty() {
             return Reply::error(
@@ -1391,7 +1393,7 @@ impl RfideasBridge {
     ) -> Result<(), (u16, String)> {
         let mut seen = std::collections::HashSet::new();
         for (k, v) in &pairs {
-            check_key(k).map_err(|e| (400, e))?;
+            check_key(k).map_err(|e| (400, e.to_string()))?;
             if !seen.insert(k.as_str()) {
                 return Err((400, format!("setting {k:?} is given twice")));
             }

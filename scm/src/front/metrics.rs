@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use scm_common::http::Unhealthy;
 use scm_common::metrics::{Exposition, Kind};
 
 use crate::bridges::generic::DeviceStatus;
@@ -162,15 +163,15 @@ impl scm_common::http::Endpoints for Endpoints {
         text
     }
 
-    async fn health(&self) -> Result<(), String> {
+    async fn health(&self) -> Result<(), Unhealthy> {
         let q = self.hub.store.health().probe();
         match tokio::time::timeout(DB_TIMEOUT, q).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("database unreachable: {e}")),
-            Err(_) => Err(format!(
+            Ok(Err(e)) => Err(Unhealthy(format!("database unreachable: {e}"))),
+            Err(_) => Err(Unhealthy(format!(
                 "database did not answer within {} s",
                 DB_TIMEOUT.as_secs()
-            )),
+            ))),
         }
     }
 }

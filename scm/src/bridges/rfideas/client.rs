@@ -88,33 +88,90 @@ impl std::fmt::Debug for Vars<'_> {
     }
 }
 
+/// What is wrong with a swipe URL template.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TemplateError {
+    /// Not `https://...` (the start of the URL).
+    #[error("{0:?} is not an https:// URL; swipes are only sent over HTTPS")]
+    NotHttps(String),
+    /// `user:password@` in the authority.
+    #[error("user names or passwords in the swipe URL are not supported")]
+    UserInfo,
+    /// A placeholder in the host.
+    #[error("placeholders are only allowed in the path and query, not the host")]
+    PlaceholderInHost,
+    /// `[` without `]`.
+    #[error("unterminated '[' in the host")]
+    UnterminatedBracket,
+    /// Something other than `:port` after `]`.
+    #[error("junk after ']' in the host")]
+    JunkAfterBracket,
+    /// No host at all.
+    #[error("the swipe URL has no host")]
+    NoHost,
+    /// A host that is neither a name nor an address.
+    #[error("{0:?} is not a valid host name or IP address in the swipe URL")]
+    BadHost(String),
+    /// A port that is not 1-65535.
+    #[error("{0:?} is not a port number (1-65535)")]
+    BadPort(String),
+    /// Longer than [`MAX_TEMPLATE`].
+    #[error("the swipe URL is longer than {MAX_TEMPLATE} bytes")]
+    TooLong,
+    /// A character that must be percent-encoded.
+    #[error(
+        "the swipe URL contains {0:?}; use printable ASCII without spaces (percent-encode the rest)"
+    )]
+    BadChar(char),
+    /// A `#fragment`.
+    #[error("the swipe URL must not have a #fragment")]
+    Fragment,
+    /// `}` without `{`.
+    #[error("a '}}' without '{{' in the swipe URL")]
+    UnmatchedClose,
+    /// `{` without `}`.
+    #[error("a '{{' without '}}' in the swipe URL")]
+    UnmatchedOpen,
+    /// A placeholder that does not exist.
+    #[error("unknown placeholder {{{0}}} in the swipe URL; use {list}", list = placeholder_list())]
+    UnknownPlaceholder(String),
+    /// A literal `%` that is not a valid escape.
+    #[error("the swipe URL has {0}")]
+    Escape(http::DecodeError),
+}
+
+fn placeholder_list() -> String {
+    PLACEHOLDERS
+        .iter()
+        .map(|p| format!("{{{p}}}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Splits an `https://` URL into host, port and the rest; the rest keeps its placeholders.
-fn split_url(url: &str) -> Result<(String, u16, String), String> {
+fn split_url(url: &str) -> Result<(String, u16, String), TemplateError> {
     let Some(rest) = url
         .get(..8)
         .filter(|s| s.eq_ignore_ascii_case("https://"))
         .map(|_| &url[8..])
     else {
-        return Err(format!(
-            "{:?} is not an https:// URL; swipes are only sent over HTTPS",
-            trunc(url)
-        ));
+        return Err(TemplateError::NotHttps(trunc(url)));
     };
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
     if authority.contains('@') {
-        return Err("user names or passwords in the swipe URL are not supported".into());
+        return Err(TemplateError::UserInfo);
     }
     if authority.contains(['{', '}']) {
-        return Err("placeholders are only allowed in the path and query, not the host".into());
+        return Err(TemplateError::PlaceholderInHost);
     }
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let Some((h, after)) = v6.split_once(']') else {
-            return Err("unterminated '[' in the host".into());
+            return Err(TemplateError::UnterminatedBracket);
         };
         let port = match after {
             "" => None,
-            p => Some(p.strip_prefix(':').ok_or("junk after ']' in the host")?),
+            p => Some(p.strip_prefix(':').ok_or(TemplateError::JunkAfterBracket)?),
         };
         (h.to_string(), port)
     } else {
@@ -124,12 +181,10 @@ fn split_url(url: &str) -> Result<(String, u16, String), String> {
         }
     };
     if host.is_empty() {
-        return Err("the swipe URL has no host".into());
+        return Err(TemplateError::NoHost);
     }
     if ServerName::try_from(host.clone()).is_err() {
-        return Err(format!(
-            "{host:?} is not a valid host name or IP address in the swipe URL"
-        ));
+        return Err(TemplateError::BadHost(host));
     }
     let port = match port {
         None => 443,
@@ -137,7 +192,7 @@ fn split_url(url: &str) -> Result<(String, u16, String), String> {
             .parse::<u16>()
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| format!("{p:?} is not a port number (1-65535)"))?,
+            .ok_or_else(|| TemplateError::BadPort(p.to_string()))?,
     };
     let tail = if tail.starts_with('?') || tail.is_empty() {
         format!("/{tail}")
@@ -152,49 +207,40 @@ fn trunc(s: &str) -> String {
 }
 
 /// Checks a swipe URL template; the message says what is wrong.
-pub(crate) fn validate_template(t: &str) -> Result<(), String> {
+pub(crate) fn validate_template(t: &str) -> Result<(), TemplateError> {
     if t.len() > MAX_TEMPLATE {
-        return Err(format!("the swipe URL is longer than {MAX_TEMPLATE} bytes"));
+        return Err(TemplateError::TooLong);
     }
     if let Some(c) = t.chars().find(|c| !c.is_ascii_graphic()) {
-        return Err(format!(
-            "the swipe URL contains {c:?}; use printable ASCII without spaces (percent-encode the rest)"
-        ));
+        return Err(TemplateError::BadChar(c));
     }
     if t.contains('#') {
-        return Err("the swipe URL must not have a #fragment".into());
+        return Err(TemplateError::Fragment);
     }
     let (_, _, tail) = split_url(t)?;
     let mut rest = tail.as_str();
     while let Some(open) = rest.find(['{', '}']) {
         if rest.as_bytes()[open] == b'}' {
-            return Err("a '}' without '{' in the swipe URL".into());
+            return Err(TemplateError::UnmatchedClose);
         }
         let after = &rest[open + 1..];
         let Some(close) = after.find('}') else {
-            return Err("a '{' without '}' in the swipe URL".into());
+            return Err(TemplateError::UnmatchedOpen);
         };
         let name = &after[..close];
         if !PLACEHOLDERS.contains(&name) {
-            return Err(format!(
-                "unknown placeholder {{{name}}} in the swipe URL; use {}",
-                PLACEHOLDERS
-                    .iter()
-                    .map(|p| format!("{{{p}}}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            return Err(TemplateError::UnknownPlaceholder(name.to_string()));
         }
         rest = &after[close + 1..];
     }
     // Literal percent signs must already be valid escapes.
     http::percent_decode(&tail.replace(['{', '}'], ""), false)
         .map(drop)
-        .map_err(|e| format!("the swipe URL has {e}"))
+        .map_err(TemplateError::Escape)
 }
 
 /// Renders a (validated) template with the swipe's values.
-pub(crate) fn render(t: &str, v: &Vars<'_>) -> Result<Target, String> {
+pub(crate) fn render(t: &str, v: &Vars<'_>) -> Result<Target, TemplateError> {
     validate_template(t)?;
     let (host, port, tail) = split_url(t)?;
     let mut out = String::with_capacity(tail.len() + 64);
@@ -210,7 +256,7 @@ pub(crate) fn render(t: &str, v: &Vars<'_>) -> Result<Target, String> {
             "time_ms" => v.time_ms.to_string(),
             "machine" => v.machine.to_string(),
             "reader" => percent_encode(v.reader),
-            other => return Err(format!("unknown placeholder {{{other}}}")),
+            other => return Err(TemplateError::UnknownPlaceholder(other.to_string())),
         };
         out.push_str(&value);
         rest = after.get(close + 1..).unwrap_or("");
@@ -429,7 +475,7 @@ mod tests {
             ("https://h/%zz", "percent"),
             ("https://bad_host!/", "host"),
         ] {
-            let e = validate_template(t).unwrap_err();
+            let e = validate_template(t).unwrap_err().to_string();
             assert!(e.contains(needle), "{t}: {e}");
         }
         validate_template("https://10.0.0.5:9192/?c={card}&d={device}").unwrap();

@@ -327,9 +327,45 @@ pub fn split_target(target: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// Why a percent-encoded value could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// A `%` not followed by two hex digits, at this byte.
+    #[error("bad percent-encoding at byte {0}: '%' must be followed by two hex digits")]
+    BadEscape(usize),
+    /// The decoded bytes are not UTF-8.
+    #[error("percent-encoded bytes that are not UTF-8")]
+    NotUtf8,
+    /// The decoded text holds control characters.
+    #[error("percent-encoded control characters are not allowed")]
+    Control,
+}
+
+/// Why a query string could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// A pair without `=` (shown cut to 40 characters).
+    #[error("malformed query: {0:?} has no '=' (write name=value)")]
+    NoEquals(String),
+    /// A pair whose name is empty.
+    #[error("malformed query: a parameter with an empty name")]
+    EmptyName,
+    /// A name that does not decode.
+    #[error("parameter name: {0}")]
+    Name(DecodeError),
+    /// A value that does not decode.
+    #[error("parameter {name:?}: {error}")]
+    Value {
+        /// The parameter.
+        name: String,
+        /// What is wrong with its value.
+        error: DecodeError,
+    },
+}
+
 /// Decodes `%XX` escapes (and `+` as a space when `plus_is_space`). The result must be
 /// UTF-8 without control characters.
-pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String, String> {
+pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String, DecodeError> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -342,11 +378,7 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String, String> {
                         out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
                         i += 3;
                     }
-                    _ => {
-                        return Err(format!(
-                            "bad percent-encoding at byte {i}: '%' must be followed by two hex digits"
-                        ));
-                    }
+                    _ => return Err(DecodeError::BadEscape(i)),
                 }
             }
             b'+' if plus_is_space => {
@@ -359,30 +391,29 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String, String> {
             }
         }
     }
-    let text = String::from_utf8(out)
-        .map_err(|_| "percent-encoded bytes that are not UTF-8".to_string())?;
+    let text = String::from_utf8(out).map_err(|_| DecodeError::NotUtf8)?;
     if text.chars().any(char::is_control) {
-        return Err("percent-encoded control characters are not allowed".into());
+        return Err(DecodeError::Control);
     }
     Ok(text)
 }
 
 /// Parses `a=1&b=x%20y` into decoded pairs (`+` is a space). Empty pairs (`a=1&&b=2`)
 /// are skipped; a pair without `=` or with an empty name is an error.
-pub fn parse_query(q: &str) -> Result<Vec<(String, String)>, String> {
+pub fn parse_query(q: &str) -> Result<Vec<(String, String)>, QueryError> {
     let mut out = Vec::new();
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let Some((k, v)) = pair.split_once('=') else {
-            return Err(format!(
-                "malformed query: {:?} has no '=' (write name=value)",
-                truncate(pair, 40)
-            ));
+            return Err(QueryError::NoEquals(truncate(pair, 40)));
         };
-        let k = percent_decode(k, true).map_err(|e| format!("parameter name: {e}"))?;
+        let k = percent_decode(k, true).map_err(QueryError::Name)?;
         if k.is_empty() {
-            return Err("malformed query: a parameter with an empty name".into());
+            return Err(QueryError::EmptyName);
         }
-        let v = percent_decode(v, true).map_err(|e| format!("parameter {k:?}: {e}"))?;
+        let v = percent_decode(v, true).map_err(|error| QueryError::Value {
+            name: k.clone(),
+            error,
+        })?;
         out.push((k, v));
     }
     Ok(out)
@@ -589,7 +620,7 @@ mod tests {
             ("a=%0a", "control"),
             ("%g1=2", "percent"),
         ] {
-            let e = parse_query(q).unwrap_err();
+            let e = parse_query(q).unwrap_err().to_string();
             assert!(e.contains(needle), "{q}: {e}");
         }
         assert_eq!(percent_encode("AZaz09-._~"), "AZaz09-._~");
