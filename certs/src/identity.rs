@@ -225,6 +225,15 @@ fn check_operator_name(name: &str) -> Result<(), IdentityError> {
     }
 }
 
+/// notAfter of the first certificate in a PEM file, in Unix seconds (for expiry gauges);
+/// `None` if the file cannot be read or holds no certificate.
+pub fn pem_file_not_after(path: &std::path::Path) -> Option<i64> {
+    let pem = std::fs::read(path).ok()?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// Reads the identity from a DER certificate.
 ///
 /// The certificate must hold exactly one URI subjectAltName that starts with `urn:scm:`

@@ -79,13 +79,7 @@ impl AgentMetrics {
     }
 }
 
-/// notAfter of the first certificate in a PEM file, Unix seconds.
-fn not_after(path: &std::path::Path) -> Option<i64> {
-    let pem = std::fs::read(path).ok()?;
-    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
-    let cert = pem.parse_x509().ok()?;
-    Some(cert.validity().not_after.timestamp())
-}
+use scm_certs::identity::pem_file_not_after as not_after;
 
 static GLOBAL: LazyLock<AgentMetrics> = LazyLock::new(AgentMetrics::default);
 

@@ -220,6 +220,27 @@ fn scm_and_agent_expose_exact_metrics_and_health() {
             .unwrap_or_else(|| panic!("no {key} in:\n{agent_text}"));
         assert!(t > now + 30.0 * 86400.0, "{cert} expires at {t}");
     }
+    // The SCM exports each machine's generations and its certificates' expiry, for the
+    // rules in deploy/prometheus (configuration not applied, certificate expiring).
+    for line in [
+        "scm_machine_desired_generation{machine=\"1\"} 1",
+        "scm_machine_applied_generation{machine=\"1\"} 1",
+        "scm_machine_desired_generation{machine=\"2\"} 0",
+    ] {
+        assert!(
+            scm_text.lines().any(|l| l == line),
+            "no {line} in:\n{scm_text}"
+        );
+    }
+    for cert in ["scm", "ca"] {
+        let key = format!("scm_certificate_expiry_timestamp_seconds{{certificate=\"{cert}\"}} ");
+        let t: f64 = scm_text
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in:\n{scm_text}"));
+        assert!(t > now + 30.0 * 86400.0, "{cert} expires at {t}");
+    }
     for (name, text) in [("scm", &scm_text), ("agent", &agent_text)] {
         assert!(
             !text.contains("12345678"),

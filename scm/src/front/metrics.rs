@@ -151,6 +151,58 @@ impl Endpoints {
     }
 }
 
+impl Endpoints {
+    /// Each configured machine's desired and applied generation (read from the state at
+    /// scrape, bounded like the health check; left out when the state does not answer) and
+    /// the notAfter of the SCM's certificate and CA (read from the files, so a renewed file
+    /// shows before the SIGHUP that loads it). Label values come from the configuration.
+    async fn fleet_and_certificates(&self) -> String {
+        let mut e = Exposition::new();
+        let q = self.hub.store.fleet().machines_with_desired(None);
+        if let Ok(Ok((rows, _))) = tokio::time::timeout(DB_TIMEOUT, q).await {
+            for (name, help, pick) in [
+                (
+                    "scm_machine_desired_generation",
+                    "The machine's desired configuration generation.",
+                    (|m: &crate::state::MachineRow| m.desired_generation) as fn(&_) -> u64,
+                ),
+                (
+                    "scm_machine_applied_generation",
+                    "The generation the machine last acknowledged (or reported applied).",
+                    |m: &crate::state::MachineRow| m.applied_generation,
+                ),
+            ] {
+                e.header(name, Kind::Gauge, help);
+                for m in &rows {
+                    e.sample(name, &[("machine", &m.id.to_string())], pick(m));
+                }
+            }
+        }
+        let tls = &self.hub.cfg.tls;
+        let certs = [
+            ("scm", scm_certs::identity::pem_file_not_after(&tls.cert)),
+            ("ca", scm_certs::identity::pem_file_not_after(&tls.ca)),
+        ];
+        if certs.iter().any(|(_, t)| t.is_some()) {
+            e.header(
+                "scm_certificate_expiry_timestamp_seconds",
+                Kind::Gauge,
+                "notAfter of the SCM's certificate and CA, Unix seconds.",
+            );
+            for (name, t) in certs {
+                if let Some(t) = t {
+                    e.sample(
+                        "scm_certificate_expiry_timestamp_seconds",
+                        &[("certificate", name)],
+                        t,
+                    );
+                }
+            }
+        }
+        e.finish()
+    }
+}
+
 impl scm_common::http::Endpoints for Endpoints {
     async fn metrics(&self) -> String {
         let mut text = render(&Snapshot {
@@ -160,6 +212,7 @@ impl scm_common::http::Endpoints for Endpoints {
             devices: self.hub.swipes.bridge().status(None),
         });
         text.push_str(&self.hub.swipes.rfideas().metrics_text());
+        text.push_str(&self.fleet_and_certificates().await);
         text
     }
 
