@@ -194,6 +194,26 @@ impl Proc {
         }
     }
 
+    /// Waits until one of `needles` is logged; returns the one that was. Panics (with the
+    /// logs) after [`WAIT`].
+    pub fn wait_for_any<'a>(&self, needles: &[&'a str]) -> &'a str {
+        let deadline = Instant::now() + WAIT;
+        let mut t = self.log.text.lock_unpoisoned();
+        loop {
+            if let Some(n) = needles.iter().find(|n| t.contains(**n)) {
+                return n;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "{}: none of {needles:?} in its log within {WAIT:?}:\n{}",
+                self.name,
+                *t
+            );
+            t = self.log.grew.wait_timeout_unpoisoned(t, deadline - now).0;
+        }
+    }
+
     /// Waits until `needle` is logged once.
     pub fn wait_for(&self, needle: &str) -> String {
         self.wait_for_n(needle, 1)

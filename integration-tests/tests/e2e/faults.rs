@@ -210,22 +210,20 @@ fn agent_killed_at_every_step_of_a_save_converges_and_never_reports_a_stale_gene
 
         let agent2 = Fleet::start_agent(dir.path(), 1, agents_addr, &[]);
         agent2.wait_for("connected to SCM at");
-        // The pending generation reaches the machine again (or is found applied by hash).
+        // The pending generation reaches the machine again (its ACK is recorded), or the
+        // HELLO's content hash shows it applied already.
         let machine = dir.path().join("dev/machine-1");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-        loop {
-            let (code, out, err) = backoffice_with(&cfg, telnet, &["status", "1"]);
-            assert_eq!(code, 0, "{step}: {out}{err}");
-            if out.contains("desired 2, applied 2 (up to date)") {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{step}: not converged: {out}\nagent: {}",
-                agent2.logs()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        scm.wait_for_any(&[
+            "generation=2 outcome=Ack",
+            "machine reports generation 2 applied",
+        ]);
+        let (code, out, err) = backoffice_with(&cfg, telnet, &["status", "1"]);
+        assert_eq!(code, 0, "{step}: {out}{err}");
+        assert!(
+            out.contains("desired 2, applied 2 (up to date)"),
+            "{step}: not converged: {out}\nagent: {}",
+            agent2.logs()
+        );
         assert_eq!(
             std::fs::read_to_string(machine.join("config.current")).unwrap(),
             "mode=new\n",

@@ -154,15 +154,18 @@ impl TestScm {
         .await;
     }
 
-    /// Polls `cond` every few milliseconds for at most [`WAIT`].
+    /// Waits until `cond` holds, re-checking it after each event on the hub's event bus
+    /// (links, push outcomes and swipes are all published after the state they report
+    /// changed), for at most [`WAIT`] in all.
     pub(crate) async fn wait_until(&self, cond: impl Fn() -> bool, what: &str) {
+        let mut events = self.hub.events.subscribe();
         let deadline = tokio::time::Instant::now() + WAIT;
         while !cond() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            match tokio::time::timeout_at(deadline, events.next()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the event bus closed while waiting for {what}"),
+                Err(_) => panic!("timed out waiting for {what}"),
+            }
         }
     }
 

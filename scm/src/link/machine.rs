@@ -19,7 +19,7 @@ use scm_proto::v1::{self, NackReason};
 use scm_proto::{Code, Frame, FrameError};
 use tokio::time::Instant;
 
-use super::dialect::{self, Dialect, Reply, Request};
+use super::dialect::{self, Dialect, Request};
 use crate::ops::push::PushResult;
 use crate::ops::swipes::Verdict;
 use crate::state::Generation;
@@ -166,20 +166,7 @@ impl LinkMachine {
         let id = self.p.cert_id;
         if let Some(wait) = self.in_band.take() {
             let g = wait.generation;
-            let result = match wait.dialect.parse_reply(&frame, id, 0) {
-                Ok(Reply::Ack(detail)) => PushResult::Ack {
-                    generation: g,
-                    detail,
-                },
-                Ok(Reply::Nack(detail)) => PushResult::Nack {
-                    generation: g,
-                    detail,
-                },
-                Err(e) => PushResult::Unreachable {
-                    generation: g,
-                    detail: e.to_string(),
-                },
-            };
+            let result = PushResult::from_answer(g, wait.dialect.parse_reply(&frame, id, 0));
             self.config_answered(wait, result, now);
             return;
         }

@@ -53,6 +53,19 @@ pub(crate) enum PushResult {
 }
 
 impl PushResult {
+    /// The result of delivering generation `generation` given the machine's answer, or
+    /// why there was none (the machine is then unreachable and the generation pending).
+    pub(crate) fn from_answer(generation: u64, answer: Result<Reply, impl ToString>) -> Self {
+        match answer {
+            Ok(Reply::Ack(detail)) => PushResult::Ack { generation, detail },
+            Ok(Reply::Nack(detail)) => PushResult::Nack { generation, detail },
+            Err(e) => PushResult::Unreachable {
+                generation,
+                detail: e.to_string(),
+            },
+        }
+    }
+
     /// The generation this result is about.
     pub(crate) fn generation(&self) -> u64 {
         match self {
@@ -170,20 +183,12 @@ pub(crate) async fn deliver_with(
             generation: g,
             detail: "machine has no known config address and is not connected; it gets the configuration at its next HELLO".into(),
         },
-        Some(target) => match send_config(hub, &target, &generation).await {
-            Ok(Reply::Ack(detail)) => PushResult::Ack {
-                generation: g,
-                detail,
-            },
-            Ok(Reply::Nack(detail)) => PushResult::Nack {
-                generation: g,
-                detail,
-            },
-            Err(e) => PushResult::Unreachable {
-                generation: g,
-                detail: format!("{target}: {e}"),
-            },
-        },
+        Some(target) => PushResult::from_answer(
+            g,
+            send_config(hub, &target, &generation)
+                .await
+                .map_err(|e| format!("{target}: {e}")),
+        ),
     };
     crate::ops::push::count_outcome(&result, Some(started.elapsed()));
     record_with(hub, id, &result, sync).await?;
@@ -217,17 +222,20 @@ pub(crate) async fn record_with(
             format!("not sent: generation {by} is newer"),
         ),
     };
-    tracing::info!(machine = id, generation = g, outcome = ?outcome, "{detail}");
-    hub.events.push(id, result);
     let durability = if sync == Sync::Now {
         Durability::Synced
     } else {
         Durability::Deferred
     };
+    // Logged and published once it is recorded: a watcher (or a test) that sees the
+    // outcome then finds it in the state too.
     hub.store
         .fleet()
-        .record_attempt(id, g, outcome, detail, durability)
-        .await
+        .record_attempt(id, g, outcome, detail.clone(), durability)
+        .await?;
+    tracing::info!(machine = id, generation = g, outcome = ?outcome, "{detail}");
+    hub.events.push(id, result);
+    Ok(())
 }
 
 /// The CONFIG frame for this machine's protocol version.
