@@ -87,3 +87,15 @@ pub(crate) enum SubmitError {
         max: usize,
     },
 }
+
+/// One swipe's outcome, sent by a bridge on its outcome channel (`O`: that bridge's kinds
+/// of outcome).
+#[derive(Debug, Clone)]
+pub(crate) struct OutcomeReport<O> {
+    /// The device.
+    pub(crate) key: DeviceKey,
+    /// The swipe's event id.
+    pub(crate) event_id: String,
+    /// What happened.
+    pub(crate) outcome: O,
+}

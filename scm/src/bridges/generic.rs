@@ -287,16 +287,8 @@ pub(crate) enum Outcome {
     Expired,
 }
 
-/// One swipe's outcome, sent on the bridge's outcome channel.
-#[derive(Debug, Clone)]
-pub(crate) struct OutcomeReport {
-    /// The device.
-    pub key: DeviceKey,
-    /// The swipe's event id.
-    pub event_id: String,
-    /// What happened.
-    pub outcome: Outcome,
-}
+/// One swipe's outcome on this bridge's outcome channel.
+pub(crate) type OutcomeReport = crate::bridges::OutcomeReport<Outcome>;
 
 /// What [`GenericBridge::status`] reports per device.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -433,16 +433,8 @@ pub(crate) enum Outcome {
     },
 }
 
-/// One swipe's outcome.
-#[derive(Debug, Clone)]
-pub(crate) struct OutcomeReport {
-    /// The device.
-    pub key: DeviceKey,
-    /// The swipe's event id.
-    pub event_id: String,
-    /// What happened.
-    pub outcome: Outcome,
-}
+/// One swipe's outcome on this bridge's outcome channel.
+pub(crate) type OutcomeReport = crate::bridges::OutcomeReport<Outcome>;
 
 /// What [`RfideasBridge::status`] reports per device.
 #[derive(Debug, Clone, PartialEq, Eq)]
