@@ -8,12 +8,20 @@ use crate::state::{
     JournalOutcome, MachineRow, Outcome, SettingChange, SwipeRow, now_ms, sha256_hex,
 };
 
+/// Begins a transaction that will write, holding SQLite's write lock from its first
+/// statement. A deferred one reads a snapshot first; if another connection (the swipe
+/// journal's) commits before its first write, the snapshot is stale and SQLite fails the
+/// write with `SQLITE_BUSY_SNAPSHOT` at once, without the busy timeout's wait.
+fn write_tx(c: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+}
+
 /// Inserts or updates the configured machines (name and protocol version).
 pub(super) fn sync_machines(
     c: &mut Connection,
     machines: &[(u16, String, u8)],
 ) -> rusqlite::Result<()> {
-    let tx = c.transaction()?;
+    let tx = write_tx(c)?;
     for (id, name, version) in machines {
         tx.execute(
             "INSERT INTO machines (id, name, protocol_version) VALUES (?1, ?2, ?3)
@@ -83,7 +91,7 @@ pub(super) fn create_generation(
     actor: &str,
 ) -> rusqlite::Result<(u64, bool)> {
     let sha = sha256_hex(content);
-    let tx = c.transaction()?;
+    let tx = write_tx(c)?;
     let desired: i64 = tx.query_row(
         "SELECT desired_generation FROM machines WHERE id = ?1",
         [id],
@@ -130,7 +138,7 @@ pub(super) fn create_generations(
 ) -> rusqlite::Result<Vec<Generation>> {
     let sha = sha256_hex(content);
     let now = now_ms();
-    let tx = c.transaction()?;
+    let tx = write_tx(c)?;
     let mut out = Vec::with_capacity(ids.len());
     {
         let mut desired_st = tx.prepare_cached(
@@ -303,7 +311,7 @@ fn record_attempt_tx(
     outcome: Outcome,
     detail: &str,
 ) -> rusqlite::Result<()> {
-    let tx = c.transaction()?;
+    let tx = write_tx(c)?;
     tx.execute(
         "INSERT INTO push_attempts (machine_id, generation, at_ms, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![id, generation as i64, now_ms(), outcome.as_str(), detail],
@@ -447,7 +455,7 @@ pub(super) fn store_device_settings(
 ) -> rusqlite::Result<()> {
     // IMMEDIATE: the write lock from the start, so the transaction cannot fail half-way
     // on a lock another connection took after its first read.
-    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let tx = write_tx(c)?;
     for ch in changes {
         tx.execute(
             "INSERT INTO rfideas_settings (machine_id, reader, name, value, updated_ms, updated_by)
@@ -465,7 +473,7 @@ pub(super) fn write_journal_batch(
     conn: &mut Connection,
     batch: &[JournalOp],
 ) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+    let tx = write_tx(conn)?;
     let now = now_ms();
     for op in batch {
         match op {

@@ -396,3 +396,59 @@ fn a_new_database_gets_every_migration() {
         .unwrap();
     assert_eq!(tables, 6);
 }
+
+/// Another connection (the swipe journal's) commits between the reads and the first write
+/// of each store transaction that writes. A deferred transaction's snapshot is then stale
+/// and SQLite answers its write with `SQLITE_BUSY_SNAPSHOT` at once, without waiting the
+/// busy timeout: an operator saw `451 database is locked` for a push during a swipe flood
+/// (containers test f). Every store transaction that writes takes the write lock first.
+#[test]
+fn a_commit_between_a_transactions_statements_never_fails_it() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("scm.db");
+    let s = SqliteStore::open(&path, Duration::from_secs(5)).unwrap();
+    s.run_blocking(|c| q::sync_machines(c, &[(1, "one".into(), 1), (2, "two".into(), 1)]))
+        .unwrap();
+    let other = Mutex::new(Connection::open(&path).unwrap());
+    // Zero: while the store holds the write lock the interloper gives up at once, which
+    // is the behaviour under test (the store's transaction is not disturbed).
+    other.lock_unpoisoned().busy_timeout(Duration::ZERO).unwrap();
+    other
+        .lock_unpoisoned()
+        .execute_batch("CREATE TABLE interloper (n INTEGER)")
+        .unwrap();
+    let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = commits.clone();
+    s.run_blocking(move |c| {
+        c.trace_v2(
+            rusqlite::trace::TraceEventCodes::SQLITE_TRACE_STMT,
+            Some(move |e: rusqlite::trace::TraceEvent<'_>| {
+                let rusqlite::trace::TraceEvent::Stmt(_, sql) = e else {
+                    return;
+                };
+                let sql = sql.trim_start();
+                if sql.starts_with("INSERT") || sql.starts_with("UPDATE") {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = other
+                        .lock_unpoisoned()
+                        .execute("INSERT INTO interloper VALUES (1)", []);
+                }
+            }),
+        )
+    })
+    .unwrap();
+    s.run_blocking(|c| q::create_generation(c, 1, b"a=1\n", "op"))
+        .unwrap();
+    s.run_blocking(|c| q::create_generations(c, &[1, 2], b"a=2\n", "op"))
+        .unwrap();
+    s.run_blocking(|c| q::record_attempt_with(c, 1, 2, Outcome::Ack, "ok", true))
+        .unwrap();
+    s.run_blocking(|c| q::record_attempt_with(c, 2, 1, Outcome::Nack, "no", false))
+        .unwrap();
+    s.run_blocking(|c| q::mark_applied_by_hash(c, 2, &sha256_hex(b"a=2\n")))
+        .unwrap();
+    s.run_blocking(|c| q::sync_machines(c, &[(3, "three".into(), 1)]))
+        .unwrap();
+    // The interloper did try before each write.
+    assert!(commits.load(std::sync::atomic::Ordering::SeqCst) >= 6);
+}
