@@ -8,11 +8,13 @@
 //! - [`retry`]: waking the retry task ([`retry::RetryScheduler`]);
 //! - [`dedup`]: recent swipe event ids ([`dedup::Dedup`]);
 //! - [`events`]: the event bus for watchers ([`events::EventBus`]);
-//! - [`throttle`]: failed operator logins per source ([`throttle::LoginThrottle`]).
+//! - [`throttle`]: failed operator logins per source ([`throttle::LoginThrottle`]);
+//! - [`ids`]: link and request ids.
 
 pub(crate) mod dedup;
 pub(crate) mod delivery;
 pub(crate) mod events;
+pub(crate) mod ids;
 pub(crate) mod retry;
 pub(crate) mod sessions;
 pub(crate) mod throttle;

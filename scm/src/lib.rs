@@ -17,7 +17,6 @@ pub(crate) mod bridges;
 pub(crate) mod coord;
 pub(crate) mod front;
 pub mod fuzzing;
-pub(crate) mod hub;
 pub(crate) mod link;
 pub(crate) mod metrics;
 pub(crate) mod ops;

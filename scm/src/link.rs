@@ -20,14 +20,88 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{Hub, Session};
-use crate::ops::push;
-use crate::state;
+use crate::coord::delivery::DeliveryLocks;
+use crate::coord::events::Events;
+use crate::coord::ids::Ids;
+use crate::coord::sessions::{Session, SessionRegistry};
+use crate::state::{self, FleetState};
 
 pub(crate) mod dialect;
 pub(crate) mod machine;
 
+pub(crate) use dialect::PushResult;
+pub(crate) use machine::SwipeVerdict;
 use machine::{Action, Close, LinkMachine, Params};
+
+/// What the link needs of the configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct LinkSettings {
+    /// Largest DATA_LENGTH accepted.
+    pub max_frame_data: usize,
+    /// The TLS handshake's time limit.
+    pub handshake: Duration,
+    /// A link with no frame for this long is closed (agents send heartbeats).
+    pub idle: Duration,
+    /// A frame that has started must be complete within this time.
+    pub stall: Duration,
+    /// How long an in-band CONFIG waits for its answer.
+    pub push_reply: Duration,
+    /// The machines this SCM knows.
+    pub known: std::collections::HashSet<u16>,
+}
+
+/// A future an [`Upcalls`] method returns.
+pub(crate) type UpcallFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the link asks of the use-case layer above it (which implements this): the link
+/// does not import the layer, so the layer's rules stay in one place and the link can be
+/// driven in tests with a stand-in.
+pub(crate) trait Upcalls: Send + Sync + std::fmt::Debug {
+    /// The verdict on a swipe from `machine` (the id already checked against the
+    /// certificate).
+    fn swipe<'a>(
+        &'a self,
+        machine: u16,
+        swipe: &'a scm_proto::v1::Swipe,
+    ) -> UpcallFuture<'a, SwipeVerdict>;
+    /// Brings `machine` up to date in the background (its version-1 HELLO was accepted).
+    fn deliver_pending(&self, machine: u16);
+    /// Records the outcome of an in-band CONFIG.
+    fn in_band_outcome<'a>(
+        &'a self,
+        machine: u16,
+        result: &'a PushResult,
+        elapsed: Option<Duration>,
+    ) -> UpcallFuture<'a, Result<(), state::StoreError>>;
+}
+
+/// The agent link's context: its settings and the handles it uses.
+pub(crate) struct LinkContext {
+    /// Its settings.
+    pub settings: LinkSettings,
+    /// Machines' state in the store.
+    pub fleet: Arc<dyn FleetState>,
+    /// Who holds which machine's link.
+    pub sessions: Arc<dyn SessionRegistry>,
+    /// One delivery per machine at a time (an in-band CONFIG holds it).
+    pub delivery_locks: Arc<dyn DeliveryLocks>,
+    /// Connections, for watchers.
+    pub events: Events,
+    /// TLS sessions, closed by a reload that revokes their certificate.
+    pub tls: Arc<crate::tlsreload::TlsState>,
+    /// Link ids.
+    pub ids: Arc<Ids>,
+    /// The use-case layer.
+    pub upcalls: Arc<dyn Upcalls>,
+}
+
+impl std::fmt::Debug for LinkContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkContext")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Why an agent link ended.
 #[derive(Debug, thiserror::Error)]
@@ -62,20 +136,20 @@ struct Established {
 
 /// Runs the TLS handshake and registers the session.
 async fn establish(
-    hub: &Hub,
+    ctx: &LinkContext,
     acceptor: &tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
     shutdown: &CancellationToken,
 ) -> Result<Established, LinkError> {
-    let handshake = Duration::from_millis(hub.cfg.timeouts.handshake_ms);
+    let handshake = ctx.settings.handshake;
     let (tls, identity) =
         scm_certs::tls::accept(acceptor, tcp, handshake, &[Role::Machine]).await?;
     let Identity::Machine(cert_id) = identity else {
         return Err(LinkError::Refused("not a machine certificate".into()));
     };
     // Closed by a reload that revokes this certificate (or by shutdown).
-    let registration = hub
+    let registration = ctx
         .tls
         .register("agents", &identity, peer, tls.get_ref().1, shutdown);
     let (r, w) = tokio::io::split(tls);
@@ -89,7 +163,7 @@ async fn establish(
 
 /// Serves one agent connection.
 pub(crate) async fn handle(
-    hub: Arc<Hub>,
+    ctx: Arc<LinkContext>,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
@@ -102,10 +176,10 @@ pub(crate) async fn handle(
         w,
         cert_id,
         registration,
-    } = Box::pin(establish(&hub, &acceptor, tcp, peer, &shutdown)).await?;
+    } = Box::pin(establish(&ctx, &acceptor, tcp, peer, &shutdown)).await?;
     drop(acceptor);
     let shutdown = registration.token.clone();
-    let result = serve(hub, r, w, cert_id, peer, shutdown).await;
+    let result = serve(ctx, r, w, cert_id, peer, shutdown).await;
     drop(registration);
     result
 }
@@ -113,7 +187,7 @@ pub(crate) async fn handle(
 /// Serves an established agent link over any byte stream: `cert_id` is the machine the
 /// peer proved to be, `peer` its address.
 pub(crate) async fn serve<R, W>(
-    hub: Arc<Hub>,
+    ctx: Arc<LinkContext>,
     r: R,
     w: W,
     cert_id: u16,
@@ -125,24 +199,23 @@ where
     W: AsyncWrite + Unpin,
 {
     tracing::debug!(machine = cert_id, "agent link up");
-    let mut reader = FrameReader::new(r, FrameCodec::new(hub.cfg.limits.max_agent_frame_data));
+    let mut reader = FrameReader::new(r, FrameCodec::new(ctx.settings.max_frame_data));
     // Replies to frames that arrived together leave together: one TLS record and one
     // write for a burst of swipes instead of one per ACK (docs/benchmarks.md).
     let mut w = FrameWriter::new(w);
-    let ms = Duration::from_millis;
     let machine = LinkMachine::new(Params {
         cert_id,
         peer,
-        known: hub.cfg.machine(cert_id).is_some(),
-        idle: ms(hub.cfg.timeouts.agent_idle_ms),
-        stall: ms(hub.cfg.timeouts.frame_stall_ms),
-        push_reply: ms(hub.cfg.timeouts.push_reply_ms),
+        known: ctx.settings.known.contains(&cert_id),
+        idle: ctx.settings.idle,
+        stall: ctx.settings.stall,
+        push_reply: ctx.settings.push_reply,
     });
     let mut link = Driver {
-        hub: hub.clone(),
+        link_id: ctx.ids.next(),
+        ctx: ctx.clone(),
         cert_id,
         peer,
-        link_id: hub.next_id(),
         machine,
         registered: false,
         in_band: None,
@@ -193,9 +266,9 @@ where
         }
     };
     if link.registered {
-        hub.sessions.unregister(cert_id, link.link_id);
+        ctx.sessions.unregister(cert_id, link.link_id);
         tracing::info!(machine = cert_id, "agent disconnected");
-        hub.events.disconnected(cert_id, peer);
+        ctx.events.disconnected(cert_id, peer);
     }
     let _ = w.shutdown().await;
     result
@@ -203,7 +276,7 @@ where
 
 /// Carries out the state machine's actions for one link.
 struct Driver {
-    hub: Arc<Hub>,
+    ctx: Arc<LinkContext>,
     cert_id: u16,
     peer: SocketAddr,
     link_id: u64,
@@ -244,7 +317,7 @@ impl Driver {
                         .await?
                 }
                 Action::MarkApplied { sha256: sha } => {
-                    let marked = self.hub.store.fleet().mark_applied_by_hash(id, sha).await?;
+                    let marked = self.ctx.fleet.mark_applied_by_hash(id, sha).await?;
                     if let Some(g) = marked {
                         tracing::info!(
                             machine = id,
@@ -253,50 +326,33 @@ impl Driver {
                     }
                 }
                 Action::Welcome { request_id } => {
-                    let m = self.hub.store.fleet().get_machine(id).await?;
+                    let m = self.ctx.fleet.get_machine(id).await?;
                     let desired = m.as_ref().map(|m| m.desired_generation).unwrap_or(0);
                     self.machine.welcome(request_id, desired);
                 }
-                Action::DeliverPending => {
-                    // Bring the machine up to date in the background.
-                    let hub = self.hub.clone();
-                    tokio::spawn(async move {
-                        match hub.store.fleet().pending_generation(id).await {
-                            Ok(Some(g)) => {
-                                if let Err(e) = push::deliver(&hub, g).await {
-                                    tracing::warn!(machine = id, "cannot record delivery: {e}");
-                                }
-                            }
-                            Ok(None) => {}
-                            Err(e) => {
-                                tracing::warn!(
-                                    machine = id,
-                                    "cannot read pending configuration: {e}"
-                                )
-                            }
-                        }
-                    });
-                }
+                Action::DeliverPending => self.ctx.upcalls.deliver_pending(id),
                 Action::DeliverInBand => {
-                    let pending = self.hub.store.fleet().pending_generation(id).await?;
+                    let pending = self.ctx.fleet.pending_generation(id).await?;
                     if pending.is_some() {
-                        self.in_band = Some(self.hub.delivery_locks.acquire(id).await);
+                        self.in_band = Some(self.ctx.delivery_locks.acquire(id).await);
                     }
                     self.machine.in_band(pending.as_ref(), Instant::now());
                 }
                 Action::CheckMsgAddress { dialect, text } => {
-                    let m = self.hub.store.fleet().get_machine(id).await?;
+                    let m = self.ctx.fleet.get_machine(id).await?;
                     let last_peer = m.and_then(|m| m.last_peer);
                     self.machine
                         .msg_address_checked(dialect, &text, last_peer.as_deref());
                 }
                 Action::Swipe(s) => {
-                    let verdict = self.hub.swipes.receive(id, &s).await;
+                    let verdict = self.ctx.upcalls.swipe(id, &s).await;
                     self.machine.swipe_verdict(s.request_id, verdict);
                 }
                 Action::PushOutcome { result, elapsed } => {
-                    crate::ops::push::count_outcome(&result, elapsed);
-                    push::record(&self.hub, id, &result).await?;
+                    self.ctx
+                        .upcalls
+                        .in_band_outcome(id, &result, elapsed)
+                        .await?;
                     self.in_band = None;
                 }
                 Action::Close(Close::Ended) => return Ok(false),
@@ -316,8 +372,8 @@ impl Driver {
     ) -> Result<(), LinkError> {
         let id = self.cert_id;
         let peer = self.peer.to_string();
-        self.hub.store.fleet().record_hello(id, peer).await?;
-        self.hub.sessions.register(
+        self.ctx.fleet.record_hello(id, peer).await?;
+        self.ctx.sessions.register(
             id,
             Session {
                 peer: self.peer,
@@ -331,9 +387,12 @@ impl Driver {
         self.registered = true;
         if first {
             crate::metrics::global().agent_connections.inc();
-            self.hub.events.connected(id, self.peer, version);
+            self.ctx.events.connected(id, self.peer, version);
         }
         tracing::info!(machine = id, version, "agent said HELLO");
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

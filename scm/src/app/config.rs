@@ -427,6 +427,46 @@ impl ScmConfig {
         crate::ops::fleet::machine(&self.machines, id)
     }
 
+    /// The use-case layer's settings.
+    pub(crate) fn ops_settings(&self) -> crate::ops::OpsSettings {
+        crate::ops::OpsSettings {
+            machines: self.machines.clone(),
+            operators: self.operators.clone(),
+            max_config_bytes: self.limits.max_config_bytes,
+            push_concurrency: self.limits.push_concurrency,
+            push_connect: Timeouts::ms(self.timeouts.push_connect_ms),
+            push_reply: Timeouts::ms(self.timeouts.push_reply_ms),
+            retry: self.retry.clone(),
+        }
+    }
+
+    /// The agent link's settings.
+    pub(crate) fn link_settings(&self) -> crate::link::LinkSettings {
+        crate::link::LinkSettings {
+            max_frame_data: self.limits.max_agent_frame_data,
+            handshake: self.handshake(),
+            idle: Timeouts::ms(self.timeouts.agent_idle_ms),
+            stall: Timeouts::ms(self.timeouts.frame_stall_ms),
+            push_reply: Timeouts::ms(self.timeouts.push_reply_ms),
+            known: self.machines.iter().map(|m| m.id).collect(),
+        }
+    }
+
+    /// The telnet console's settings.
+    pub(crate) fn telnet_settings(&self) -> crate::front::telnet::TelnetSettings {
+        crate::front::telnet::TelnetSettings {
+            max_line: self.limits.telnet_max_line,
+            handshake: self.handshake(),
+            login: Timeouts::ms(self.timeouts.login_ms),
+            idle: Timeouts::ms(self.timeouts.telnet_idle_ms),
+        }
+    }
+
+    /// The TLS handshake's time limit, on every TLS port.
+    pub(crate) fn handshake(&self) -> Duration {
+        Timeouts::ms(self.timeouts.handshake_ms)
+    }
+
     /// TLS file set for `scm-certs`.
     pub fn tls_files(&self) -> scm_certs::tls::TlsFiles {
         scm_certs::tls::TlsFiles {

@@ -9,9 +9,12 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::config::ScmConfig;
+use crate::app::config::{Limits, ListenSection, ScmConfig};
 use crate::bridges::generic::GenericBridge;
-use crate::hub::Hub;
+use crate::front::admin::AdminContext;
+use crate::front::telnet::TelnetContext;
+use crate::link::LinkContext;
+use crate::ops::Ops;
 use crate::ops::swipes::Swipes;
 use crate::state::{self, Store};
 use crate::{front, link};
@@ -57,7 +60,7 @@ pub enum StartError {
 /// `listening on ADDR (NAME)` line. Only the metrics listener may fail to bind: the SCM
 /// then logs the error and runs without metrics.
 pub async fn bind_all(prepared: &Prepared) -> Result<Listeners, StartError> {
-    let cfg = &prepared.hub.cfg;
+    let listen = &prepared.listen;
     async fn one(addr: &str, name: &str) -> Result<Option<TcpListener>, StartError> {
         if addr.is_empty() {
             return Ok(None);
@@ -65,24 +68,19 @@ pub async fn bind_all(prepared: &Prepared) -> Result<Listeners, StartError> {
         Ok(Some(scm_common::bind(addr, name).await?))
     }
     Ok(Listeners {
-        agents: one(&cfg.listen.agents, "agents").await?,
-        telnet: one(&cfg.listen.telnet, "telnet").await?,
-        telnet_tls: one(&cfg.listen.telnet_tls, "telnet-tls").await?,
-        generic: prepared.hub.swipes.bridge().bind().await?,
-        rfideas: prepared
-            .hub
-            .swipes
-            .rfideas()
-            .bind(&cfg.listen.rfideas)
-            .await?,
-        metrics: match one(&cfg.listen.metrics, "metrics").await {
+        agents: one(&listen.agents, "agents").await?,
+        telnet: one(&listen.telnet, "telnet").await?,
+        telnet_tls: one(&listen.telnet_tls, "telnet-tls").await?,
+        generic: prepared.ops.swipes.bridge().bind().await?,
+        rfideas: prepared.ops.swipes.rfideas().bind(&listen.rfideas).await?,
+        metrics: match one(&listen.metrics, "metrics").await {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!("{e}; metrics disabled");
                 None
             }
         },
-        admin: one(&cfg.listen.admin, "admin").await?,
+        admin: one(&listen.admin, "admin").await?,
     })
 }
 
@@ -90,8 +88,16 @@ pub async fn bind_all(prepared: &Prepared) -> Result<Listeners, StartError> {
 ///
 /// Must be called inside a tokio runtime (it starts the swipe journal's tasks).
 pub struct Prepared {
-    /// Shared state.
-    pub(crate) hub: Arc<Hub>,
+    /// The use-case layer, shared by the front ends and the retry task.
+    pub(crate) ops: Arc<Ops>,
+    /// Each server's context.
+    pub(crate) link: Arc<LinkContext>,
+    pub(crate) telnet: Arc<TelnetContext>,
+    pub(crate) admin: Arc<AdminContext>,
+    metrics: Arc<crate::front::metrics::Endpoints>,
+    /// Where to listen, and the connection caps.
+    listen: ListenSection,
+    limits: Limits,
     sighup: Option<tokio::signal::unix::Signal>,
 }
 
@@ -139,27 +145,76 @@ pub fn prepare(cfg: ScmConfig) -> Result<Prepared, StartError> {
         rf_rx,
         events.clone(),
     )?;
-    let hub = Hub::new(cfg, store, tls, swipes, events);
+    let ops = Ops::new(
+        cfg.ops_settings(),
+        store,
+        tls.clone(),
+        swipes,
+        events.clone(),
+    );
+    let link = Arc::new(LinkContext {
+        settings: cfg.link_settings(),
+        fleet: ops.store.fleet().clone(),
+        sessions: ops.sessions.clone(),
+        delivery_locks: ops.delivery_locks.clone(),
+        events,
+        tls: tls.clone(),
+        ids: ops.ids.clone(),
+        upcalls: Arc::new(crate::ops::LinkUpcalls(ops.clone())),
+    });
+    let telnet = Arc::new(TelnetContext {
+        ops: ops.clone(),
+        throttle: Arc::new(crate::coord::throttle::Throttle::new(cfg.login.clone())),
+        tls: tls.clone(),
+        settings: cfg.telnet_settings(),
+    });
+    let admin = Arc::new(AdminContext {
+        ops: ops.clone(),
+        tls,
+        handshake: cfg.handshake(),
+    });
+    let metrics = Arc::new(crate::front::metrics::Endpoints::new(
+        ops.clone(),
+        cfg.tls.cert.clone(),
+        cfg.tls.ca.clone(),
+    ));
     // Installed before any listener is announced (see `scm_common::reload::sighup`).
     let sighup = scm_common::reload::sighup();
-    Ok(Prepared { hub, sighup })
+    Ok(Prepared {
+        ops,
+        link,
+        telnet,
+        admin,
+        metrics,
+        listen: cfg.listen,
+        limits: cfg.limits,
+        sighup,
+    })
 }
 
 /// Runs every listener until `shutdown` is cancelled, then waits for them to stop.
 pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: CancellationToken) {
-    let Prepared { hub, sighup } = prepared;
-    let limits = hub.cfg.limits.clone();
+    let Prepared {
+        ops,
+        link,
+        telnet,
+        admin,
+        metrics,
+        limits,
+        sighup,
+        ..
+    } = prepared;
     let mut set = JoinSet::new();
     if let Some(hup) = sighup {
         // Ends only on shutdown.
         set.spawn(crate::tlsreload::reload_on_sighup(
-            hub.tls.clone(),
+            ops.tls.clone(),
             hup,
             shutdown.clone(),
         ));
     }
     if let Some(l) = listeners.agents {
-        let hub = hub.clone();
+        let ctx = link.clone();
         let opts = scm_common::ServeOptions::new("agents", limits.max_agent_connections)
             .per_source(limits.max_agent_connections_per_source);
         set.spawn(scm_common::serve(
@@ -167,7 +222,7 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             opts,
             shutdown.clone(),
             move |tcp, peer, token| {
-                let link = link::handle(hub.clone(), hub.tls.agents(), tcp, peer, token);
+                let link = link::handle(ctx.clone(), ctx.tls.agents(), tcp, peer, token);
                 async move {
                     let r = link.await;
                     if let Err(link::LinkError::Handshake(e)) = &r {
@@ -179,31 +234,31 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
         ));
     }
     if let Some(l) = listeners.telnet {
-        let hub = hub.clone();
+        let ctx = telnet.clone();
         let opts = scm_common::ServeOptions::new("telnet", limits.max_operator_connections)
             .per_source(limits.max_connections_per_source);
         set.spawn(scm_common::serve(
             l,
             opts,
             shutdown.clone(),
-            move |tcp, peer, token| front::telnet::handle_plain(hub.clone(), tcp, peer, token),
+            move |tcp, peer, token| front::telnet::handle_plain(ctx.clone(), tcp, peer, token),
         ));
     }
     set.spawn(crate::ops::retry::run(
-        hub.clone(),
-        hub.retry_kick.clone(),
+        ops.clone(),
+        ops.retry_kick.clone(),
         shutdown.clone(),
     ));
     if !listeners.generic.is_empty() {
-        let bridge = hub.swipes.bridge().clone();
+        let bridge = ops.swipes.bridge().clone();
         set.spawn(bridge.serve(listeners.generic, shutdown.clone()));
     }
-    if !hub.swipes.rfideas().is_empty() {
-        let rfideas = hub.swipes.rfideas().clone();
+    if !ops.swipes.rfideas().is_empty() {
+        let rfideas = ops.swipes.rfideas().clone();
         set.spawn(rfideas.serve(listeners.rfideas, shutdown.clone()));
     }
     if let Some(l) = listeners.telnet_tls {
-        let hub = hub.clone();
+        let ctx = telnet.clone();
         let opts = scm_common::ServeOptions::new("telnet-tls", limits.max_operator_connections)
             .per_source(limits.max_connections_per_source);
         set.spawn(scm_common::serve(
@@ -212,7 +267,7 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             shutdown.clone(),
             move |tcp, peer, token| {
                 let session =
-                    front::telnet::handle_tls(hub.clone(), hub.tls.operator(), tcp, peer, token);
+                    front::telnet::handle_tls(ctx.clone(), ctx.tls.operator(), tcp, peer, token);
                 async move {
                     let r = session.await;
                     if let Err(front::telnet::SessionError::Handshake(e)) = &r {
@@ -224,7 +279,7 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
         ));
     }
     if let Some(l) = listeners.admin {
-        let hub = hub.clone();
+        let ctx = admin.clone();
         let opts = scm_common::ServeOptions::new("admin", limits.max_operator_connections)
             .per_source(limits.max_connections_per_source);
         set.spawn(scm_common::serve(
@@ -233,7 +288,7 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
             shutdown.clone(),
             move |tcp, peer, token| {
                 let conn =
-                    crate::front::admin::handle(hub.clone(), hub.tls.admin(), tcp, peer, token);
+                    crate::front::admin::handle(ctx.clone(), ctx.tls.admin(), tcp, peer, token);
                 async move {
                     let r = conn.await;
                     if let Err(crate::front::admin::ConnError::Handshake(e)) = &r {
@@ -245,11 +300,10 @@ pub async fn serve(prepared: Prepared, listeners: Listeners, shutdown: Cancellat
         ));
     }
     if let Some(l) = listeners.metrics {
-        let endpoints = Arc::new(crate::front::metrics::Endpoints::new(hub.clone()));
         set.spawn(scm_common::http::serve(
             l,
             "metrics",
-            endpoints,
+            metrics,
             scm_common::http::HttpOptions {
                 max_per_source: limits.max_connections_per_source,
                 ..Default::default()

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::config::ScmConfig;
 use crate::app::initdev::{InitDevOptions, init_dev_with};
 use crate::app::server;
-use crate::hub::Hub;
+use crate::ops::Ops;
 
 /// How long any single wait of a test may take before it fails.
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
@@ -27,8 +27,8 @@ pub(crate) const WAIT: Duration = Duration::from_secs(10);
 /// A running in-process SCM with its development fleet.
 pub(crate) struct TestScm {
     dir: tempfile::TempDir,
-    /// The hub, to read its state directly.
-    pub(crate) hub: Arc<Hub>,
+    /// The use-case layer, to read its state directly.
+    pub(crate) ops: Arc<Ops>,
     /// The agent-link listener's address.
     pub(crate) agents: SocketAddr,
     /// The plain telnet listener's address.
@@ -85,12 +85,12 @@ impl TestScm {
         };
         let agents = addr(&listeners.agents);
         let telnet = addr(&listeners.telnet);
-        let hub = prepared.hub.clone();
+        let ops = prepared.ops.clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::serve(prepared, listeners, shutdown.clone()));
         TestScm {
             dir,
-            hub,
+            ops,
             agents,
             telnet,
             password: made.admin_password,
@@ -139,7 +139,7 @@ impl TestScm {
     /// Waits until machine `id` has a live link (its HELLO was accepted), or fails.
     pub(crate) async fn wait_linked(&self, id: u16) {
         self.wait_until(
-            || self.hub.sessions.session(id).is_some(),
+            || self.ops.sessions.session(id).is_some(),
             "a link of the machine",
         )
         .await;
@@ -148,7 +148,7 @@ impl TestScm {
     /// Waits until machine `id` has no live link, or fails.
     pub(crate) async fn wait_unlinked(&self, id: u16) {
         self.wait_until(
-            || self.hub.sessions.session(id).is_none(),
+            || self.ops.sessions.session(id).is_none(),
             "no link of the machine",
         )
         .await;
@@ -158,7 +158,7 @@ impl TestScm {
     /// (links, push outcomes and swipes are all published after the state they report
     /// changed), for at most [`WAIT`] in all.
     pub(crate) async fn wait_until(&self, cond: impl Fn() -> bool, what: &str) {
-        let mut events = self.hub.events.subscribe();
+        let mut events = self.ops.events.subscribe();
         let deadline = tokio::time::Instant::now() + WAIT;
         while !cond() {
             match tokio::time::timeout_at(deadline, events.next()).await {

@@ -63,12 +63,12 @@ async fn a_link_ends_when_its_agent_stops_and_comes_back_with_it() {
     let mut scm = TestScm::start(&[4], |_| {}).await;
     scm.start_agent(4).await;
     scm.wait_linked(4).await;
-    let first = scm.hub.sessions.session(4).expect("linked").link_id;
+    let first = scm.ops.sessions.session(4).expect("linked").link_id;
     scm.stop_agent(4).await;
     scm.wait_unlinked(4).await;
     scm.start_agent(4).await;
     scm.wait_linked(4).await;
-    let second = scm.hub.sessions.session(4).expect("linked again").link_id;
+    let second = scm.ops.sessions.session(4).expect("linked again").link_id;
     assert_ne!(first, second, "a new link, not the old one");
     scm.stop().await;
 }

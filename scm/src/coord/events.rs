@@ -21,7 +21,7 @@ use scm_common::lock::LockExt;
 use serde::Deserialize;
 use tokio::sync::broadcast;
 
-use crate::ops::push::PushResult;
+use crate::link::PushResult;
 use crate::state::now_ms;
 
 /// `[events]` in the SCM configuration.
@@ -263,11 +263,11 @@ impl Events {
         machine: u16,
         reader: &str,
         card_masked: String,
-        verdict: &crate::ops::swipes::Verdict,
+        verdict: &crate::link::SwipeVerdict,
     ) {
         let (outcome, detail) = match verdict {
-            crate::ops::swipes::Verdict::Ack(d) => ("accepted", d.clone()),
-            crate::ops::swipes::Verdict::Nack(reason, d) => {
+            crate::link::SwipeVerdict::Ack(d) => ("accepted", d.clone()),
+            crate::link::SwipeVerdict::Nack(reason, d) => {
                 ("refused", format!("{} ({})", d, reason.as_str_name()))
             }
         };
@@ -425,7 +425,7 @@ mod tests {
             3,
             "r1",
             scm_common::card::mask(card),
-            &crate::ops::swipes::Verdict::Nack(
+            &crate::link::SwipeVerdict::Nack(
                 scm_proto::v1::NackReason::InvalidCard,
                 "too short".into(),
             ),

@@ -35,7 +35,8 @@ use tonic::codegen::Service as _;
 use tonic::{Request, Response, Status};
 
 use crate::coord::events::{Event, EventKind, PushOutcome, Received};
-use crate::hub::{Hub, Session};
+use crate::coord::sessions::Session;
+use crate::ops::Ops;
 use crate::ops::fleet::MachineConfig;
 use crate::ops::fleet::{Progress, SelectError, Target};
 use crate::ops::operator::{self, Actor, Desired, Front, OpError};
@@ -127,18 +128,30 @@ impl From<ApiError> for Status {
     }
 }
 
+/// The admin API's context: the use-case layer, the TLS sessions and its handshake's
+/// time limit.
+#[derive(Debug)]
+pub(crate) struct AdminContext {
+    /// The use cases.
+    pub ops: Arc<Ops>,
+    /// TLS sessions, closed by a reload that revokes their certificate.
+    pub tls: Arc<crate::tlsreload::TlsState>,
+    /// The TLS handshake's time limit.
+    pub handshake: Duration,
+}
+
 /// The service behind one admin connection.
 #[derive(Debug, Clone)]
 pub(crate) struct AdminService {
-    hub: Arc<Hub>,
+    ops: Arc<Ops>,
     /// Cancelled on shutdown: ends open event streams.
     shutdown: CancellationToken,
 }
 
 impl AdminService {
-    /// The service over `hub`; event streams end when `shutdown` is cancelled.
-    pub(crate) fn new(hub: Arc<Hub>, shutdown: CancellationToken) -> AdminService {
-        AdminService { hub, shutdown }
+    /// The service over `ops`; event streams end when `shutdown` is cancelled.
+    pub(crate) fn new(ops: Arc<Ops>, shutdown: CancellationToken) -> AdminService {
+        AdminService { ops, shutdown }
     }
 
     /// The caller as the use cases see it, or why it may not call anything.
@@ -148,7 +161,7 @@ impl AdminService {
             .get::<Caller>()
             .cloned()
             .ok_or(ApiError::NoCaller)?;
-        match self.hub.operator(&caller.operator) {
+        match self.ops.operator(&caller.operator) {
             Some(op) => Ok(Actor {
                 name: caller.operator,
                 role: op.role,
@@ -165,24 +178,19 @@ impl AdminService {
     /// Proto machines for `ids` (every configured machine if `None`), in configuration
     /// order.
     async fn machines(&self, actor: &Actor, only: Option<u16>) -> Result<Vec<pb::Machine>, Status> {
-        let (rows, desired) = operator::machines(&self.hub, actor, only)
+        let (rows, desired) = operator::machines(&self.ops, actor, only)
             .await
             .map_err(op_status)?;
         let rows: HashMap<u16, MachineRow> = rows.into_iter().map(|r| (r.id, r)).collect();
         Ok(self
-            .hub
-            .cfg
+            .ops
+            .settings
             .machines
             .iter()
             .filter(|m| only.is_none_or(|id| id == m.id))
             .map(|m| {
                 let d = desired.get(&m.id).cloned().unwrap_or_default();
-                machine_to_proto(
-                    m,
-                    rows.get(&m.id),
-                    self.hub.sessions.session(m.id).as_ref(),
-                    d,
-                )
+                machine_to_proto(m, rows.get(&m.id), self.ops.session(m.id).as_ref(), d)
             })
             .collect())
     }
@@ -418,7 +426,7 @@ impl Admin for AdminService {
             0 => HISTORY_DEFAULT,
             n => n.min(HISTORY_MAX),
         };
-        let history = operator::history(&self.hub, &actor, id, limit)
+        let history = operator::history(&self.ops, &actor, id, limit)
             .await
             .map_err(op_status)?;
         let machine = self.machines(&actor, Some(id)).await?.into_iter().next();
@@ -435,10 +443,10 @@ impl Admin for AdminService {
         let actor = self.authorize(&req)?;
         let r = req.into_inner();
         let target: Target = r.target.parse().map_err(select_status)?;
-        let plan = operator::authorise_push(&self.hub, &actor, target)
+        let plan = operator::authorise_push(&self.ops, &actor, target)
             .await
             .map_err(op_status)?;
-        let report = operator::push(&self.hub, &actor, plan, r.content, None)
+        let report = operator::push(&self.ops, &actor, plan, r.content, None)
             .await
             .map_err(op_status)?;
         Ok(Response::new(pb::PushConfigResponse {
@@ -458,7 +466,7 @@ impl Admin for AdminService {
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let actor = self.authorize(&req)?;
-        let sub = self.hub.events.subscribe();
+        let sub = self.ops.events.subscribe();
         tracing::info!(operator = %actor.name, peer = %actor.source, "admin API: watching events");
         let token = self.shutdown.clone();
         let stream = futures_util::stream::unfold((sub, token), |(mut sub, token)| async move {
@@ -480,7 +488,7 @@ impl Admin for AdminService {
             0 => AUDIT_DEFAULT,
             n => n.min(AUDIT_MAX),
         };
-        let rows = operator::audit_log(&self.hub, &actor, limit)
+        let rows = operator::audit_log(&self.ops, &actor, limit)
             .await
             .map_err(op_status)?;
         Ok(Response::new(pb::GetAuditResponse {
@@ -503,17 +511,17 @@ fn is_grpc_content_type(headers: &http::HeaderMap) -> bool {
 /// this task, under the handshake timeout), then HTTP/2 until the client closes or
 /// `shutdown` is cancelled (graceful: open streams end, then GOAWAY).
 pub(crate) async fn handle(
-    hub: Arc<Hub>,
+    ctx: Arc<AdminContext>,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<(), ConnError> {
-    let timeout = Duration::from_millis(hub.cfg.timeouts.handshake_ms);
+    let timeout = ctx.handshake;
     let (tls, identity) =
         scm_certs::tls::accept(&acceptor, tcp, timeout, &[Role::Operator]).await?;
     // Closed by a reload that revokes this certificate (or by shutdown).
-    let registration = hub
+    let registration = ctx
         .tls
         .register("admin", &identity, peer, tls.get_ref().1, &shutdown);
     let shutdown = registration.token.clone();
@@ -523,9 +531,9 @@ pub(crate) async fn handle(
     };
     tracing::debug!(%operator, "admin connection authenticated");
     let caller = Caller { operator, peer };
-    let limit = hub.cfg.limits.max_config_bytes + REQUEST_MARGIN;
-    let svc =
-        AdminServer::new(AdminService::new(hub, shutdown.clone())).max_decoding_message_size(limit);
+    let limit = ctx.ops.settings.max_config_bytes + REQUEST_MARGIN;
+    let svc = AdminServer::new(AdminService::new(ctx.ops.clone(), shutdown.clone()))
+        .max_decoding_message_size(limit);
     let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(caller.clone());
         let mut svc = svc.clone();

@@ -10,8 +10,8 @@ use scm_common::http::Unhealthy;
 use scm_common::metrics::{Exposition, Kind};
 
 use crate::bridges::generic::DeviceStatus;
-use crate::hub::Hub;
 use crate::metrics::{ScmMetrics, global};
+use crate::ops::Ops;
 use crate::ops::swipes::SwipeStats;
 
 /// Everything a scrape shows, gathered.
@@ -141,13 +141,23 @@ const DB_TIMEOUT: Duration = Duration::from_secs(2);
 /// `/metrics` and `/health` for the SCM.
 #[derive(Debug)]
 pub(crate) struct Endpoints {
-    hub: Arc<Hub>,
+    ops: Arc<Ops>,
+    /// The SCM's certificate and its CA, whose notAfter is exported.
+    certificates: [(&'static str, std::path::PathBuf); 2],
 }
 
 impl Endpoints {
-    /// Endpoints over this hub.
-    pub(crate) fn new(hub: Arc<Hub>) -> Endpoints {
-        Endpoints { hub }
+    /// Endpoints over the use-case layer's state, exporting the expiry of the SCM's
+    /// certificate `cert` and CA `ca`.
+    pub(crate) fn new(
+        ops: Arc<Ops>,
+        cert: std::path::PathBuf,
+        ca: std::path::PathBuf,
+    ) -> Endpoints {
+        Endpoints {
+            ops,
+            certificates: [("scm", cert), ("ca", ca)],
+        }
     }
 }
 
@@ -158,7 +168,7 @@ impl Endpoints {
     /// shows before the SIGHUP that loads it). Label values come from the configuration.
     async fn fleet_and_certificates(&self) -> String {
         let mut e = Exposition::new();
-        let q = self.hub.store.fleet().machines_with_desired(None);
+        let q = self.ops.store.fleet().machines_with_desired(None);
         if let Ok(Ok((rows, _))) = tokio::time::timeout(DB_TIMEOUT, q).await {
             for (name, help, pick) in [
                 (
@@ -178,11 +188,10 @@ impl Endpoints {
                 }
             }
         }
-        let tls = &self.hub.cfg.tls;
-        let certs = [
-            ("scm", scm_certs::identity::pem_file_not_after(&tls.cert)),
-            ("ca", scm_certs::identity::pem_file_not_after(&tls.ca)),
-        ];
+        let certs = self
+            .certificates
+            .each_ref()
+            .map(|(name, path)| (*name, scm_certs::identity::pem_file_not_after(path)));
         if certs.iter().any(|(_, t)| t.is_some()) {
             e.header(
                 "scm_certificate_expiry_timestamp_seconds",
@@ -207,17 +216,17 @@ impl scm_common::http::Endpoints for Endpoints {
     async fn metrics(&self) -> String {
         let mut text = render(&Snapshot {
             metrics: global(),
-            agents_connected: self.hub.sessions.connected(),
-            swipes: &self.hub.swipes.stats,
-            devices: self.hub.swipes.bridge().status(None),
+            agents_connected: self.ops.sessions.connected(),
+            swipes: &self.ops.swipes.stats,
+            devices: self.ops.swipes.bridge().status(None),
         });
-        text.push_str(&self.hub.swipes.rfideas().metrics_text());
+        text.push_str(&self.ops.swipes.rfideas().metrics_text());
         text.push_str(&self.fleet_and_certificates().await);
         text
     }
 
     async fn health(&self) -> Result<(), Unhealthy> {
-        let q = self.hub.store.health().probe();
+        let q = self.ops.store.health().probe();
         match tokio::time::timeout(DB_TIMEOUT, q).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Unhealthy(format!("database unreachable: {e}"))),

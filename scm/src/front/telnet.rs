@@ -23,9 +23,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::coord::throttle::LoginThrottle;
 use crate::front::telnet::command::Command;
 use crate::front::telnet::reply::{Lines, Reply, ReplyCode};
-use crate::hub::Hub;
+use crate::ops::Ops;
 use crate::ops::audit::{self, AuditAction, one_line};
 use crate::ops::auth::OperatorConfig;
 use crate::ops::fleet::{self, Progress, Target};
@@ -34,6 +35,33 @@ use crate::ops::push::{self, PushError, PushResult};
 
 /// The prompt shown before each command.
 pub(crate) const PROMPT: &str = "scm> ";
+
+/// What the console needs of the configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct TelnetSettings {
+    /// Longest line, in bytes.
+    pub max_line: usize,
+    /// The TLS handshake's time limit (TLS telnet).
+    pub handshake: Duration,
+    /// Login must complete within this time.
+    pub login: Duration,
+    /// A session idle for this long is closed.
+    pub idle: Duration,
+}
+
+/// The console's context: the use-case layer, the login throttle, the TLS sessions and
+/// its settings.
+#[derive(Debug)]
+pub(crate) struct TelnetContext {
+    /// The use cases.
+    pub ops: Arc<Ops>,
+    /// Failed logins per source.
+    pub throttle: Arc<dyn LoginThrottle>,
+    /// TLS sessions, closed by a reload that revokes their certificate.
+    pub tls: Arc<crate::tlsreload::TlsState>,
+    /// Its settings.
+    pub settings: TelnetSettings,
+}
 
 /// Why a session ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -52,34 +80,34 @@ pub(crate) enum SessionError {
 
 /// Serves one plain-telnet connection.
 pub(crate) async fn handle_plain(
-    hub: Arc<Hub>,
+    ctx: Arc<TelnetContext>,
     tcp: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
-    let mut s = Session::new(hub, TelnetConn::new(tcp, Mode::Lines), peer);
+    let mut s = Session::new(ctx, TelnetConn::new(tcp, Mode::Lines), peer);
     s.run(None, shutdown).await
 }
 
 /// Serves one TLS telnet connection: the operator certificate logs the operator in.
 pub(crate) async fn handle_tls(
-    hub: Arc<Hub>,
+    ctx: Arc<TelnetContext>,
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
-    let t = Duration::from_millis(hub.cfg.timeouts.handshake_ms);
+    let t = ctx.settings.handshake;
     let (tls, identity) = scm_certs::tls::accept(&acceptor, tcp, t, &[Role::Operator]).await?;
     // Closed by a reload that revokes this certificate (or by shutdown).
-    let registration = hub
+    let registration = ctx
         .tls
         .register("telnet-tls", &identity, peer, tls.get_ref().1, &shutdown);
     let name = match identity {
         Identity::Operator(n) => n,
         _ => return Ok(()),
     };
-    let mut s = Session::new(hub, TelnetConn::new(tls, Mode::Lines), peer);
+    let mut s = Session::new(ctx, TelnetConn::new(tls, Mode::Lines), peer);
     s.revoked = Some(registration.revoked().clone());
     s.run(Some(name), registration.token.clone()).await
 }
@@ -88,13 +116,13 @@ pub(crate) async fn handle_tls(
 /// in-process tests of the console drive it over a pipe.
 #[cfg(test)]
 pub(crate) async fn serve_logged_in<S: AsyncRead + AsyncWrite + Unpin>(
-    hub: Arc<Hub>,
+    ctx: Arc<TelnetContext>,
     io: S,
     peer: SocketAddr,
     operator: String,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
-    let mut s = Session::new(hub, TelnetConn::new(io, Mode::Lines), peer);
+    let mut s = Session::new(ctx, TelnetConn::new(io, Mode::Lines), peer);
     s.run(Some(operator), shutdown).await
 }
 
@@ -111,7 +139,7 @@ enum Input {
 }
 
 struct Session<S> {
-    hub: Arc<Hub>,
+    ctx: Arc<TelnetContext>,
     conn: TelnetConn<S>,
     peer: SocketAddr,
     operator: Option<OperatorConfig>,
@@ -120,13 +148,13 @@ struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    fn new(hub: Arc<Hub>, mut conn: TelnetConn<S>, peer: SocketAddr) -> Self {
-        let max = hub.cfg.limits.telnet_max_line;
+    fn new(ctx: Arc<TelnetContext>, mut conn: TelnetConn<S>, peer: SocketAddr) -> Self {
+        let max = ctx.settings.max_line;
         *conn.codec_mut() = scm_telnet::TelnetCodec::with_limits(Mode::Lines, max, 512);
         // Suppress-go-ahead is harmless to accept; everything else is refused.
         conn.negotiator_mut().allow_us(consts::opt::SGA, true);
         Self {
-            hub,
+            ctx,
             conn,
             peer,
             operator: None,
@@ -147,7 +175,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A login record (before login the actor is `-`).
     async fn audit(&self, action: AuditAction, detail: String) {
         let name = self.operator.as_ref().map_or("-", |o| o.name.as_str());
-        audit::record(&self.hub, name, &self.peer.to_string(), action, detail).await;
+        audit::record(&self.ctx.ops, name, &self.peer.to_string(), action, detail).await;
     }
 
     async fn reply(&mut self, r: Reply) -> Result<(), SessionError> {
@@ -236,7 +264,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         ))
         .await?;
         match cert_operator {
-            Some(name) => match self.hub.operator(&name).cloned() {
+            Some(name) => match self.ctx.ops.operator(&name).cloned() {
                 Some(op) => {
                     self.operator = Some(op.clone());
                     self.audit(AuditAction::Login, "by certificate".into())
@@ -266,7 +294,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             },
             None => {
-                let login_time = Duration::from_millis(self.hub.cfg.timeouts.login_ms);
+                let login_time = self.ctx.settings.login;
                 let done = tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     r = tokio::time::timeout(login_time, self.login()) => r,
@@ -296,9 +324,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // The whole login is bounded by `login_ms` around this call; each read may wait a
         // little longer, so that the overall deadline wins and the client is told why
         // (`421 login not completed in time`) instead of being cut off as idle.
-        let t = Duration::from_millis(self.hub.cfg.timeouts.login_ms) + Duration::from_secs(1);
+        let t = self.ctx.settings.login + Duration::from_secs(1);
         for _attempt in 0..3 {
-            if let Some(left) = self.hub.throttle.locked(ip) {
+            if let Some(left) = self.ctx.throttle.locked(ip) {
                 self.reply(locked_out(ip, left)).await?;
                 self.audit(AuditAction::LoginRefused, format!("{ip} is locked out"))
                     .await;
@@ -320,7 +348,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Input::Eof => return Ok(false),
                 _ => continue,
             };
-            let op = self.hub.operator(&user).cloned();
+            let op = self.ctx.ops.operator(&user).cloned();
             let ok = match op.clone() {
                 Some(op) => tokio::task::spawn_blocking(move || {
                     crate::ops::auth::verify_password(&op, &pass)
@@ -330,7 +358,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 None => false,
             };
             if let (true, Some(op)) = (ok, op) {
-                self.hub.throttle.success(ip);
+                self.ctx.throttle.success(ip);
                 self.operator = Some(op.clone());
                 self.audit(AuditAction::Login, "by password".into()).await;
                 tracing::info!(operator = %op.name, "operator logged in");
@@ -345,14 +373,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .await?;
                 return Ok(true);
             }
-            let locked = self.hub.throttle.failure(ip);
+            let locked = self.ctx.throttle.failure(ip);
             tracing::warn!(user = %user.escape_debug(), "failed login");
             self.audit(
                 AuditAction::LoginFailed,
                 format!("user {:?}", user.escape_debug().to_string()),
             )
             .await;
-            tokio::time::sleep(self.hub.throttle.failure_delay()).await;
+            tokio::time::sleep(self.ctx.throttle.failure_delay()).await;
             if let Some(l) = locked {
                 self.reply(locked_out(ip, l)).await?;
                 return Ok(false);
@@ -366,7 +394,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn commands(&mut self, shutdown: CancellationToken) -> Result<(), SessionError> {
-        let idle = Duration::from_millis(self.hub.cfg.timeouts.telnet_idle_ms);
+        let idle = self.ctx.settings.idle;
         loop {
             self.conn.send_text(PROMPT).await?;
             let input = tokio::select! {
@@ -408,29 +436,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Command::Empty => {}
                 Command::Help => self.reply_lines(help()).await?,
                 Command::Machines => {
-                    let a = machines(&self.hub, &actor).await;
+                    let a = machines(&self.ctx.ops, &actor).await;
                     self.answer(a).await?
                 }
-                Command::Groups => self.reply_lines(groups(&self.hub)).await?,
+                Command::Groups => self.reply_lines(groups(&self.ctx.ops)).await?,
                 Command::Status(id) => {
-                    let a = status(&self.hub, &actor, id).await;
+                    let a = status(&self.ctx.ops, &actor, id).await;
                     self.answer(a).await?
                 }
                 Command::Push(t) => self.push(&actor, t, idle).await?,
                 Command::History(id) => {
-                    let a = history(&self.hub, &actor, id).await;
+                    let a = history(&self.ctx.ops, &actor, id).await;
                     self.answer(a).await?
                 }
                 Command::Rollback(id, g) => {
-                    let r = rollback(&self.hub, &actor, id, g).await;
+                    let r = rollback(&self.ctx.ops, &actor, id, g).await;
                     self.reply(r).await?
                 }
                 Command::Swipes => {
-                    let a = swipes(&self.hub, &actor).await;
+                    let a = swipes(&self.ctx.ops, &actor).await;
                     self.answer(a).await?
                 }
                 Command::Audit => {
-                    let a = audit_list(&self.hub, &actor).await;
+                    let a = audit_list(&self.ctx.ops, &actor).await;
                     self.answer(a).await?
                 }
                 Command::Quit => {
@@ -446,7 +474,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// limit is enforced here as well, as the body arrives, so that a session never holds
     /// more than `limits.max_config_bytes`; the content checks proper are the use case's.
     async fn read_body(&mut self, idle: Duration) -> Result<Option<Vec<u8>>, SessionError> {
-        let max = self.hub.cfg.limits.max_config_bytes;
+        let max = self.ctx.ops.settings.max_config_bytes;
         let mut body: Vec<u8> = Vec::new();
         let mut too_large = false;
         loop {
@@ -497,7 +525,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         target: Target,
         idle: Duration,
     ) -> Result<(), SessionError> {
-        let plan = match operator::authorise_push(&self.hub, actor, target).await {
+        let plan = match operator::authorise_push(&self.ctx.ops, actor, target).await {
             Ok(p) => p,
             Err(e) => return self.reply(refusal(&e)).await,
         };
@@ -514,14 +542,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(());
         };
         if matches!(plan.target(), Target::Machine(_)) {
-            let r = operator::push(&self.hub, actor, plan, body, None).await;
+            let r = operator::push(&self.ctx.ops, actor, plan, body, None).await;
             return self.reply(push_one_reply(r)).await;
         }
         // A fleet push: `151-` progress lines while it runs (at most every 500 ms, and
         // once at the end), then one line per machine and a summary.
         let (tx, mut rx) = tokio::sync::watch::channel(Progress::start(plan.machines()));
-        let hub = self.hub.clone();
-        let task = operator::push(&hub, actor, plan, body, Some(tx));
+        let ops = self.ctx.ops.clone();
+        let task = operator::push(&ops, actor, plan, body, Some(tx));
         tokio::pin!(task);
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -618,8 +646,8 @@ fn help() -> Lines {
     Lines::new(ReplyCode::Help, lines.map(String::from).to_vec())
 }
 
-async fn machines(hub: &Hub, actor: &Actor) -> Result<Lines, Reply> {
-    let (rows, _) = operator::machines(hub, actor, None)
+async fn machines(ops: &Ops, actor: &Actor) -> Result<Lines, Reply> {
+    let (rows, _) = operator::machines(ops, actor, None)
         .await
         .map_err(|e| refusal(&e))?;
     let mut lines = vec![format!(
@@ -627,14 +655,14 @@ async fn machines(hub: &Hub, actor: &Actor) -> Result<Lines, Reply> {
         "ID", "NAME", "VER", "LINK", "DESIRED", "APPLIED", "GROUPS"
     )];
     for m in &rows {
-        let link = if hub.sessions.session(m.id).is_some() {
+        let link = if ops.session(m.id).is_some() {
             "connected"
         } else {
             "down"
         };
         let err = m.last_error.clone().unwrap_or_else(|| "-".into());
-        let groups = hub
-            .cfg
+        let groups = ops
+            .settings
             .machine(m.id)
             .map(|c| c.groups.join(","))
             .filter(|g| !g.is_empty())
@@ -655,13 +683,13 @@ async fn machines(hub: &Hub, actor: &Actor) -> Result<Lines, Reply> {
     Ok(Lines::new(ReplyCode::Done, lines))
 }
 
-async fn status(hub: &Hub, actor: &Actor, id: u16) -> Result<Lines, Reply> {
-    let (m, attempts) = operator::status(hub, actor, id, 5)
+async fn status(ops: &Ops, actor: &Actor, id: u16) -> Result<Lines, Reply> {
+    let (m, attempts) = operator::status(ops, actor, id, 5)
         .await
         .map_err(|e| refusal(&e))?;
     let mut lines = vec![format!("machine {} ({})", m.id, m.name)];
     lines.push(format!("protocol version: {}", m.protocol_version));
-    if let Some(c) = hub.cfg.machine(id) {
+    if let Some(c) = ops.settings.machine(id) {
         let list = |v: &[String]| {
             if v.is_empty() {
                 "-".to_string()
@@ -672,7 +700,7 @@ async fn status(hub: &Hub, actor: &Actor, id: u16) -> Result<Lines, Reply> {
         lines.push(format!("groups: {}", list(&c.groups)));
         lines.push(format!("labels: {}", list(&c.labels)));
     }
-    match hub.sessions.session(id) {
+    match ops.session(id) {
         Some(s) => lines.push(format!(
             "link: connected from {} since {}",
             s.peer,
@@ -689,7 +717,7 @@ async fn status(hub: &Hub, actor: &Actor, id: u16) -> Result<Lines, Reply> {
     ));
     lines.push(format!(
         "config address: {}",
-        push::config_target(hub, id).unwrap_or_else(|| "unknown (in-band at next HELLO)".into())
+        push::config_target(ops, id).unwrap_or_else(|| "unknown (in-band at next HELLO)".into())
     ));
     let state = if m.desired_generation == 0 {
         "no configuration pushed yet".to_string()
@@ -706,7 +734,7 @@ async fn status(hub: &Hub, actor: &Actor, id: u16) -> Result<Lines, Reply> {
         "last error: {}",
         m.last_error.unwrap_or_else(|| "-".into())
     ));
-    if let Some(s) = hub.sessions.session(id) {
+    if let Some(s) = ops.session(id) {
         lines.push(format!(
             "readers: {}",
             if s.readers.is_empty() {
@@ -716,7 +744,7 @@ async fn status(hub: &Hub, actor: &Actor, id: u16) -> Result<Lines, Reply> {
             }
         ));
     }
-    for d in hub.swipes.bridge().status(Some(id)) {
+    for d in ops.swipes.bridge().status(Some(id)) {
         let conn = match d.connected {
             Some((peer, since)) => {
                 format!("print server connected from {peer} since {}", fmt_ms(since))
@@ -732,7 +760,7 @@ async fn status(hub: &Hub, actor: &Actor, id: u16) -> Result<Lines, Reply> {
             d.key, d.queued, d.delivered, d.expired, d.refused_peers
         ));
     }
-    for d in hub.swipes.rfideas().status(Some(id)) {
+    for d in ops.swipes.rfideas().status(Some(id)) {
         lines.push(d.summary(fmt_ms));
     }
     for (g, at, outcome, detail) in attempts {
@@ -746,8 +774,8 @@ async fn status(hub: &Hub, actor: &Actor, id: u16) -> Result<Lines, Reply> {
 }
 
 /// `swipes`: served by the console only (the admin API streams swipes as events).
-async fn swipes(hub: &Hub, actor: &Actor) -> Result<Lines, Reply> {
-    let rows = operator::swipes(hub, actor, 20)
+async fn swipes(ops: &Ops, actor: &Actor) -> Result<Lines, Reply> {
+    let rows = operator::swipes(ops, actor, 20)
         .await
         .map_err(|e| refusal(&e))?;
     let mut lines: Vec<String> = rows
@@ -766,11 +794,11 @@ async fn swipes(hub: &Hub, actor: &Actor) -> Result<Lines, Reply> {
         })
         .collect();
     // Delivered and expired are counted by the bridge itself, per device.
-    let devices = hub.swipes.bridge().status(None);
+    let devices = ops.swipes.bridge().status(None);
     let delivered: u64 = devices.iter().map(|d| d.delivered).sum();
     let expired: u64 = devices.iter().map(|d| d.expired).sum();
-    let r241 = hub.swipes.rfideas().status(None);
-    let st = &hub.swipes.stats;
+    let r241 = ops.swipes.rfideas().status(None);
+    let st = &ops.swipes.stats;
     use std::sync::atomic::Ordering::Relaxed;
     lines.push(format!(
         "{} swipes shown; since start: Generic {} delivered, {} expired; 241 {} delivered, {} expired, {} failed; {} duplicate, {} rejected, {} busy, {} without route",
@@ -788,8 +816,8 @@ async fn swipes(hub: &Hub, actor: &Actor) -> Result<Lines, Reply> {
     Ok(Lines::new(ReplyCode::Done, lines))
 }
 
-async fn audit_list(hub: &Hub, actor: &Actor) -> Result<Lines, Reply> {
-    let rows = operator::audit_log(hub, actor, 20)
+async fn audit_list(ops: &Ops, actor: &Actor) -> Result<Lines, Reply> {
+    let rows = operator::audit_log(ops, actor, 20)
         .await
         .map_err(|e| refusal(&e))?;
     let mut lines: Vec<String> = rows
@@ -810,8 +838,8 @@ async fn audit_list(hub: &Hub, actor: &Actor) -> Result<Lines, Reply> {
     Ok(Lines::new(ReplyCode::Done, lines))
 }
 
-async fn history(hub: &Hub, actor: &Actor, id: u16) -> Result<Lines, Reply> {
-    let rows = operator::history(hub, actor, id, 20)
+async fn history(ops: &Ops, actor: &Actor, id: u16) -> Result<Lines, Reply> {
+    let rows = operator::history(ops, actor, id, 20)
         .await
         .map_err(|e| refusal(&e))?;
     let mut lines: Vec<String> = rows
@@ -832,15 +860,15 @@ async fn history(hub: &Hub, actor: &Actor, id: u16) -> Result<Lines, Reply> {
     Ok(Lines::new(ReplyCode::Done, lines))
 }
 
-async fn rollback(hub: &Arc<Hub>, actor: &Actor, id: u16, to: u64) -> Reply {
-    match operator::rollback(hub, actor, id, to).await {
+async fn rollback(ops: &Arc<Ops>, actor: &Actor, id: u16, to: u64) -> Reply {
+    match operator::rollback(ops, actor, id, to).await {
         Ok(r) => push_reply(id, &r),
         Err(e) => refusal(&e),
     }
 }
 
-fn groups(hub: &Hub) -> Lines {
-    let groups = fleet::groups(&hub.cfg.machines);
+fn groups(ops: &Ops) -> Lines {
+    let groups = fleet::groups(&ops.settings.machines);
     let mut lines: Vec<String> = groups
         .iter()
         .map(|(g, ids)| {

@@ -16,9 +16,9 @@ use tonic::{Code, Request, Status};
 
 use crate::app::config::ScmConfig;
 use crate::front::admin::{AdminService, Caller, op_status};
+use crate::front::telnet::TelnetContext;
 use crate::front::telnet::refusal;
 use crate::front::telnet::reply::ReplyCode;
-use crate::hub::Hub;
 use crate::ops::auth::{OperatorConfig, OperatorRole};
 use crate::ops::fleet::SelectError;
 use crate::ops::operator::OpError;
@@ -27,9 +27,9 @@ use crate::state::StoreError;
 /// Largest configuration the test hub accepts.
 const MAX: usize = 64;
 
-/// A hub over a fresh development setup (machines 1 and 2, operators `admin` and the
+/// The console's context (and through it the use-case layer) over a fresh development setup (machines 1 and 2, operators `admin` and the
 /// read-only `viewer`), with a small configuration limit.
-async fn hub(dir: &std::path::Path) -> Arc<Hub> {
+async fn console(dir: &std::path::Path) -> Arc<TelnetContext> {
     let r = crate::app::initdev::init_dev(dir, &[1, 2]).expect("init-dev");
     let mut cfg = ScmConfig::load(&r.scm_config, &Default::default()).expect("config");
     cfg.operators.push(OperatorConfig {
@@ -38,7 +38,7 @@ async fn hub(dir: &std::path::Path) -> Arc<Hub> {
         role: OperatorRole::ReadOnly,
     });
     cfg.limits.max_config_bytes = MAX;
-    crate::app::server::prepare(cfg).expect("prepare").hub
+    crate::app::server::prepare(cfg).expect("prepare").telnet
 }
 
 fn peer() -> SocketAddr {
@@ -51,10 +51,10 @@ struct Console {
 }
 
 impl Console {
-    async fn open(hub: &Arc<Hub>, operator: &str) -> Console {
+    async fn open(ctx: &Arc<TelnetContext>, operator: &str) -> Console {
         let (client, server) = tokio::io::duplex(1 << 16);
         tokio::spawn(crate::front::telnet::serve_logged_in(
-            hub.clone(),
+            ctx.clone(),
             server,
             peer(),
             operator.to_owned(),
@@ -115,10 +115,10 @@ async fn grpc_push(svc: &AdminService, operator: &str, target: &str, content: &[
 #[tokio::test]
 async fn both_front_ends_refuse_the_same_requests_the_same_way() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = hub(dir.path()).await;
-    let svc = AdminService::new(hub.clone(), CancellationToken::new());
-    let mut admin = Console::open(&hub, "admin").await;
-    let mut viewer = Console::open(&hub, "viewer").await;
+    let ctx = console(dir.path()).await;
+    let svc = AdminService::new(ctx.ops.clone(), CancellationToken::new());
+    let mut admin = Console::open(&ctx, "admin").await;
+    let mut viewer = Console::open(&ctx, "viewer").await;
     let big = "x".repeat(MAX + 1);
 
     let console = viewer.send(&["push 1"]).await;
@@ -236,9 +236,9 @@ async fn both_front_ends_refuse_the_same_requests_the_same_way() {
 
     // Nothing was stored; each refusal of a read-only operator is audited once, with the
     // same wording whichever front end it came through.
-    let history = hub.store.fleet().history(1, 10).await.unwrap();
+    let history = ctx.ops.store.fleet().history(1, 10).await.unwrap();
     assert!(history.is_empty(), "{history:?}");
-    let audit = hub.store.audit().list(100).await.unwrap();
+    let audit = ctx.ops.store.audit().list(100).await.unwrap();
     let refused: Vec<&str> = audit
         .iter()
         .filter(|a| a.action == "push_refused")
@@ -267,9 +267,9 @@ async fn both_front_ends_refuse_the_same_requests_the_same_way() {
 #[tokio::test]
 async fn an_accepted_push_is_answered_and_audited_alike() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = hub(dir.path()).await;
-    let svc = AdminService::new(hub.clone(), CancellationToken::new());
-    let mut admin = Console::open(&hub, "admin").await;
+    let ctx = console(dir.path()).await;
+    let svc = AdminService::new(ctx.ops.clone(), CancellationToken::new());
+    let mut admin = Console::open(&ctx, "admin").await;
     // Machine 2 is not connected: both pushes stay pending.
     let console = admin.send(&["push 2", "a=1", "."]).await;
     assert!(
@@ -288,7 +288,7 @@ async fn an_accepted_push_is_answered_and_audited_alike() {
     assert_eq!(r.outcomes.len(), 1, "{r:?}");
     assert_eq!(r.outcomes[0].outcome(), pb::PushOutcome::Pending, "{r:?}");
     assert_eq!(r.outcomes[0].generation, 2, "{r:?}");
-    let audit = hub.store.audit().list(100).await.unwrap();
+    let audit = ctx.ops.store.audit().list(100).await.unwrap();
     let pushes: Vec<&str> = audit
         .iter()
         .filter(|a| a.action == "push")

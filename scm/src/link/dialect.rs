@@ -278,6 +278,66 @@ pub(crate) fn from_last_hello_address(last_peer: Option<&str>, peer: std::net::S
         == Some(peer.ip())
 }
 
+/// What became of a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PushResult {
+    /// The machine stored the generation.
+    Ack {
+        /// Generation.
+        generation: u64,
+        /// The machine's text.
+        detail: String,
+    },
+    /// The machine refused the generation (final for it).
+    Nack {
+        /// Generation.
+        generation: u64,
+        /// The machine's reason.
+        detail: String,
+    },
+    /// The machine could not be reached; the generation stays pending.
+    Unreachable {
+        /// Generation.
+        generation: u64,
+        /// Why.
+        detail: String,
+    },
+    /// Not sent: by the time this generation's turn came, the machine already had a newer
+    /// one as its desired or applied configuration (another operator pushed meanwhile).
+    /// The newer generation is the one delivered; generations never go backwards.
+    Superseded {
+        /// Generation that was not sent.
+        generation: u64,
+        /// The newer generation.
+        by: u64,
+    },
+}
+
+impl PushResult {
+    /// The result of delivering generation `generation` given the machine's answer, or
+    /// why there was none (the machine is then unreachable and the generation pending).
+    pub(crate) fn from_answer(generation: u64, answer: Result<Reply, impl ToString>) -> Self {
+        match answer {
+            Ok(Reply::Ack(detail)) => PushResult::Ack { generation, detail },
+            Ok(Reply::Nack(detail)) => PushResult::Nack { generation, detail },
+            Err(e) => PushResult::Unreachable {
+                generation,
+                detail: e.to_string(),
+            },
+        }
+    }
+
+    /// The generation this result is about.
+    pub(crate) fn generation(&self) -> u64 {
+        match self {
+            Self::Ack { generation, .. }
+            | Self::Nack { generation, .. }
+            | Self::Unreachable { generation, .. }
+            | Self::Superseded { generation, .. } => *generation,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

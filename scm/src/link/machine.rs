@@ -19,10 +19,18 @@ use scm_proto::v1::{self, NackReason};
 use scm_proto::{Code, Frame, FrameError};
 use tokio::time::Instant;
 
+use super::dialect::PushResult;
 use super::dialect::{self, Dialect, Request};
-use crate::ops::push::PushResult;
-use crate::ops::swipes::Verdict;
 use crate::state::Generation;
+
+/// The answer to one SWIPE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SwipeVerdict {
+    /// ACK with this detail.
+    Ack(String),
+    /// NACK with this reason and detail.
+    Nack(NackReason, String),
+}
 
 /// What the state machine needs to know about its link, fixed when the link is up.
 #[derive(Debug, Clone)]
@@ -413,12 +421,12 @@ impl LinkMachine {
     }
 
     /// The answer to [`Action::Swipe`]: the bridge's verdict.
-    pub(crate) fn swipe_verdict(&mut self, request_id: u64, verdict: Verdict) {
+    pub(crate) fn swipe_verdict(&mut self, request_id: u64, verdict: SwipeVerdict) {
         let id = self.p.cert_id;
         let dialect = Dialect::V1;
         let reply = match verdict {
-            Verdict::Ack(detail) => dialect.ack(id, request_id, detail, 0),
-            Verdict::Nack(reason, detail) => dialect.nack(id, request_id, reason, detail),
+            SwipeVerdict::Ack(detail) => dialect.ack(id, request_id, detail, 0),
+            SwipeVerdict::Nack(reason, detail) => dialect.nack(id, request_id, reason, detail),
         };
         self.answer(dialect, reply);
     }

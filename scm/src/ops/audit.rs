@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::hub::Hub;
+use crate::ops::Ops;
 use crate::ops::fleet::{Progress, Target};
 use crate::ops::operator::{Front, OpError};
 use crate::ops::push::{PushError, PushResult};
@@ -54,10 +54,10 @@ impl fmt::Display for AuditAction {
     }
 }
 
-/// Appends a record (and counts logins). A failure to write is logged by the hub: the
+/// Appends a record (and counts logins). A failure to write is logged by the ops: the
 /// action itself has been answered by then.
 pub(crate) async fn record(
-    hub: &Hub,
+    ops: &Ops,
     actor: &str,
     source: &str,
     action: AuditAction,
@@ -70,7 +70,7 @@ pub(crate) async fn record(
         AuditAction::LoginRefused => logins.inc(&["locked"]),
         _ => {}
     }
-    hub.audit(actor.to_owned(), source.to_owned(), action.as_str(), detail)
+    ops.audit(actor.to_owned(), source.to_owned(), action.as_str(), detail)
         .await;
 }
 

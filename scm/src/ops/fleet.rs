@@ -16,7 +16,7 @@ use scm_common::text::quoted;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::hub::Hub;
+use crate::ops::Ops;
 use crate::ops::push::{self, PushError, PushResult};
 use crate::state::StoreError;
 use serde::Deserialize;
@@ -277,7 +277,7 @@ impl Progress {
 /// been checked by the caller ([`crate::ops::operator`], the one place that checks them). Progress is published on `progress`
 /// after every answer. Returns each machine's result in id order.
 pub(crate) async fn push_many(
-    hub: &Arc<Hub>,
+    ops: &Arc<Ops>,
     ids: Vec<u16>,
     content: Vec<u8>,
     actor: &str,
@@ -292,7 +292,7 @@ pub(crate) async fn push_many(
     publish(&totals);
     let actor = actor.to_owned();
     let id_list = ids.clone();
-    let generations = match hub
+    let generations = match ops
         .store
         .fleet()
         .create_generations(id_list, content, actor)
@@ -311,17 +311,17 @@ pub(crate) async fn push_many(
             });
         }
     };
-    let limit = Arc::new(Semaphore::new(hub.cfg.limits.push_concurrency.max(1)));
+    let limit = Arc::new(Semaphore::new(ops.settings.push_concurrency.max(1)));
     let mut tasks = JoinSet::new();
     for generation in generations {
-        let hub = hub.clone();
+        let ops = ops.clone();
         let limit = limit.clone();
         tasks.spawn(async move {
             let id = generation.machine_id;
             let _permit = limit.acquire_owned().await;
             (
                 id,
-                push::deliver_with(&hub, generation, push::Sync::Batched)
+                push::deliver_with(&ops, generation, push::Sync::Batched)
                     .await
                     .map_err(PushError::from),
             )
@@ -340,7 +340,7 @@ pub(crate) async fn push_many(
     }
     // Group commit: the outcomes were recorded without waiting for the disk; one sync
     // makes them all durable before the operator is answered.
-    if let Err(e) = hub.store.fleet().sync().await {
+    if let Err(e) = ops.store.fleet().sync().await {
         tracing::error!("cannot sync the recorded push outcomes to disk: {e}");
     }
     results.sort_by_key(|(id, _)| *id);
@@ -354,16 +354,17 @@ fn fail_all(ids: &[u16], err: impl Fn() -> PushError) -> Vec<(u16, Result<PushRe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::config::ScmConfig;
+    /// The machine list, as the `[[machine]]` tables of a configuration file give it.
+    struct Fleet {
+        machines: Vec<MachineConfig>,
+    }
 
-    fn cfg() -> ScmConfig {
+    fn cfg() -> Fleet {
+        #[derive(serde::Deserialize)]
+        struct File {
+            machine: Vec<MachineConfig>,
+        }
         let text = r#"
-            [tls]
-            ca = "ca.pem"
-            cert = "scm.pem"
-            key = "scm.key"
-            [database]
-            path = "scm.db"
             [[machine]]
             id = 1
             groups = ["lobby", "floor-2"]
@@ -375,9 +376,10 @@ mod tests {
             id = 2
             labels = ["site=north"]
         "#;
-        let c = ScmConfig::parse(text, "test", &scm_common::config::Env::new()).expect("parse");
-        c.validate().expect("valid");
-        c
+        let f: File = toml::from_str(text).expect("parse");
+        Fleet {
+            machines: f.machine,
+        }
     }
 
     #[test]

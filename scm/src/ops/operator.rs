@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::hub::Hub;
+use crate::ops::Ops;
 use crate::ops::audit::{self, AuditAction};
 use crate::ops::auth::OperatorRole;
 use crate::ops::fleet::{self, Progress, SelectError, Target};
@@ -106,7 +106,7 @@ impl From<PushError> for OpError {
 /// Refuses a change by a read-only operator, and records the refusal. The one place
 /// the role is checked.
 async fn may_change(
-    hub: &Hub,
+    ops: &Ops,
     actor: &Actor,
     refused: impl FnOnce() -> String,
 ) -> Result<(), OpError> {
@@ -114,7 +114,7 @@ async fn may_change(
         return Ok(());
     }
     audit::record(
-        hub,
+        ops,
         &actor.name,
         &actor.source,
         AuditAction::PushRefused,
@@ -147,18 +147,18 @@ impl PushPlan {
 /// Checks that `actor` may push to `target` (the refusal of a read-only operator is
 /// audited) and that the target names machines.
 pub(crate) async fn authorise_push(
-    hub: &Hub,
+    ops: &Ops,
     actor: &Actor,
     target: Target,
 ) -> Result<PushPlan, OpError> {
-    may_change(hub, actor, || audit::push_refused(&target, actor.front)).await?;
-    let ids = fleet::select(&hub.cfg.machines, &target)?;
+    may_change(ops, actor, || audit::push_refused(&target, actor.front)).await?;
+    let ids = fleet::select(&ops.settings.machines, &target)?;
     Ok(PushPlan { target, ids })
 }
 
 /// The content limits: not empty, at most `limits.max_config_bytes`.
-pub(crate) fn check_content(hub: &Hub, content: &[u8]) -> Result<(), OpError> {
-    let max = hub.cfg.limits.max_config_bytes;
+pub(crate) fn check_content(ops: &Ops, content: &[u8]) -> Result<(), OpError> {
+    let max = ops.settings.max_config_bytes;
     if content.is_empty() {
         return Err(OpError::Empty);
     }
@@ -196,25 +196,25 @@ impl PushReport {
 /// push runs in a task of its own, to its end and with its audit record, even if the
 /// operator goes away meanwhile.
 pub(crate) async fn push(
-    hub: &Arc<Hub>,
+    ops: &Arc<Ops>,
     actor: &Actor,
     plan: PushPlan,
     content: Vec<u8>,
     progress: Option<watch::Sender<Progress>>,
 ) -> Result<PushReport, OpError> {
-    check_content(hub, &content)?;
+    check_content(ops, &content)?;
     tracing::info!(operator = %actor.name, via = %actor.front, target = %plan.target, machines = plan.ids.len(), "push");
-    let hub = hub.clone();
+    let ops = ops.clone();
     let actor = actor.clone();
     let task = tokio::spawn(async move {
         let size = content.len();
         let PushPlan { target, ids } = plan;
         let results = match target {
-            Target::Machine(id) => vec![(id, push::push(&hub, id, content, &actor.name).await)],
-            _ => fleet::push_many(&hub, ids, content, &actor.name, progress).await,
+            Target::Machine(id) => vec![(id, push::push(&ops, id, content, &actor.name).await)],
+            _ => fleet::push_many(&ops, ids, content, &actor.name, progress).await,
         };
         let detail = audit::push_detail(&target, size, &results);
-        audit::record(&hub, &actor.name, &actor.source, AuditAction::Push, detail).await;
+        audit::record(&ops, &actor.name, &actor.source, AuditAction::Push, detail).await;
         PushReport { target, results }
     });
     task.await.map_err(|e| {
@@ -226,15 +226,15 @@ pub(crate) async fn push(
 /// Makes generation `to` of machine `id` current again (as a new generation) and
 /// delivers it; audited whatever becomes of it once the role allows it.
 pub(crate) async fn rollback(
-    hub: &Arc<Hub>,
+    ops: &Arc<Ops>,
     actor: &Actor,
     id: u16,
     to: u64,
 ) -> Result<PushResult, OpError> {
-    may_change(hub, actor, || audit::rollback_refused(id, to, actor.front)).await?;
-    let result = rollback_to(hub, actor, id, to).await;
+    may_change(ops, actor, || audit::rollback_refused(id, to, actor.front)).await?;
+    let result = rollback_to(ops, actor, id, to).await;
     audit::record(
-        hub,
+        ops,
         &actor.name,
         &actor.source,
         AuditAction::Rollback,
@@ -247,25 +247,25 @@ pub(crate) async fn rollback(
 /// The old content comes back as a new generation, so the agent's ordering holds; it is
 /// checked against today's limits like any other push.
 async fn rollback_to(
-    hub: &Arc<Hub>,
+    ops: &Arc<Ops>,
     actor: &Actor,
     id: u16,
     to: u64,
 ) -> Result<PushResult, OpError> {
-    fleet::select(&hub.cfg.machines, &Target::Machine(id))?;
-    let Some(old) = hub.store.fleet().get_generation(id, to).await? else {
+    fleet::select(&ops.settings.machines, &Target::Machine(id))?;
+    let Some(old) = ops.store.fleet().get_generation(id, to).await? else {
         return Err(OpError::NoGeneration {
             machine: id,
             generation: to,
         });
     };
-    check_content(hub, &old.content)?;
-    Ok(push::push(hub, id, old.content, &actor.name).await?)
+    check_content(ops, &old.content)?;
+    Ok(push::push(ops, id, old.content, &actor.name).await?)
 }
 
 /// A configured machine, or [`OpError::UnknownMachine`].
-fn known(hub: &Hub, id: u16) -> Result<(), OpError> {
-    match hub.cfg.machine(id) {
+fn known(ops: &Ops, id: u16) -> Result<(), OpError> {
+    match ops.settings.machine(id) {
         Some(_) => Ok(()),
         None => Err(OpError::UnknownMachine(id)),
     }
@@ -277,12 +277,12 @@ pub(crate) type Desired = state::DesiredRow;
 /// The stored state of every machine (`only`: of that one), with its desired
 /// generation's details.
 pub(crate) async fn machines(
-    hub: &Hub,
+    ops: &Ops,
     actor: &Actor,
     only: Option<u16>,
 ) -> Result<(Vec<MachineRow>, HashMap<u16, Desired>), OpError> {
     tracing::debug!(operator = %actor.name, via = %actor.front, "machines");
-    Ok(hub.store.fleet().machines_with_desired(only).await?)
+    Ok(ops.store.fleet().machines_with_desired(only).await?)
 }
 
 /// One delivery attempt: generation, Unix ms, outcome, detail.
@@ -290,14 +290,14 @@ pub(crate) type Attempt = state::AttemptRow;
 
 /// One configured machine's stored state and its newest `attempts` delivery attempts.
 pub(crate) async fn status(
-    hub: &Hub,
+    ops: &Ops,
     actor: &Actor,
     id: u16,
     attempts: u32,
 ) -> Result<(MachineRow, Vec<Attempt>), OpError> {
     tracing::debug!(operator = %actor.name, via = %actor.front, machine = id, "status");
-    known(hub, id)?;
-    let res = hub.store.fleet().machine_status(id, attempts).await?;
+    known(ops, id)?;
+    let res = ops.store.fleet().machine_status(id, attempts).await?;
     match res {
         (Some(m), a) => Ok((m, a)),
         (None, _) => Err(OpError::UnknownMachine(id)),
@@ -306,28 +306,28 @@ pub(crate) async fn status(
 
 /// A configured machine's newest `limit` generations, newest first.
 pub(crate) async fn history(
-    hub: &Hub,
+    ops: &Ops,
     actor: &Actor,
     id: u16,
     limit: u32,
 ) -> Result<Vec<HistoryRow>, OpError> {
     tracing::debug!(operator = %actor.name, via = %actor.front, machine = id, "history");
-    known(hub, id)?;
-    Ok(hub.store.fleet().history(id, limit).await?)
+    known(ops, id)?;
+    Ok(ops.store.fleet().history(id, limit).await?)
 }
 
 /// The newest `limit` audit records, newest first.
 pub(crate) async fn audit_log(
-    hub: &Hub,
+    ops: &Ops,
     actor: &Actor,
     limit: u32,
 ) -> Result<Vec<AuditRow>, OpError> {
     tracing::debug!(operator = %actor.name, via = %actor.front, "audit log");
-    Ok(hub.store.audit().list(limit).await?)
+    Ok(ops.store.audit().list(limit).await?)
 }
 
 /// The newest `limit` card swipes (masked), newest first.
-pub(crate) async fn swipes(hub: &Hub, actor: &Actor, limit: u32) -> Result<Vec<SwipeRow>, OpError> {
+pub(crate) async fn swipes(ops: &Ops, actor: &Actor, limit: u32) -> Result<Vec<SwipeRow>, OpError> {
     tracing::debug!(operator = %actor.name, via = %actor.front, "swipes");
-    Ok(hub.store.journal().list(limit).await?)
+    Ok(ops.store.journal().list(limit).await?)
 }

@@ -12,70 +12,10 @@ use scm_proto::io::{FrameReader, write_frame};
 use scm_proto::{Frame, FrameCodec};
 use tokio::net::TcpStream;
 
-use crate::hub::Hub;
 use crate::link::dialect::Dialect;
-pub(crate) use crate::link::dialect::{AnswerError, Reply};
+pub(crate) use crate::link::dialect::{AnswerError, PushResult, Reply};
+use crate::ops::Ops;
 use crate::state::{Durability, Generation, Outcome, StoreError};
-
-/// What became of a push.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum PushResult {
-    /// The machine stored the generation.
-    Ack {
-        /// Generation.
-        generation: u64,
-        /// The machine's text.
-        detail: String,
-    },
-    /// The machine refused the generation (final for it).
-    Nack {
-        /// Generation.
-        generation: u64,
-        /// The machine's reason.
-        detail: String,
-    },
-    /// The machine could not be reached; the generation stays pending.
-    Unreachable {
-        /// Generation.
-        generation: u64,
-        /// Why.
-        detail: String,
-    },
-    /// Not sent: by the time this generation's turn came, the machine already had a newer
-    /// one as its desired or applied configuration (another operator pushed meanwhile).
-    /// The newer generation is the one delivered; generations never go backwards.
-    Superseded {
-        /// Generation that was not sent.
-        generation: u64,
-        /// The newer generation.
-        by: u64,
-    },
-}
-
-impl PushResult {
-    /// The result of delivering generation `generation` given the machine's answer, or
-    /// why there was none (the machine is then unreachable and the generation pending).
-    pub(crate) fn from_answer(generation: u64, answer: Result<Reply, impl ToString>) -> Self {
-        match answer {
-            Ok(Reply::Ack(detail)) => PushResult::Ack { generation, detail },
-            Ok(Reply::Nack(detail)) => PushResult::Nack { generation, detail },
-            Err(e) => PushResult::Unreachable {
-                generation,
-                detail: e.to_string(),
-            },
-        }
-    }
-
-    /// The generation this result is about.
-    pub(crate) fn generation(&self) -> u64 {
-        match self {
-            Self::Ack { generation, .. }
-            | Self::Nack { generation, .. }
-            | Self::Unreachable { generation, .. }
-            | Self::Superseded { generation, .. } => *generation,
-        }
-    }
-}
 
 /// Why a push could not even be attempted.
 #[derive(Debug, thiserror::Error)]
@@ -96,31 +36,31 @@ pub(crate) enum PushError {
 /// machine and the content have been checked by the caller ([`crate::ops::operator`], the
 /// one place that checks them).
 pub(crate) async fn push(
-    hub: &Arc<Hub>,
+    ops: &Arc<Ops>,
     id: u16,
     content: Vec<u8>,
     actor: &str,
 ) -> Result<PushResult, PushError> {
     let actor_owned = actor.to_string();
-    let (generation, _new) = hub
+    let (generation, _new) = ops
         .store
         .fleet()
         .create_generation(id, content, actor_owned)
         .await?;
-    let Some(generation) = hub.store.fleet().get_generation(id, generation).await? else {
+    let Some(generation) = ops.store.fleet().get_generation(id, generation).await? else {
         return Err(PushError::Store(StoreError::Task(format!(
             "generation {generation} of machine {id} vanished"
         ))));
     };
-    Ok(deliver(hub, generation).await?)
+    Ok(deliver(ops, generation).await?)
 }
 
 /// Where machine `id`'s config port is, if known.
-pub(crate) fn config_target(hub: &Hub, id: u16) -> Option<String> {
-    if let Some(addr) = hub.cfg.machine(id).and_then(|m| m.config_addr.clone()) {
+pub(crate) fn config_target(ops: &Ops, id: u16) -> Option<String> {
+    if let Some(addr) = ops.settings.machine(id).and_then(|m| m.config_addr.clone()) {
         return Some(addr);
     }
-    let s = hub.sessions.session(id)?;
+    let s = ops.sessions.session(id)?;
     let port = s.config_port.filter(|p| *p != 0)?;
     Some(SocketAddr::new(s.peer.ip(), port).to_string())
 }
@@ -133,10 +73,10 @@ pub(crate) fn config_target(hub: &Hub, id: u16) -> Option<String> {
 /// generation overtaken by a newer one is reported superseded instead of being sent out
 /// of order.
 pub(crate) async fn deliver(
-    hub: &Arc<Hub>,
+    ops: &Arc<Ops>,
     generation: Generation,
 ) -> Result<PushResult, StoreError> {
-    deliver_with(hub, generation, Sync::Now).await
+    deliver_with(ops, generation, Sync::Now).await
 }
 
 /// When a delivery's outcome reaches the disk.
@@ -151,15 +91,15 @@ pub(crate) enum Sync {
 
 /// [`deliver`], with the outcome recorded durably now or at the caller's next sync.
 pub(crate) async fn deliver_with(
-    hub: &Arc<Hub>,
+    ops: &Arc<Ops>,
     generation: Generation,
     sync: Sync,
 ) -> Result<PushResult, StoreError> {
     let id = generation.machine_id;
-    let _guard = hub.delivery_locks.acquire(id).await;
+    let _guard = ops.delivery_locks.acquire(id).await;
     let g = generation.generation;
     let started = std::time::Instant::now();
-    let state = hub.store.fleet().get_machine(id).await?;
+    let state = ops.store.fleet().get_machine(id).await?;
     if let Some(m) = state {
         let newest = m.desired_generation.max(m.applied_generation);
         if m.applied_generation == g {
@@ -174,38 +114,38 @@ pub(crate) async fn deliver_with(
                 by: newest,
             };
             crate::ops::push::count_outcome(&result, None);
-            record_with(hub, id, &result, sync).await?;
+            record_with(ops, id, &result, sync).await?;
             return Ok(result);
         }
     }
-    let result = match config_target(hub, id) {
+    let result = match config_target(ops, id) {
         None => PushResult::Unreachable {
             generation: g,
             detail: "machine has no known config address and is not connected; it gets the configuration at its next HELLO".into(),
         },
         Some(target) => PushResult::from_answer(
             g,
-            send_config(hub, &target, &generation)
+            send_config(ops, &target, &generation)
                 .await
                 .map_err(|e| format!("{target}: {e}")),
         ),
     };
     crate::ops::push::count_outcome(&result, Some(started.elapsed()));
-    record_with(hub, id, &result, sync).await?;
+    record_with(ops, id, &result, sync).await?;
     if matches!(result, PushResult::Unreachable { .. }) {
-        hub.retry_kick.kick();
+        ops.retry_kick.kick();
     }
     Ok(result)
 }
 
 /// Records a delivery result in the database.
-pub(crate) async fn record(hub: &Hub, id: u16, result: &PushResult) -> Result<(), StoreError> {
-    record_with(hub, id, result, Sync::Now).await
+pub(crate) async fn record(ops: &Ops, id: u16, result: &PushResult) -> Result<(), StoreError> {
+    record_with(ops, id, result, Sync::Now).await
 }
 
 /// [`record`], durable now or at the caller's next [`FleetState::sync`](crate::state::FleetState::sync).
 pub(crate) async fn record_with(
-    hub: &Hub,
+    ops: &Ops,
     id: u16,
     result: &PushResult,
     sync: Sync,
@@ -229,12 +169,12 @@ pub(crate) async fn record_with(
     };
     // Logged and published once it is recorded: a watcher (or a test) that sees the
     // outcome then finds it in the state too.
-    hub.store
+    ops.store
         .fleet()
         .record_attempt(id, g, outcome, detail.clone(), durability)
         .await?;
     tracing::info!(machine = id, generation = g, outcome = ?outcome, "{detail}");
-    hub.events.push(id, result);
+    ops.events.push(id, result);
     Ok(())
 }
 
@@ -277,17 +217,21 @@ enum SendError {
     Answer(#[from] AnswerError),
 }
 
-async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result<Reply, SendError> {
+async fn send_config(ops: &Ops, target: &str, generation: &Generation) -> Result<Reply, SendError> {
     let id = generation.machine_id;
-    let version = hub.cfg.machine(id).map(|m| m.protocol_version).unwrap_or(1);
-    let connect_timeout = Duration::from_millis(hub.cfg.timeouts.push_connect_ms);
+    let version = ops
+        .settings
+        .machine(id)
+        .map(|m| m.protocol_version)
+        .unwrap_or(1);
+    let connect_timeout = ops.settings.push_connect;
     let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(target))
         .await
         .map_err(|_| SendError::ConnectTimeout(connect_timeout))?
         .map_err(SendError::Connect)?;
     let _ = tcp.set_nodelay(true);
     let tls = scm_certs::tls::connect(
-        &hub.tls.machines(),
+        &ops.tls.machines(),
         tcp,
         &Identity::Machine(id),
         connect_timeout,
@@ -295,12 +239,12 @@ async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result
     .await
     .map_err(SendError::Handshake)?;
     let (r, mut w) = tokio::io::split(tls);
-    let request_id = hub_request_id(hub);
+    let request_id = ops.next_id();
     let frame = config_frame(version, generation, request_id).map_err(SendError::Frame)?;
     write_frame(&mut w, &frame).await.map_err(SendError::Send)?;
     scm_common::failpoint::pause("scm-after-config-sent").await;
     let mut reader = FrameReader::new(r, FrameCodec::new(4096));
-    let reply_timeout = Duration::from_millis(hub.cfg.timeouts.push_reply_ms);
+    let reply_timeout = ops.settings.push_reply;
     let answer = reader
         .read_frame(Some(reply_timeout), reply_timeout)
         .await
@@ -309,10 +253,6 @@ async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result
     // Close with close_notify so the machine sees a clean end of the session.
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
     Ok(parse_answer(&answer, id, request_id)?)
-}
-
-fn hub_request_id(hub: &Hub) -> u64 {
-    hub.next_id()
 }
 
 /// Counts a delivery's outcome and, when the machine answered, how long it took.

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::coord::retry::RetryScheduler;
-use crate::hub::Hub;
+use crate::ops::Ops;
 use crate::ops::push::{self, PushResult};
 
 /// `[retry]` in the SCM configuration.
@@ -52,14 +52,14 @@ struct State {
 }
 
 /// Runs until shutdown.
-pub(crate) async fn run(hub: Arc<Hub>, kick: Arc<dyn RetryScheduler>, shutdown: CancellationToken) {
-    let settings = hub.cfg.retry.clone();
+pub(crate) async fn run(ops: Arc<Ops>, kick: Arc<dyn RetryScheduler>, shutdown: CancellationToken) {
+    let settings = ops.settings.retry.clone();
     let mut states: HashMap<u16, State> = HashMap::new();
     // At start, whatever is pending is tried at once (the SCM may have been down for a
     // while); a push that fails later waits its first back-off step.
     let mut first_pass = true;
     loop {
-        let pending = match hub.store.fleet().pending_all().await {
+        let pending = match ops.store.fleet().pending_all().await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("retry: cannot read pending pushes: {e}");
@@ -82,10 +82,10 @@ pub(crate) async fn run(hub: Arc<Hub>, kick: Arc<dyn RetryScheduler>, shutdown: 
             if st.generation != *generation {
                 *st = fresh;
             }
-            if st.next > now || push::config_target(&hub, *id).is_none() {
+            if st.next > now || push::config_target(&ops, *id).is_none() {
                 continue;
             }
-            let g = match hub.store.fleet().pending_generation(*id).await {
+            let g = match ops.store.fleet().pending_generation(*id).await {
                 Ok(Some(g)) => g,
                 _ => continue,
             };
@@ -95,7 +95,7 @@ pub(crate) async fn run(hub: Arc<Hub>, kick: Arc<dyn RetryScheduler>, shutdown: 
                 attempt = st.attempts,
                 "retrying a pending push"
             );
-            match push::deliver(&hub, g).await {
+            match push::deliver(&ops, g).await {
                 Ok(PushResult::Unreachable { .. }) => {
                     let d = delay(&settings, st.attempts);
                     st.attempts = st.attempts.saturating_add(1);

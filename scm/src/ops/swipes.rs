@@ -67,14 +67,7 @@ pub(crate) struct SwipeStats {
     pub journal_lost: AtomicU64,
 }
 
-/// The answer to one SWIPE.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// ACK with this detail.
-    Ack(String),
-    /// NACK with this reason and detail.
-    Nack(NackReason, String),
-}
+pub(crate) use crate::link::SwipeVerdict as Verdict;
 
 /// Swipe handling shared by every agent link.
 pub(crate) struct Swipes {

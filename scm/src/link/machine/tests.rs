@@ -483,8 +483,11 @@ fn v1_hello_is_acked_with_the_desired_generation_before_delivery() {
 #[test]
 fn swipe_verdicts_are_queued_answers() {
     let mut m = after_hello(1);
-    m.swipe_verdict(4, Verdict::Ack("forwarded".into()));
-    m.swipe_verdict(5, Verdict::Nack(NackReason::InvalidCard, "bad card".into()));
+    m.swipe_verdict(4, SwipeVerdict::Ack("forwarded".into()));
+    m.swipe_verdict(
+        5,
+        SwipeVerdict::Nack(NackReason::InvalidCard, "bad card".into()),
+    );
     assert_actions(
         "verdicts",
         &drain(&mut m),
@@ -718,7 +721,7 @@ fn actions_reuse_one_queue() {
     for rid in 0..100 {
         m.handle_frame(v1(swipe1(rid), ID), Instant::now());
         assert!(matches!(m.poll_action(), Some(Action::Swipe(_))));
-        m.swipe_verdict(rid, Verdict::Ack("ok".into()));
+        m.swipe_verdict(rid, SwipeVerdict::Ack("ok".into()));
         assert!(matches!(m.poll_action(), Some(Action::Reply(_))));
         assert!(m.poll_action().is_none());
     }
