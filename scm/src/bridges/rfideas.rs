@@ -322,6 +322,32 @@ pub(crate) fn validate(
 #[error("setting name {0:?} must have 1 to {MAX_KEY} characters from A-Z a-z 0-9 . _ -")]
 struct BadSettingName(String);
 
+/// Why a configuration request's settings were not stored (nothing of it is).
+#[derive(Debug, thiserror::Error)]
+enum ApplyError {
+    /// A name that is not a setting name.
+    #[error("{0}")]
+    Name(#[from] BadSettingName),
+    /// A setting given twice.
+    #[error("setting {0:?} is given twice")]
+    Twice(String),
+    /// A value over the limit.
+    #[error("setting {name:?} is longer than {max} bytes")]
+    TooLong { name: String, max: usize },
+    /// A URL template that cannot be used.
+    #[error("setting {name:?}: {error}")]
+    Template {
+        name: String,
+        error: client::TemplateError,
+    },
+    /// More settings than a device stores.
+    #[error("a device stores at most {max} settings; this request would make {total}")]
+    TooMany { max: usize, total: usize },
+    /// The database did not store them.
+    #[error("settings not stored: {hint}", hint = .0.operator_hint())]
+    Store(crate::state::StoreError),
+}
+
 fn check_key(k: &str) -> Result<(), BadSettingName> {
     if k.is_empty()
         || k.len() > MAX_KEY
@@ -1321,15 +1347,10 @@ impl RfideasBridge {
         }
         match self.apply(dev, pairs, peer).await {
             Ok(()) => self.settings_reply(dev),
-            Err((code, msg)) => Reply::error(
-                code,
-                if code == 400 {
-                    "Bad Request"
-                } else {
-                    "Service Unavailable"
-                },
-                msg,
-            ),
+            Err(e @ ApplyError::Store(_)) => {
+                Reply::error(503, "Service Unavailable", e.to_string())
+            }
+            Err(e) => Reply::error(400, "Bad Request", e.to_string()),
         }
     }
 
@@ -1382,27 +1403,27 @@ impl RfideasBridge {
         dev: &Device,
         pairs: Vec<(String, String)>,
         peer: SocketAddr,
-    ) -> Result<(), (u16, String)> {
+    ) -> Result<(), ApplyError> {
         let mut seen = std::collections::HashSet::new();
         for (k, v) in &pairs {
-            check_key(k).map_err(|e| (400, e.to_string()))?;
+            check_key(k)?;
             if !seen.insert(k.as_str()) {
-                return Err((400, format!("setting {k:?} is given twice")));
+                return Err(ApplyError::Twice(k.clone()));
             }
             if v.len() > self.settings.max_value_bytes {
-                return Err((
-                    400,
-                    format!(
-                        "setting {k:?} is longer than {} bytes",
-                        self.settings.max_value_bytes
-                    ),
-                ));
+                return Err(ApplyError::TooLong {
+                    name: k.clone(),
+                    max: self.settings.max_value_bytes,
+                });
             }
             if *k == self.settings.url_setting
                 && !v.is_empty()
                 && let Err(e) = client::validate_template(v)
             {
-                return Err((400, format!("setting {k:?}: {e}")));
+                return Err(ApplyError::Template {
+                    name: k.clone(),
+                    error: e,
+                });
             }
         }
         let _guard = self.config_lock.lock().await;
@@ -1417,13 +1438,10 @@ impl RfideasBridge {
             .collect();
         let total = current.len() + changes.iter().filter(|(_, _, o)| o.is_none()).count();
         if total > self.settings.max_settings {
-            return Err((
-                400,
-                format!(
-                    "a device stores at most {} settings; this request would make {total}",
-                    self.settings.max_settings
-                ),
-            ));
+            return Err(ApplyError::TooMany {
+                max: self.settings.max_settings,
+                total,
+            });
         }
         let now = now_ms();
         dev.lock().last_config = Some((now, peer));
@@ -1463,7 +1481,7 @@ impl RfideasBridge {
             .await;
         if let Err(e) = res {
             tracing::error!(device = %dev.key, "cannot store 241 settings: {e}");
-            return Err((503, format!("settings not stored: {}", e.operator_hint())));
+            return Err(ApplyError::Store(e));
         }
         let names: Vec<&str> = changes.iter().map(|(k, _, _)| k.as_str()).collect();
         tracing::info!(device = %dev.key, "settings changed by {peer}: {}", names.join(", "));

@@ -794,7 +794,12 @@ mod tests {
                     by: 3,
                 }),
             ),
-            (5, Err(PushError::UnknownMachine(5))),
+            (
+                5,
+                Err(PushError::Store(crate::state::StoreError::Task(
+                    "gone".into(),
+                ))),
+            ),
         ];
         let outcomes: Vec<pb::PushOutcome> = results
             .iter()
@@ -812,7 +817,7 @@ mod tests {
         );
         let refused = outcome_of(5, &results[4].1);
         assert_eq!((refused.machine_id, refused.generation), (5, 0));
-        assert!(refused.detail.contains("not known"), "{refused:?}");
+        assert!(refused.detail.contains("gone"), "{refused:?}");
         let t = totals_of(&results);
         assert_eq!(
             (t.total, t.ack, t.nack, t.pending, t.superseded, t.refused),

@@ -31,7 +31,7 @@ use crate::ops::audit::{self, AuditAction, one_line};
 use crate::ops::auth::OperatorConfig;
 use crate::ops::fleet::{self, Progress, Target};
 use crate::ops::operator::{self, Actor, Front, OpError, PushReport};
-use crate::ops::push::{self, PushError, PushResult};
+use crate::ops::push::{self, PushResult};
 
 /// The prompt shown before each command.
 pub(crate) const PROMPT: &str = "scm> ";
@@ -885,13 +885,7 @@ fn push_one_reply(r: Result<PushReport, OpError>) -> Reply {
     match r {
         Ok(report) => match report.results.first() {
             Some((id, Ok(r))) => push_reply(*id, r),
-            Some((_, Err(e))) => {
-                let code = match e {
-                    PushError::UnknownMachine(_) => ReplyCode::Refused,
-                    _ => ReplyCode::Failed,
-                };
-                Reply::new(code, e.to_string())
-            }
+            Some((_, Err(e))) => Reply::new(ReplyCode::Failed, e.to_string()),
             None => refusal(&OpError::TaskFailed),
         },
         Err(e) => refusal(&e),

@@ -97,7 +97,6 @@ pub(crate) enum OpError {
 impl From<PushError> for OpError {
     fn from(e: PushError) -> Self {
         match e {
-            PushError::UnknownMachine(id) => OpError::Target(SelectError::UnknownMachine(id)),
             PushError::Store(e) => OpError::Store(e),
         }
     }

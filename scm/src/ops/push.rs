@@ -20,13 +20,9 @@ use crate::state::{Durability, Generation, Outcome, StoreError};
 /// Why a push could not even be attempted.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-// `ops::operator` checks the machine before a push starts, so only the tests of the front
-// ends' renderings still build `UnknownMachine`.
-#[cfg_attr(not(test), expect(dead_code))]
+// An unknown machine is refused before a push starts (`ops::operator` checks the target
+// once, as `SelectError::UnknownMachine`), so the database is the only way left to fail.
 pub(crate) enum PushError {
-    /// No such machine.
-    #[error("machine {0} is not known to this SCM; `machines` lists the known ones")]
-    UnknownMachine(u16),
     /// Database failure.
     #[error("{hint}", hint = .0.operator_hint())]
     Store(#[from] StoreError),
