@@ -105,6 +105,12 @@ check_pkg() {
   if [ -n "$state" ]; then want 750 "$user" "$user" "$state" || return 1; fi
   dpkg-query --root="$r" -W -f='${Conffiles}\n' "$pkg" | grep -q "^ $etc/$conf " \
     || fail "$pkg: $etc/$conf is not a conffile" || return 1
+  # The default configuration parses (no unknown key); only the certificates, which the
+  # operator places, may be missing.
+  if [ "$bin" = backoffice ]; then set -- --config "$r$etc/$conf" check-config; else set -- check-config --config "$r$etc/$conf"; fi
+  "$r/usr/bin/$bin" "$@" >"$r.config" 2>&1 || true
+  grep -q -e 'configuration is valid' -e "cannot read CA certificate $etc/tls/ca.pem" "$r.config" \
+    || { cat "$r.config" >&2; fail "$pkg: the default $etc/$conf does not parse"; return 1; }
 
   for page in "$bin" $(cd "$r/usr/share/man/man1" && ls | sed -n "s/^\($bin-[a-z-]*\)\.1\.gz$/\1/p"); do
     want 644 root root "/usr/share/man/man1/$page.1.gz" || return 1
