@@ -35,6 +35,8 @@ cargo test --workspace --doc --quiet
 echo
 echo "== Prometheus rules: promtool check rules and unit tests (deploy/prometheus/check.sh) =="
 bash deploy/prometheus/check.sh
+echo "== Debian packages: build, lintian, install into fresh roots (deploy/debian/check.sh) =="
+bash deploy/debian/check.sh
 echo "== Ansible deployment, for real into a prefix (deploy/ansible/ci-smoke.sh) =="
 bash deploy/ansible/ci-smoke.sh
 echo "== multi-container fault harness (integration-tests/tests/containers) =="

@@ -1,5 +1,5 @@
 //! The back office's command line (clap), in the library so the man page and shell
-//! completions can be generated from it (`backoffice-gen`, see docs/deployment.md).
+//! completions can be generated from it (`xtask`, see docs/deployment.md).
 
 use std::path::PathBuf;
 

@@ -3,6 +3,7 @@
 //! health endpoint.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
 pub mod config_port;
 pub mod link;

@@ -2,32 +2,13 @@
 //! (`check-config --config FILE`).
 #![forbid(unsafe_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use machine_agent::cli::{Cli, Cmd};
 use machine_agent::config::AgentConfig;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "machine-agent",
-    version,
-    about = "Machine agent: stores configurations pushed by the SCM and reports to it"
-)]
-struct Cli {
-    /// Configuration file (TOML); AGENT__SECTION__KEY variables override it.
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    cmd: Option<Cmd>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Cmd {
-    /// Validate the configuration (and load certificates) and exit.
-    CheckConfig,
-}
 
 fn load(path: &Path) -> anyhow::Result<AgentConfig> {
     let env = scm_common::config::process_env(machine_agent::config::ENV_PREFIX);

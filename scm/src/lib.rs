@@ -14,6 +14,7 @@
 
 pub mod app;
 pub(crate) mod bridges;
+pub mod cli;
 pub(crate) mod coord;
 pub(crate) mod front;
 pub mod fuzzing;

@@ -1,60 +1,12 @@
 //! `scm`: the hub's command line (`serve`, `check-config`, `init-dev`, `hash-password`).
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use scm::app::config::ScmConfig;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "scm",
-    version,
-    about = "The SCM hub: relays configurations to machine agents over mutual TLS and serves operators over telnet"
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Debug, Subcommand)]
-enum Cmd {
-    /// Run the hub.
-    Serve {
-        /// Configuration file (TOML); SCM__SECTION__KEY variables override it.
-        #[arg(long)]
-        config: PathBuf,
-    },
-    /// Validate the configuration (and load its certificates and database) and exit.
-    CheckConfig {
-        /// Configuration file.
-        #[arg(long)]
-        config: PathBuf,
-    },
-    /// Write a development PKI and ready-to-run configurations (on 127.0.0.1 by default).
-    InitDev {
-        /// Directory to create.
-        #[arg(long)]
-        out: PathBuf,
-        /// Machine ids, e.g. 1,2,3 or 1-10.
-        #[arg(long)]
-        machines: String,
-        /// Address every listener of the SCM and the agents binds (0.0.0.0 in containers).
-        #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
-        bind: std::net::IpAddr,
-        /// Host name or address agents and the back office use to reach the SCM (also
-        /// added to the SCM certificate), e.g. `scm` in a compose fleet.
-        #[arg(long, value_name = "HOST", default_value = "127.0.0.1")]
-        scm_host: String,
-        /// Print-server address allowed on the card reader devices (repeatable).
-        #[arg(long, value_name = "IP", default_values_t = [std::net::IpAddr::from([127, 0, 0, 1])])]
-        allow: Vec<std::net::IpAddr>,
-    },
-    /// Hash a password (read from standard input) for `[[operator]] password_hash`.
-    HashPassword,
-}
+use scm::cli::{Cli, Cmd};
 
 fn load(path: &std::path::Path) -> anyhow::Result<ScmConfig> {
     let env = scm_common::config::process_env(scm::app::config::ENV_PREFIX);
