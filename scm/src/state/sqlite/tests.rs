@@ -412,7 +412,10 @@ fn a_commit_between_a_transactions_statements_never_fails_it() {
     let other = Mutex::new(Connection::open(&path).unwrap());
     // Zero: while the store holds the write lock the interloper gives up at once, which
     // is the behaviour under test (the store's transaction is not disturbed).
-    other.lock_unpoisoned().busy_timeout(Duration::ZERO).unwrap();
+    other
+        .lock_unpoisoned()
+        .busy_timeout(Duration::ZERO)
+        .unwrap();
     other
         .lock_unpoisoned()
         .execute_batch("CREATE TABLE interloper (n INTEGER)")
