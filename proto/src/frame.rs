@@ -301,6 +301,7 @@ impl Frame {
                     request_id: 0,
                     reason: reason.into(),
                     detail,
+                    generation: 0,
                 };
                 (VERSION_1, prost::Message::encode_to_vec(&nack))
             }

@@ -5,6 +5,7 @@ mod admin;
 mod admin_table;
 mod crash;
 mod faults;
+mod fencing;
 mod fleet;
 mod frames;
 mod halfopen;

@@ -218,17 +218,27 @@ impl Dialect {
             },
             Dialect::V1 => match Message::decode(frame)? {
                 Message::Ack(a) if a.request_id == request_id => Ok(Reply::Ack(a.detail)),
-                Message::Nack(n) if n.request_id == request_id => Ok(Reply::Nack(format!(
-                    "{} ({})",
-                    n.detail,
-                    n.reason().as_str_name()
-                ))),
+                Message::Nack(n) if n.request_id == request_id => Ok(Reply::Nack(nack_text(&n))),
                 m => Err(AnswerError::Unexpected {
                     code: m.code().name(),
                     request_id: m.request_id(),
                 }),
             },
         }
+    }
+}
+
+/// How a version-1 NACK of a CONFIG reads in the attempt's record and the operator's
+/// reply.
+fn nack_text(n: &v1::Nack) -> String {
+    match n.reason() {
+        // Final, as every NACK: a fenced machine refuses the same generation again, so
+        // retrying it could only loop.
+        NackReason::Stale => format!(
+            "{} (NACK_REASON_STALE: the machine has generation {} stored, so this SCM's generation is behind it; not retried: push from the SCM that holds the newer generations, or push again until the generation passes {})",
+            n.detail, n.generation, n.generation
+        ),
+        reason => format!("{} ({})", n.detail, reason.as_str_name()),
     }
 }
 
@@ -315,6 +325,30 @@ mod tests {
             Message::Nack(n) => assert_eq!((n.request_id, n.reason()), (9, NackReason::NotAllowed)),
             m => panic!("{m:?}"),
         }
+    }
+
+    #[test]
+    fn a_stale_nack_is_a_final_nack_naming_the_stored_generation() {
+        let stale = scm_proto::reply_frame(
+            &Message::stale(5, 8, "generation 3 is older than the stored generation 8"),
+            7,
+        );
+        match Dialect::V1.parse_reply(&stale, 7, 5) {
+            Ok(Reply::Nack(t)) => {
+                assert!(t.contains("older than the stored generation 8"), "{t}");
+                assert!(t.contains("STALE") && t.contains("not retried"), "{t}");
+            }
+            r => panic!("{r:?}"),
+        }
+        let result =
+            crate::ops::push::PushResult::from_answer(3, Dialect::V1.parse_reply(&stale, 7, 5));
+        assert!(
+            matches!(
+                result,
+                crate::ops::push::PushResult::Nack { generation: 3, .. }
+            ),
+            "{result:?}"
+        );
     }
 
     #[test]
