@@ -10,6 +10,7 @@ mod fleet;
 mod frames;
 mod halfopen;
 mod hardening;
+mod initdev;
 mod json;
 mod metrics;
 mod mtls;
