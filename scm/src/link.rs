@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scm_certs::identity::{Identity, Role};
-use scm_proto::FrameCodec;
-use scm_proto::io::{FrameReader, FrameWriter, ReadError, write_frame};
+use scm_proto::io::{FrameReader, FrameWriter, ReadError};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -125,10 +124,13 @@ where
     W: AsyncWrite + Unpin,
 {
     tracing::debug!(machine = cert_id, "agent link up");
-    let mut reader = FrameReader::new(r, FrameCodec::new(hub.cfg.limits.max_agent_frame_data));
+    // The certificate names the machine before its first frame, so a legacy machine's
+    // byte order is known before its HELLO is read.
+    let order = dialect::ByteOrder::of(hub.cfg.machine(cert_id));
+    let mut reader = FrameReader::new(r, order.codec(hub.cfg.limits.max_agent_frame_data));
     // Replies to frames that arrived together leave together: one TLS record and one
     // write for a burst of swipes instead of one per ACK (docs/benchmarks.md).
-    let mut w = FrameWriter::new(w);
+    let mut w = FrameWriter::new(w).with_v0_byte_order(order.wire());
     let ms = Duration::from_millis;
     let machine = LinkMachine::new(Params {
         cert_id,
@@ -229,9 +231,9 @@ impl Driver {
                         w.send().await?;
                     }
                 }
-                Action::ReplyNow(f) => write_frame(w, &f).await?,
+                Action::ReplyNow(f) => w.write(&f).await?,
                 Action::Farewell(f) => {
-                    let _ = write_frame(w, &f).await;
+                    let _ = w.write(&f).await;
                 }
                 Action::Count(reason) => crate::metrics::global().frames_refused.inc(&[reason]),
                 Action::RecordHello {

@@ -3,6 +3,7 @@
 
 mod admin;
 mod admin_table;
+mod bigendian;
 mod crash;
 mod faults;
 mod fencing;

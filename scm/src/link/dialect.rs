@@ -9,6 +9,56 @@ use scm_proto::{Code, Frame, FrameError};
 
 use crate::state::Generation;
 
+/// `byte_order` of a `[[machine]]`: how a version-0 machine encodes the ID and
+/// DATA_LENGTH of its frames. The protocol says little-endian; some legacy machines (one
+/// public 2019/20 simulator) send both big-endian, and are configured `"big"`. It applies
+/// to version-0 frames only (`scm_proto::ByteOrder`): a version-1 frame on the same link is
+/// little-endian, and `app::config` refuses `"big"` for a version-1 machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum ByteOrder {
+    /// The protocol's order.
+    #[default]
+    Little,
+    /// Non-conformant version-0 machines.
+    Big,
+}
+
+impl<'de> serde::Deserialize<'de> for ByteOrder {
+    // By hand, so that a wrong value is answered with the two right ones and what they
+    // are for, not with serde's "no variant" message.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "little" => Ok(ByteOrder::Little),
+            "big" => Ok(ByteOrder::Big),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a byte order; use \"little\" (the protocol's, the default) or \"big\" (a version-0 machine that sends ID and DATA_LENGTH big-endian)"
+            ))),
+        }
+    }
+}
+
+impl ByteOrder {
+    /// The codec's order for this machine's version-0 frames.
+    pub(crate) fn wire(self) -> scm_proto::ByteOrder {
+        match self {
+            ByteOrder::Little => scm_proto::ByteOrder::Little,
+            ByteOrder::Big => scm_proto::ByteOrder::Big,
+        }
+    }
+
+    /// The frame codec for a link to this machine, accepting at most `max_data` bytes.
+    pub(crate) fn codec(self, max_data: usize) -> scm_proto::FrameCodec {
+        scm_proto::FrameCodec::new(max_data).with_v0_byte_order(self.wire())
+    }
+
+    /// The order configured for `machine` (little when it is not configured: an unknown
+    /// machine's HELLO is refused in the protocol's order).
+    pub(crate) fn of(machine: Option<&crate::ops::fleet::MachineConfig>) -> ByteOrder {
+        machine.map(|m| m.byte_order).unwrap_or_default()
+    }
+}
+
 /// A protocol version this SCM speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Dialect {

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scm_certs::identity::Identity;
-use scm_proto::io::{FrameReader, write_frame};
-use scm_proto::{Frame, FrameCodec};
+use scm_proto::Frame;
+use scm_proto::io::{FrameReader, write_frame_with};
 use tokio::net::TcpStream;
 
 use crate::hub::Hub;
-use crate::link::dialect::Dialect;
 pub(crate) use crate::link::dialect::{AnswerError, Reply};
+use crate::link::dialect::{ByteOrder, Dialect};
 use crate::state::{Durability, Generation, Outcome, StoreError};
 
 /// What became of a push.
@@ -297,9 +297,12 @@ async fn send_config(hub: &Hub, target: &str, generation: &Generation) -> Result
     let (r, mut w) = tokio::io::split(tls);
     let request_id = hub_request_id(hub);
     let frame = config_frame(version, generation, request_id).map_err(SendError::Frame)?;
-    write_frame(&mut w, &frame).await.map_err(SendError::Send)?;
+    let codec = ByteOrder::of(hub.cfg.machine(id)).codec(4096);
+    write_frame_with(&mut w, &frame, codec.v0_byte_order())
+        .await
+        .map_err(SendError::Send)?;
     scm_common::failpoint::pause("scm-after-config-sent").await;
-    let mut reader = FrameReader::new(r, FrameCodec::new(4096));
+    let mut reader = FrameReader::new(r, codec);
     let reply_timeout = Duration::from_millis(hub.cfg.timeouts.push_reply_ms);
     let answer = reader
         .read_frame(Some(reply_timeout), reply_timeout)
