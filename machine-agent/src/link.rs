@@ -79,7 +79,14 @@ async fn connect_from(addr: &str, source: Option<std::net::IpAddr>) -> std::io::
         socket.bind(std::net::SocketAddr::new(source, 0))?;
         match socket.connect(target).await {
             Ok(tcp) => return Ok(tcp),
-            Err(e) => last = Some(e),
+            Err(e) => {
+                last = Some(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e} (connecting from {source}, the address [listen] config is bound to, because the SCM reaches the config port at the link's source address; if {source} cannot reach the SCM, bind [listen] config to 0.0.0.0 or to an address that can)"
+                    ),
+                ))
+            }
         }
     }
     Err(last.unwrap_or_else(|| {
@@ -300,6 +307,13 @@ mod tests {
         let (tcp, accepted) = tokio::join!(connect_from(&addr, Some(source)), l.accept());
         assert_eq!(tcp.unwrap().local_addr().unwrap().ip(), source);
         assert_eq!(accepted.unwrap().1.ip(), source, "the SCM sees the source");
+        drop(l);
+        let e = connect_from(&addr, Some(source)).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("connecting from 127.0.0.23, the address [listen] config"),
+            "a refused connection names the source and what to do: {e}"
+        );
         let e = connect_from(&addr, Some("::1".parse().unwrap()))
             .await
             .unwrap_err();
