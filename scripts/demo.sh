@@ -34,8 +34,7 @@ wait_for() {
 
 if [ ! -f "$DIR/scm.toml" ]; then
   echo "== creating a development PKI and configurations in $DIR =="
-  $BIN/scm init-dev --out "$DIR" --machines 1,2,3 | tee "$DIR.init.txt"
-  mv "$DIR.init.txt" "$DIR/init.txt"
+  $BIN/scm init-dev --out "$DIR" --machines 1,2,3   # also writes $DIR/init.txt
 fi
 
 echo "== starting the SCM =="

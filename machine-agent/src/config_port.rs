@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::storage::ConfigStore;
+use crate::storage::{ConfigStore, Fence};
 
 /// Shared state of the config port.
 pub struct ConfigPort {
@@ -260,23 +260,27 @@ impl ConfigPort {
                 version,
             } => {
                 let store = self.store.lock().await;
-                let applied = store.applied();
-                if let Some(a) = applied
-                    .as_ref()
-                    .filter(|a| generation != 0 && a.generation > generation)
-                {
-                    let text = format!(
-                        "generation {generation} is older than the applied generation {}; nothing written",
-                        a.generation
-                    );
-                    tracing::warn!("CONFIG refused: {text}");
-                    return nack(version, id, request_id, NackReason::NotAllowed, text);
+                let digest = crate::storage::sha(&content);
+                // Version 0 carries no generation, so only version 1 can be fenced.
+                let fence = if version == 1 {
+                    Fence::decide(store.applied().as_ref(), generation, &digest)
+                } else {
+                    Fence::Store
+                };
+                if let Fence::Stale { stored } = fence {
+                    let text = if stored == generation {
+                        format!(
+                            "generation {generation} with other content than the stored generation {stored}; nothing written"
+                        )
+                    } else {
+                        format!(
+                            "generation {generation} is older than the stored generation {stored}; nothing written"
+                        )
+                    };
+                    tracing::warn!("CONFIG refused (stale): {text}");
+                    return scm_proto::reply_frame(&Message::stale(request_id, stored, text), id);
                 }
-                let already = applied.is_some_and(|a| {
-                    generation != 0
-                        && a.generation == generation
-                        && a.sha256[..] == sha2::Sha256::digest(&content)[..]
-                });
+                let already = fence == Fence::Repeat;
                 let result = if already {
                     Ok(format!("generation {generation} already applied"))
                 } else {
@@ -450,7 +454,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn older_generation_refused_same_generation_idempotent() {
+    async fn stale_generations_are_refused_and_a_repeat_is_not_rewritten() {
         let d = tempfile::tempdir().unwrap();
         let p = port(d.path());
         assert!(
@@ -458,8 +462,15 @@ mod tests {
         );
         match answer(p.apply(&config(3, b"three")).await) {
             Message::Nack(n) => {
-                assert_eq!(n.reason(), NackReason::NotAllowed);
+                assert_eq!((n.reason(), n.generation), (NackReason::Stale, 5));
                 assert!(n.detail.contains("older"), "{}", n.detail);
+            }
+            m => panic!("{m:?}"),
+        }
+        match answer(p.apply(&config(5, b"other five")).await) {
+            Message::Nack(n) => {
+                assert_eq!((n.reason(), n.generation), (NackReason::Stale, 5));
+                assert!(n.detail.contains("other content"), "{}", n.detail);
             }
             m => panic!("{m:?}"),
         }

@@ -127,15 +127,13 @@ impl Agent {
     ) {
         let ms = Duration::from_millis;
         let t = &self.cfg.timeouts;
-        let config_port = config_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
-            .map(|a| a.port())
-            .unwrap_or(0);
+        let config_addr = config_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let config_port = config_addr.map(|a| a.port()).unwrap_or(0);
         let settings = link::LinkSettings {
             machine_id: self.cfg.machine_id,
             scm_address: self.cfg.scm.address.clone(),
             config_port,
+            source: link::source_for(config_addr),
             handshake: ms(t.handshake_ms),
             heartbeat: ms(t.heartbeat_ms),
             reply: ms(t.reply_ms),

@@ -42,6 +42,44 @@ pub struct Applied {
     pub len: usize,
 }
 
+/// What the generation fence decides about a version-1 CONFIG (docs/protocol.md section
+/// 7), from what is stored: generations only move forward, so a retried, late or foreign
+/// delivery can never roll the machine back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// Newer than what is stored (or nothing known is stored): store it.
+    Store,
+    /// The very generation stored, same content: answer ACK again without rewriting it.
+    Repeat,
+    /// Older than the stored generation, or the same generation with other content:
+    /// refuse with NACK `STALE`, nothing written.
+    Stale {
+        /// The generation stored.
+        stored: u64,
+    },
+}
+
+impl Fence {
+    /// Decides for a CONFIG of `generation` whose content hashes to `sha256`. A stored
+    /// generation 0 (a version-0 CONFIG, or a `config.meta` that did not name the
+    /// content) says nothing about order, so anything but a repeat of it is stored.
+    pub fn decide(stored: Option<&Applied>, generation: u64, sha256: &[u8; 32]) -> Fence {
+        let Some(stored) = stored else {
+            return Fence::Store;
+        };
+        let same = stored.sha256 == *sha256;
+        if generation == stored.generation && same {
+            return Fence::Repeat;
+        }
+        if stored.generation == 0 || generation > stored.generation {
+            return Fence::Store;
+        }
+        Fence::Stale {
+            stored: stored.generation,
+        }
+    }
+}
+
 /// Why storing failed.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -62,7 +100,8 @@ pub struct ConfigStore {
     dir: PathBuf,
 }
 
-fn sha(data: &[u8]) -> [u8; 32] {
+/// SHA-256 of `data`.
+pub fn sha(data: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(data).into()
 }
 
@@ -358,6 +397,71 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fence_only_lets_generations_move_forward() {
+        let (a, b) = (sha(b"a"), sha(b"b"));
+        let stored = |generation, sha256| Applied {
+            generation,
+            sha256,
+            len: 1,
+        };
+        let cases = [
+            (None, 1, a, Fence::Store, "nothing stored"),
+            (Some(stored(5, a)), 6, b, Fence::Store, "newer"),
+            (
+                Some(stored(5, a)),
+                6,
+                a,
+                Fence::Store,
+                "newer, same content",
+            ),
+            (Some(stored(5, a)), 5, a, Fence::Repeat, "a retried push"),
+            (
+                Some(stored(5, a)),
+                5,
+                b,
+                Fence::Stale { stored: 5 },
+                "same generation, other content",
+            ),
+            (
+                Some(stored(5, a)),
+                4,
+                b,
+                Fence::Stale { stored: 5 },
+                "older",
+            ),
+            (
+                Some(stored(5, a)),
+                4,
+                a,
+                Fence::Stale { stored: 5 },
+                "older, same content",
+            ),
+            (Some(stored(5, a)), 0, b, Fence::Stale { stored: 5 }, "zero"),
+            (
+                Some(stored(0, a)),
+                1,
+                b,
+                Fence::Store,
+                "stored by version 0",
+            ),
+            (
+                Some(stored(0, a)),
+                0,
+                a,
+                Fence::Repeat,
+                "version-0 content again",
+            ),
+        ];
+        for (stored, generation, digest, want, what) in cases {
+            assert_eq!(
+                Fence::decide(stored.as_ref(), generation, &digest),
+                want,
+                "{what}"
+            );
+        }
+    }
 
     #[test]
     fn save_keeps_previous_and_reports_generation() {

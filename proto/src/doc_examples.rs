@@ -80,6 +80,10 @@ fn examples() -> Vec<(&'static str, Frame)> {
             ),
         ),
         (
+            "v1-nack-stale",
+            v1(Message::stale(9, 5, "stored generation is 5"), 42),
+        ),
+        (
             "v1-swipe",
             v1(
                 Message::Swipe(Swipe {

@@ -42,6 +42,48 @@ pub const VERSION_1: u8 = 1;
 /// The protocol versions this crate speaks, lowest first.
 pub const SUPPORTED_VERSIONS: &[u8] = &[VERSION_0, VERSION_1];
 
+/// The byte order of a frame's ID and DATA_LENGTH.
+///
+/// The protocol is little-endian. Some version-0 machines (one public 2019/20
+/// simulator among them) encode both fields big-endian; a link to such a
+/// machine is configured with [`ByteOrder::Big`], which then applies to
+/// version-0 frames only: every other version is little-endian by definition,
+/// so a link can tell the two apart from the VERSION byte, which comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ByteOrder {
+    /// First byte least significant (the protocol's order).
+    #[default]
+    Little,
+    /// First byte most significant (non-conformant version-0 machines).
+    Big,
+}
+
+impl ByteOrder {
+    /// The order of a frame of `version` on a link whose version-0 frames use
+    /// `self`.
+    pub fn for_version(self, version: u8) -> ByteOrder {
+        if version == VERSION_0 {
+            self
+        } else {
+            ByteOrder::Little
+        }
+    }
+
+    fn read(self, bytes: [u8; 2]) -> u16 {
+        match self {
+            ByteOrder::Little => u16::from_le_bytes(bytes),
+            ByteOrder::Big => u16::from_be_bytes(bytes),
+        }
+    }
+
+    fn write(self, value: u16) -> [u8; 2] {
+        match self {
+            ByteOrder::Little => value.to_le_bytes(),
+            ByteOrder::Big => value.to_be_bytes(),
+        }
+    }
+}
+
 /// A message code (the CODE byte of the header).
 ///
 /// Codes 0-3, 150 and 151 exist in every version; [`Code::Swipe`] and
@@ -214,12 +256,23 @@ impl Frame {
     /// [`MAX_DATA_LEN`] (only possible for a frame built by hand); nothing is
     /// written to `dst` then.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.encode_with(dst, ByteOrder::Little)
+    }
+
+    /// [`Frame::encode`] on a link whose version-0 frames use `v0_order`
+    /// (see [`ByteOrder`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Frame::encode`].
+    pub fn encode_with(&self, dst: &mut BytesMut, v0_order: ByteOrder) -> Result<(), FrameError> {
         let len = check_data_len(self.data.len())?;
+        let order = v0_order.for_version(self.version);
         dst.reserve(self.encoded_len());
         dst.put_u8(self.version);
         dst.put_u8(self.code);
-        dst.put_u16_le(self.id);
-        dst.put_u16_le(len);
+        dst.put_slice(&order.write(self.id));
+        dst.put_slice(&order.write(len));
         dst.extend_from_slice(&self.data);
         Ok(())
     }
@@ -230,8 +283,17 @@ impl Frame {
     ///
     /// As [`Frame::encode`].
     pub fn to_bytes(&self) -> Result<Bytes, FrameError> {
+        self.to_bytes_with(ByteOrder::Little)
+    }
+
+    /// [`Frame::to_bytes`] on a link whose version-0 frames use `v0_order`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Frame::encode`].
+    pub fn to_bytes_with(&self, v0_order: ByteOrder) -> Result<Bytes, FrameError> {
         let mut dst = BytesMut::with_capacity(self.encoded_len());
-        self.encode(&mut dst)?;
+        self.encode_with(&mut dst, v0_order)?;
         Ok(dst.freeze())
     }
 
@@ -301,6 +363,7 @@ impl Frame {
                     request_id: 0,
                     reason: reason.into(),
                     detail,
+                    generation: 0,
                 };
                 (VERSION_1, prost::Message::encode_to_vec(&nack))
             }
@@ -424,19 +487,16 @@ pub enum FrameError {
 
 /// How many bytes the frame starting at `buf[0]` needs in total: the header
 /// length while the header is incomplete, then header plus declared data.
-pub(crate) fn needed_len(buf: &[u8]) -> usize {
-    match declared_len(buf) {
+pub(crate) fn needed_len(buf: &[u8], v0_order: ByteOrder) -> usize {
+    match declared_len(buf, v0_order) {
         Some(declared) => HEADER_LEN + declared,
         None => HEADER_LEN,
     }
 }
 
 /// DATA_LENGTH of the header at the start of `buf`, if the header is complete.
-fn declared_len(buf: &[u8]) -> Option<usize> {
-    match buf.get(4..HEADER_LEN) {
-        Some(&[lo, hi]) => Some(usize::from(u16::from_le_bytes([lo, hi]))),
-        _ => None,
-    }
+fn declared_len(buf: &[u8], v0_order: ByteOrder) -> Option<usize> {
+    Header::parse_with(buf, v0_order).map(|h| usize::from(h.data_len))
 }
 
 /// The header of a frame, parsed on its own: what a receiver knows about a
@@ -459,13 +519,21 @@ impl Header {
     /// Parses the header at the start of `buf`; `None` if `buf` is shorter
     /// than [`HEADER_LEN`].
     pub fn parse(buf: &[u8]) -> Option<Header> {
+        Header::parse_with(buf, ByteOrder::Little)
+    }
+
+    /// [`Header::parse`] on a link whose version-0 frames use `v0_order`.
+    pub fn parse_with(buf: &[u8], v0_order: ByteOrder) -> Option<Header> {
         match buf.get(..HEADER_LEN)? {
-            &[version, code, id_lo, id_hi, len_lo, len_hi] => Some(Header {
-                version,
-                code,
-                id: u16::from_le_bytes([id_lo, id_hi]),
-                data_len: u16::from_le_bytes([len_lo, len_hi]),
-            }),
+            &[version, code, id_a, id_b, len_a, len_b] => {
+                let order = v0_order.for_version(version);
+                Some(Header {
+                    version,
+                    code,
+                    id: order.read([id_a, id_b]),
+                    data_len: order.read([len_a, len_b]),
+                })
+            }
             _ => None,
         }
     }
@@ -484,6 +552,7 @@ impl Header {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameCodec {
     max_data_len: usize,
+    v0_order: ByteOrder,
 }
 
 impl FrameCodec {
@@ -492,7 +561,23 @@ impl FrameCodec {
     pub fn new(max_data_len: usize) -> Self {
         FrameCodec {
             max_data_len: max_data_len.min(MAX_DATA_LEN),
+            v0_order: ByteOrder::Little,
         }
+    }
+
+    /// This codec for a link whose version-0 frames encode ID and
+    /// DATA_LENGTH in `order` (see [`ByteOrder`]); frames of other versions
+    /// stay little-endian.
+    pub fn with_v0_byte_order(self, order: ByteOrder) -> Self {
+        FrameCodec {
+            v0_order: order,
+            ..self
+        }
+    }
+
+    /// The byte order of version-0 frames on this link.
+    pub fn v0_byte_order(&self) -> ByteOrder {
+        self.v0_order
     }
 
     /// The maximum data length this codec accepts when decoding.
@@ -519,11 +604,12 @@ impl Decoder for FrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        let Some(declared) = declared_len(src) else {
+        let Some(header) = Header::parse_with(src, self.v0_order) else {
             // The header is at most 6 bytes: reserving it is always safe.
             src.reserve(HEADER_LEN - src.len());
             return Ok(None);
         };
+        let declared = usize::from(header.data_len);
         if declared > self.max_data_len {
             return Err(FrameError::DataTooLong {
                 declared,
@@ -536,14 +622,11 @@ impl Decoder for FrameCodec {
             return Ok(None);
         }
         let mut raw = src.split_to(need);
-        let version = raw.get_u8();
-        let code = raw.get_u8();
-        let id = raw.get_u16_le();
-        raw.advance(2); // DATA_LENGTH, already read
+        raw.advance(HEADER_LEN); // already parsed
         Ok(Some(Frame {
-            version,
-            code,
-            id,
+            version: header.version,
+            code: header.code,
+            id: header.id,
             data: raw.freeze(),
         }))
     }
@@ -554,7 +637,7 @@ impl Decoder for FrameCodec {
             None if src.is_empty() => Ok(None),
             None => Err(FrameError::Truncated {
                 have: src.len(),
-                need: needed_len(src),
+                need: needed_len(src, self.v0_order),
             }),
         }
     }
@@ -564,7 +647,7 @@ impl Encoder<&Frame> for FrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
-        frame.encode(dst)
+        frame.encode_with(dst, self.v0_order)
     }
 }
 
@@ -572,7 +655,7 @@ impl Encoder<Frame> for FrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
-        frame.encode(dst)
+        frame.encode_with(dst, self.v0_order)
     }
 }
 

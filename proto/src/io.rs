@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
-use crate::frame::{Frame, FrameCodec, FrameError, Header, needed_len};
+use crate::frame::{ByteOrder, Frame, FrameCodec, FrameError, Header, needed_len};
 
 /// Bytes asked of the stream per read when the current frame needs less: a
 /// few small frames can arrive in one read without growing the buffer past
@@ -108,7 +108,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 None => idle_deadline,
             };
 
-            let need = needed_len(&self.buf);
+            let need = needed_len(&self.buf, self.codec.v0_byte_order());
             // `decode` returned None, so the buffer holds less than one frame
             // of at most `max_frame_len` bytes: `room` is at least one.
             let room = self.codec.max_frame_len().saturating_sub(self.buf.len());
@@ -169,7 +169,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     fn stalled(&self, after: Duration) -> ReadError {
         ReadError::Stalled {
             have: self.buf.len(),
-            need: needed_len(&self.buf),
+            need: needed_len(&self.buf, self.codec.v0_byte_order()),
             after,
         }
     }
@@ -200,7 +200,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// this tells the version and id to answer with (see
     /// [`Frame::protocol_nack`]).
     pub fn pending_header(&self) -> Option<Header> {
-        Header::parse(&self.buf)
+        Header::parse_with(&self.buf, self.codec.v0_byte_order())
     }
 }
 
@@ -212,9 +212,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 /// [`std::io::ErrorKind::InvalidInput`] wrapping [`FrameError::DataTooLong`]
 /// (nothing is written then) if the frame's data is longer than 65535 bytes.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
+    write_frame_with(w, frame, ByteOrder::Little).await
+}
+
+/// [`write_frame`] on a link whose version-0 frames use `v0_order` (see
+/// [`ByteOrder`]).
+///
+/// # Errors
+///
+/// As [`write_frame`].
+pub async fn write_frame_with<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &Frame,
+    v0_order: ByteOrder,
+) -> std::io::Result<()> {
     let mut buf = BytesMut::with_capacity(frame.encoded_len());
     frame
-        .encode(&mut buf)
+        .encode_with(&mut buf, v0_order)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     w.write_all(&buf).await?;
     w.flush().await
@@ -268,6 +282,7 @@ pub const QUEUE_MAX: usize = 16 * 1024;
 pub struct FrameWriter<W> {
     inner: W,
     queued: BytesMut,
+    v0_order: ByteOrder,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -276,7 +291,30 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         FrameWriter {
             inner,
             queued: BytesMut::new(),
+            v0_order: ByteOrder::Little,
         }
+    }
+
+    /// This writer for a link whose version-0 frames use `order` (see
+    /// [`ByteOrder`]).
+    pub fn with_v0_byte_order(self, order: ByteOrder) -> Self {
+        FrameWriter {
+            v0_order: order,
+            ..self
+        }
+    }
+
+    /// Queues `frame` and sends the queue: [`write_frame`] in this writer's
+    /// byte order.
+    ///
+    /// # Errors
+    ///
+    /// An I/O error, or one of kind [`std::io::ErrorKind::InvalidInput`]
+    /// wrapping [`FrameError::DataTooLong`] (nothing is queued then).
+    pub async fn write(&mut self, frame: &Frame) -> std::io::Result<()> {
+        self.queue(frame)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        self.send().await
     }
 
     /// Encodes `frame` at the end of the queue. Returns true when the queue has
@@ -286,7 +324,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     ///
     /// [`FrameError::DataTooLong`] (nothing is queued).
     pub fn queue(&mut self, frame: &Frame) -> Result<bool, FrameError> {
-        frame.encode(&mut self.queued)?;
+        frame.encode_with(&mut self.queued, self.v0_order)?;
         Ok(self.queued.len() >= QUEUE_MAX)
     }
 

@@ -60,10 +60,10 @@ pub mod io;
 pub mod v1;
 
 pub use frame::{
-    Code, Frame, FrameCodec, FrameError, HEADER_LEN, Header, MAX_DATA_LEN, MAX_NACK_DETAIL,
-    SUPPORTED_VERSIONS, VERSION_0, VERSION_1, reply_frame, text_frame,
+    ByteOrder, Code, Frame, FrameCodec, FrameError, HEADER_LEN, Header, MAX_DATA_LEN,
+    MAX_NACK_DETAIL, SUPPORTED_VERSIONS, VERSION_0, VERSION_1, reply_frame, text_frame,
 };
-pub use io::{FrameReader, ReadError, write_frame};
+pub use io::{FrameReader, ReadError, write_frame, write_frame_with};
 pub use v1::{Message, PayloadError};
 
 #[cfg(test)]

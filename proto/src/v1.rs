@@ -143,6 +143,18 @@ impl Message {
             request_id,
             reason: reason.into(),
             detail: detail.into(),
+            generation: 0,
+        })
+    }
+
+    /// A NACK `STALE` refusing the CONFIG `request_id` because the machine has stored
+    /// generation `stored` already (docs/protocol.md section 7).
+    pub fn stale(request_id: u64, stored: u64, detail: impl Into<String>) -> Message {
+        Message::Nack(Nack {
+            request_id,
+            reason: NackReason::Stale.into(),
+            detail: detail.into(),
+            generation: stored,
         })
     }
 

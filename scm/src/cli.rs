@@ -42,11 +42,13 @@ pub enum Cmd {
         #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
         bind: std::net::IpAddr,
         /// Host name or address agents and the back office use to reach the SCM (also
-        /// added to the SCM certificate), e.g. `scm` in a compose fleet.
-        #[arg(long, value_name = "HOST", default_value = "127.0.0.1")]
-        scm_host: String,
+        /// added to the SCM certificate), e.g. `scm` in a compose fleet. Default: the
+        /// --bind address when it is a specific one, else 127.0.0.1.
+        #[arg(long, value_name = "HOST")]
+        scm_host: Option<String>,
         /// Print-server address allowed on the card reader devices (repeatable).
-        #[arg(long, value_name = "IP", default_values_t = [std::net::IpAddr::from([127, 0, 0, 1])])]
+        /// Default: 127.0.0.1 and a specific --bind address.
+        #[arg(long, value_name = "IP")]
         allow: Vec<std::net::IpAddr>,
     },
     /// Hash a password (read from standard input) for `[[operator]] password_hash`.

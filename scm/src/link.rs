@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scm_certs::identity::{Identity, Role};
-use scm_proto::FrameCodec;
-use scm_proto::io::{FrameReader, FrameWriter, ReadError, write_frame};
+use scm_proto::io::{FrameReader, FrameWriter, ReadError};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -46,8 +45,8 @@ pub(crate) struct LinkSettings {
     pub stall: Duration,
     /// How long an in-band CONFIG waits for its answer.
     pub push_reply: Duration,
-    /// The machines this SCM knows.
-    pub known: std::collections::HashSet<u16>,
+    /// The machines this SCM knows, with the byte order of their version-0 frames.
+    pub machines: std::collections::HashMap<u16, dialect::ByteOrder>,
 }
 
 /// A future an [`Upcalls`] method returns.
@@ -199,14 +198,18 @@ where
     W: AsyncWrite + Unpin,
 {
     tracing::debug!(machine = cert_id, "agent link up");
-    let mut reader = FrameReader::new(r, FrameCodec::new(ctx.settings.max_frame_data));
+    // The certificate names the machine before its first frame, so a legacy machine's
+    // byte order is known before its HELLO is read.
+    let known = ctx.settings.machines.get(&cert_id).copied();
+    let order = known.unwrap_or_default();
+    let mut reader = FrameReader::new(r, order.codec(ctx.settings.max_frame_data));
     // Replies to frames that arrived together leave together: one TLS record and one
     // write for a burst of swipes instead of one per ACK (docs/benchmarks.md).
-    let mut w = FrameWriter::new(w);
+    let mut w = FrameWriter::new(w).with_v0_byte_order(order.wire());
     let machine = LinkMachine::new(Params {
         cert_id,
         peer,
-        known: ctx.settings.known.contains(&cert_id),
+        known: known.is_some(),
         idle: ctx.settings.idle,
         stall: ctx.settings.stall,
         push_reply: ctx.settings.push_reply,
@@ -302,9 +305,9 @@ impl Driver {
                         w.send().await?;
                     }
                 }
-                Action::ReplyNow(f) => write_frame(w, &f).await?,
+                Action::ReplyNow(f) => w.write(&f).await?,
                 Action::Farewell(f) => {
-                    let _ = write_frame(w, &f).await;
+                    let _ = w.write(&f).await;
                 }
                 Action::Count(reason) => crate::metrics::global().frames_refused.inc(&[reason]),
                 Action::RecordHello {

@@ -71,22 +71,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             allow,
         } => {
             let ids = scm::app::initdev::parse_machines(&machines)?;
-            let opts = scm::app::initdev::InitDevOptions {
-                bind,
-                scm_host,
-                allow,
-            };
+            let opts = scm::app::initdev::InitDevOptions::for_bind(bind, scm_host, allow);
             let r = scm::app::initdev::init_dev_with(&out, &ids, &opts)?;
-            println!(
-                "wrote development PKI and configurations to {}",
-                out.display()
-            );
-            println!("  scm:        {}", r.scm_config.display());
-            for (id, p) in &r.agent_configs {
-                println!("  agent {id:<5} {}", p.display());
-            }
-            println!("  backoffice: {}", r.backoffice_config.display());
-            println!("operator login: admin / {}", r.admin_password);
+            print!("{}", r.summary(&out));
+            println!("(this summary is also in {})", r.init_txt.display());
             Ok(())
         }
         Cmd::HashPassword => {

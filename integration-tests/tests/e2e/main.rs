@@ -3,12 +3,15 @@
 
 mod admin;
 mod admin_table;
+mod bigendian;
 mod crash;
 mod faults;
+mod fencing;
 mod fleet;
 mod frames;
 mod halfopen;
 mod hardening;
+mod initdev;
 mod json;
 mod metrics;
 mod mtls;

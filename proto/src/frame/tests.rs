@@ -530,3 +530,102 @@ fn text_and_reply_frames_always_fit() {
         m => panic!("{m:?}"),
     }
 }
+
+/// The byte-order rule as a table: (frame, v0 order of the link, wire bytes). Version-0
+/// frames follow the link's order; every other version is little-endian regardless.
+#[test]
+fn byte_order_applies_to_version_0_frames_only() {
+    let cases: [(Frame, ByteOrder, &[u8]); 6] = [
+        (
+            frame(VERSION_0, Code::Hello, 0x0102, b"hi"),
+            ByteOrder::Little,
+            b"\x00\x00\x02\x01\x02\x00hi",
+        ),
+        (
+            frame(VERSION_0, Code::Hello, 0x0102, b"hi"),
+            ByteOrder::Big,
+            b"\x00\x00\x01\x02\x00\x02hi",
+        ),
+        (
+            frame(VERSION_0, Code::Ack, 42, b"OK"),
+            ByteOrder::Big,
+            b"\x00\x96\x00\x2a\x00\x02OK",
+        ),
+        (
+            frame(VERSION_1, Code::Ack, 0x0102, b"\x08\x01"),
+            ByteOrder::Big,
+            b"\x01\x96\x02\x01\x02\x00\x08\x01",
+        ),
+        (
+            Frame {
+                version: 7,
+                code: 0,
+                id: 0x0102,
+                data: Bytes::from_static(b"x"),
+            },
+            ByteOrder::Big,
+            b"\x07\x00\x02\x01\x01\x00x",
+        ),
+        (
+            frame(VERSION_0, Code::Config, 0xff00, &[b'z'; 300]),
+            ByteOrder::Big,
+            &[],
+        ),
+    ];
+    for (f, order, wire) in cases {
+        let bytes = f.to_bytes_with(order).expect("encodable");
+        if wire.is_empty() {
+            // 300 bytes = 0x012c: big-endian `01 2c`.
+            assert_eq!(&bytes[..HEADER_LEN], b"\x00\x02\xff\x00\x01\x2c", "{f}");
+        } else {
+            assert_eq!(hex(&bytes), hex(wire), "{f} {order:?}");
+        }
+        let mut codec = FrameCodec::default().with_v0_byte_order(order);
+        let mut via_codec = BytesMut::new();
+        codec.encode(&f, &mut via_codec).expect("encodable");
+        assert_eq!(via_codec, bytes, "the codec encodes like the frame");
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert_eq!(codec.decode(&mut buf).expect("valid"), Some(f.clone()));
+        assert!(buf.is_empty());
+    }
+}
+
+/// A big-endian link keeps the codec's promises: an incomplete frame is "need more bytes"
+/// (nothing reserved beyond the frame), a declared length over the limit is refused from
+/// the header before anything is reserved, a partial frame at the end is `Truncated`.
+#[test]
+fn a_big_endian_link_checks_declared_lengths_before_allocating() {
+    let mut codec = FrameCodec::new(4096).with_v0_byte_order(ByteOrder::Big);
+    // DATA_LENGTH 0x0010 = 16 big-endian; read little-endian it would be 4096.
+    let mut buf = BytesMut::from(&[0u8, 1, 0, 42, 0x00, 0x10, b'a'][..]);
+    assert_eq!(codec.decode(&mut buf).expect("need more"), None);
+    assert!(buf.capacity() < 4096, "reserved {}", buf.capacity());
+    assert!(matches!(
+        codec.clone().decode_eof(&mut buf.clone()),
+        Err(FrameError::Truncated { have: 7, need: 22 })
+    ));
+    buf.put_slice(&[b'b'; 15]);
+    let f = codec.decode(&mut buf).expect("valid").expect("whole");
+    assert_eq!((f.id, f.data.len()), (42, 16));
+    // 0xea60 = 60000 big-endian; read little-endian it would be 0x60ea = 24810.
+    let mut buf = BytesMut::from(&[0u8, 2, 0, 42, 0xea, 0x60][..]);
+    match codec.decode(&mut buf) {
+        Err(FrameError::DataTooLong { declared, max }) => {
+            assert_eq!((declared, max), (60000, 4096))
+        }
+        r => panic!("{r:?}"),
+    }
+    assert!(buf.capacity() < 60000);
+    // A header cut short is "need more bytes", in either order.
+    let mut buf = BytesMut::from(&[0u8, 2, 0][..]);
+    assert_eq!(codec.decode(&mut buf).expect("need more"), None);
+    assert_eq!(
+        Header::parse_with(&[0, 151, 0x01, 0x02, 0x00, 0x05], ByteOrder::Big),
+        Some(Header {
+            version: 0,
+            code: 151,
+            id: 0x0102,
+            data_len: 5
+        })
+    );
+}

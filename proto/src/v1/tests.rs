@@ -218,13 +218,14 @@ fn nack_reason_numbers_are_fixed() {
         (NackReason::Expired, 8, "NACK_REASON_EXPIRED"),
         (NackReason::InvalidCard, 9, "NACK_REASON_INVALID_CARD"),
         (NackReason::Busy, 10, "NACK_REASON_BUSY"),
+        (NackReason::Stale, 11, "NACK_REASON_STALE"),
     ];
     for (reason, number, name) in expected {
         assert_eq!(reason as i32, number);
         assert_eq!(reason.as_str_name(), name);
         assert_eq!(NackReason::try_from(number), Ok(reason));
     }
-    assert!(NackReason::try_from(11).is_err());
+    assert!(NackReason::try_from(12).is_err());
 }
 
 #[test]
@@ -291,10 +292,15 @@ fn field_numbers_are_fixed() {
             generation: 3
         }
     );
-    let nack = Nack::decode(&[0x08, 1, 0x10, 4, 0x1a, 1, b'd'][..]).expect("valid");
+    let nack = Nack::decode(&[0x08, 1, 0x10, 4, 0x1a, 1, b'd', 0x20, 5][..]).expect("valid");
     assert_eq!(
-        (nack.request_id, nack.reason(), nack.detail.as_str()),
-        (1, NackReason::Malformed, "d")
+        (
+            nack.request_id,
+            nack.reason(),
+            nack.detail.as_str(),
+            nack.generation
+        ),
+        (1, NackReason::Malformed, "d", 5)
     );
 }
 

@@ -301,6 +301,12 @@ impl ScmConfig {
                     ),
                 ));
             }
+            if m.byte_order != crate::link::dialect::ByteOrder::Little && m.protocol_version != 0 {
+                return Err(invalid(
+                    format!("machine[{i}].byte_order"),
+                    "\"big\" is only for version-0 machines that send ID and DATA_LENGTH big-endian; version 1 is always little-endian: remove byte_order or set protocol_version = 0",
+                ));
+            }
         }
         let mut names = HashSet::new();
         for (i, o) in self.operators.iter().enumerate() {
@@ -448,7 +454,7 @@ impl ScmConfig {
             idle: Timeouts::ms(self.timeouts.agent_idle_ms),
             stall: Timeouts::ms(self.timeouts.frame_stall_ms),
             push_reply: Timeouts::ms(self.timeouts.push_reply_ms),
-            known: self.machines.iter().map(|m| m.id).collect(),
+            machines: self.machines.iter().map(|m| (m.id, m.byte_order)).collect(),
         }
     }
 
@@ -496,6 +502,41 @@ id = 2
 protocol_version = 0
 config_addr = "10.0.0.2:9301"
 "#;
+
+    #[test]
+    fn byte_order_is_little_unless_a_version_0_machine_says_big() {
+        use crate::link::dialect::ByteOrder;
+        let c = ScmConfig::parse(MIN, "t", &Env::new()).unwrap();
+        assert_eq!(c.machine(2).unwrap().byte_order, ByteOrder::Little);
+        let big = MIN.replace(
+            "protocol_version = 0\n",
+            "protocol_version = 0\nbyte_order = \"big\"\n",
+        );
+        let c = ScmConfig::parse(&big, "t", &Env::new()).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.machine(2).unwrap().byte_order, ByteOrder::Big);
+        let v1 = MIN.replace("id = 1\n", "id = 1\nbyte_order = \"big\"\n");
+        let e = ScmConfig::parse(&v1, "t", &Env::new())
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("machine[0].byte_order") && e.contains("version-0"),
+            "{e}"
+        );
+        let bad = MIN.replace(
+            "protocol_version = 0\n",
+            "protocol_version = 0\nbyte_order = \"BE\"\n",
+        );
+        let e = ScmConfig::parse(&bad, "t", &Env::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"BE\" is not a byte order; use \"little\"") && e.contains("byte_order"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn minimal_file_gets_defaults() {

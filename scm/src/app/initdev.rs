@@ -41,8 +41,28 @@ pub struct InitDevResult {
     pub agent_configs: Vec<(u16, PathBuf)>,
     /// The back office's configuration.
     pub backoffice_config: PathBuf,
-    /// The admin operator's generated password (also in backoffice.toml).
+    /// The admin operator's generated password (also in backoffice.toml and init.txt).
     pub admin_password: String,
+    /// `init.txt`: what was written and the operator login, as [`InitDevResult::summary`].
+    pub init_txt: PathBuf,
+}
+
+impl InitDevResult {
+    /// What `init-dev` prints and keeps in `init.txt`: the files and the operator login
+    /// (the line `operator login: admin / PASSWORD`, which scripts read).
+    pub fn summary(&self, out: &Path) -> String {
+        let mut s = format!(
+            "wrote development PKI and configurations to {}\n  scm:        {}\n",
+            out.display(),
+            self.scm_config.display()
+        );
+        for (id, p) in &self.agent_configs {
+            let _ = writeln!(s, "  agent {id:<5} {}", p.display());
+        }
+        let _ = writeln!(s, "  backoffice: {}", self.backoffice_config.display());
+        let _ = writeln!(s, "operator login: admin / {}", self.admin_password);
+        s
+    }
 }
 
 /// Default agent-link port of the SCM.
@@ -87,16 +107,48 @@ impl Default for InitDevOptions {
 }
 
 impl InitDevOptions {
+    /// The options for listeners bound to `bind`, with the defaults filled in so that the
+    /// fleet agrees on one address: the SCM is reached at `scm_host`, else at `bind` when
+    /// that is a specific address (else at 127.0.0.1, the address a container's own
+    /// processes share); print servers are allowed from `allow`, else from 127.0.0.1 and
+    /// a specific `bind` (a print server on this host connecting to 127.0.0.22 comes from
+    /// 127.0.0.1, the loopback's source address).
+    pub fn for_bind(bind: IpAddr, scm_host: Option<String>, allow: Vec<IpAddr>) -> Self {
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let scm_host = scm_host.unwrap_or_else(|| {
+            if bind.is_unspecified() {
+                localhost.to_string()
+            } else {
+                bind.to_string()
+            }
+        });
+        let allow = if allow.is_empty() {
+            let mut a = vec![localhost];
+            if !bind.is_unspecified() && bind != localhost {
+                a.push(bind);
+            }
+            a
+        } else {
+            allow
+        };
+        InitDevOptions {
+            bind,
+            scm_host,
+            allow,
+        }
+    }
+
     /// Checks the options: a host name the certificate can carry, a non-empty allow list
     /// of specific addresses.
     pub fn validate(&self) -> Result<(), InitDevError> {
         let host = self.scm_host.trim();
+        let ip = host.parse::<IpAddr>().is_ok();
         if host.is_empty()
-            || host.contains([':', '/', ' '])
+            || (!ip && host.contains([':', '/', ' ']))
             || rustls::pki_types::ServerName::try_from(host).is_err()
         {
             return Err(InitDevError::Usage(format!(
-                "--scm-host {:?} is not a host name or IPv4 address (no port), e.g. scm or 10.0.0.5",
+                "--scm-host {:?} is not a host name or IP address (no port), e.g. scm or 10.0.0.5",
                 self.scm_host
             )));
         }
@@ -113,9 +165,13 @@ impl InitDevOptions {
         Ok(())
     }
 
-    /// `host:port` with the SCM host.
+    /// `host:port` with the SCM host (an IPv6 address in brackets).
     fn scm(&self, port: u16) -> String {
-        format!("{}:{port}", self.scm_host.trim())
+        let host = self.scm_host.trim();
+        match host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port).to_string(),
+            Err(_) => format!("{host}:{port}"),
+        }
     }
 
     /// `ip:port` with the bind address.
@@ -331,12 +387,15 @@ pub fn init_dev_with(
     );
     write(&backoffice_config, &text, true)?;
 
-    Ok(InitDevResult {
+    let result = InitDevResult {
         scm_config,
         agent_configs,
         backoffice_config,
         admin_password,
-    })
+        init_txt: out.join("init.txt"),
+    };
+    write(&result.init_txt, &result.summary(out), true)?;
+    Ok(result)
 }
 
 #[cfg(test)]
@@ -378,6 +437,11 @@ mod tests {
         assert_eq!(r.agent_configs.len(), 2);
         let bo = std::fs::read_to_string(&r.backoffice_config).unwrap();
         assert!(bo.contains(&r.admin_password));
+        let init = std::fs::read_to_string(d.path().join("init.txt")).unwrap();
+        assert!(
+            init.contains(&format!("operator login: admin / {}\n", r.admin_password)),
+            "{init}"
+        );
         assert!(
             bo.contains(&format!("[admin]\naddress = \"127.0.0.1:{ADMIN_PORT}\"")),
             "{bo}"
@@ -388,6 +452,8 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        let mode = std::fs::metadata(&r.init_txt).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "init.txt holds the password");
         assert!(matches!(
             init_dev(d.path(), &[1]),
             Err(InitDevError::Exists(_))
@@ -441,6 +507,69 @@ mod tests {
         };
         check("scm").unwrap();
         assert!(check("agent-1").is_err(), "a name it was not issued for");
+    }
+
+    #[test]
+    fn a_specific_bind_address_is_where_the_fleet_meets() {
+        let cases = [
+            (
+                "127.0.0.22",
+                None,
+                "127.0.0.22",
+                "127.0.0.22:9300",
+                vec!["127.0.0.1", "127.0.0.22"],
+            ),
+            (
+                "127.0.0.1",
+                None,
+                "127.0.0.1",
+                "127.0.0.1:9300",
+                vec!["127.0.0.1"],
+            ),
+            (
+                "0.0.0.0",
+                None,
+                "127.0.0.1",
+                "127.0.0.1:9300",
+                vec!["127.0.0.1"],
+            ),
+            ("0.0.0.0", Some("scm"), "scm", "scm:9300", vec!["127.0.0.1"]),
+            (
+                "10.0.0.5",
+                Some("scm.example"),
+                "scm.example",
+                "scm.example:9300",
+                vec!["127.0.0.1", "10.0.0.5"],
+            ),
+            ("::1", None, "::1", "[::1]:9300", vec!["127.0.0.1", "::1"]),
+        ];
+        for (bind, host, want_host, want_scm, want_allow) in cases {
+            let o = InitDevOptions::for_bind(bind.parse().unwrap(), host.map(String::from), vec![]);
+            o.validate().unwrap_or_else(|e| panic!("{bind}: {e}"));
+            assert_eq!(o.scm_host, want_host, "{bind}");
+            assert_eq!(o.scm(9300), want_scm, "{bind}");
+            let allow: Vec<IpAddr> = want_allow.iter().map(|a| a.parse().unwrap()).collect();
+            assert_eq!(o.allow, allow, "{bind}");
+        }
+        let explicit = vec!["10.1.1.1".parse().unwrap()];
+        let o = InitDevOptions::for_bind("127.0.0.22".parse().unwrap(), None, explicit.clone());
+        assert_eq!(o.allow, explicit, "--allow replaces the default");
+
+        let d = tempfile::tempdir().unwrap();
+        let opts = InitDevOptions::for_bind("127.0.0.22".parse().unwrap(), None, vec![]);
+        let r = init_dev_with(d.path(), &[1], &opts).unwrap();
+        let cfg = crate::app::config::ScmConfig::load(&r.scm_config, &Default::default()).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.listen.agents, "127.0.0.22:9300");
+        let agent = std::fs::read_to_string(&r.agent_configs[0].1).unwrap();
+        assert!(
+            agent.contains("[scm]\naddress = \"127.0.0.22:9300\""),
+            "{agent}"
+        );
+        assert!(agent.contains("config = \"127.0.0.22:9301\""), "{agent}");
+        let bo = std::fs::read_to_string(&r.backoffice_config).unwrap();
+        assert!(bo.contains("address = \"127.0.0.22:2323\""), "{bo}");
+        assert!(bo.contains("address = \"127.0.0.22:9443\""), "{bo}");
     }
 
     #[test]

@@ -584,6 +584,7 @@ mod tests {
             config_addr: None,
             groups: vec!["presses".into()],
             labels: vec!["hall-a".into()],
+            byte_order: Default::default(),
         }
     }
 

@@ -9,6 +9,50 @@ use scm_proto::{Code, Frame, FrameError};
 
 use crate::state::Generation;
 
+/// `byte_order` of a `[[machine]]`: how a version-0 machine encodes the ID and
+/// DATA_LENGTH of its frames. The protocol says little-endian; some legacy machines (one
+/// public 2019/20 simulator) send both big-endian, and are configured `"big"`. It applies
+/// to version-0 frames only (`scm_proto::ByteOrder`): a version-1 frame on the same link is
+/// little-endian, and `app::config` refuses `"big"` for a version-1 machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum ByteOrder {
+    /// The protocol's order.
+    #[default]
+    Little,
+    /// Non-conformant version-0 machines.
+    Big,
+}
+
+impl<'de> serde::Deserialize<'de> for ByteOrder {
+    // By hand, so that a wrong value is answered with the two right ones and what they
+    // are for, not with serde's "no variant" message.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "little" => Ok(ByteOrder::Little),
+            "big" => Ok(ByteOrder::Big),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a byte order; use \"little\" (the protocol's, the default) or \"big\" (a version-0 machine that sends ID and DATA_LENGTH big-endian)"
+            ))),
+        }
+    }
+}
+
+impl ByteOrder {
+    /// The codec's order for this machine's version-0 frames.
+    pub(crate) fn wire(self) -> scm_proto::ByteOrder {
+        match self {
+            ByteOrder::Little => scm_proto::ByteOrder::Little,
+            ByteOrder::Big => scm_proto::ByteOrder::Big,
+        }
+    }
+
+    /// The frame codec for a link to this machine, accepting at most `max_data` bytes.
+    pub(crate) fn codec(self, max_data: usize) -> scm_proto::FrameCodec {
+        scm_proto::FrameCodec::new(max_data).with_v0_byte_order(self.wire())
+    }
+}
+
 /// A protocol version this SCM speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Dialect {
@@ -218,17 +262,27 @@ impl Dialect {
             },
             Dialect::V1 => match Message::decode(frame)? {
                 Message::Ack(a) if a.request_id == request_id => Ok(Reply::Ack(a.detail)),
-                Message::Nack(n) if n.request_id == request_id => Ok(Reply::Nack(format!(
-                    "{} ({})",
-                    n.detail,
-                    n.reason().as_str_name()
-                ))),
+                Message::Nack(n) if n.request_id == request_id => Ok(Reply::Nack(nack_text(&n))),
                 m => Err(AnswerError::Unexpected {
                     code: m.code().name(),
                     request_id: m.request_id(),
                 }),
             },
         }
+    }
+}
+
+/// How a version-1 NACK of a CONFIG reads in the attempt's record and the operator's
+/// reply.
+fn nack_text(n: &v1::Nack) -> String {
+    match n.reason() {
+        // Final, as every NACK: a fenced machine refuses the same generation again, so
+        // retrying it could only loop.
+        NackReason::Stale => format!(
+            "{} (NACK_REASON_STALE: the machine has generation {} stored, so this SCM's generation is behind it; not retried: push from the SCM that holds the newer generations, or push again until the generation passes {})",
+            n.detail, n.generation, n.generation
+        ),
+        reason => format!("{} ({})", n.detail, reason.as_str_name()),
     }
 }
 
@@ -375,6 +429,30 @@ mod tests {
             Message::Nack(n) => assert_eq!((n.request_id, n.reason()), (9, NackReason::NotAllowed)),
             m => panic!("{m:?}"),
         }
+    }
+
+    #[test]
+    fn a_stale_nack_is_a_final_nack_naming_the_stored_generation() {
+        let stale = scm_proto::reply_frame(
+            &Message::stale(5, 8, "generation 3 is older than the stored generation 8"),
+            7,
+        );
+        match Dialect::V1.parse_reply(&stale, 7, 5) {
+            Ok(Reply::Nack(t)) => {
+                assert!(t.contains("older than the stored generation 8"), "{t}");
+                assert!(t.contains("STALE") && t.contains("not retried"), "{t}");
+            }
+            r => panic!("{r:?}"),
+        }
+        let result =
+            crate::ops::push::PushResult::from_answer(3, Dialect::V1.parse_reply(&stale, 7, 5));
+        assert!(
+            matches!(
+                result,
+                crate::ops::push::PushResult::Nack { generation: 3, .. }
+            ),
+            "{result:?}"
+        );
     }
 
     #[test]

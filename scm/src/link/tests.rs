@@ -4,6 +4,8 @@
 use std::sync::Mutex;
 
 use scm_common::lock::LockExt;
+use scm_proto::FrameCodec;
+use scm_proto::io::write_frame;
 use scm_proto::v1::{self, Message, NackReason};
 use tokio::io::duplex;
 
@@ -77,7 +79,7 @@ async fn the_link_asks_the_layer_above_through_its_upcalls_only() {
             idle: Duration::from_secs(30),
             stall: Duration::from_secs(5),
             push_reply: Duration::from_secs(5),
-            known: [7].into_iter().collect(),
+            machines: [(7, dialect::ByteOrder::Little)].into_iter().collect(),
         },
         fleet: store.fleet().clone(),
         sessions: sessions.clone(),

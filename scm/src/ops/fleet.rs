@@ -45,6 +45,9 @@ pub(crate) struct MachineConfig {
     /// machine carrying exactly that label.
     #[serde(default)]
     pub(crate) labels: Vec<String>,
+    /// How a version-0 machine orders the bytes of ID and DATA_LENGTH.
+    #[serde(default)]
+    pub(crate) byte_order: crate::link::dialect::ByteOrder,
 }
 
 fn default_version() -> u8 {

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scm_certs::identity::Identity;
-use scm_proto::io::{FrameReader, write_frame};
-use scm_proto::{Frame, FrameCodec};
+use scm_proto::Frame;
+use scm_proto::io::{FrameReader, write_frame_with};
 use tokio::net::TcpStream;
 
-use crate::link::dialect::Dialect;
 pub(crate) use crate::link::dialect::{AnswerError, PushResult, Reply};
+use crate::link::dialect::{ByteOrder, Dialect};
 use crate::ops::Ops;
 use crate::state::{Durability, Generation, Outcome, StoreError};
 
@@ -237,9 +237,17 @@ async fn send_config(ops: &Ops, target: &str, generation: &Generation) -> Result
     let (r, mut w) = tokio::io::split(tls);
     let request_id = ops.next_id();
     let frame = config_frame(version, generation, request_id).map_err(SendError::Frame)?;
-    write_frame(&mut w, &frame).await.map_err(SendError::Send)?;
+    let codec = ops
+        .settings
+        .machine(id)
+        .map(|m| m.byte_order)
+        .unwrap_or(ByteOrder::Little)
+        .codec(4096);
+    write_frame_with(&mut w, &frame, codec.v0_byte_order())
+        .await
+        .map_err(SendError::Send)?;
     scm_common::failpoint::pause("scm-after-config-sent").await;
-    let mut reader = FrameReader::new(r, FrameCodec::new(4096));
+    let mut reader = FrameReader::new(r, codec);
     let reply_timeout = ops.settings.push_reply;
     let answer = reader
         .read_frame(Some(reply_timeout), reply_timeout)
