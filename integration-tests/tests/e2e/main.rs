@@ -14,6 +14,7 @@ mod metrics;
 mod mtls;
 mod relay;
 mod rfideas;
+mod swipe_path;
 mod swipes;
 mod tables;
 mod telnet;
