@@ -655,8 +655,11 @@ fn at_its_in_flight_limit_the_241_bridge_answers_busy_counts_and_journals_once()
     let deadline = Instant::now() + WAIT;
     let m = loop {
         let m = rig.metrics();
-        if metric(&m, "scm_rfideas_swipes_total{device=\"1/r1\",outcome=\"busy\"}")
-            .is_some_and(|n| n >= 1)
+        if metric(
+            &m,
+            "scm_rfideas_swipes_total{device=\"1/r1\",outcome=\"busy\"}",
+        )
+        .is_some_and(|n| n >= 1)
         {
             break m;
         }

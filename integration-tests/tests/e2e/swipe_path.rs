@@ -195,7 +195,10 @@ fn a_flood_of_busy_retries_keeps_one_journal_row_per_swipe_and_the_wal_bounded()
     let deadline = Instant::now() + WAIT;
     let (ids, by) = loop {
         let (rows, ids, by) = journal_counts(&db);
-        assert!(rows <= SWIPES, "{rows} journal rows for {SWIPES} swipes: {by:?}");
+        assert!(
+            rows <= SWIPES,
+            "{rows} journal rows for {SWIPES} swipes: {by:?}"
+        );
         if rows == SWIPES && by.iter().all(|(o, _)| o != "queued") {
             break (ids, by);
         }
@@ -215,7 +218,11 @@ fn a_flood_of_busy_retries_keeps_one_journal_row_per_swipe_and_the_wal_bounded()
 
 /// Keeps connecting to `addr` as a print server that always reconnects at once, until
 /// `stop`; counts its connections.
-fn flapper(addr: SocketAddr, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+fn flapper(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 256];
         while !stop.load(Ordering::SeqCst) {
@@ -223,15 +230,17 @@ fn flapper(addr: SocketAddr, stop: Arc<AtomicBool>, count: Arc<AtomicU64>) -> st
                 continue;
             };
             count.fetch_add(1, Ordering::SeqCst);
-            c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
             let _ = c.write_all(b"\r");
             // Until the SCM closes it (or the test ends).
             loop {
                 match c.read(&mut buf) {
                     Ok(0) => break,
                     Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.kind() == std::io::ErrorKind::TimedOut =>
                     {
                         if stop.load(Ordering::SeqCst) {
                             return;
@@ -347,7 +356,9 @@ fn the_version_answer_is_only_for_v_and_never_glues_onto_a_card_line() {
     );
     // And the answer is never LF-terminated text of its own (no card look-alike).
     assert!(
-        lines.iter().all(|l| *l == "VCARD001" || l.is_empty() || l.ends_with('\r')),
+        lines
+            .iter()
+            .all(|l| *l == "VCARD001" || l.is_empty() || l.ends_with('\r')),
         "{text:?}"
     );
 }

@@ -211,6 +211,7 @@ impl scm_common::http::Endpoints for Endpoints {
             swipes: &self.hub.swipes.stats,
             devices: self.hub.swipes.bridge().status(None),
         });
+        text.push_str(&self.hub.swipes.bridge().metrics_text());
         text.push_str(&self.hub.swipes.rfideas().metrics_text());
         text.push_str(&self.fleet_and_certificates().await);
         text
