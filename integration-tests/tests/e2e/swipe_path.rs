@@ -325,9 +325,10 @@ fn the_version_answer_is_only_for_v_and_never_glues_onto_a_card_line() {
     let mut c = TcpStream::connect(port).unwrap();
     c.set_read_timeout(Some(WAIT)).unwrap();
     fleet.scm.wait_for("print server 127.0.0.1:");
-    // A probe that merely ends in `v` is not a version request; a `v` after it is.
-    c.write_all(b"\rrfid dev").unwrap();
-    c.write_all(b"\r").unwrap();
+    // Probes, `e` and `b` are not answered; the `v` is, once.
+    c.write_all(b"\rrfid prompt").unwrap();
+    c.write_all(b"\re").unwrap();
+    c.write_all(b"\rb").unwrap();
     c.write_all(b"\rv").unwrap();
     let mut got = Vec::new();
     let mut b = [0u8; 256];

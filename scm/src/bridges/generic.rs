@@ -1093,20 +1093,15 @@ async fn sleep_until(t: Option<Instant>) {
     }
 }
 
-/// The command a chunk ends with, as PaperCut's sample terminal reads it: the last byte
-/// of its last whitespace-separated word, when that word is made of the one-letter
-/// commands only (`v`, `e`, `b`; several sent back to back arrive as one word). A probe
-/// string that merely ends in one of those letters (`... dev`) is no command: answering
-/// it would send text the print server did not ask for.
+/// The last non-whitespace byte of a chunk: the command in PaperCut's sample terminal.
+/// (Not a stricter rule such as "a word of its own": a probe string and the `v` after it
+/// often arrive in one read, `rfid promptv`, and the version request must be answered.)
 pub fn last_command(chunk: &[u8]) -> Option<u8> {
-    let word = chunk
-        .split(u8::is_ascii_whitespace)
-        .rfind(|w| !w.is_empty())?;
-    if word.iter().all(|b| b"veb".contains(b)) {
-        word.last().copied()
-    } else {
-        None
-    }
+    chunk
+        .iter()
+        .rev()
+        .find(|b| !b.is_ascii_whitespace())
+        .copied()
 }
 
 /// Whole seconds, rounded up, at least 1 (the kernel counts keep-alive times in seconds).

@@ -384,8 +384,9 @@ pub(crate) async fn journal_keeps_one_row_per_swipe_and_retries_update_refused_o
     use JournalOutcome::*;
     let f = new();
     let j = f.store.journal().clone();
-    // (batch of records, then the row of e1: outcome, detail)
-    let table: &[(&[(u16, JournalOutcome, &str)], (JournalOutcome, &str))] = &[
+    // (batch of records: machine, state, detail; then the row of e1: state, detail)
+    type Records<'a> = &'a [(u16, JournalOutcome, &'a str)];
+    let table: &[(Records<'_>, (JournalOutcome, &str))] = &[
         // Refused, retried, refused again: one row, the latest refusal.
         (
             &[(1, Busy, "full 1"), (1, Busy, "full 2")],
