@@ -19,6 +19,12 @@ pub(crate) trait Bridge: Send + Sync {
     fn name(&self) -> &'static str;
     /// Whether this bridge takes the swipes of `reader` at `machine`.
     fn route(&self, machine: u16, reader: &str) -> Route;
+    /// Whether the device of `reader` at `machine` can take one more swipe now. A refusal
+    /// is counted by the bridge (its busy metric). The swipe path asks every bridge a
+    /// swipe is routed to before it journals the swipe as queued, so that a swipe is
+    /// queued on all of them or refused as BUSY (and sent again by the agent): never taken
+    /// by one bridge while another dropped it.
+    fn admit(&self, machine: u16, reader: &str) -> Result<(), SubmitError>;
     /// Takes a swipe for delivery and returns at once; every swipe taken gets exactly one
     /// outcome report.
     fn submit(&self, machine: u16, reader: &str, swipe: BridgeSwipe) -> Result<(), SubmitError>;
@@ -80,7 +86,7 @@ pub(crate) enum SubmitError {
     /// No device of the bridge is configured for that machine and reader.
     #[error("no device is configured for this machine and reader")]
     NoDevice,
-    /// The device's queue holds `max` swipes already.
+    /// The device's queue (Generic) or its swipes in flight (241) are at their bound.
     #[error("the device's queue is full ({max} swipes waiting); swipe refused")]
     QueueFull {
         /// The queue's bound (`queue_max`).

@@ -201,10 +201,16 @@ pub(crate) struct AuditRow {
     pub detail: String,
 }
 
-/// What became of a swipe, as the journal records it (stored as [`JournalOutcome::as_str`]).
+/// A swipe's state in the journal (stored as [`JournalOutcome::as_str`]), one row per
+/// swipe (per event id). A swipe the SCM receives gets its row when the bridges have
+/// answered: [`Queued`](Self::Queued) (committed before any bridge may write it),
+/// [`NoRoute`](Self::NoRoute), or refused ([`Busy`](Self::Busy),
+/// [`Rejected`](Self::Rejected)). A queued swipe ends [`Delivered`](Self::Delivered),
+/// [`Expired`](Self::Expired) or [`Failed`](Self::Failed). An agent's retry of a refused
+/// swipe updates the same row (see docs/swipes.md, "Life cycle in the journal").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum JournalOutcome {
-    /// Handed to a bridge; no final outcome yet.
+    /// Handed to a bridge; no final outcome yet (it may be being written).
     Queued,
     /// No bridge device for its reader; recorded only.
     NoRoute,
@@ -216,11 +222,19 @@ pub(crate) enum JournalOutcome {
     Expired,
     /// The 241 bridge gave up on it.
     Failed,
-    /// The device's queue was full.
+    /// Refused because a device's queue was full; the agent sends it again.
     Busy,
 }
 
 impl JournalOutcome {
+    /// Whether a swipe in this state was refused, so that nothing of it reached a
+    /// bridge: its event id is not de-duplicated, and the agent's next copy is taken
+    /// (and updates the same row). Every other state may have been written to a print
+    /// server, so its event id is remembered, across restarts too.
+    pub(crate) fn refused(self) -> bool {
+        matches!(self, Self::Busy | Self::Rejected)
+    }
+
     /// The stored text.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -277,10 +291,11 @@ pub(crate) struct SwipeRecord {
 /// One write to the swipe journal.
 #[derive(Debug)]
 pub(crate) enum JournalOp {
-    /// A new record; the sender, if any, is told once the batch holding it is committed
-    /// (or has failed).
+    /// A swipe's record: a new row, or the update of its row if that row is refused
+    /// (the agent's retry); a row in any other state is left as it is. The sender, if
+    /// any, is told once the batch holding it is committed (or has failed).
     Insert(SwipeRecord, Option<oneshot::Sender<()>>),
-    /// A bridge's outcome for the newest record of `event_id`.
+    /// A bridge's outcome for the record of `event_id`.
     Outcome {
         /// The swipe.
         event_id: String,
@@ -438,16 +453,22 @@ pub(crate) trait SwipeJournal: Send + Sync {
     /// Waits (blocking, at most `max`) until no operation of the rest of the store is in
     /// flight; returns whether it waited.
     fn yield_to_store(&self, max: Duration) -> bool;
-    /// Event ids and received times of the newest records, at most `limit`, back to
-    /// `since_ms`, oldest first. Start-up: blocks the calling thread.
+    /// Event ids and received times of the newest records that were not refused (see
+    /// [`JournalOutcome::refused`]), at most `limit`, back to `since_ms`, oldest first.
+    /// Start-up: blocks the calling thread.
     fn recent_event_ids(
         &self,
         limit: usize,
         since_ms: i64,
     ) -> Result<Vec<(String, i64)>, StoreError>;
     /// Moves committed journal writes to their final place without blocking writers
-    /// (SQLite: a PASSIVE checkpoint of the write-ahead log).
+    /// (SQLite: a PASSIVE checkpoint of the write-ahead log), and keeps the log's file
+    /// bounded (SQLite: a TRUNCATE checkpoint, which waits briefly for the writers, once
+    /// the log has grown past a bound).
     fn checkpoint(&self) -> StoreFuture<'_, ()>;
+    /// Retention: deletes the oldest records beyond the newest `max_rows` and those
+    /// received before `before_ms`, at most `chunk` of them; returns how many.
+    fn prune(&self, max_rows: u64, before_ms: i64, chunk: u32) -> StoreFuture<'_, u64>;
     /// The newest records, newest first.
     fn list(&self, limit: u32) -> StoreFuture<'_, Vec<SwipeRow>>;
 }

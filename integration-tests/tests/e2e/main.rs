@@ -17,6 +17,7 @@ mod metrics;
 mod mtls;
 mod relay;
 mod rfideas;
+mod swipe_path;
 mod swipes;
 mod tables;
 mod telnet;

@@ -623,3 +623,65 @@ fn a_device_in_241_mode_only() {
     assert!(l.contains("no swipe URL"), "{l}");
     assert!(!s.stdout().contains("NOURL002"));
 }
+
+/// The value of the first metrics line starting with `prefix`, if any.
+fn metric(text: &str, prefix: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn at_its_in_flight_limit_the_241_bridge_answers_busy_counts_and_journals_once() {
+    let rig = Rig::start(
+        &[1],
+        &[("SCM__RFIDEAS_BRIDGE__IN_FLIGHT_MAX", "2".into())],
+        5_000,
+    );
+    let dev = rig.dev();
+    let (s, addr) = https_sim(
+        &dev.join("scm.pem"),
+        &dev.join("scm-key.pem"),
+        &["--respond", "hang"],
+    );
+    configure_url(&rig, &format!("https://{addr}/swipe?card={{card}}"));
+    // Two swipes the print server never answers fill the device's in-flight limit (the
+    // Generic device of the same reader has room: no print server, a queue of 64).
+    swipe(&dev, 1, "HOLD0001");
+    s.wait_stdout("CARD HOLD0001");
+    swipe(&dev, 1, "HOLD0002");
+    s.wait_stdout("CARD HOLD0002");
+    swipe(&dev, 1, "HOLD0003");
+    let deadline = Instant::now() + WAIT;
+    let m = loop {
+        let m = rig.metrics();
+        if metric(
+            &m,
+            "scm_rfideas_swipes_total{device=\"1/r1\",outcome=\"busy\"}",
+        )
+        .is_some_and(|n| n >= 1)
+        {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the third swipe was not refused as BUSY:\n{m}"
+        );
+    };
+    assert!(
+        metric(&m, "scm_swipes_total{outcome=\"busy\"}").is_some_and(|n| n >= 1),
+        "{m}"
+    );
+    // Not acknowledged: the held swipes keep the device full for seconds yet.
+    let agent = rig.agents[0].logs();
+    assert_eq!(
+        agent.matches("swipe acknowledged by the SCM").count(),
+        2,
+        "{agent}"
+    );
+    // Journaled once, naming the bridge that was full, though the agent retries.
+    let line = rig.wait_listing("****0003", "busy");
+    assert!(line.contains("rfideas 1/r1"), "{line}");
+    let out = rig.backoffice(&["swipes"]);
+    assert_eq!(out.matches("****0003").count(), 1, "{out}");
+}

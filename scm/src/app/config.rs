@@ -347,6 +347,12 @@ impl ScmConfig {
                 "need 0 < default_ttl_ms <= max_ttl_ms and dedup_max > 0",
             ));
         }
+        if sw.journal_max_rows == 0 || sw.journal_max_age_days == 0 {
+            return Err(invalid(
+                "swipes",
+                "need journal_max_rows > 0 and journal_max_age_days > 0",
+            ));
+        }
         crate::bridges::generic::validate(&self.generic, &self.bridge)
             .map_err(|(key, message)| invalid(key, message))?;
         for (i, g) in self.generic.iter().enumerate() {

@@ -41,11 +41,15 @@ use tokio_util::sync::CancellationToken;
 use scm_common::ServeOptions;
 use scm_common::card::mask;
 use scm_common::lock::LockExt;
+use scm_common::metrics::{Exposition, Kind};
 
 use crate::bridges::{Bridge, BridgeSwipe, DeviceKey, Route, SubmitError};
 
+mod flap;
 #[cfg(test)]
 mod tests;
+
+use flap::{Admission, FlapGuard, FlapLimits};
 
 /// Size of the buffer each connection reads the server's bytes into. Everything read is
 /// discarded, so a connection never holds more than this much of the server's input.
@@ -108,6 +112,13 @@ pub(crate) struct BridgeSettings {
     /// the kernel for a print server that does not read would reach it late; with a small
     /// buffer the bridge's writes block instead and `write_timeout_ms` cuts the server off.
     pub send_buffer_bytes: usize,
+    /// Flapping: more than `flap_max_replacements` connections replacing each other
+    /// within `flap_window_ms` (two print servers on one device)...
+    pub flap_window_ms: u64,
+    /// ...see `flap_window_ms`...
+    pub flap_max_replacements: u32,
+    /// ...keep the current connection this long and close newer ones at once.
+    pub flap_hold_ms: u64,
 }
 
 impl Default for BridgeSettings {
@@ -121,6 +132,9 @@ impl Default for BridgeSettings {
             user_timeout_ms: 30_000,
             max_connections_per_device: 4,
             send_buffer_bytes: 4096,
+            flap_window_ms: 2000,
+            flap_max_replacements: 5,
+            flap_hold_ms: 3000,
         }
     }
 }
@@ -133,7 +147,10 @@ pub(crate) fn validate(
 ) -> Result<(), (String, String)> {
     let err = |key: String, msg: String| Err((key, msg));
     let s = settings;
-    let nonzero: [(&str, u64); 8] = [
+    let nonzero: [(&str, u64); 11] = [
+        ("flap_window_ms", s.flap_window_ms),
+        ("flap_max_replacements", u64::from(s.flap_max_replacements)),
+        ("flap_hold_ms", s.flap_hold_ms),
         ("send_buffer_bytes", s.send_buffer_bytes as u64),
         ("queue_max", s.queue_max as u64),
         ("write_timeout_ms", s.write_timeout_ms),
@@ -360,6 +377,14 @@ struct DeviceState {
     delivered: u64,
     expired: u64,
     refused_peers: u64,
+    /// Swipes refused because the queue was full.
+    busy: u64,
+    /// Connections replacing each other too fast (see [`FlapGuard`]).
+    flap: FlapGuard,
+    /// Hold-offs started.
+    flaps: u64,
+    /// Connections closed at once during hold-offs.
+    held_off: u64,
 }
 
 /// The device's current connection.
@@ -400,6 +425,18 @@ impl Bridge for GenericBridge {
         } else {
             Route::None
         }
+    }
+
+    fn admit(&self, machine: u16, reader: &str) -> Result<(), SubmitError> {
+        let dev = self.find(machine, reader).ok_or(SubmitError::NoDevice)?;
+        let mut st = dev.lock();
+        if st.queue.len() + st.in_flight >= self.settings.queue_max {
+            st.busy += 1;
+            return Err(SubmitError::QueueFull {
+                max: self.settings.queue_max,
+            });
+        }
+        Ok(())
     }
 
     fn submit(&self, machine: u16, reader: &str, swipe: BridgeSwipe) -> Result<(), SubmitError> {
@@ -517,6 +554,7 @@ impl GenericBridge {
         let (wake, expires_at) = {
             let mut st = dev.lock();
             if st.queue.len() + st.in_flight >= self.settings.queue_max {
+                st.busy += 1;
                 tracing::debug!(
                     device = %dev.key,
                     event = %swipe.event_id,
@@ -667,13 +705,34 @@ impl GenericBridge {
             );
             return Ok(()); // dropping the stream closes it
         }
-        if let Err(e) = tune_socket(&stream, &self.settings) {
-            tracing::warn!(device = %dev.key, "cannot set keep-alive options for {peer}: {e}");
-        }
         let stop = shutdown.child_token();
         let wake = Arc::new(Notify::new());
+        let limits = self.flap_limits();
         let id = {
             let mut st = dev.lock();
+            let connected = st.conn.is_some();
+            let d = st.flap.on_connect(&limits, Instant::now(), connected);
+            st.flaps += u64::from(d.started_hold);
+            if d.admission == Admission::Hold {
+                st.held_off += 1;
+                let current = st.conn.as_ref().map(|c| c.peer);
+                drop(st);
+                if let (Some(n), Some(current)) = (d.log, current) {
+                    tracing::warn!(
+                        device = %dev.key,
+                        "print server connections are flapping on generic {}: more than {} replaced each other within {} ms (two print servers configured for this device?); keeping the connection from {current} and closing newer ones at once for {} ms ({} closed, {} hold-offs since the last such line)",
+                        dev.key,
+                        limits.max_replacements,
+                        limits.window.as_millis(),
+                        limits.hold.as_millis(),
+                        n.refused,
+                        n.holds,
+                    );
+                } else {
+                    tracing::debug!(device = %dev.key, "hold-off: closed the connection from {peer}");
+                }
+                return Ok(()); // dropping the stream closes it
+            }
             st.next_conn_id += 1;
             let id = st.next_conn_id;
             let new = Conn {
@@ -695,6 +754,9 @@ impl GenericBridge {
             }
             id
         };
+        if let Err(e) = tune_socket(&stream, &self.settings) {
+            tracing::warn!(device = %dev.key, "cannot set keep-alive options for {peer}: {e}");
+        }
         let res = self.run_conn(dev, &mut stream, peer, &stop, &wake).await;
         {
             let mut st = dev.lock();
@@ -723,8 +785,11 @@ impl GenericBridge {
         // Fixed size by construction: the server's input never grows memory.
         let mut buf = [0u8; READ_BUF];
         let (mut rd, mut wr) = stream.split();
+        // A version answer ends in CR only; the next card line must not continue it.
+        let mut after_reply = false;
         loop {
-            self.deliver_pending(dev, &mut wr, peer, stop).await?;
+            self.deliver_pending(dev, &mut wr, peer, stop, &mut after_reply)
+                .await?;
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return Ok(()),
@@ -734,19 +799,21 @@ impl GenericBridge {
                     if n == 0 {
                         return Ok(());
                     }
-                    self.on_input(dev, &buf[..n], &mut wr, stop).await?;
+                    self.on_input(dev, &buf[..n], &mut wr, stop, &mut after_reply).await?;
                 }
             }
         }
     }
 
-    /// Acts on a chunk the server sent; everything but a trailing `v` is ignored.
+    /// Acts on a chunk the server sent; everything but a trailing `v` is ignored. Sets
+    /// `after_reply` once a version answer went out.
     async fn on_input<W: AsyncWrite + Unpin>(
         &self,
         dev: &Device,
         chunk: &[u8],
         wr: &mut W,
         stop: &CancellationToken,
+        after_reply: &mut bool,
     ) -> std::io::Result<()> {
         match last_command(chunk) {
             Some(b'v') => {
@@ -764,6 +831,7 @@ impl GenericBridge {
                         return Ok(()); // replaced or shutting down: not an error
                     }
                     res?;
+                    *after_reply = true;
                 }
             }
             Some(b'e') => tracing::debug!("the server flags an error to the user (e)"),
@@ -775,13 +843,16 @@ impl GenericBridge {
 
     /// Writes every queued swipe that has not expired. The swipes queued at the same
     /// moment go out in one write (at most [`WRITE_BATCH`] of them): one system call for
-    /// a burst instead of one per card.
+    /// a burst instead of one per card. After a version answer (`after_reply`), the
+    /// write starts with an LF: the answer ends in CR only, and a print server that
+    /// splits lines on LF alone would read the answer and the card as one line.
     async fn deliver_pending<W: AsyncWrite + Unpin>(
         &self,
         dev: &Device,
         wr: &mut W,
         peer: SocketAddr,
         stop: &CancellationToken,
+        after_reply: &mut bool,
     ) -> std::io::Result<()> {
         let mut lines = Vec::new();
         loop {
@@ -793,6 +864,10 @@ impl GenericBridge {
                 return Ok(());
             };
             lines.clear();
+            let prefix = usize::from(std::mem::take(after_reply));
+            if prefix == 1 {
+                lines.push(b'\n');
+            }
             for swipe in &batch {
                 lines.extend_from_slice(swipe.card.as_bytes());
                 lines.push(b'\n');
@@ -818,7 +893,7 @@ impl GenericBridge {
                 Err(e) => {
                     // The cards whose whole line went out before the failure are delivered;
                     // the rest go back to the front of the queue, in their order.
-                    let mut end = 0;
+                    let mut end = prefix;
                     let mut back = Vec::new();
                     for swipe in batch {
                         end += swipe.card.len() + 1;
@@ -958,7 +1033,58 @@ impl GenericBridge {
     fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.settings.write_timeout_ms)
     }
+
+    fn flap_limits(&self) -> FlapLimits {
+        FlapLimits {
+            window: Duration::from_millis(self.settings.flap_window_ms),
+            max_replacements: self.settings.flap_max_replacements,
+            hold: Duration::from_millis(self.settings.flap_hold_ms),
+            log_every: FLAP_LOG_EVERY,
+        }
+    }
+
+    /// The bridge's per-device counters that `status` does not show, in the Prometheus
+    /// text format.
+    pub(crate) fn metrics_text(&self) -> String {
+        let mut e = Exposition::new();
+        let names: Vec<String> = self.devices.iter().map(|d| d.key.to_string()).collect();
+        let counts: Vec<(u64, u64, u64)> = self
+            .devices
+            .iter()
+            .map(|d| {
+                let st = d.lock();
+                (st.busy, st.flaps, st.held_off)
+            })
+            .collect();
+        for (metric, help, pick) in [
+            (
+                "scm_bridge_busy_total",
+                "Swipes refused as BUSY because the Generic device's queue was full.",
+                0,
+            ),
+            (
+                "scm_bridge_flapping_total",
+                "Hold-offs started because print-server connections to the Generic device replaced each other too fast.",
+                1,
+            ),
+            (
+                "scm_bridge_held_off_total",
+                "Print-server connections to the Generic device closed at once during a hold-off.",
+                2,
+            ),
+        ] {
+            e.header(metric, Kind::Counter, help);
+            for (name, c) in names.iter().zip(&counts) {
+                let v = [c.0, c.1, c.2][pick];
+                e.sample(metric, &[("device", name)], v);
+            }
+        }
+        e.finish()
+    }
 }
+
+/// At most one log line about a device's flapping connections this often.
+const FLAP_LOG_EVERY: Duration = Duration::from_secs(10);
 
 async fn sleep_until(t: Option<Instant>) {
     match t {
@@ -968,6 +1094,8 @@ async fn sleep_until(t: Option<Instant>) {
 }
 
 /// The last non-whitespace byte of a chunk: the command in PaperCut's sample terminal.
+/// (Not a stricter rule such as "a word of its own": a probe string and the `v` after it
+/// often arrive in one read, `rfid promptv`, and the version request must be answered.)
 pub fn last_command(chunk: &[u8]) -> Option<u8> {
     chunk
         .iter()

@@ -487,6 +487,8 @@ pub(crate) struct DeviceStatus {
     pub expired: u64,
     /// Swipes given up (redirect, refused, certificate, no URL).
     pub failed: u64,
+    /// Swipes refused because `in_flight_max` were in flight.
+    pub busy: u64,
     /// Failed attempts (each retried or final).
     pub attempt_failures: u64,
     /// Requests refused because the peer was not on the allow list.
@@ -535,6 +537,8 @@ struct DevState {
     delivered: u64,
     expired: u64,
     failed: u64,
+    /// Swipes refused because `in_flight_max` were in flight.
+    busy: u64,
     attempt_failures: u64,
     refused_peers: u64,
     last_error: Option<(i64, String)>,
@@ -642,6 +646,18 @@ impl Bridge for Arc<RfideasBridge> {
 
     fn route(&self, machine: u16, reader: &str) -> Route {
         RfideasBridge::route(self, machine, reader)
+    }
+
+    fn admit(&self, machine: u16, reader: &str) -> Result<(), SubmitError> {
+        let idx = self.find(machine, reader).ok_or(SubmitError::NoDevice)?;
+        let mut st = self.devices[idx].lock();
+        if st.in_flight >= self.settings.in_flight_max {
+            st.busy += 1;
+            return Err(SubmitError::QueueFull {
+                max: self.settings.in_flight_max,
+            });
+        }
+        Ok(())
     }
 
     fn submit(&self, machine: u16, reader: &str, swipe: BridgeSwipe) -> Result<(), SubmitError> {
@@ -822,6 +838,7 @@ impl RfideasBridge {
         {
             let mut st = dev.lock();
             if st.in_flight >= self.settings.in_flight_max {
+                st.busy += 1;
                 return Err(SubmitError::QueueFull {
                     max: self.settings.in_flight_max,
                 });
@@ -1030,6 +1047,7 @@ impl RfideasBridge {
                     delivered: st.delivered,
                     expired: st.expired,
                     failed: st.failed,
+                    busy: st.busy,
                     attempt_failures: st.attempt_failures,
                     refused_peers: st.refused_peers,
                     last_error: st.last_error.clone(),
@@ -1066,7 +1084,7 @@ impl RfideasBridge {
         e.header(
             "scm_rfideas_swipes_total",
             Kind::Counter,
-            "Swipes the 241 bridge finished, by device and outcome (delivered, expired, failed).",
+            "Swipes the 241 bridge finished or refused, by device and outcome (delivered, expired, failed; busy: refused at in_flight_max).",
         );
         for d in &status {
             let name = d.key.to_string();
@@ -1074,6 +1092,7 @@ impl RfideasBridge {
                 ("delivered", d.delivered),
                 ("expired", d.expired),
                 ("failed", d.failed),
+                ("busy", d.busy),
             ] {
                 e.sample(
                     "scm_rfideas_swipes_total",

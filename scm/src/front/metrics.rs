@@ -220,6 +220,7 @@ impl scm_common::http::Endpoints for Endpoints {
             swipes: &self.ops.swipes.stats,
             devices: self.ops.swipes.bridge().status(None),
         });
+        text.push_str(&self.ops.swipes.bridge().metrics_text());
         text.push_str(&self.ops.swipes.rfideas().metrics_text());
         text.push_str(&self.fleet_and_certificates().await);
         text

@@ -1,11 +1,14 @@
 //! Card swipes at the SCM: each SWIPE from an agent is validated again (card rules, ids),
 //! de-duplicated by its event id, written to the swipe journal (masked), and handed to the
-//! card-reader bridge of its device with a deadline. The journal records what became of
-//! every swipe: queued, delivered (where), expired, duplicate, rejected, or no route.
+//! card-reader bridges of its device with a deadline. The journal keeps one row per swipe
+//! and records what became of it: queued, delivered (where), expired, failed, no route, or
+//! refused (busy, rejected); an agent's retry of a refused swipe updates the same row.
 //!
-//! De-duplication survives restarts: an event id is committed to the journal before the
-//! swipe is forwarded, and the ids of recent swipes are loaded back at start, so a swipe
-//! an agent sends again after an SCM restart is not delivered twice.
+//! De-duplication survives restarts: an event id is committed to the journal as queued
+//! before any bridge may write the swipe, and the ids of recent swipes are loaded back at
+//! start, so a swipe an agent sends again after an SCM restart is not delivered twice.
+//! Only what reached a bridge is de-duplicated: a swipe refused as BUSY never did, so the
+//! agent's next copy of it is taken, also after a restart.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +40,10 @@ pub(crate) struct SwipeSettings {
     pub dedup_max: usize,
     /// Journal writes waiting to be committed.
     pub journal_queue: usize,
+    /// Journal rows kept at most (the oldest are deleted first).
+    pub journal_max_rows: u64,
+    /// Journal rows older than this many days are deleted.
+    pub journal_max_age_days: u32,
 }
 
 impl Default for SwipeSettings {
@@ -46,6 +53,8 @@ impl Default for SwipeSettings {
             max_ttl_ms: 60_000,
             dedup_max: 200_000,
             journal_queue: 10_000,
+            journal_max_rows: 1_000_000,
+            journal_max_age_days: 90,
         }
     }
 }
@@ -61,7 +70,7 @@ pub(crate) struct SwipeStats {
     pub duplicate: AtomicU64,
     /// Refused (invalid card or ids).
     pub rejected: AtomicU64,
-    /// Refused because the device's queue was full.
+    /// Refused because a device's queue (or a 241 device's swipes in flight) was full.
     pub busy: AtomicU64,
     /// Journal records lost because the journal queue was full or the database failed.
     pub journal_lost: AtomicU64,
@@ -154,8 +163,13 @@ impl Swipes {
         // closes and the writer finishes its last batch and ends.
         let stats = swipes.stats.clone();
         let checkpoint_conn = conn.clone();
+        let retention = Retention::of(&swipes.settings);
         tokio::task::spawn_blocking(move || journal_writer(conn, rx, stats));
-        tokio::spawn(checkpointer(checkpoint_conn, Arc::downgrade(&swipes)));
+        tokio::spawn(checkpointer(
+            checkpoint_conn,
+            retention,
+            Arc::downgrade(&swipes),
+        ));
         let weak = Arc::downgrade(&swipes);
         tokio::spawn(consume_outcomes(weak, outcomes));
         tokio::spawn(consume_rf_outcomes(Arc::downgrade(&swipes), rf_outcomes));
@@ -331,6 +345,19 @@ impl Swipes {
         };
         let chosen = routes.map(|r| r == wanted);
         let routed = chosen.contains(&true);
+        // Queued on every bridge it is routed to, or refused as BUSY (the agent sends it
+        // again): never taken by one bridge while another one dropped it. Asked before
+        // the journal says queued: a refused swipe must not be de-duplicated.
+        for (b, _) in self.routes.iter().zip(chosen).filter(|(_, c)| *c) {
+            if let Err(e) = b.admit(machine, &s.reader_id) {
+                let detail = format!(
+                    "{} {machine}/{}: {e}; the agent sends it again",
+                    b.name(),
+                    s.reader_id
+                );
+                return self.refuse_busy(&s.event_id, row(JournalOutcome::Busy, detail));
+            }
+        }
         let (outcome, detail) = if routed {
             let mut to = String::new();
             for (b, _) in self.routes.iter().zip(chosen).filter(|(_, c)| *c) {
@@ -359,6 +386,7 @@ impl Swipes {
                 .try_send(JournalOp::Insert(record, Some(done_tx)))
                 .is_err()
             {
+                // Not journaled as queued: nothing to undo.
                 self.seen.remove(&s.event_id);
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 return Verdict::Nack(NackReason::Busy, "swipe journal busy; try again".into());
@@ -414,13 +442,23 @@ impl Swipes {
                 Verdict::Ack(detail)
             }
             Err(e @ SubmitError::QueueFull { .. }) => {
-                self.seen.remove(&s.event_id);
-                self.stats.busy.fetch_add(1, Ordering::Relaxed);
-                self.journal(JournalOp::Outcome {
+                // Another link filled the device since `admit`. The row says queued
+                // already: it must say busy before the agent hears BUSY, or a restart in
+                // between would take the agent's next copy for a duplicate. (Rare: not
+                // the happy path's cost.)
+                let op = JournalOp::Outcome {
                     event_id: s.event_id.clone(),
                     outcome: JournalOutcome::Busy,
                     detail: e.to_string(),
-                });
+                };
+                let store = self.journal_store.clone();
+                let done = tokio::task::spawn_blocking(move || store.write_batch(&[op])).await;
+                if !matches!(done, Ok(Ok(()))) {
+                    self.stats.journal_lost.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(event = %s.event_id, "swipe journal: cannot record a BUSY refusal");
+                }
+                self.seen.remove(&s.event_id);
+                self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 Verdict::Nack(NackReason::Busy, e.to_string())
             }
             Err(e) => {
@@ -428,6 +466,18 @@ impl Swipes {
                 Verdict::Ack(format!("{e}; recorded only"))
             }
         }
+    }
+}
+
+impl Swipes {
+    /// Refuses a swipe as BUSY: forgets its event id (the agent's next copy is taken) and
+    /// journals `record` (one row per swipe: the next refusal updates it).
+    fn refuse_busy(&self, event_id: &str, record: Row) -> Verdict {
+        self.seen.remove(event_id);
+        self.stats.busy.fetch_add(1, Ordering::Relaxed);
+        let detail = record.detail.clone();
+        self.journal(JournalOp::Insert(record, None));
+        Verdict::Nack(NackReason::Busy, detail)
     }
 }
 
@@ -452,14 +502,49 @@ async fn consume_outcomes(swipes: std::sync::Weak<Swipes>, mut rx: mpsc::Receive
     }
 }
 
-/// How often the journal's write-ahead log is checkpointed.
+/// How often the journal's write-ahead log is checkpointed (and truncated once it has
+/// grown past its bound).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// How often old journal rows are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Rows deleted per retention transaction: short ones, so that the journal's writer
+/// never waits long behind them.
+const PRUNE_CHUNK: u32 = 10_000;
+
+/// The journal's retention bounds.
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    max_rows: u64,
+    max_age_ms: i64,
+}
+
+impl Retention {
+    fn of(s: &SwipeSettings) -> Retention {
+        Retention {
+            max_rows: s.journal_max_rows,
+            max_age_ms: i64::from(s.journal_max_age_days) * 86_400_000,
+        }
+    }
+}
+
 /// Checkpoints the database's write-ahead log every [`CHECKPOINT_EVERY`] on its own
-/// connection, off the swipe path (a PASSIVE checkpoint does not block the writers).
-/// Ends when the SCM drops its `Swipes`.
-async fn checkpointer(conn: Arc<dyn SwipeJournal>, swipes: std::sync::Weak<Swipes>) {
+/// connection, off the swipe path (a PASSIVE checkpoint does not block the writers; the
+/// occasional TRUNCATE one that bounds the file waits for them at most briefly), and
+/// deletes journal rows beyond the retention bounds every [`PRUNE_EVERY`], starting at
+/// once. Ends when the SCM drops its `Swipes`.
+async fn checkpointer(
+    conn: Arc<dyn SwipeJournal>,
+    retention: Retention,
+    swipes: std::sync::Weak<Swipes>,
+) {
+    let mut last_prune: Option<tokio::time::Instant> = None;
     loop {
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            last_prune = Some(tokio::time::Instant::now());
+            prune(conn.as_ref(), retention).await;
+        }
         tokio::time::sleep(CHECKPOINT_EVERY).await;
         if swipes.strong_count() == 0 {
             return;
@@ -469,6 +554,33 @@ async fn checkpointer(conn: Arc<dyn SwipeJournal>, swipes: std::sync::Weak<Swipe
                 "swipe journal: checkpoint failed (retried in {CHECKPOINT_EVERY:?}): {e}"
             );
         }
+    }
+}
+
+/// Deletes the journal rows beyond the retention bounds, a chunk per transaction.
+async fn prune(conn: &dyn SwipeJournal, r: Retention) {
+    let before = now_ms().saturating_sub(r.max_age_ms);
+    let mut total = 0;
+    loop {
+        match conn.prune(r.max_rows, before, PRUNE_CHUNK).await {
+            Ok(n) => {
+                total += n;
+                if n < u64::from(PRUNE_CHUNK) {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("swipe journal: retention failed (retried in {PRUNE_EVERY:?}): {e}");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::info!(
+            "swipe journal: {total} rows past retention deleted (keeping at most {} rows, {} days)",
+            r.max_rows,
+            r.max_age_ms / 86_400_000
+        );
     }
 }
 

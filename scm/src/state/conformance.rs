@@ -38,8 +38,10 @@ macro_rules! conformance_suite {
             status_and_desired_details,
             audit_is_newest_first_and_limited,
             journal_insert_outcome_and_list,
-            journal_duplicate_event_ids_update_the_newest,
+            journal_keeps_one_row_per_swipe_and_retries_update_refused_ones,
             journal_recent_ids_are_bounded_and_oldest_first,
+            journal_recent_ids_leave_out_refused_swipes,
+            journal_retention_by_rows_and_age,
             journal_commit_now_when_idle,
             device_settings_are_stored_with_their_audit,
             health_probe_answers,
@@ -367,21 +369,117 @@ pub(crate) async fn journal_insert_outcome_and_list(new: Factory) {
     assert_eq!(j.list(10).await.unwrap().len(), 2);
 }
 
-pub(crate) async fn journal_duplicate_event_ids_update_the_newest(new: Factory) {
+fn record_of(id: &str, machine: u16, outcome: JournalOutcome, detail: &str) -> JournalOp {
+    JournalOp::Insert(
+        SwipeRecord {
+            machine,
+            detail: detail.into(),
+            ..record(id, outcome)
+        },
+        None,
+    )
+}
+
+pub(crate) async fn journal_keeps_one_row_per_swipe_and_retries_update_refused_ones(new: Factory) {
+    use JournalOutcome::*;
     let f = new();
     let j = f.store.journal().clone();
+    // (batch of records: machine, state, detail; then the row of e1: state, detail)
+    type Records<'a> = &'a [(u16, JournalOutcome, &'a str)];
+    let table: &[(Records<'_>, (JournalOutcome, &str))] = &[
+        // Refused, retried, refused again: one row, the latest refusal.
+        (
+            &[(1, Busy, "full 1"), (1, Busy, "full 2")],
+            (Busy, "full 2"),
+        ),
+        // Taken at last: the same row says queued.
+        (&[(1, Queued, "queued")], (Queued, "queued")),
+        // A queued row is never replaced: not by a refusal, not by another queueing.
+        (
+            &[(1, Busy, "late"), (1, Queued, "again")],
+            (Queued, "queued"),
+        ),
+    ];
+    for (records, (outcome, detail)) in table {
+        let batch: Vec<JournalOp> = records
+            .iter()
+            .map(|(m, o, d)| record_of("e1", *m, *o, d))
+            .collect();
+        j.write_batch(&batch).unwrap();
+        let rows = j.list(10).await.unwrap();
+        assert_eq!(rows.len(), 1, "{records:?}: {rows:?}");
+        assert_eq!(
+            (rows[0].outcome, rows[0].detail.as_str()),
+            (*outcome, *detail)
+        );
+    }
+    // Another machine's refused swipe with the same event id does not touch the row of
+    // machine 1's.
     j.write_batch(&[
-        JournalOp::Insert(record("e1", JournalOutcome::Queued), None),
-        JournalOp::Insert(record("e1", JournalOutcome::Queued), None),
-        outcome("e1", JournalOutcome::Busy, "full"),
+        record_of("e2", 1, Busy, "machine 1"),
+        record_of("e2", 2, Queued, "machine 2"),
     ])
     .unwrap();
     let rows = j.list(10).await.unwrap();
-    assert_eq!(rows.len(), 2, "both records are kept");
+    assert_eq!(rows.len(), 2);
     assert_eq!(
-        (rows[0].outcome, rows[1].outcome),
-        (JournalOutcome::Busy, JournalOutcome::Queued)
+        (rows[0].event_id.as_str(), rows[0].machine, rows[0].outcome),
+        ("e2", 1, Busy)
     );
+    // A BUSY refusal after the row said queued (another link filled the device).
+    j.write_batch(&[outcome("e1", Busy, "full")]).unwrap();
+    let rows = j.list(10).await.unwrap();
+    assert_eq!((rows[1].outcome, rows[1].detail.as_str()), (Busy, "full"));
+}
+
+pub(crate) async fn journal_recent_ids_leave_out_refused_swipes(new: Factory) {
+    use JournalOutcome::*;
+    let f = new();
+    let j = f.store.journal().clone();
+    let batch: Vec<JournalOp> = [Queued, Busy, Delivered, Rejected, Expired, Failed, NoRoute]
+        .iter()
+        .enumerate()
+        .map(|(i, o)| record_of(&format!("e{i}-{o}"), 1, *o, ""))
+        .collect();
+    j.write_batch(&batch).unwrap();
+    let recent = j.recent_event_ids(100, 0).unwrap();
+    let ids: Vec<&str> = recent.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec![
+            "e0-queued",
+            "e2-delivered",
+            "e4-expired",
+            "e5-failed",
+            "e6-no_route"
+        ]
+    );
+}
+
+pub(crate) async fn journal_retention_by_rows_and_age(new: Factory) {
+    let f = new();
+    let j = f.store.journal().clone();
+    let batch: Vec<JournalOp> = (0..10)
+        .map(|i| JournalOp::Insert(record(&format!("e{i}"), JournalOutcome::Delivered), None))
+        .collect();
+    j.write_batch(&batch).unwrap();
+    // Nothing is old enough and the rows are within the bound.
+    assert_eq!(j.prune(10, 0, 100).await.unwrap(), 0);
+    // Rows: keep the newest 7, at most 2 deleted per call.
+    assert_eq!(j.prune(7, 0, 2).await.unwrap(), 2);
+    assert_eq!(j.prune(7, 0, 2).await.unwrap(), 1);
+    assert_eq!(j.prune(7, 0, 2).await.unwrap(), 0);
+    let ids: Vec<String> = j
+        .list(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+    assert_eq!(ids, ["e9", "e8", "e7", "e6", "e5", "e4", "e3"]);
+    // Age: everything was received before a time in the future.
+    assert_eq!(j.prune(100, now_ms() + 60_000, 100).await.unwrap(), 7);
+    assert!(j.list(100).await.unwrap().is_empty());
 }
 
 pub(crate) async fn journal_recent_ids_are_bounded_and_oldest_first(new: Factory) {

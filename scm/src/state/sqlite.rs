@@ -38,6 +38,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         include_str!("migrations/0002_swipes_no_received_index.sql"),
     ),
     (3, include_str!("migrations/0003_rfideas_settings.sql")),
+    (
+        4,
+        include_str!("migrations/0004_swipes_one_row_per_event.sql"),
+    ),
 ];
 
 /// Maps SQLite's error to the backend-neutral error, by its error code.

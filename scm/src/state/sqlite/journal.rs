@@ -14,6 +14,20 @@ use crate::state::{JournalOp, StoreError, StoreFuture, SwipeJournal, SwipeRecord
 
 /// How long the journal's connection waits for SQLite's write lock.
 const JOURNAL_BUSY: Duration = Duration::from_secs(5);
+/// How long the checkpointer's connection waits for a lock, except for a TRUNCATE.
+const CHECKPOINT_BUSY: Duration = Duration::from_secs(5);
+/// A write-ahead log larger than this is truncated by the next checkpoint. A PASSIVE
+/// checkpoint never shrinks the file, and under a steady stream of commits it never
+/// catches up with the end of the log either, so SQLite never starts the log over: the
+/// file grew without end (600 MB under a flood of BUSY retries).
+pub(super) const WAL_TRUNCATE_BYTES: u64 = 8 * 1024 * 1024;
+/// How long a TRUNCATE checkpoint may hold up the journal's writers (it waits for them
+/// to finish, then keeps them out while it copies the log); if it cannot get the
+/// database in this time, the next checkpoint tries again.
+const TRUNCATE_WAIT: Duration = Duration::from_millis(100);
+/// `journal_size_limit`: when SQLite starts the log over (after a complete checkpoint),
+/// it cuts the file down to this.
+const WAL_KEEP_BYTES: i64 = 4 * 1024 * 1024;
 
 /// The swipe journal's connections: the writer thread's and the low-rate fast path's,
 /// and the checkpointer's.
@@ -23,6 +37,8 @@ pub(crate) struct SqliteJournal {
     checkpoint: Arc<Mutex<Connection>>,
     gate: WriteGate,
     path: PathBuf,
+    /// The write-ahead log's file.
+    wal: PathBuf,
 }
 
 impl SqliteJournal {
@@ -39,15 +55,23 @@ impl SqliteJournal {
         // swipe waits for its journal commit. A checkpointer of its own does it instead.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(err)?;
+        conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)
+            .map_err(err)?;
         let checkpoint = Connection::open(path).map_err(err)?;
+        checkpoint.busy_timeout(CHECKPOINT_BUSY).map_err(err)?;
         checkpoint
-            .busy_timeout(Duration::from_secs(5))
+            .pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)
             .map_err(err)?;
         Ok(SqliteJournal {
             conn: Mutex::new(conn),
             checkpoint: Arc::new(Mutex::new(checkpoint)),
             gate,
             path: path.to_path_buf(),
+            wal: {
+                let mut w = path.as_os_str().to_owned();
+                w.push("-wal");
+                PathBuf::from(w)
+            },
         })
     }
 }
@@ -100,10 +124,45 @@ impl SwipeJournal for SqliteJournal {
 
     fn checkpoint(&self) -> StoreFuture<'_, ()> {
         let c = self.checkpoint.clone();
+        let wal = self.wal.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let c = c.lock_unpoisoned();
-                c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+                let size = std::fs::metadata(&wal).map_or(0, |m| m.len());
+                if size > WAL_TRUNCATE_BYTES {
+                    c.busy_timeout(TRUNCATE_WAIT)?;
+                    let r = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                        r.get::<_, i64>(0)
+                    });
+                    c.busy_timeout(CHECKPOINT_BUSY)?;
+                    match r {
+                        Ok(0) => tracing::debug!(
+                            "swipe journal: write-ahead log of {size} bytes truncated"
+                        ),
+                        // Busy: readers or writers kept it; the next checkpoint tries again.
+                        Ok(_) => tracing::debug!(
+                            "swipe journal: write-ahead log of {size} bytes not truncated (busy)"
+                        ),
+                        Err(e) if is_busy(&e) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+            .map_err(|e| store_error(&self.path, e))
+        })
+    }
+
+    fn prune(&self, max_rows: u64, before_ms: i64, chunk: u32) -> StoreFuture<'_, u64> {
+        // On the checkpointer's connection, off the swipe path.
+        let c = self.checkpoint.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut c = c.lock_unpoisoned();
+                q::prune_swipes(&mut c, max_rows, before_ms, chunk)
             })
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?

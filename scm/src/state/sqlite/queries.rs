@@ -480,9 +480,19 @@ pub(super) fn write_journal_batch(
             JournalOp::Insert(r, _) => {
                 // Cached statements: parsing the SQL anew for every swipe took
                 // ~5% of the SCM's CPU at full swipe load (perf, docs/benchmarks.md).
+                // One row per event id: the agent's retry of a refused swipe updates its
+                // row (same machine only: another machine's agent cannot overwrite it); a
+                // row in any other state is never replaced.
                 tx.prepare_cached(
                     "INSERT INTO swipes (event_id, machine_id, reader, card_masked, swiped_at_ms, received_ms, outcome, detail, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?6)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?6)
+                     ON CONFLICT (event_id) DO UPDATE SET
+                        outcome = excluded.outcome,
+                        detail = excluded.detail,
+                        updated_ms = excluded.updated_ms,
+                        attempts = attempts + 1
+                     WHERE swipes.outcome IN ('busy', 'rejected')
+                       AND swipes.machine_id = excluded.machine_id",
                 )?
                 .execute(params![r.event_id, r.machine, r.reader, r.card_masked, r.swiped_at_ms, now, r.outcome.as_str(), r.detail])?;
             }
@@ -502,7 +512,7 @@ pub(super) fn write_journal_batch(
                             ELSE ?2 END,
                         detail = CASE WHEN outcome = 'queued' THEN ?3 ELSE detail || '; ' || ?3 END,
                         updated_ms = ?4
-                     WHERE id = (SELECT MAX(id) FROM swipes WHERE event_id = ?1)",
+                     WHERE event_id = ?1",
                 )?
                 .execute(params![event_id, outcome.as_str(), detail, now])?;
             }
@@ -511,16 +521,18 @@ pub(super) fn write_journal_batch(
     tx.commit()
 }
 
-/// Event ids and received times of the newest journal records, oldest first.
+/// Event ids and received times of the newest journal records that were not refused,
+/// oldest first.
 pub(super) fn recent_event_ids(
     conn: &mut Connection,
     limit: usize,
     since_ms: i64,
 ) -> rusqlite::Result<Vec<(String, i64)>> {
     // The newest rows by id, back to the horizon (rows are appended as swipes
-    // arrive), and at most as many as the de-duplication set keeps.
-    let mut st =
-        conn.prepare("SELECT event_id, received_ms FROM swipes ORDER BY id DESC LIMIT ?1")?;
+    // arrive), and at most as many as the de-duplication set keeps. A refused swipe
+    // reached no bridge: its retry must be taken.
+    let mut st = conn
+        .prepare("SELECT event_id, received_ms, outcome FROM swipes ORDER BY id DESC LIMIT ?1")?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut rows = st.query([limit])?;
     let mut recent = Vec::new();
@@ -529,10 +541,36 @@ pub(super) fn recent_event_ids(
         if at < since_ms {
             break;
         }
+        let outcome: String = r.get(2)?;
+        if JournalOutcome::parse(&outcome).is_some_and(JournalOutcome::refused) {
+            continue;
+        }
         recent.push((r.get::<_, String>(0)?, at));
     }
     recent.reverse();
     Ok(recent)
+}
+
+/// Retention: deletes, among the oldest `chunk` rows, those beyond the newest `max_rows`
+/// and those received before `before_ms`. Rows are appended in the order swipes arrive,
+/// so the oldest come first by id; looking at a bounded prefix keeps each call short
+/// (no index on `received_ms`, see migration 0002).
+pub(super) fn prune_swipes(
+    conn: &mut Connection,
+    max_rows: u64,
+    before_ms: i64,
+    chunk: u32,
+) -> rusqlite::Result<u64> {
+    let tx = write_tx(conn)?;
+    let max_rows = i64::try_from(max_rows).unwrap_or(i64::MAX);
+    let n = tx.execute(
+        "DELETE FROM swipes WHERE id IN (
+            SELECT id FROM (SELECT id, received_ms FROM swipes ORDER BY id LIMIT ?3)
+            WHERE received_ms < ?1 OR id <= (SELECT MAX(id) FROM swipes) - ?2)",
+        params![before_ms, max_rows, chunk],
+    )?;
+    tx.commit()?;
+    Ok(n as u64)
 }
 
 /// The newest swipes, newest first.

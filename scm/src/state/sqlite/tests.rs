@@ -336,17 +336,20 @@ async fn a_database_of_the_previous_schema_opens_and_is_migrated() {
             .unwrap();
             c.execute(
                 "INSERT INTO swipes (event_id, machine_id, reader, card_masked, swiped_at_ms, received_ms, outcome, detail, updated_ms)
-                 VALUES ('e1', 1, 'r1', '****1234', 0, ?1, 'delivered', 'generic 1/r1 to x', ?1)",
+                 VALUES ('e1', 1, 'r1', '****1234', 0, ?1, 'busy', 'full', ?1),
+                        ('e1', 1, 'r1', '****1234', 0, ?1, 'delivered', 'generic 1/r1 to x', ?1)",
                 [now_ms()],
             )
             .unwrap();
         }
         assert_eq!(user_version(&p), 2);
         let s = Store::open(&p).unwrap();
-        assert_eq!(user_version(&p), 3);
+        assert_eq!(user_version(&p), MIGRATIONS.len() as u32);
         let g = s.fleet().pending_generation(1).await.unwrap().unwrap();
         assert_eq!(g.content, b"a");
+        // The rows of one event id (each BUSY retry made one) are now one: the newest.
         let rows = s.journal().list(10).await.unwrap();
+        assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].outcome, crate::state::JournalOutcome::Delivered);
         assert_eq!(s.journal().recent_event_ids(10, 0).unwrap().len(), 1);
         let settings = s.devices().load_all().unwrap();
@@ -354,7 +357,7 @@ async fn a_database_of_the_previous_schema_opens_and_is_migrated() {
         drop(s);
         // And again: nothing left to migrate.
         drop(Store::open(&p).unwrap());
-        assert_eq!(user_version(&p), 3);
+        assert_eq!(user_version(&p), MIGRATIONS.len() as u32);
     }
 }
 
@@ -375,7 +378,7 @@ fn an_older_database_loses_the_received_index() {
     drop(Store::open(&p).unwrap());
     assert!(!has_index(&p, "swipes_received"));
     assert!(has_index(&p, "swipes_event"));
-    assert_eq!(user_version(&p), 3);
+    assert_eq!(user_version(&p), MIGRATIONS.len() as u32);
 }
 
 #[test]
