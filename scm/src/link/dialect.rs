@@ -444,13 +444,9 @@ mod tests {
             }
             r => panic!("{r:?}"),
         }
-        let result =
-            crate::ops::push::PushResult::from_answer(3, Dialect::V1.parse_reply(&stale, 7, 5));
+        let result = PushResult::from_answer(3, Dialect::V1.parse_reply(&stale, 7, 5));
         assert!(
-            matches!(
-                result,
-                crate::ops::push::PushResult::Nack { generation: 3, .. }
-            ),
+            matches!(result, PushResult::Nack { generation: 3, .. }),
             "{result:?}"
         );
     }
