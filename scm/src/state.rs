@@ -497,6 +497,8 @@ pub(crate) trait DeviceSettings: Send + Sync {
 pub(crate) trait Health: Send + Sync {
     /// Runs a trivial query.
     fn probe(&self) -> StoreFuture<'_, ()>;
+    /// Makes one small write: whether the database takes writes now.
+    fn write_probe(&self) -> StoreFuture<'_, ()>;
 }
 
 /// The SCM's handles on its state; cheap to clone.

@@ -348,14 +348,39 @@ fn hundred_pushes_from_four_concurrent_operators_end_ordered_and_newest() {
     assert_eq!(acked.len(), n, "no generation ACKed twice");
 }
 
+/// `scm_database_writable` from one scrape of the SCM's `/metrics`.
+fn writable(addr: std::net::SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .expect("send GET");
+    let mut text = String::new();
+    c.read_to_string(&mut text).expect("read metrics");
+    match text
+        .lines()
+        .find_map(|l| l.strip_prefix("scm_database_writable "))
+    {
+        Some("1") => true,
+        Some("0") => false,
+        other => panic!("scm_database_writable is {other:?} in:\n{text}"),
+    }
+}
+
 #[test]
 fn locked_database_is_a_clear_error_and_loses_nothing() {
     let (dir, password) = Fleet::init(&[1]);
     let scm = Fleet::start_scm(
         dir.path(),
-        &[("SCM__DATABASE__BUSY_TIMEOUT_MS", "300".to_string())],
+        &[
+            ("SCM__DATABASE__BUSY_TIMEOUT_MS", "300".to_string()),
+            ("SCM__LISTEN__METRICS", "127.0.0.1:0".to_string()),
+        ],
     );
     let telnet = scm.listening("telnet");
+    let metrics = scm.listening("metrics");
+    assert!(writable(metrics), "a fresh database takes writes");
     let agent = Fleet::start_agent(dir.path(), 1, scm.listening("agents"), &[]);
     agent.wait_for("connected to SCM");
     let db = dir.path().join("dev/scm.db");
@@ -377,8 +402,14 @@ fn locked_database_is_a_clear_error_and_loses_nothing() {
     );
     scm.wait_for("cannot write the audit log");
     assert!(!dir.path().join("dev/machine-1/config.current").exists());
+    // The metric the DatabaseNotWritable alert watches says so while the lock is held.
+    assert!(
+        !writable(metrics),
+        "scm_database_writable is 0 while locked"
+    );
     holder.execute_batch("COMMIT").expect("unlock");
     drop(holder);
+    assert!(writable(metrics), "scm_database_writable is 1 again");
 
     // Once the lock is gone the same push works, as generation 1: the failed one left
     // nothing behind.

@@ -226,6 +226,7 @@ fn scm_and_agent_expose_exact_metrics_and_health() {
         "scm_machine_desired_generation{machine=\"1\"} 1",
         "scm_machine_applied_generation{machine=\"1\"} 1",
         "scm_machine_desired_generation{machine=\"2\"} 0",
+        "scm_database_writable 1",
     ] {
         assert!(
             scm_text.lines().any(|l| l == line),

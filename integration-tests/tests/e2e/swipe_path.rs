@@ -215,20 +215,18 @@ fn a_flood_of_busy_retries_keeps_one_journal_row_per_swipe_and_the_wal_bounded()
             "{rows} journal rows for {SWIPES} swipes: {by:?}"
         );
         let count = |o: &str| by.iter().find(|(k, _)| k == o).map_or(0, |(_, n)| *n);
-        if rows == SWIPES && count("expired") == acked {
+        // Every swipe the agent heard ACKed expires at the SCM (no print server); so may
+        // one whose ACK reached the agent after its own time to live had run out (a
+        // loaded machine), which the agent then counts as expired.
+        if rows == SWIPES && count("busy") + count("expired") == SWIPES && count("expired") >= acked
+        {
             break (ids, by);
         }
         assert!(Instant::now() < deadline, "{rows} rows: {by:?}");
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(ids, SWIPES);
-    assert_eq!(
-        by,
-        vec![
-            ("busy".to_string(), SWIPES - acked),
-            ("expired".to_string(), acked)
-        ]
-    );
+    assert_eq!(by.len(), 2, "only busy and expired rows: {by:?}");
     assert!(
         peak < WAL_MAX,
         "the write-ahead log grew to {peak} bytes (bound {WAL_MAX})"

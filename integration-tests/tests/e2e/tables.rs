@@ -107,13 +107,15 @@ fn generic_bridge_table() {
     assert_eq!(got, VERSION);
     fleet.agent(1).wait_for("reader r1");
     swipe(&fleet.dev(), 1, "12345678");
+    // The first card after a version answer starts with LF, which ends the answer's line
+    // for a reader that splits on LF (docs/swipes.md): the card is then a line of its own.
     let mut line = Vec::new();
     let mut b = [0u8; 1];
-    while !line.ends_with(b"\n") {
+    while !line.ends_with(b"\n") || line == b"\n" {
         assert_eq!(s.read(&mut b).expect("read the swipe"), 1, "closed");
         line.push(b[0]);
     }
-    assert_eq!(line, b"12345678\n");
+    assert_eq!(line, b"\n12345678\n");
     report("generic", table.cases.len(), failures);
 }
 

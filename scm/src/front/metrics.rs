@@ -212,6 +212,31 @@ impl Endpoints {
     }
 }
 
+impl Endpoints {
+    /// `scm_database_writable`: 1 when the health probe's write (one row, no fsync)
+    /// committed within the health check's bound, 0 when it failed or did not finish (a
+    /// read-only file, a full disk, a lock held elsewhere).
+    async fn database_writable(&self) -> String {
+        let q = self.ops.store.health().write_probe();
+        let ok = match tokio::time::timeout(DB_TIMEOUT, q).await {
+            Ok(Ok(())) => 1u64,
+            Ok(Err(e)) => {
+                tracing::warn!("database not writable: {}", e.operator_hint());
+                0
+            }
+            Err(_) => 0,
+        };
+        let mut e = Exposition::new();
+        e.header(
+            "scm_database_writable",
+            Kind::Gauge,
+            "1 when a write to the database succeeded at this scrape, else 0.",
+        );
+        e.sample("scm_database_writable", &[], ok);
+        e.finish()
+    }
+}
+
 impl scm_common::http::Endpoints for Endpoints {
     async fn metrics(&self) -> String {
         let mut text = render(&Snapshot {
@@ -223,6 +248,7 @@ impl scm_common::http::Endpoints for Endpoints {
         text.push_str(&self.ops.swipes.bridge().metrics_text());
         text.push_str(&self.ops.swipes.rfideas().metrics_text());
         text.push_str(&self.fleet_and_certificates().await);
+        text.push_str(&self.database_writable().await);
         text
     }
 

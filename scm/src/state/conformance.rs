@@ -571,4 +571,6 @@ pub(crate) async fn device_settings_are_stored_with_their_audit(new: Factory) {
 pub(crate) async fn health_probe_answers(new: Factory) {
     let f = new();
     f.store.health().probe().await.unwrap();
+    f.store.health().write_probe().await.unwrap();
+    f.store.health().write_probe().await.unwrap();
 }

@@ -42,6 +42,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
         4,
         include_str!("migrations/0004_swipes_one_row_per_event.sql"),
     ),
+    (5, include_str!("migrations/0005_health_probe.sql")),
 ];
 
 /// Maps SQLite's error to the backend-neutral error, by its error code.
@@ -301,6 +302,10 @@ impl DeviceSettings for SqliteStore {
 }
 
 impl Health for SqliteStore {
+    fn write_probe(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move { self.run(q::write_probe).await })
+    }
+
     fn probe(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let v = self

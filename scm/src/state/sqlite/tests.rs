@@ -175,6 +175,11 @@ fn read_only_database_gives_a_clear_error() {
     assert!(hint.contains("read-only"), "{hint}");
     assert!(hint.contains("ro.db"), "{hint}");
     assert_eq!(e.kind(), StoreErrorKind::ReadOnly);
+    // The health probe's write says so too, while its read still answers.
+    s.run_blocking(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))
+        .unwrap();
+    let e = s.run_blocking(q::write_probe).unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::ReadOnly);
 }
 
 #[test]
@@ -392,12 +397,13 @@ fn a_new_database_gets_every_migration() {
         .unwrap()
         .query_row(
             "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN
-             ('machines', 'configs', 'push_attempts', 'audit', 'swipes', 'rfideas_settings')",
+             ('machines', 'configs', 'push_attempts', 'audit', 'swipes', 'rfideas_settings',
+              'health_probe')",
             [],
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(tables, 6);
+    assert_eq!(tables, 7);
 }
 
 /// Another connection (the swipe journal's) commits between the reads and the first write
