@@ -17,7 +17,7 @@ fn write_cfg(dir: &std::path::Path, name: &str, text: &str) -> String {
 }
 
 /// A CONFIG as the SCM would build it, sent straight to the agent's config port.
-fn config(request_id: u64, generation: u64, content: &[u8]) -> scm_proto::Frame {
+pub(crate) fn config(request_id: u64, generation: u64, content: &[u8]) -> scm_proto::Frame {
     Message::Config(v1::Config {
         request_id,
         generation,

@@ -1279,7 +1279,6 @@ fn sighup_reload_closes_revoked_sessions_and_keeps_the_others() {
 /// broken CRL file on the next SIGHUP keeps the previous configuration.
 #[test]
 fn agent_sighup_reload_applies_a_new_crl_to_its_config_port() {
-    use sha2::Digest;
     init();
     let (dir, password) = Fleet::init(&[1]);
     let dev = dir.path().join("dev");
@@ -1298,16 +1297,7 @@ fn agent_sighup_reload_applies_a_new_crl_to_its_config_port() {
     let agent = fleet.agent(1);
     let port = agent.listening("config");
     let pems = issued_pems(dev_ca.cert_pem(), &second_scm);
-    let config = |request_id: u64, generation: u64, content: &[u8]| {
-        Message::Config(v1::Config {
-            request_id,
-            generation,
-            content: content.to_vec(),
-            sha256: sha2::Sha256::digest(content).to_vec(),
-        })
-        .to_frame(1)
-        .expect("CONFIG frame")
-    };
+    let config = crate::fencing::config;
     let runtime = rt();
     runtime.block_on(async {
         let mut c = FrameClient::connect(port, &pems, Identity::Machine(1))

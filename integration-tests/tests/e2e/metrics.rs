@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
-use integration_tests::{Fleet, Proc, WAIT, bin, run, swipe};
+use integration_tests::{Fleet, WAIT, bin, run, swipe};
 use scm_certs::identity::Identity;
 use scm_certs::pki::{Ca, LeafSpec, Validity};
 use scm_certs::tls::{self as sctls, TlsPolicy};
@@ -48,16 +48,6 @@ fn scrape_expect(addr: SocketAddr, want: &[&str]) -> String {
         "missing {missing:?} from {addr}:\n{answer}"
     );
     answer
-}
-
-fn sim(addr: SocketAddr) -> Proc {
-    let a = addr.to_string();
-    Proc::spawn(
-        "print-server-sim",
-        &bin("print-server-sim"),
-        &["--connect", a.as_str(), "--keepalive-ms", "200"],
-        &[],
-    )
 }
 
 /// Machine 1's certificate from a CA the fleet does not trust.
@@ -146,7 +136,7 @@ fn scm_and_agent_expose_exact_metrics_and_health() {
     assert!(out.starts_with("250 ACK machine 1 generation 1"), "{out}");
 
     // A swipe, delivered to the print server.
-    let printer = sim(device);
+    let printer = crate::swipes::sim(device, &[]);
     printer.wait_stdout("CONNECTED");
     agent.wait_for("reader r1");
     swipe(&dir.path().join("dev"), 1, "12345678");

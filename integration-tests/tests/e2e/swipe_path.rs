@@ -11,21 +11,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use integration_tests::{Fleet, Proc, WAIT, bin};
+use integration_tests::{Fleet, WAIT};
 use scm_certs::identity::Identity;
 use scm_proto::v1::{self, Message, NackReason};
 
 use crate::{FrameClient, dev_pems, init, rt};
-
-fn sim(addr: SocketAddr) -> Proc {
-    let a = addr.to_string();
-    Proc::spawn(
-        "print-server-sim",
-        &bin("print-server-sim"),
-        &["--connect", a.as_str(), "--keepalive-ms", "200"],
-        &[],
-    )
-}
 
 /// Connects as machine 1 (its certificate) and says HELLO.
 async fn agent_link(dev: &Path, addr: SocketAddr) -> FrameClient {
@@ -106,7 +96,7 @@ fn a_swipe_refused_busy_is_delivered_when_resent_after_a_restart_and_a_queued_on
         let held = send_swipe(&mut c, 3, "e-held", "HELD0001").await;
         assert!(ack_detail(&held).contains("duplicate"), "{held:?}");
     });
-    let s = sim(port);
+    let s = crate::swipes::sim(port, &[]);
     s.wait_stdout("CARD BUSY0002");
     rt().block_on(async {
         let mut c = agent_link(&dev, agents).await;
@@ -330,7 +320,7 @@ fn two_print_servers_on_one_device_are_held_off_with_one_log_line_and_a_metric()
         .unwrap();
     assert!(n >= 1, "{flaps}");
     // After the fight, a print server connects and gets the next swipe.
-    let s = sim(port);
+    let s = crate::swipes::sim(port, &[]);
     s.wait_stdout("CONNECTED");
 }
 

@@ -13,7 +13,7 @@ use scm_proto::v1::{self, Message, NackReason};
 use crate::{FrameClient, dev_pems, init, rt};
 
 /// Starts the print-server simulator against one device port.
-fn sim(addr: SocketAddr, extra: &[&str]) -> Proc {
+pub(crate) fn sim(addr: SocketAddr, extra: &[&str]) -> Proc {
     let a = addr.to_string();
     let mut args = vec!["--connect", a.as_str(), "--keepalive-ms", "200"];
     args.extend_from_slice(extra);
