@@ -59,6 +59,7 @@ pub async fn scm_connect(
             applied_generation: 0,
             applied_sha256: Vec::new(),
             readers: vec!["r1".into()],
+            ..Default::default()
         });
         write_frame(&mut w, &scm_proto::reply_frame(&hello, id)).await?;
         let f = reader

@@ -67,8 +67,14 @@ pub struct ScmSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenSection {
-    /// Config port (the SCM connects here to push CONFIG).
+    /// Config port (the SCM connects here to push CONFIG, for machines the SCM has
+    /// `delivery = "port"` for); empty: none, configurations come over the link.
     pub config: String,
+    /// The `host:port` the agent announces for its config port, when the SCM must
+    /// reach it at another address than the one the link leaves from (NAT, another
+    /// interface). Empty: the config port's own address when it is bound to a specific
+    /// one, else the link's local address with the config port's port.
+    pub config_advertise: String,
     /// Prometheus metrics and health (`GET /metrics`, `GET /health`, plain HTTP); empty
     /// disables it. A bind failure is logged and the agent runs without metrics.
     pub metrics: String,
@@ -77,7 +83,10 @@ pub struct ListenSection {
 impl Default for ListenSection {
     fn default() -> Self {
         Self {
-            config: "0.0.0.0:9301".into(),
+            // None by default: configurations come over the agent's own link, so a
+            // machine needs no inbound port (no firewall hole, works behind NAT).
+            config: String::new(),
+            config_advertise: String::new(),
             metrics: "127.0.0.1:9465".into(),
         }
     }
@@ -204,6 +213,24 @@ impl AgentConfig {
         ] {
             if !v.is_empty() && v.parse::<std::net::SocketAddr>().is_err() {
                 return Err(bad(key, format!("{v:?} is not IP:PORT")));
+            }
+        }
+        let adv = &self.listen.config_advertise;
+        if !adv.is_empty() {
+            if self.listen.config.is_empty() {
+                return Err(bad(
+                    "listen.config_advertise",
+                    "announces a config port, but [listen] config is empty (no config port); set config, or remove config_advertise".into(),
+                ));
+            }
+            let port_ok = adv
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0));
+            if !port_ok || adv.len() > 255 {
+                return Err(bad(
+                    "listen.config_advertise",
+                    format!("{adv:?} is not host:port (for example \"10.1.2.3:9301\")"),
+                ));
             }
         }
         if self.scm.address.is_empty() {

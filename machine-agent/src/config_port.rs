@@ -230,19 +230,26 @@ impl ConfigPort {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let reply = self.apply(&frame).await;
-            if frame.code() == Some(Code::Config) {
-                let outcome = if reply.code() == Some(Code::Ack) {
-                    "ack"
-                } else {
-                    "nack"
-                };
-                crate::metrics::global().configs.inc(&[outcome]);
-            }
+            let reply = self.answer(&frame).await;
             write_frame(&mut w, &reply).await?;
         }
         let _ = w.shutdown().await;
         Ok(())
+    }
+
+    /// Applies one frame and returns the answer, counted (`agent_configs_total`): what
+    /// the config port and the link both do with a CONFIG.
+    pub async fn answer(&self, frame: &Frame) -> Frame {
+        let reply = self.apply(frame).await;
+        if frame.code() == Some(Code::Config) {
+            let outcome = if reply.code() == Some(Code::Ack) {
+                "ack"
+            } else {
+                "nack"
+            };
+            crate::metrics::global().configs.inc(&[outcome]);
+        }
+        reply
     }
 
     /// Applies one frame and returns the answer.
@@ -320,6 +327,19 @@ impl ConfigPort {
             }
         }
     }
+}
+
+/// The answer to a CONFIG that arrives over the link while another is being stored.
+pub(crate) fn busy(machine_id: u16, frame: &Frame) -> Frame {
+    crate::metrics::global().configs.inc(&["nack"]);
+    let request_id = Dialect::of(frame.version).request_id(frame);
+    nack(
+        frame.version,
+        machine_id,
+        request_id,
+        NackReason::Busy,
+        "another configuration is being stored; nothing written, send it again".into(),
+    )
 }
 
 fn nack_text(f: &Frame) -> String {

@@ -133,6 +133,7 @@ impl Agent {
             machine_id: self.cfg.machine_id,
             scm_address: self.cfg.scm.address.clone(),
             config_port,
+            config_advertise: self.cfg.listen.config_advertise.clone(),
             source: link::source_for(config_addr),
             handshake: ms(t.handshake_ms),
             heartbeat: ms(t.heartbeat_ms),
@@ -141,12 +142,6 @@ impl Agent {
             reconnect_min: ms(t.reconnect_min_ms),
             reconnect_max: ms(t.reconnect_max_ms),
             readers: self.cfg.readers.iter().map(|r| r.id.clone()).collect(),
-        };
-        // The link reads the applied state through its own handle on the same directory;
-        // saves are serialised by the config port's lock.
-        let store = {
-            let guard = self.port.store.lock().await;
-            Arc::new(tokio::sync::Mutex::new(guard.clone()))
         };
         let mut set = tokio::task::JoinSet::new();
         if let Some(l) = config_listener {
@@ -189,10 +184,12 @@ impl Agent {
                 },
             ));
         }
+        // The link applies the CONFIGs it receives through the config port's store and
+        // lock, so saves over the link and over the port are one at a time.
         set.spawn(link::run(
             settings,
             self.connector.clone(),
-            store,
+            self.port.clone(),
             self.queue.clone(),
             shutdown.clone(),
         ));

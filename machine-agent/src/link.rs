@@ -1,7 +1,9 @@
 //! The agent's event link to the SCM: connect over mutual TLS (the SCM's certificate must
 //! carry the SCM identity), say HELLO with the applied generation and hash and the config
-//! port, then send heartbeats. Any failure closes the link and the agent reconnects after
-//! a jittered exponential back-off, so a restarted SCM is not hit by every agent at once.
+//! port's address, then send heartbeats and swipes, and store the CONFIGs the SCM sends
+//! over the link (the same checks and durable save as the config port, answered on the
+//! link). Any failure closes the link and the agent reconnects after a jittered
+//! exponential back-off, so a restarted SCM is not hit by every agent at once.
 //!
 //! The protocol decisions are in [`machine`] (I/O-free, unit-tested with paused time);
 //! this file connects, and drives the state machine with frames, timers and the swipe
@@ -18,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::storage::ConfigStore;
+use crate::config_port::ConfigPort;
 use crate::swipes::SwipeQueue;
 
 pub(crate) mod machine;
@@ -34,6 +36,9 @@ pub struct LinkSettings {
     pub scm_address: String,
     /// Config port to report in HELLO (0: none).
     pub config_port: u16,
+    /// The config port's address to announce instead of the one the agent works out
+    /// (empty: none given).
+    pub config_advertise: String,
     /// Local address the link connects from (`None`: the one the OS picks).
     pub source: Option<std::net::IpAddr>,
     /// Handshake timeout.
@@ -129,7 +134,7 @@ pub fn backoff(n: u32, min: Duration, max: Duration) -> Duration {
 pub async fn run(
     settings: LinkSettings,
     connector: Arc<std::sync::RwLock<tokio_rustls::TlsConnector>>,
-    store: Arc<tokio::sync::Mutex<ConfigStore>>,
+    port: Arc<ConfigPort>,
     queue: Arc<SwipeQueue>,
     shutdown: CancellationToken,
 ) {
@@ -139,7 +144,7 @@ pub async fn run(
         let current = connector.current();
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = session(&settings, &current, &store, &queue, &mut reconnect) => r,
+            r = session(&settings, &current, &port, &queue, &mut reconnect) => r,
         };
         queue.link_lost();
         crate::metrics::global().link_lost();
@@ -159,7 +164,7 @@ pub async fn run(
 async fn session(
     s: &LinkSettings,
     connector: &tokio_rustls::TlsConnector,
-    store: &Arc<tokio::sync::Mutex<ConfigStore>>,
+    port: &Arc<ConfigPort>,
     queue: &SwipeQueue,
     reconnect: &mut Reconnect,
 ) -> Result<(), LinkError> {
@@ -172,6 +177,7 @@ async fn session(
         .map_err(|_| connect_err(format!("no answer within {:?}", s.handshake)))?
         .map_err(|e| connect_err(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
+    let config_address = announced_config_address(s, tcp.local_addr().ok());
     let tls = scm_certs::tls::connect(connector, tcp, &Identity::Scm, s.handshake)
         .await
         .map_err(|e| {
@@ -179,16 +185,35 @@ async fn session(
             connect_err(format!("TLS handshake refused ({}): {e}", e.reason()))
         })?;
     let (r, w) = tokio::io::split(tls);
-    let applied = store.lock().await.applied();
-    drive(s, r, w, applied, queue, reconnect).await
+    let applied = port.store.lock().await.applied();
+    drive(s, r, w, applied, config_address, port, queue, reconnect).await
+}
+
+/// The config port's address the HELLO announces: the one configured, else the port's
+/// own address when bound to a specific IP, else the link's local IP (the config port
+/// listens on every address, and this one routes to the SCM) with the port's port.
+fn announced_config_address(s: &LinkSettings, local: Option<std::net::SocketAddr>) -> String {
+    if s.config_port == 0 {
+        return String::new();
+    }
+    if !s.config_advertise.is_empty() {
+        return s.config_advertise.clone();
+    }
+    match s.source.or(local.map(|l| l.ip())) {
+        Some(ip) => std::net::SocketAddr::new(ip, s.config_port).to_string(),
+        None => String::new(),
+    }
 }
 
 /// Runs one connection to the SCM over any byte stream until it fails.
+#[allow(clippy::too_many_arguments)]
 async fn drive<R, W>(
     s: &LinkSettings,
     r: R,
     mut w: W,
     applied: Option<crate::storage::Applied>,
+    config_address: String,
+    port: &Arc<ConfigPort>,
     queue: &SwipeQueue,
     reconnect: &mut Reconnect,
 ) -> Result<(), LinkError>
@@ -196,11 +221,13 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut reader = FrameReader::new(r, FrameCodec::new(4096));
+    // A CONFIG over the link may be as large as a frame allows, as on the config port.
+    let mut reader = FrameReader::new(r, FrameCodec::default());
     let mut link = AgentLink::new(
         Params {
             machine_id: s.machine_id,
             config_port: s.config_port,
+            config_address,
             heartbeat: s.heartbeat,
             reply: s.reply,
             stall: s.stall,
@@ -211,6 +238,8 @@ where
             sha256: a.sha256,
         }),
     );
+    // The CONFIG being stored: one at a time, while swipes and heartbeats go on.
+    let mut applying: Option<Applying> = None;
     loop {
         while let Some(action) = link.poll_action() {
             match action {
@@ -240,6 +269,21 @@ where
                             .map_err(|e| LinkError::Lost(e.to_string()))?;
                     }
                 }
+                Action::Apply(frame) => {
+                    if applying.is_some() {
+                        // The SCM sends one CONFIG at a time per machine; a second one
+                        // is refused, not queued behind a slow disk.
+                        let nack = crate::config_port::busy(s.machine_id, &frame);
+                        write_frame(&mut w, &nack)
+                            .await
+                            .map_err(|e| LinkError::Lost(e.to_string()))?;
+                    } else {
+                        // Its own task: a link that fails mid-save does not cut the save
+                        // (or its lock) short.
+                        let port = port.clone();
+                        applying = Some(tokio::spawn(async move { port.answer(&frame).await }));
+                    }
+                }
                 Action::Answered(a) => {
                     let swipe = queue.answered(a.request_id, a.ok, a.reason, &a.detail);
                     link.answered(a, swipe);
@@ -256,6 +300,12 @@ where
             .unwrap_or_else(|| tokio::time::Instant::now() + s.heartbeat);
         let up = link.is_up();
         tokio::select! {
+            reply = poll_applying(&mut applying) => {
+                applying = None;
+                write_frame(&mut w, &reply)
+                    .await
+                    .map_err(|e| LinkError::Lost(e.to_string()))?;
+            }
             _ = sleep_until(timer) => link.handle_timeout(tokio::time::Instant::now()),
             _ = queue.changed(), if up => link.swipes_due(),
             _ = tokio::time::sleep_until(swipe_deadline), if up => link.swipes_due(),
@@ -265,6 +315,26 @@ where
                 Err(e) => link.handle_error(e),
             },
         }
+    }
+}
+
+/// A CONFIG being stored; resolves to its answer.
+type Applying = tokio::task::JoinHandle<scm_proto::Frame>;
+
+async fn poll_applying(applying: &mut Option<Applying>) -> scm_proto::Frame {
+    match applying {
+        Some(task) => match task.await {
+            Ok(reply) => reply,
+            Err(e) => scm_proto::reply_frame(
+                &scm_proto::v1::Message::nack(
+                    0,
+                    scm_proto::v1::NackReason::StorageFailed,
+                    format!("the save stopped: {e}"),
+                ),
+                0,
+            ),
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -55,6 +55,7 @@ fn examples() -> Vec<(&'static str, Frame)> {
                     applied_generation: 2,
                     applied_sha256: sha256(b"volume=2\n"),
                     readers: vec!["door".into()],
+                    config_address: String::new(),
                 }),
                 42,
             ),

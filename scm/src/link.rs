@@ -27,6 +27,7 @@ use crate::state::{self, FleetState};
 
 pub(crate) mod dialect;
 pub(crate) mod machine;
+pub(crate) mod mailbox;
 
 pub(crate) use dialect::PushResult;
 pub(crate) use machine::SwipeVerdict;
@@ -222,15 +223,31 @@ where
         machine,
         registered: false,
         in_band: None,
+        mailbox: None,
+        config_reply: None,
     };
     let result = loop {
+        // A CONFIG posted for this link goes out before the next read.
+        if link.machine.takes_config()
+            && let Some(letter) = link.mailbox.as_deref().and_then(mailbox::Mailbox::take)
+        {
+            link.machine
+                .send_config(&letter.generation, letter.request_id, Instant::now());
+            link.config_reply = Some(letter.reply);
+            match Box::pin(link.execute(&mut w)).await {
+                Ok(true) => {}
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        }
         // An in-band CONFIG's answer is awaited even through shutdown: it decides what
         // is recorded for the delivery.
         let watch = !link.machine.awaits_answer();
         if watch && shutdown.is_cancelled() {
             break Ok(());
         }
-        let (idle, stall) = link.machine.read_limits();
+        let (idle, stall) = link.machine.read_limits(Instant::now());
+        let mail = link.mailbox.clone().filter(|_| link.machine.takes_config());
         // A frame that is already here is handled before the queued replies are sent.
         let ready = if w.queued() > 0 {
             reader.read_ready(stall)
@@ -250,6 +267,7 @@ where
                 }
                 tokio::select! {
                     _ = shutdown.cancelled(), if watch => break Ok(()),
+                    _ = posted(mail.as_deref()) => continue,
                     f = reader.read_frame(idle, stall) => f,
                 }
             }
@@ -273,8 +291,29 @@ where
         tracing::info!(machine = cert_id, "agent disconnected");
         ctx.events.disconnected(cert_id, peer);
     }
+    if let Some(reply) = link.config_reply.take() {
+        let _ = reply.send(PushResult::Unreachable {
+            generation: 0,
+            detail: "the machine's link ended before it answered the CONFIG".into(),
+        });
+    }
     let _ = w.shutdown().await;
     result
+}
+
+/// Resolves when a CONFIG is posted to `mailbox`; never without one.
+async fn posted(mailbox: Option<&mailbox::Mailbox>) {
+    match mailbox {
+        Some(m) => m.posted().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What an accepted HELLO announced.
+struct Hello {
+    version: u8,
+    config_address: Option<String>,
+    readers: Vec<String>,
 }
 
 /// Carries out the state machine's actions for one link.
@@ -288,6 +327,10 @@ struct Driver {
     registered: bool,
     /// The machine's delivery lock, held while an in-band CONFIG waits for its answer.
     in_band: Option<crate::coord::delivery::DeliveryGuard>,
+    /// Where pushes post CONFIGs for this link (version 1, from its HELLO on).
+    mailbox: Option<Arc<mailbox::Mailbox>>,
+    /// Where the outcome of the CONFIG sent over the link goes.
+    config_reply: Option<tokio::sync::oneshot::Sender<PushResult>>,
 }
 
 impl Driver {
@@ -312,12 +355,16 @@ impl Driver {
                 Action::Count(reason) => crate::metrics::global().frames_refused.inc(&[reason]),
                 Action::RecordHello {
                     dialect,
-                    config_port,
+                    config_address,
                     readers,
                     first,
                 } => {
-                    self.accept_hello(dialect.version(), config_port, readers, first)
-                        .await?
+                    let hello = Hello {
+                        version: dialect.version(),
+                        config_address,
+                        readers,
+                    };
+                    self.accept_hello(hello, first).await?
                 }
                 Action::MarkApplied { sha256: sha } => {
                     let marked = self.ctx.fleet.mark_applied_by_hash(id, sha).await?;
@@ -351,6 +398,13 @@ impl Driver {
                     let verdict = self.ctx.upcalls.swipe(id, &s).await;
                     self.machine.swipe_verdict(s.request_id, verdict);
                 }
+                Action::ConfigAnswered { result } => {
+                    if let Some(reply) = self.config_reply.take() {
+                        // The push that posted it may have given up waiting; it then
+                        // counts the generation pending, which a retry fixes.
+                        let _ = reply.send(result);
+                    }
+                }
                 Action::PushOutcome { result, elapsed } => {
                     self.ctx
                         .upcalls
@@ -366,25 +420,24 @@ impl Driver {
         Ok(true)
     }
 
-    async fn accept_hello(
-        &mut self,
-        version: u8,
-        config_port: Option<u16>,
-        readers: Vec<String>,
-        first: bool,
-    ) -> Result<(), LinkError> {
+    async fn accept_hello(&mut self, hello: Hello, first: bool) -> Result<(), LinkError> {
         let id = self.cert_id;
         let peer = self.peer.to_string();
+        let version = hello.version;
         self.ctx.fleet.record_hello(id, peer).await?;
+        if version == 1 && self.mailbox.is_none() {
+            self.mailbox = Some(Arc::default());
+        }
         self.ctx.sessions.register(
             id,
             Session {
                 peer: self.peer,
                 version,
                 connected_since_ms: state::now_ms(),
-                config_port,
-                readers,
+                config_address: hello.config_address,
+                readers: hello.readers,
                 link_id: self.link_id,
+                mailbox: self.mailbox.clone(),
             },
         );
         self.registered = true;

@@ -131,6 +131,7 @@ fn hello(id: u16, config_port: u16) -> Frame {
         applied_generation: 0,
         applied_sha256: Vec::new(),
         readers: vec!["r1".into()],
+        ..Default::default()
     });
     scm_proto::reply_frame(&m, id)
 }

@@ -104,8 +104,12 @@ fn init_dev_with_a_bind_address_alone_gives_a_working_fleet() {
             &["--config", cfg.to_str().unwrap()],
             &[],
         );
-        assert_eq!(agent.listening("config").ip().to_string(), IP);
         agent.wait_for("connected to SCM");
+        assert!(
+            !agent.logs().contains("(config)"),
+            "as generated, an agent needs no listening port: {}",
+            agent.logs()
+        );
         procs.push(agent);
     }
 
@@ -135,9 +139,7 @@ fn init_dev_with_a_bind_address_alone_gives_a_working_fleet() {
     }
     let (code, out, _) = backoffice(&["status", "1"]);
     assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains(&format!("link: connected from {IP}:")),
-        "{out}"
-    );
-    assert!(out.contains(&format!("config address: {IP}:")), "{out}");
+    // With no config port, an agent's link leaves from whichever address the OS picks.
+    assert!(out.contains("link: connected from "), "{out}");
+    assert!(out.contains("delivery: over the machine's link"), "{out}");
 }

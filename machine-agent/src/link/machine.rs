@@ -1,5 +1,6 @@
 //! The agent's side of the agent link, without I/O: the HELLO exchange, heartbeats and
-//! their deadline, the answers to swipes, and when the link counts as lost. The driver
+//! their deadline, the answers to swipes, CONFIGs from the SCM to store, and when the
+//! link counts as lost. The driver
 //! in `link.rs` feeds it frames, read errors, the end of the stream and timeouts with the
 //! time, and carries out the [`Action`]s it queues (quinn-style: `handle_*`, then
 //! `poll_action` until `None`). The swipe queue stays the driver's: it is shared with
@@ -22,6 +23,8 @@ pub(crate) struct Params {
     pub(crate) machine_id: u16,
     /// Config port to report in HELLO (0: none).
     pub(crate) config_port: u16,
+    /// Its address to announce in HELLO (empty: none).
+    pub(crate) config_address: String,
     /// Heartbeat interval: a heartbeat is due after this much time without one.
     pub(crate) heartbeat: Duration,
     /// Time allowed for each answer.
@@ -61,6 +64,9 @@ pub(crate) enum Action {
     SendSwipes,
     /// Offer this answer to the swipe queue, then call [`AgentLink::answered`].
     Answered(Answer),
+    /// Check and store this CONFIG from the SCM (as the config port does), then send
+    /// the answer.
+    Apply(Frame),
     /// The link is over.
     Close(LinkError),
 }
@@ -103,6 +109,7 @@ impl AgentLink {
                 .map(|a| a.sha256.to_vec())
                 .unwrap_or_default(),
             readers: p.readers.clone(),
+            config_address: p.config_address.clone(),
         });
         let frame = scm_proto::reply_frame(&hello, p.machine_id);
         let mut link = AgentLink {
@@ -207,6 +214,13 @@ impl AgentLink {
     pub(crate) fn handle_frame(&mut self, frame: Frame, now: Instant) {
         match self.phase {
             Phase::Hello { request_id } => self.hello_answered(request_id, &frame, now),
+            // A CONFIG is answered even when its payload is unreadable (NACK MALFORMED):
+            // the SCM waits for an answer. The link's peer proved the SCM's identity in
+            // the handshake; the frame's own checks (machine id, hash, generation) are
+            // the store's, as on the config port.
+            Phase::Up { .. } if frame.code() == Some(scm_proto::Code::Config) => {
+                self.push(Action::Apply(frame))
+            }
             Phase::Up { .. } => match Message::decode(&frame) {
                 Ok(Message::Ack(a)) => self.push(Action::Answered(Answer {
                     request_id: a.request_id,

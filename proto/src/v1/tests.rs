@@ -15,6 +15,7 @@ fn every_message() -> Vec<Message> {
             applied_generation: 3,
             applied_sha256: vec![0xab; 32],
             readers: vec!["door".into(), "desk".into()],
+            config_address: "10.0.0.5:9301".into(),
         }),
         Message::Msg(Msg {
             request_id: 2,
@@ -247,6 +248,7 @@ fn field_numbers_are_fixed() {
             applied_generation: 3,
             applied_sha256: vec![0xcc],
             readers: vec!["r".into()],
+            config_address: String::new(),
         }
     );
     let config =

@@ -307,6 +307,12 @@ impl ScmConfig {
                     "\"big\" is only for version-0 machines that send ID and DATA_LENGTH big-endian; version 1 is always little-endian: remove byte_order or set protocol_version = 0",
                 ));
             }
+            if m.delivery == Some(crate::ops::fleet::Delivery::Link) && m.config_addr.is_some() {
+                return Err(invalid(
+                    format!("machine[{i}].config_addr"),
+                    "is only used with delivery = \"port\", and this machine has delivery = \"link\": remove config_addr, or set delivery = \"port\"",
+                ));
+            }
         }
         let mut names = HashSet::new();
         for (i, o) in self.operators.iter().enumerate() {
@@ -508,6 +514,60 @@ id = 2
 protocol_version = 0
 config_addr = "10.0.0.2:9301"
 "#;
+
+    #[test]
+    fn delivery_is_over_the_link_for_version_1_unless_set_or_given_a_config_address() {
+        use crate::ops::fleet::Delivery;
+        let c = ScmConfig::parse(MIN, "t", &Env::new()).unwrap();
+        assert_eq!(c.machine(1).unwrap().delivery(), Delivery::Link);
+        assert_eq!(
+            c.machine(2).unwrap().delivery(),
+            Delivery::Port,
+            "version 0"
+        );
+        let port = MIN.replace("id = 1\n", "id = 1\ndelivery = \"port\"\n");
+        let c = ScmConfig::parse(&port, "t", &Env::new()).unwrap();
+        assert_eq!(c.machine(1).unwrap().delivery(), Delivery::Port);
+        let addr = MIN.replace("id = 1\n", "id = 1\nconfig_addr = \"10.0.0.1:9301\"\n");
+        let c = ScmConfig::parse(&addr, "t", &Env::new()).unwrap();
+        assert_eq!(
+            c.machine(1).unwrap().delivery(),
+            Delivery::Port,
+            "an address"
+        );
+        let v0_link = MIN.replace(
+            "protocol_version = 0\nconfig_addr = \"10.0.0.2:9301\"\n",
+            "protocol_version = 0\ndelivery = \"link\"\n",
+        );
+        let c = ScmConfig::parse(&v0_link, "t", &Env::new()).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.machine(2).unwrap().delivery(),
+            Delivery::Link,
+            "in-band only"
+        );
+        let both = MIN.replace(
+            "config_addr = \"10.0.0.2:9301\"\n",
+            "config_addr = \"10.0.0.2:9301\"\ndelivery = \"link\"\n",
+        );
+        let e = ScmConfig::parse(&both, "t", &Env::new())
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("machine[1].config_addr") && e.contains("delivery = \"port\""),
+            "{e}"
+        );
+        let bad = MIN.replace("id = 1\n", "id = 1\ndelivery = \"tcp\"\n");
+        let e = ScmConfig::parse(&bad, "t", &Env::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("link") && e.contains("port"),
+            "names the choices: {e}"
+        );
+    }
 
     #[test]
     fn byte_order_is_little_unless_a_version_0_machine_says_big() {

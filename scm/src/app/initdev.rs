@@ -349,7 +349,11 @@ pub fn init_dev_with(
             "# Machine agent {id}, written by `scm init-dev`.\n\n\
              machine_id = {id}\n\n\
              [scm]\naddress = \"{}\"\n\n\
-             [listen]\nconfig = \"{}\"\nmetrics = \"{}\"\n\n\
+             [listen]\n\
+             # No config port: configurations come over this agent's own link to the SCM.\n\
+             # Only a machine the SCM has `delivery = \"port\"` for needs one, e.g.\n\
+             # config = \"{}\"\n\
+             config = \"\"\nmetrics = \"{}\"\n\n\
              [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [storage]\ndir = \"machine-{id}\"\n\n\
              # Card reader r1: write a card number and a newline into the FIFO to swipe,\n\

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use scm_common::lock::LockExt;
 
 /// A machine's live event link.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Session {
     /// Peer address of the link.
     pub peer: SocketAddr,
@@ -21,12 +21,14 @@ pub(crate) struct Session {
     pub version: u8,
     /// Unix ms when the HELLO was accepted.
     pub connected_since_ms: i64,
-    /// Config port the agent reported (version 1).
-    pub config_port: Option<u16>,
+    /// Config port address (`host:port`) the agent announced (version 1), if any.
+    pub config_address: Option<String>,
     /// Card readers the agent announced (version 1).
     pub readers: Vec<String>,
     /// Distinguishes links of the same machine (the newest wins).
     pub link_id: u64,
+    /// Where a CONFIG for the machine goes to be sent over this link (version 1).
+    pub mailbox: Option<std::sync::Arc<crate::link::mailbox::Mailbox>>,
 }
 
 /// Who holds which machine's link.
@@ -77,9 +79,10 @@ mod tests {
             peer: "127.0.0.1:4000".parse().unwrap(),
             version: 1,
             connected_since_ms: 1,
-            config_port: Some(7000),
+            config_address: None,
             readers: vec!["r1".into()],
             link_id,
+            mailbox: None,
         }
     }
 
@@ -96,7 +99,7 @@ mod tests {
             "old link gone, new kept"
         );
         r.unregister(3, 2);
-        assert_eq!(r.session(3), None);
+        assert!(r.session(3).is_none());
         assert_eq!(r.connected(), 0);
     }
 }

@@ -585,6 +585,7 @@ mod tests {
             groups: vec!["presses".into()],
             labels: vec!["hall-a".into()],
             byte_order: Default::default(),
+            delivery: None,
         }
     }
 
@@ -656,9 +657,10 @@ mod tests {
             peer: "10.0.0.8:5000".parse().unwrap(),
             version: 1,
             connected_since_ms: 2_000,
-            config_port: None,
+            config_address: None,
             readers: vec![],
             link_id: 1,
+            mailbox: None,
         };
         let m = machine_to_proto(&machine_cfg(), Some(&row), Some(&session), desired);
         assert!(m.connected);

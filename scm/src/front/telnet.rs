@@ -715,10 +715,7 @@ async fn status(ops: &Ops, actor: &Actor, id: u16) -> Result<Lines, Reply> {
             _ => "never".into(),
         }
     ));
-    lines.push(format!(
-        "config address: {}",
-        push::config_target(ops, id).unwrap_or_else(|| "unknown (in-band at next HELLO)".into())
-    ));
+    lines.push(format!("delivery: {}", push::describe_route(ops, id)));
     let state = if m.desired_generation == 0 {
         "no configuration pushed yet".to_string()
     } else if m.desired_generation == m.applied_generation {

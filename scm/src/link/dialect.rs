@@ -69,7 +69,7 @@ pub(crate) enum Request {
     /// HELLO, with what a version-1 agent announces (nothing for version 0).
     Hello {
         request_id: u64,
-        config_port: Option<u16>,
+        config_address: Option<String>,
         readers: Vec<String>,
         applied_sha256: Vec<u8>,
     },
@@ -119,7 +119,7 @@ impl Dialect {
             Dialect::V0 => Ok(match code {
                 Code::Hello => Request::Hello {
                     request_id: 0,
-                    config_port: None,
+                    config_address: None,
                     readers: Vec::new(),
                     applied_sha256: Vec::new(),
                 },
@@ -137,7 +137,9 @@ impl Dialect {
             Dialect::V1 => Ok(match Message::decode(frame)? {
                 Message::Hello(h) => Request::Hello {
                     request_id: h.request_id,
-                    config_port: u16::try_from(h.config_port).ok().filter(|p| *p != 0),
+                    // Bounded: kept in the session registry for the link's life.
+                    config_address: Some(h.config_address)
+                        .filter(|a| !a.is_empty() && a.len() <= 255),
                     readers: h.readers,
                     applied_sha256: h.applied_sha256,
                 },

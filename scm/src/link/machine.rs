@@ -64,7 +64,7 @@ pub(crate) enum Action {
     /// announce the connection.
     RecordHello {
         dialect: Dialect,
-        config_port: Option<u16>,
+        config_address: Option<String>,
         readers: Vec<String>,
         first: bool,
     },
@@ -88,6 +88,9 @@ pub(crate) enum Action {
         result: PushResult,
         elapsed: Option<Duration>,
     },
+    /// Hand the outcome of the CONFIG sent over the link (see
+    /// [`LinkMachine::send_config`]) back to the push that posted it; the push records it.
+    ConfigAnswered { result: PushResult },
     /// End the link.
     Close(Close),
 }
@@ -103,9 +106,20 @@ pub(crate) enum Close {
     Read(ReadError),
 }
 
-/// An in-band CONFIG waiting for its answer.
+/// How a CONFIG waiting for its answer was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// Version 0, as the answer to the HELLO: the next frame is its answer.
+    InBand,
+    /// Version 1, over the link at any time: the answer echoes `request_id`, and
+    /// other frames (swipes, heartbeats) may come first.
+    Link { request_id: u64 },
+}
+
+/// A CONFIG waiting for its answer.
 #[derive(Debug, Clone, Copy)]
-struct InBand {
+struct Awaiting {
+    sent: Sent,
     dialect: Dialect,
     generation: u64,
     sent_at: Instant,
@@ -117,7 +131,7 @@ pub(crate) struct LinkMachine {
     p: Params,
     /// Dialect of the accepted HELLO on this link.
     hello: Option<Dialect>,
-    in_band: Option<InBand>,
+    awaiting: Option<Awaiting>,
     actions: VecDeque<Action>,
 }
 
@@ -126,7 +140,7 @@ impl LinkMachine {
         LinkMachine {
             p,
             hello: None,
-            in_band: None,
+            awaiting: None,
             actions: VecDeque::new(),
         }
     }
@@ -142,16 +156,31 @@ impl LinkMachine {
         self.hello
     }
 
-    /// Whether an in-band CONFIG waits for its answer: the next frame is that answer,
-    /// and shutdown waits for it (the answer decides what is recorded).
+    /// Whether a CONFIG waits for its answer: shutdown waits for it (the answer decides
+    /// what is recorded).
     pub(crate) fn awaits_answer(&self) -> bool {
-        self.in_band.is_some()
+        self.awaiting.is_some()
     }
 
-    /// The idle and stall timeouts for the next read.
-    pub(crate) fn read_limits(&self) -> (Option<Duration>, Duration) {
-        match self.in_band {
-            Some(_) => (Some(self.p.push_reply), self.p.push_reply),
+    /// Whether the link can take a CONFIG to send over it now ([`Self::send_config`]):
+    /// a version-1 HELLO was accepted and no CONFIG waits for its answer.
+    pub(crate) fn takes_config(&self) -> bool {
+        self.hello == Some(Dialect::V1) && self.awaiting.is_none()
+    }
+
+    /// The idle and stall timeouts for the next read at `now`. While a CONFIG sent over
+    /// the link waits, the idle timeout ends no later than its answer is due, and the
+    /// read's idle timeout then stands for "no answer" (no timer of its own in every
+    /// idle link's task).
+    pub(crate) fn read_limits(&self, now: Instant) -> (Option<Duration>, Duration) {
+        match self.awaiting {
+            Some(Awaiting {
+                sent: Sent::InBand, ..
+            }) => (Some(self.p.push_reply), self.p.push_reply),
+            Some(Awaiting { sent_at, .. }) => {
+                let due = (sent_at + self.p.push_reply).saturating_duration_since(now);
+                (Some(self.p.idle.min(due)), self.p.stall)
+            }
             None => (Some(self.p.idle), self.p.stall),
         }
     }
@@ -172,11 +201,37 @@ impl LinkMachine {
     /// A complete frame arrived.
     pub(crate) fn handle_frame(&mut self, frame: Frame, now: Instant) {
         let id = self.p.cert_id;
-        if let Some(wait) = self.in_band.take() {
-            let g = wait.generation;
-            let result = PushResult::from_answer(g, wait.dialect.parse_reply(&frame, id, 0));
-            self.config_answered(wait, result, now);
-            return;
+        match self.awaiting {
+            Some(
+                wait @ Awaiting {
+                    sent: Sent::InBand, ..
+                },
+            ) => {
+                self.awaiting = None;
+                let g = wait.generation;
+                let result = PushResult::from_answer(g, wait.dialect.parse_reply(&frame, id, 0));
+                self.config_answered(wait, result, now);
+                return;
+            }
+            Some(
+                wait @ Awaiting {
+                    sent: Sent::Link { request_id },
+                    ..
+                },
+            ) if frame.version == 1
+                && frame.id == id
+                && matches!(frame.code(), Some(Code::Ack | Code::Nack)) =>
+            {
+                // Anything else that arrives meanwhile (a late answer to an earlier
+                // CONFIG included) is an ordinary frame.
+                if let Ok(reply) = Dialect::V1.parse_reply(&frame, id, request_id) {
+                    self.awaiting = None;
+                    let result = PushResult::from_answer(wait.generation, Ok::<_, String>(reply));
+                    self.config_answered(wait, result, now);
+                    return;
+                }
+            }
+            _ => {}
         }
         if let Some(nack) = frame.nack_if_unknown() {
             let reason = if scm_proto::frame::SUPPORTED_VERSIONS.contains(&frame.version) {
@@ -232,7 +287,7 @@ impl LinkMachine {
         match request {
             Request::Hello {
                 request_id,
-                config_port,
+                config_address,
                 readers,
                 applied_sha256,
             } => {
@@ -252,7 +307,7 @@ impl LinkMachine {
                     .collect();
                 self.push(Action::RecordHello {
                     dialect,
-                    config_port,
+                    config_address,
                     readers,
                     first: self.hello.is_none(),
                 });
@@ -301,26 +356,50 @@ impl LinkMachine {
 
     /// The stream ended cleanly, between frames.
     pub(crate) fn handle_end(&mut self, now: Instant) {
-        if let Some(wait) = self.in_band.take() {
+        if let Some(wait) = self.awaiting.take() {
             let result = PushResult::Unreachable {
                 generation: wait.generation,
-                detail: "machine closed the link before answering the in-band CONFIG".into(),
+                detail: match wait.sent {
+                    Sent::InBand => "machine closed the link before answering the in-band CONFIG",
+                    Sent::Link { .. } => "machine closed the link before answering the CONFIG",
+                }
+                .into(),
             };
             self.config_answered(wait, result, now);
-            return;
+            if wait.sent == Sent::InBand {
+                return;
+            }
         }
         self.push(Action::Close(Close::Ended));
     }
 
     /// Reading failed; `pending` is the header of the frame being received, if it came.
     pub(crate) fn handle_error(&mut self, e: ReadError, pending: Option<Header>, now: Instant) {
-        if let Some(wait) = self.in_band.take() {
+        if let Some(wait) = self.awaiting.take() {
+            if wait.sent != Sent::InBand
+                && matches!(e, ReadError::Idle(_))
+                && now >= wait.sent_at + self.p.push_reply
+            {
+                // The answer's time is up (see `read_limits`), not the link's: the
+                // generation stays pending, and the link goes on.
+                let result = PushResult::Unreachable {
+                    generation: wait.generation,
+                    detail: format!(
+                        "no answer to the CONFIG over the link within {} ms; retried later",
+                        self.p.push_reply.as_millis()
+                    ),
+                };
+                self.config_answered(wait, result, now);
+                return;
+            }
             let result = PushResult::Unreachable {
                 generation: wait.generation,
                 detail: e.to_string(),
             };
             self.config_answered(wait, result, now);
-            return;
+            if wait.sent == Sent::InBand {
+                return;
+            }
         }
         match e {
             ReadError::Frame(e @ FrameError::DataTooLong { .. }) => {
@@ -342,7 +421,11 @@ impl LinkMachine {
         }
     }
 
-    fn config_answered(&mut self, wait: InBand, result: PushResult, now: Instant) {
+    fn config_answered(&mut self, wait: Awaiting, result: PushResult, now: Instant) {
+        if wait.sent != Sent::InBand {
+            self.push(Action::ConfigAnswered { result });
+            return;
+        }
         let unreachable = matches!(result, PushResult::Unreachable { .. });
         self.push(Action::PushOutcome {
             result,
@@ -350,6 +433,39 @@ impl LinkMachine {
         });
         if unreachable {
             self.push(Action::Close(Close::Ended));
+        }
+    }
+
+    /// Sends generation `g` over the link as a CONFIG with `request_id` (configuration
+    /// over the link, version 1); its outcome comes back as [`Action::ConfigAnswered`]:
+    /// the machine's ACK or NACK, or unreachable when no answer comes within the push
+    /// reply time or the link ends first. The caller checks [`Self::takes_config`].
+    pub(crate) fn send_config(&mut self, g: &Generation, request_id: u64, now: Instant) {
+        if !self.takes_config() {
+            let result = PushResult::Unreachable {
+                generation: g.generation,
+                detail: "the machine's link cannot take a CONFIG now; retried later".into(),
+            };
+            self.push(Action::ConfigAnswered { result });
+            return;
+        }
+        match Dialect::V1.config_frame(g, request_id) {
+            Ok(f) => {
+                self.push(Action::ReplyNow(f));
+                self.awaiting = Some(Awaiting {
+                    sent: Sent::Link { request_id },
+                    dialect: Dialect::V1,
+                    generation: g.generation,
+                    sent_at: now,
+                });
+            }
+            Err(e) => {
+                let result = PushResult::Nack {
+                    generation: g.generation,
+                    detail: format!("cannot be framed: {e}"),
+                };
+                self.push(Action::ConfigAnswered { result });
+            }
         }
     }
 
@@ -376,7 +492,8 @@ impl LinkMachine {
         match dialect.config_frame(g, 0) {
             Ok(f) => {
                 self.push(Action::ReplyNow(f));
-                self.in_band = Some(InBand {
+                self.awaiting = Some(Awaiting {
+                    sent: Sent::InBand,
                     dialect,
                     generation: g.generation,
                     sent_at: now,

@@ -48,6 +48,51 @@ pub(crate) struct MachineConfig {
     /// How a version-0 machine orders the bytes of ID and DATA_LENGTH.
     #[serde(default)]
     pub(crate) byte_order: crate::link::dialect::ByteOrder,
+    /// How configurations reach the machine; `None` is the default for its version
+    /// ([`MachineConfig::delivery`]).
+    #[serde(default)]
+    pub(crate) delivery: Option<Delivery>,
+}
+
+/// How configurations reach a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Over the mutual-TLS link the machine holds to the SCM (version 1; a version-0
+    /// machine gets it in-band, as the answer to its next HELLO).
+    Link,
+    /// The SCM connects to the machine's config port (`config_addr`, or the address
+    /// the agent announces in HELLO).
+    Port,
+}
+
+impl<'de> serde::Deserialize<'de> for Delivery {
+    // By hand, so that a wrong value is answered with the two right ones and what they
+    // are for, not with serde's "no variant" message.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "link" => Ok(Delivery::Link),
+            "port" => Ok(Delivery::Port),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a delivery; use \"link\" (over the machine's own link to the SCM, the default for version 1) or \"port\" (the SCM connects to the machine's config port)"
+            ))),
+        }
+    }
+}
+
+impl MachineConfig {
+    /// How configurations reach this machine: as configured, else over the config port
+    /// for version 0 (whose link only carries a CONFIG as the answer to HELLO) and for a
+    /// machine given a `config_addr`, else over the link.
+    pub(crate) fn delivery(&self) -> Delivery {
+        self.delivery.unwrap_or(
+            if self.protocol_version == 0 || self.config_addr.is_some() {
+                Delivery::Port
+            } else {
+                Delivery::Link
+            },
+        )
+    }
 }
 
 fn default_version() -> u8 {

@@ -1,9 +1,11 @@
-//! Configuration pushes: store a new generation, then deliver it to the machine by
-//! connecting to its config port over mutual TLS (the machine is the TLS server), send a
-//! CONFIG frame and wait for its ACK or NACK. A machine that cannot be reached keeps the
-//! generation pending; it is delivered when the machine next says HELLO.
+//! Configuration pushes: store a new generation, then deliver it to the machine and wait
+//! for its ACK or NACK. A machine's `delivery` setting says how: over the mutual-TLS link
+//! the machine holds to the SCM (`link`, the default for version 1: the link's task sends
+//! the CONFIG and hands back the answer), or by connecting to its config port, where the
+//! machine is the TLS server (`port`: version 0, and machines that serve a config port).
+//! A machine that cannot be reached keeps the generation pending; it is delivered when
+//! the machine next says HELLO, or by the retry task.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +16,9 @@ use tokio::net::TcpStream;
 
 pub(crate) use crate::link::dialect::{AnswerError, PushResult, Reply};
 use crate::link::dialect::{ByteOrder, Dialect};
+use crate::link::mailbox::{self, Mailbox};
 use crate::ops::Ops;
+use crate::ops::fleet::Delivery;
 use crate::state::{Durability, Generation, Outcome, StoreError};
 
 /// Why a push could not even be attempted.
@@ -51,14 +55,59 @@ pub(crate) async fn push(
     Ok(deliver(ops, generation).await?)
 }
 
-/// Where machine `id`'s config port is, if known.
-pub(crate) fn config_target(ops: &Ops, id: u16) -> Option<String> {
-    if let Some(addr) = ops.settings.machine(id).and_then(|m| m.config_addr.clone()) {
-        return Some(addr);
+/// How a CONFIG reaches a machine now.
+#[derive(Debug, Clone)]
+pub(crate) enum Route {
+    /// Over the machine's live version-1 link.
+    Link(Arc<Mailbox>),
+    /// To the config port at this `host:port`.
+    Port(String),
+}
+
+/// How a CONFIG would reach machine `id` now, if it can; `None` leaves it pending until
+/// the machine says HELLO (and for version 0, gets it in-band then).
+pub(crate) fn route(ops: &Ops, id: u16) -> Option<Route> {
+    let machine = ops.settings.machine(id);
+    let delivery = machine.map(|m| m.delivery()).unwrap_or(Delivery::Link);
+    match delivery {
+        Delivery::Link => {
+            let s = ops.sessions.session(id)?;
+            s.mailbox.filter(|_| s.version == 1).map(Route::Link)
+        }
+        Delivery::Port => {
+            if let Some(addr) = machine.and_then(|m| m.config_addr.clone()) {
+                return Some(Route::Port(addr));
+            }
+            // Where the agent says its config port is, never the address its HELLO came
+            // from: that is often another interface, or a NAT's.
+            ops.sessions.session(id)?.config_address.map(Route::Port)
+        }
     }
-    let s = ops.sessions.session(id)?;
-    let port = s.config_port.filter(|p| *p != 0)?;
-    Some(SocketAddr::new(s.peer.ip(), port).to_string())
+}
+
+/// How configurations reach machine `id` now, in words (telnet `status`).
+pub(crate) fn describe_route(ops: &Ops, id: u16) -> String {
+    match route(ops, id) {
+        Some(Route::Link(_)) => "over the machine's link".into(),
+        Some(Route::Port(addr)) => format!("to its config port at {addr}"),
+        None => match ops.settings.machine(id).map(|m| m.delivery()) {
+            Some(Delivery::Port) => "config port, address unknown (in-band at next HELLO)".into(),
+            _ => "over its link, once connected".into(),
+        },
+    }
+}
+
+/// Why a machine has no route now, for the attempt's detail.
+fn no_route(ops: &Ops, id: u16) -> String {
+    let delivery = ops
+        .settings
+        .machine(id)
+        .map(|m| m.delivery())
+        .unwrap_or(Delivery::Link);
+    match delivery {
+        Delivery::Link => "machine is not connected; it gets the configuration over its link after its next HELLO".into(),
+        Delivery::Port => "machine has no known config address (set config_addr, or let the agent announce its [listen] config address in HELLO) and is not connected; it gets the configuration at its next HELLO".into(),
+    }
 }
 
 /// Delivers one generation over the machine's config port and records the outcome.
@@ -114,12 +163,24 @@ pub(crate) async fn deliver_with(
             return Ok(result);
         }
     }
-    let result = match config_target(ops, id) {
+    let result = match route(ops, id) {
         None => PushResult::Unreachable {
             generation: g,
-            detail: "machine has no known config address and is not connected; it gets the configuration at its next HELLO".into(),
+            detail: no_route(ops, id),
         },
-        Some(target) => PushResult::from_answer(
+        Some(Route::Link(mailbox)) => {
+            // The link times the answer out after `push_reply`; the margin covers a link
+            // task busy with a burst when the CONFIG is posted.
+            let limit = ops.settings.push_reply + Duration::from_secs(2);
+            let request_id = ops.next_id();
+            let mut result = mailbox::deliver(&mailbox, generation, request_id, limit).await;
+            if let PushResult::Unreachable { generation, .. } = &mut result {
+                // The link's own outcome does not know the generation it was for.
+                *generation = g;
+            }
+            result
+        }
+        Some(Route::Port(target)) => PushResult::from_answer(
             g,
             send_config(ops, &target, &generation)
                 .await

@@ -82,7 +82,7 @@ pub(crate) async fn run(ops: Arc<Ops>, kick: Arc<dyn RetryScheduler>, shutdown: 
             if st.generation != *generation {
                 *st = fresh;
             }
-            if st.next > now || push::config_target(&ops, *id).is_none() {
+            if st.next > now || push::route(&ops, *id).is_none() {
                 continue;
             }
             let g = match ops.store.fleet().pending_generation(*id).await {

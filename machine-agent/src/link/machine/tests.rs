@@ -10,6 +10,7 @@ fn params() -> Params {
     Params {
         machine_id: ID,
         config_port: 9301,
+        config_address: "127.0.0.9:9301".into(),
         heartbeat: Duration::from_secs(10),
         reply: Duration::from_secs(3),
         stall: Duration::from_secs(2),
@@ -26,6 +27,7 @@ fn describe(a: &Action) -> String {
         Action::Established { desired } => format!("established g{desired}"),
         Action::SendSwipes => "swipes".into(),
         Action::Answered(a) => format!("answered #{} ok={}", a.request_id, a.ok),
+        Action::Apply(f) => format!("apply code {} #{}", f.code, f.id),
         Action::Close(e) => format!("close {e}"),
     }
 }
@@ -288,4 +290,64 @@ fn reconnect_backs_off_until_the_link_is_up() {
     );
     r.established();
     assert_eq!(r.next_attempt(), 0);
+}
+
+#[test]
+fn a_config_from_the_scm_on_the_link_is_stored_only_once_up_and_even_when_unreadable() {
+    let config = Message::Config(v1::Config {
+        request_id: 40,
+        generation: 5,
+        content: b"a=1\n".to_vec(),
+        sha256: Vec::new(),
+    });
+    // Before the HELLO is answered a CONFIG is not an answer to it: refused, link closed.
+    let mut l = AgentLink::new(params(), None);
+    drain(&mut l);
+    l.handle_frame(frame(config.clone()), Instant::now());
+    assert_actions(
+        "before up",
+        &drain(&mut l),
+        &["close the SCM refused HELLO: unexpected answer CONFIG"],
+    );
+    let rows: [(&str, Frame, &[&str]); 3] = [
+        ("a CONFIG", frame(config), &["apply code 2 #7"]),
+        (
+            "an unreadable CONFIG still gets an answer",
+            Frame::new(1, Code::Config, ID, &b"\xff\xff"[..]).unwrap(),
+            &["apply code 2 #7"],
+        ),
+        (
+            "for another machine: the store's checks NACK it",
+            Message::Config(v1::Config {
+                request_id: 41,
+                generation: 6,
+                ..Default::default()
+            })
+            .to_frame(ID + 1)
+            .unwrap(),
+            &["apply code 2 #8"],
+        ),
+    ];
+    for (case, f, want) in rows {
+        let mut l = up();
+        l.handle_frame(f, Instant::now());
+        assert_actions(case, &drain(&mut l), want);
+        assert!(l.is_up(), "{case}: the link goes on");
+    }
+}
+
+#[test]
+fn the_hello_announces_the_config_port_address() {
+    let l = AgentLink::new(params(), None);
+    let mut l = l;
+    let Some(Action::Send(f)) = l.poll_action() else {
+        panic!("HELLO first")
+    };
+    let Ok(Message::Hello(h)) = Message::decode(&f) else {
+        panic!("not a HELLO")
+    };
+    assert_eq!(
+        (h.config_port, h.config_address.as_str()),
+        (9301, "127.0.0.9:9301")
+    );
 }

@@ -38,6 +38,7 @@ fn hello1(rid: u64) -> Message {
     Message::Hello(v1::Hello {
         request_id: rid,
         config_port: 9301,
+        config_address: "127.0.0.5:9301".into(),
         applied_sha256: vec![0xab; 32],
         readers: vec!["door".into()],
         ..Default::default()
@@ -103,11 +104,11 @@ fn describe(a: &Action) -> String {
         Action::Count(r) => format!("count {r}"),
         Action::RecordHello {
             dialect,
-            config_port,
+            config_address,
             readers,
             first,
         } => format!(
-            "hello v{} port={config_port:?} readers={readers:?} first={first}",
+            "hello v{} addr={config_address:?} readers={readers:?} first={first}",
             dialect.version()
         ),
         Action::MarkApplied { sha256 } => format!("mark {}", &sha256[..8]),
@@ -119,6 +120,7 @@ fn describe(a: &Action) -> String {
         }
         Action::Swipe(s) => format!("swipe #{} {}", s.request_id, s.event_id),
         Action::PushOutcome { result, elapsed } => format!("outcome {result:?} {elapsed:?}"),
+        Action::ConfigAnswered { result } => format!("answered {result:?}"),
         Action::Close(Close::Ended) => "close".into(),
         Action::Close(Close::Refused(t)) => format!("close refused: {t}"),
         Action::Close(Close::Read(e)) => format!("close read: {e}"),
@@ -178,7 +180,7 @@ fn frame_rules() {
             None,
             true,
             vec![v0(Code::Hello, ID, b"hello")],
-            vec!["hello v0 port=None readers=[] first=true", "in-band"],
+            vec!["hello v0 addr=None readers=[] first=true", "in-band"],
         ),
         (
             "v0 HELLO from an unknown machine: NACK and close",
@@ -196,7 +198,7 @@ fn frame_rules() {
             true,
             vec![v1(hello1(1), ID)],
             vec![
-                "hello v1 port=Some(9301) readers=[\"door\"] first=true",
+                "hello v1 addr=Some(\"127.0.0.5:9301\") readers=[\"door\"] first=true",
                 "mark abababab",
                 "welcome #1",
             ],
@@ -217,7 +219,7 @@ fn frame_rules() {
             true,
             vec![v1(hello1(7), ID)],
             vec![
-                "hello v1 port=Some(9301) readers=[\"door\"] first=false",
+                "hello v1 addr=Some(\"127.0.0.5:9301\") readers=[\"door\"] first=false",
                 "mark",
                 "welcome #7",
             ],
@@ -585,7 +587,7 @@ fn in_band_sent() -> (LinkMachine, Instant) {
     assert_actions(
         "hello",
         &drain(&mut m),
-        &["hello v0 port=None readers=[] first=true", "in-band"],
+        &["hello v0 addr=None readers=[] first=true", "in-band"],
     );
     let sent = Instant::now();
     m.in_band(Some(&generation()), sent);
@@ -660,7 +662,7 @@ async fn in_band_config_answers_are_recorded_with_their_time() {
     for (case, event, want) in rows {
         let (mut m, _sent) = in_band_sent();
         assert_eq!(
-            m.read_limits(),
+            m.read_limits(Instant::now()),
             (Some(Duration::from_secs(2)), Duration::from_secs(2)),
             "{case}: the answer is awaited for push_reply"
         );
@@ -670,7 +672,7 @@ async fn in_band_config_answers_are_recorded_with_their_time() {
         assert_actions(case, &drain(&mut m), &want);
         assert!(!m.awaits_answer(), "{case}");
         assert_eq!(
-            m.read_limits(),
+            m.read_limits(Instant::now()),
             (Some(Duration::from_secs(60)), Duration::from_secs(5)),
             "{case}: back to the link's timeouts"
         );
@@ -729,5 +731,183 @@ fn actions_reuse_one_queue() {
         m.actions.capacity() <= 8,
         "no growth per frame: {}",
         m.actions.capacity()
+    );
+}
+
+/// A version-1 machine is up and generation 3 went out over its link as CONFIG #70.
+fn link_config_sent() -> LinkMachine {
+    let mut m = after_hello(1);
+    assert!(m.takes_config());
+    m.send_config(&generation(), 70, Instant::now());
+    let sent: Vec<_> = std::iter::from_fn(|| m.poll_action()).collect();
+    match &sent[..] {
+        [Action::ReplyNow(f)] => match Message::decode(f) {
+            Ok(Message::Config(c)) => {
+                assert_eq!((c.request_id, c.generation), (70, 3));
+                assert_eq!(c.content, b"volume=3\n");
+                assert_eq!(hex::encode(&c.sha256), generation().sha256);
+            }
+            m => panic!("{m:?}"),
+        },
+        a => panic!("{a:?}"),
+    }
+    assert!(
+        m.awaits_answer() && !m.takes_config(),
+        "one CONFIG at a time"
+    );
+    m
+}
+
+#[test]
+fn a_config_goes_over_a_version_1_link_only() {
+    let mut before = LinkMachine::new(params(true));
+    assert!(!before.takes_config(), "no HELLO yet");
+    before.send_config(&generation(), 1, Instant::now());
+    assert_actions(
+        "before HELLO",
+        &drain(&mut before),
+        &["answered Unreachable { generation: 3, detail: \"the machine's link cannot take"],
+    );
+    assert!(!before.awaits_answer());
+    assert!(
+        !after_hello(0).takes_config(),
+        "version 0 gets CONFIG in-band only"
+    );
+    let mut busy = link_config_sent();
+    busy.send_config(&generation(), 71, Instant::now());
+    assert_actions(
+        "a second one while the first waits",
+        &drain(&mut busy),
+        &["answered Unreachable"],
+    );
+    let mut big = after_hello(1);
+    let mut g = generation();
+    g.content = vec![b'x'; 70_000];
+    big.send_config(&g, 2, Instant::now());
+    assert_actions(
+        "too large for a frame",
+        &drain(&mut big),
+        &["answered Nack { generation: 3, detail: \"cannot be framed"],
+    );
+    assert!(big.takes_config(), "nothing waits after it");
+}
+
+#[test]
+fn the_answer_to_a_config_over_the_link_is_matched_by_request_id_among_other_frames() {
+    let ack = |rid| v1(Message::ack(rid, "stored 9 bytes as generation 3", 3), ID);
+    let stale = v1(
+        Message::stale(70, 5, "generation 3 is older than the stored generation 5"),
+        ID,
+    );
+    let rows: Vec<(&str, Vec<Frame>, Vec<&str>)> = vec![
+        (
+            "the ACK",
+            vec![ack(70)],
+            vec!["answered Ack { generation: 3, detail: \"stored 9 bytes"],
+        ),
+        (
+            "a swipe and a heartbeat first: ordinary frames, then the ACK",
+            vec![v1(swipe1(8), ID), v1(heartbeat1(9), ID), ack(70)],
+            vec![
+                "swipe #8 e1",
+                "queue v1 ACK #9 'OK'",
+                "answered Ack { generation: 3",
+            ],
+        ),
+        (
+            "a late answer to an earlier CONFIG is not this one's",
+            vec![ack(69), ack(70)],
+            vec!["answered Ack { generation: 3"],
+        ),
+        (
+            "a STALE NACK is a final NACK naming the stored generation",
+            vec![stale],
+            vec![
+                "answered Nack { generation: 3, detail: \"generation 3 is older than the stored generation 5 (NACK_REASON_STALE",
+            ],
+        ),
+        (
+            "an answer naming another machine is refused like any frame",
+            vec![v1(Message::ack(70, "x", 3), ID + 1), ack(70)],
+            vec![
+                "count wrong_machine_id",
+                "now v1 NACK #70 WRONG_MACHINE_ID",
+                "answered Ack",
+            ],
+        ),
+    ];
+    for (case, frames, want) in rows {
+        let mut m = link_config_sent();
+        for f in frames {
+            m.handle_frame(f, Instant::now());
+        }
+        assert_actions(case, &drain(&mut m), &want);
+        assert!(m.takes_config(), "{case}: the link takes the next CONFIG");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unanswered_config_over_the_link_is_pending_and_the_link_goes_on() {
+    let mut m = link_config_sent();
+    // The read's idle timeout ends when the answer is due, not a minute later.
+    assert_eq!(
+        m.read_limits(Instant::now()),
+        (Some(Duration::from_secs(2)), Duration::from_secs(5))
+    );
+    tokio::time::advance(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        m.read_limits(Instant::now()),
+        (Some(Duration::from_millis(500)), Duration::from_secs(5))
+    );
+    tokio::time::advance(Duration::from_millis(500)).await;
+    m.handle_error(
+        ReadError::Idle(Duration::from_millis(500)),
+        None,
+        Instant::now(),
+    );
+    assert_actions(
+        "no answer in push_reply",
+        &drain(&mut m),
+        &[
+            "answered Unreachable { generation: 3, detail: \"no answer to the CONFIG over the link within 2000 ms",
+        ],
+    );
+    assert!(m.takes_config(), "the link stays usable");
+    assert_eq!(
+        m.read_limits(Instant::now()),
+        (Some(Duration::from_secs(60)), Duration::from_secs(5))
+    );
+    // The answer that comes after all is an ordinary, unanswered frame.
+    m.handle_frame(v1(Message::ack(70, "stored", 3), ID), Instant::now());
+    assert_actions("late ACK", &drain(&mut m), &[]);
+    // The link ending or failing with a CONFIG on its way: pending, and closed.
+    let mut ended = link_config_sent();
+    ended.handle_end(Instant::now());
+    assert_actions(
+        "end",
+        &drain(&mut ended),
+        &[
+            "answered Unreachable { generation: 3, detail: \"machine closed the link before answering the CONFIG",
+            "close",
+        ],
+    );
+    let mut failed = link_config_sent();
+    failed.handle_error(
+        ReadError::Stalled {
+            have: 3,
+            need: 6,
+            after: Duration::from_secs(5),
+        },
+        None,
+        Instant::now(),
+    );
+    assert_actions(
+        "stall",
+        &drain(&mut failed),
+        &[
+            "answered Unreachable { generation: 3, detail: \"peer stalled",
+            "count stall",
+            "close read",
+        ],
     );
 }
