@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use scm_certs::identity::{Identity, Role};
+use scm_certs::identity::Identity;
 use scm_proto::FrameCodec;
 use scm_proto::io::{FrameReader, write_frame};
 use scm_proto::v1::{self, Message};
@@ -104,51 +104,62 @@ pub fn swipe_frame(id: u16, seq: u64, request_id: u64) -> scm_proto::Frame {
     scm_proto::reply_frame(&m, id)
 }
 
+/// Stores `content` as agent `id`'s configuration in `dir` the way the real agent does
+/// before it ACKs: a temporary file written and fsynced, then renamed over the old one.
+/// Both systems' bench agents call it, so the fan-out compares the delivery, with the
+/// same durable save on the receiving side.
+pub async fn store_durably(
+    dir: std::path::PathBuf,
+    id: u16,
+    content: Vec<u8>,
+) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let tmp = dir.join(format!("agent-{id}.cfg.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&content)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(format!("agent-{id}.cfg")))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Answers the CONFIGs the SCM sends over machine `id`'s link (configuration over the
+/// link, the default for version 1): stores each durably, ACKs it on the link, and
+/// reports it on `done`.
+pub async fn link_configs(
+    link: ScmLink,
+    id: u16,
+    dir: std::path::PathBuf,
+    done: tokio::sync::mpsc::UnboundedSender<ConfigSeen>,
+) {
+    let ScmLink {
+        mut reader,
+        mut writer,
+    } = link;
+    while let Ok(Some(f)) = reader.read_frame(None, SETUP_TIMEOUT).await {
+        let Ok(Message::Config(c)) = Message::decode(&f) else {
+            continue;
+        };
+        let bytes = c.content.len();
+        if store_durably(dir.clone(), id, c.content).await.is_err() {
+            return;
+        }
+        let ack = Message::ack(c.request_id, "stored", c.generation);
+        if write_frame(&mut writer, &scm_proto::reply_frame(&ack, id))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let _ = done.send(ConfigSeen { bytes });
+    }
+}
+
 /// What one config port saw.
 #[derive(Debug)]
 pub struct ConfigSeen {
     /// Its size.
     pub bytes: usize,
-}
-
-/// Serves machine `id`'s config port: accepts the SCM (its certificate must carry the hub
-/// identity), reads one CONFIG, ACKs it and reports it on `done`. It does not write the
-/// file (the real agent's fsync is a machine-side cost; the MQTT agents do not write
-/// either).
-pub async fn config_port(
-    listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    id: u16,
-    done: tokio::sync::mpsc::UnboundedSender<ConfigSeen>,
-) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            return;
-        };
-        let _ = tcp.set_nodelay(true);
-        let Ok((s, _)) = scm_certs::tls::accept(&acceptor, tcp, SETUP_TIMEOUT, &[Role::Scm]).await
-        else {
-            continue;
-        };
-        let (r, mut w) = tokio::io::split(s);
-        let mut reader = FrameReader::new(r, FrameCodec::new(64 * 1024));
-        let Ok(Some(f)) = reader.read_frame(Some(SETUP_TIMEOUT), SETUP_TIMEOUT).await else {
-            continue;
-        };
-        if let Ok(Message::Config(c)) = Message::decode(&f) {
-            let ack = Message::ack(c.request_id, "stored", c.generation);
-            if write_frame(&mut w, &scm_proto::reply_frame(&ack, id))
-                .await
-                .is_ok()
-            {
-                let _ = done.send(ConfigSeen {
-                    bytes: c.content.len(),
-                });
-            }
-        }
-        // Let the SCM close first (it sends close_notify after reading the ACK).
-        let _ = reader
-            .read_frame(Some(Duration::from_secs(5)), SETUP_TIMEOUT)
-            .await;
-    }
 }

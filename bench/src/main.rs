@@ -66,8 +66,8 @@ pub struct Plan {
     pub rates: Vec<(u64, u64)>,
     /// Closed-loop throughput: duration, seconds skipped at the start, window per agent.
     pub max: (u64, u64, usize),
-    /// Fan-out agents.
-    pub fanout: u16,
+    /// Fan-out sizes (agents).
+    pub fanout: Vec<u16>,
     /// Reconnect-storm agents.
     pub reconnect: u16,
 }
@@ -79,7 +79,7 @@ impl Plan {
             settle: Duration::from_secs(5),
             rates: vec![(1_000, 10), (10_000, 10)],
             max: (15, 3, 20),
-            fanout: 1_000,
+            fanout: vec![1_000, 10_000],
             reconnect: 5_000,
         }
     }
@@ -90,7 +90,7 @@ impl Plan {
             settle: Duration::from_millis(500),
             rates: vec![(1_000, 2), (10_000, 1)],
             max: (4, 1, 20),
-            fanout: 100,
+            fanout: vec![100],
             reconnect: 300,
         }
     }
@@ -99,7 +99,8 @@ impl Plan {
         self.storm
             .iter()
             .copied()
-            .chain([self.fanout, self.reconnect, 100])
+            .chain(self.fanout.iter().copied())
+            .chain([self.reconnect, 100])
             .max()
             .unwrap_or(100)
     }
@@ -239,12 +240,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     if wanted(&cli, "fanout") {
-        for sys in systems {
-            let r = workloads::fanout(&ctx, sys, plan.fanout)
-                .await
-                .with_context(|| format!("{} config fan-out", sys.name()))?;
-            eprintln!("fanout {}: {r:?}", sys.name());
-            rep.fanout(sys, r);
+        for &n in &plan.fanout {
+            for sys in systems {
+                let r = workloads::fanout(&ctx, sys, n)
+                    .await
+                    .with_context(|| format!("{} config fan-out to {n}", sys.name()))?;
+                eprintln!("fanout {n} {}: {r:?}", sys.name());
+                rep.fanout(sys, r);
+            }
         }
     }
     if wanted(&cli, "reconnect") {

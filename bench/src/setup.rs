@@ -8,7 +8,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use scm_certs::identity::Identity;
@@ -81,15 +80,6 @@ impl Pki {
         let (cert, key) = self.machine(id)?;
         let cfg = tls::client_config_from_pem(&self.ca_pem, cert, key, TlsPolicy::default())?;
         Ok(tokio_rustls::TlsConnector::from(cfg))
-    }
-
-    /// The TLS server configuration of machine `id`'s config port (no tickets, no
-    /// resumption).
-    pub fn server(&self, id: u16) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-        let (cert, key) = self.machine(id)?;
-        let cfg: Arc<rustls::ServerConfig> =
-            tls::server_config_from_pem(&self.ca_pem, cert, key, &[], TlsPolicy::default(), &[])?;
-        Ok(tokio_rustls::TlsAcceptor::from(cfg))
     }
 }
 

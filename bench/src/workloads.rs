@@ -921,27 +921,28 @@ fn config_text() -> String {
 }
 
 /// SCM: `push all` through the operator interface (backoffice over TLS telnet) to `n`
-/// agents, each serving its config port in this process. MQTT: the pusher publishes the
-/// 2 KiB configuration at QoS 1 to each agent's topic `cfg/<id>`; each agent answers with
-/// a QoS 1 publish on `ack/<id>`, and the pusher (subscribed to `ack/#`) counts them.
+/// agents, each receiving its CONFIG over the link it holds to the SCM (the default
+/// delivery), storing it durably ([`agents::store_durably`]) and ACKing it on the link.
+/// MQTT: the pusher publishes the 2 KiB configuration at QoS 1 to each agent's topic
+/// `cfg/<id>`; each agent stores it the same way and answers with a QoS 1 publish on
+/// `ack/<id>`, and the pusher (subscribed to `ack/#`) counts them.
 pub async fn fanout(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Fanout> {
     let mut run = scm_run(n, 0);
     run.telnet_tls = sys == System::Scm;
     let (server, addr, spec) = ctx.start(sys, run, &format!("fanout{n}")).await?;
     let content = config_text();
+    let store = spec.dir.join("agent-configs");
+    std::fs::create_dir_all(&store)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = JoinSet::new();
-    let mut keep = Vec::new();
     let load;
     let (cpu0, other, t0);
     let reply_s;
     match sys {
         System::Scm => {
             for id in 1..=n {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                let port = l.local_addr()?.port();
-                tasks.spawn(agents::config_port(l, ctx.pki.server(id)?, id, tx.clone()));
-                keep.push(agents::scm_connect(&ctx.connector(id), &addr, id, port).await?);
+                let link = agents::scm_connect(&ctx.connector(id), &addr, id, 0).await?;
+                tasks.spawn(agents::link_configs(link, id, store.clone(), tx.clone()));
             }
             let bcfg = setup::backoffice_config(&spec.dir, &ctx.pki, &server.addr("telnet-tls")?)?;
             let bcfg = backoffice::config::BackofficeConfig::load(&bcfg, &Default::default())?;
@@ -1011,11 +1012,18 @@ pub async fn fanout(ctx: &Ctx, sys: System, n: u16) -> anyhow::Result<Fanout> {
                     Some(Packet::SubAck) => {}
                     p => bail!("expected SUBACK, got {p:?}"),
                 }
+                let store = store.clone();
                 tasks.spawn(async move {
                     while let Ok(Some(p)) = mqtt::read_packet(&mut s).await {
                         if let Packet::Publish { pid, payload, .. } = p {
                             let mut out = mqtt::puback(pid);
                             if payload.len() == 2048 {
+                                if agents::store_durably(store.clone(), id, payload.to_vec())
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
                                 out.extend(mqtt::publish(1, &format!("ack/{id}"), b"stored"));
                             }
                             if s.write_all(&out).await.is_err() || s.flush().await.is_err() {

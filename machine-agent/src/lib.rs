@@ -134,7 +134,7 @@ impl Agent {
             scm_address: self.cfg.scm.address.clone(),
             config_port,
             config_advertise: self.cfg.listen.config_advertise.clone(),
-            source: link::source_for(config_addr),
+            config_ip: link::specific_ip(config_addr),
             handshake: ms(t.handshake_ms),
             heartbeat: ms(t.heartbeat_ms),
             reply: ms(t.reply_ms),

@@ -39,8 +39,8 @@ pub struct LinkSettings {
     /// The config port's address to announce instead of the one the agent works out
     /// (empty: none given).
     pub config_advertise: String,
-    /// Local address the link connects from (`None`: the one the OS picks).
-    pub source: Option<std::net::IpAddr>,
+    /// The config port's IP, when bound to a specific one (announced in HELLO).
+    pub config_ip: Option<std::net::IpAddr>,
     /// Handshake timeout.
     pub handshake: Duration,
     /// Heartbeat interval.
@@ -57,51 +57,10 @@ pub struct LinkSettings {
     pub readers: Vec<String>,
 }
 
-/// The source address of the link for a config port bound to `config`: its IP when that
-/// is a specific one. The SCM reaches the config port at the address the HELLO came from
-/// (plus the reported port), so the link must come from the address the port listens
-/// on; left to the OS, a config port on 127.0.0.22 would be dialled at 127.0.0.1.
-pub fn source_for(config: Option<std::net::SocketAddr>) -> Option<std::net::IpAddr> {
+/// The config port's IP when it is bound to a specific one: the address the HELLO
+/// announces for it (with its port).
+pub fn specific_ip(config: Option<std::net::SocketAddr>) -> Option<std::net::IpAddr> {
     config.map(|a| a.ip()).filter(|ip| !ip.is_unspecified())
-}
-
-/// Connects to `addr` (`host:port`) from `source`, if given: the first resolved address
-/// of the source's family that accepts the connection.
-async fn connect_from(addr: &str, source: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
-    let Some(source) = source else {
-        return TcpStream::connect(addr).await;
-    };
-    let mut last = None;
-    for target in tokio::net::lookup_host(addr).await? {
-        if target.is_ipv4() != source.is_ipv4() {
-            continue;
-        }
-        let socket = if source.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.bind(std::net::SocketAddr::new(source, 0))?;
-        match socket.connect(target).await {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) => {
-                last = Some(std::io::Error::new(
-                    e.kind(),
-                    format!(
-                        "{e} (connecting from {source}, the address [listen] config is bound to, because the SCM reaches the config port at the link's source address; if {source} cannot reach the SCM, bind [listen] config to 0.0.0.0 or to an address that can)"
-                    ),
-                ))
-            }
-        }
-    }
-    Err(last.unwrap_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::AddrNotAvailable,
-            format!(
-                "{addr} has no address of the family of {source}, the config port's address the link connects from; give [scm] address in that family or bind [listen] config to 0.0.0.0"
-            ),
-        )
-    }))
 }
 
 /// Why one link attempt ended.
@@ -172,7 +131,7 @@ async fn session(
         addr: s.scm_address.clone(),
         reason,
     };
-    let tcp = tokio::time::timeout(s.handshake, connect_from(&s.scm_address, s.source))
+    let tcp = tokio::time::timeout(s.handshake, TcpStream::connect(&s.scm_address))
         .await
         .map_err(|_| connect_err(format!("no answer within {:?}", s.handshake)))?
         .map_err(|e| connect_err(e.to_string()))?;
@@ -199,7 +158,7 @@ fn announced_config_address(s: &LinkSettings, local: Option<std::net::SocketAddr
     if !s.config_advertise.is_empty() {
         return s.config_advertise.clone();
     }
-    match s.source.or(local.map(|l| l.ip())) {
+    match s.config_ip.or(local.map(|l| l.ip())) {
         Some(ip) => std::net::SocketAddr::new(ip, s.config_port).to_string(),
         None => String::new(),
     }
@@ -354,7 +313,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_link_comes_from_a_specific_config_address_only() {
+    fn only_a_specific_config_address_is_announced_as_is() {
         let cases = [
             (Some("127.0.0.22:9301"), Some("127.0.0.22")),
             (Some("0.0.0.0:9301"), None),
@@ -365,29 +324,8 @@ mod tests {
         for (config, want) in cases {
             let config = config.map(|c| c.parse().unwrap());
             let want = want.map(|w| w.parse().unwrap());
-            assert_eq!(source_for(config), want, "{config:?}");
+            assert_eq!(specific_ip(config), want, "{config:?}");
         }
-    }
-
-    #[tokio::test]
-    async fn connect_from_uses_the_source_address() {
-        let l = tokio::net::TcpListener::bind("127.0.0.22:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let source: std::net::IpAddr = "127.0.0.23".parse().unwrap();
-        let (tcp, accepted) = tokio::join!(connect_from(&addr, Some(source)), l.accept());
-        assert_eq!(tcp.unwrap().local_addr().unwrap().ip(), source);
-        assert_eq!(accepted.unwrap().1.ip(), source, "the SCM sees the source");
-        drop(l);
-        let e = connect_from(&addr, Some(source)).await.unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("connecting from 127.0.0.23, the address [listen] config"),
-            "a refused connection names the source and what to do: {e}"
-        );
-        let e = connect_from(&addr, Some("::1".parse().unwrap()))
-            .await
-            .unwrap_err();
-        assert!(e.to_string().contains("[listen] config"), "{e}");
     }
 
     #[test]

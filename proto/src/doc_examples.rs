@@ -46,6 +46,18 @@ fn examples() -> Vec<(&'static str, Frame)> {
             .expect("version 7 is unknown"),
         ),
         (
+            "v1-hello-address",
+            v1(
+                Message::Hello(Hello {
+                    request_id: 1,
+                    config_port: 9301,
+                    config_address: "10.0.0.5:9301".into(),
+                    ..Default::default()
+                }),
+                42,
+            ),
+        ),
+        (
             "v1-hello",
             v1(
                 Message::Hello(Hello {

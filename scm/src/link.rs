@@ -239,6 +239,8 @@ where
                 Ok(false) => break Ok(()),
                 Err(e) => break Err(e),
             }
+            // Fault tests: the CONFIG is on the wire, its answer not yet read.
+            scm_common::failpoint::pause("scm-after-config-sent").await;
         }
         // An in-band CONFIG's answer is awaited even through shutdown: it decides what
         // is recorded for the delivery.

@@ -342,3 +342,47 @@ fn the_agent_checks_a_config_on_its_link_as_on_its_port_and_only_from_the_scm() 
         drop(agent);
     });
 }
+
+#[test]
+fn port_delivery_dials_the_address_the_agent_announces_never_the_hellos_source() {
+    init();
+    let (dir, _password) = Fleet::init(&[1]);
+    let dev = dir.path().join("dev");
+    let scm_toml = dev.join("scm.toml");
+    let text = std::fs::read_to_string(&scm_toml).unwrap().replacen(
+        "[[machine]]\nid = 1\n",
+        "[[machine]]\nid = 1\ndelivery = \"port\"\n",
+        1,
+    );
+    assert!(text.contains("delivery = \"port\""), "{text}");
+    std::fs::write(&scm_toml, text).unwrap();
+    let scm = Fleet::start_scm(dir.path(), &[]);
+    // The config port on 127.0.0.37, the link from whatever address the OS picks
+    // (127.0.0.1): the HELLO comes from another address than the port listens on.
+    let agent = Fleet::start_agent(
+        dir.path(),
+        1,
+        scm.listening("agents"),
+        &[("AGENT__LISTEN__CONFIG", "127.0.0.37:0".into())],
+    );
+    let port = agent.listening("config");
+    assert_eq!(port.ip().to_string(), "127.0.0.37");
+    agent.wait_for("connected to SCM");
+    let bo = dev.join("backoffice.toml");
+    let telnet = scm.listening("telnet");
+    let (code, out, _) = backoffice_with(&bo, telnet, &["status", "1"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("link: connected from 127.0.0.1:"), "{out}");
+    assert!(
+        out.contains(&format!("delivery: to its config port at {port}")),
+        "{out}"
+    );
+    let f = write_cfg(dir.path(), "a.cfg", "tray = 37\n");
+    let (code, out, err) = backoffice_with(&bo, telnet, &["push", "--machine", "1", "--file", &f]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("250 ACK machine 1 generation 1"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(dev.join("machine-1/config.current")).unwrap(),
+        "tray = 37\n"
+    );
+}
