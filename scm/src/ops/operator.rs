@@ -129,9 +129,19 @@ async fn may_change(
 pub(crate) struct PushPlan {
     target: Target,
     ids: Vec<u16>,
+    /// How long to wait for machines left pending to answer at their next HELLO.
+    wait: std::time::Duration,
 }
 
 impl PushPlan {
+    /// Waits up to `wait` for each machine the push leaves pending to answer (a
+    /// version-0 machine that connects per message gets its CONFIG in-band at its next
+    /// HELLO): its ACK or NACK then becomes the push's result.
+    pub(crate) fn wait(mut self, wait: std::time::Duration) -> PushPlan {
+        self.wait = wait;
+        self
+    }
+
     /// The target.
     pub(crate) fn target(&self) -> &Target {
         &self.target
@@ -152,7 +162,11 @@ pub(crate) async fn authorise_push(
 ) -> Result<PushPlan, OpError> {
     may_change(ops, actor, || audit::push_refused(&target, actor.front)).await?;
     let ids = fleet::select(&ops.settings.machines, &target)?;
-    Ok(PushPlan { target, ids })
+    Ok(PushPlan {
+        target,
+        ids,
+        wait: std::time::Duration::ZERO,
+    })
 }
 
 /// The content limits: not empty, at most `limits.max_config_bytes`.
@@ -207,11 +221,16 @@ pub(crate) async fn push(
     let actor = actor.clone();
     let task = tokio::spawn(async move {
         let size = content.len();
-        let PushPlan { target, ids } = plan;
-        let results = match target {
+        let PushPlan { target, ids, wait } = plan;
+        // Watching from before the push: an answer at a HELLO right after it counts.
+        let mut events = (!wait.is_zero()).then(|| ops.events.subscribe());
+        let mut results = match target {
             Target::Machine(id) => vec![(id, push::push(&ops, id, content, &actor.name).await)],
             _ => fleet::push_many(&ops, ids, content, &actor.name, progress).await,
         };
+        if let Some(events) = events.as_mut() {
+            push::await_answers(&ops, events, &mut results, wait).await;
+        }
         let detail = audit::push_detail(&target, size, &results);
         audit::record(&ops, &actor.name, &actor.source, AuditAction::Push, detail).await;
         PushReport { target, results }

@@ -195,6 +195,80 @@ pub(crate) async fn deliver_with(
     Ok(result)
 }
 
+/// Waits up to `wait` for the machines among `results` left pending to answer (at their
+/// next HELLO, or a retry), watching `events` (subscribed before the push), and puts
+/// their ACK, NACK or superseded outcome in place of the pending one. A watcher that
+/// falls behind reads the outcome from the store instead.
+pub(crate) async fn await_answers(
+    ops: &Ops,
+    events: &mut crate::coord::events::Subscription,
+    results: &mut [(u16, Result<PushResult, PushError>)],
+    wait: Duration,
+) {
+    use crate::coord::events::{EventKind, PushOutcome, Received};
+    let deadline = tokio::time::Instant::now() + wait;
+    let pending = |results: &[(u16, Result<PushResult, PushError>)]| {
+        results
+            .iter()
+            .any(|(_, r)| matches!(r, Ok(PushResult::Unreachable { .. })))
+    };
+    while pending(results) {
+        let next = match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(n)) => n,
+            Ok(None) | Err(_) => break,
+        };
+        match next {
+            Received::Event(e) => {
+                let EventKind::Push {
+                    machine,
+                    generation,
+                    outcome,
+                    detail,
+                } = &e.kind
+                else {
+                    continue;
+                };
+                let Some((_, slot)) = results.iter_mut().find(|(id, r)| {
+                    id == machine
+                        && matches!(r, Ok(PushResult::Unreachable { generation: g, .. }) if g == generation)
+                }) else {
+                    continue;
+                };
+                let (generation, detail) = (*generation, detail.clone());
+                *slot = Ok(match outcome {
+                    PushOutcome::Ack => PushResult::Ack { generation, detail },
+                    PushOutcome::Nack => PushResult::Nack { generation, detail },
+                    PushOutcome::Superseded | PushOutcome::Pending => continue,
+                });
+            }
+            Received::Lagged(_) => {
+                for (id, slot) in results.iter_mut() {
+                    let Ok(PushResult::Unreachable { generation, .. }) = slot else {
+                        continue;
+                    };
+                    let g = *generation;
+                    if let Ok(Some(m)) = ops.store.fleet().get_machine(*id).await
+                        && m.applied_generation == g
+                    {
+                        *slot = Ok(PushResult::Ack {
+                            generation: g,
+                            detail: "applied (seen in the state after the event stream lagged)".into(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    for (_, slot) in results.iter_mut() {
+        if let Ok(PushResult::Unreachable { detail, .. }) = slot {
+            detail.push_str(&format!(
+                "; no answer within the {} s waited",
+                wait.as_secs_f64()
+            ));
+        }
+    }
+}
+
 /// Records a delivery result in the database.
 pub(crate) async fn record(ops: &Ops, id: u16, result: &PushResult) -> Result<(), StoreError> {
     record_with(ops, id, result, Sync::Now).await
