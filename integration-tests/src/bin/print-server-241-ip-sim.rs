@@ -34,6 +34,7 @@ use std::time::Duration;
 use clap::Parser;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use scm_common::lock::LockExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::timeout;
@@ -308,11 +309,7 @@ async fn swipe_request<S: AsyncRead + AsyncWrite + Unpin>(
     let reader = swipes.by_ip.get(&from).map_or("?", String::as_str);
     let event = param("event");
     let repeat = match &event {
-        Some(e) => !swipes
-            .taken
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(e.clone()),
+        Some(e) => !swipes.taken.lock_unpoisoned().insert(e.clone()),
         None => false,
     };
     if repeat {
