@@ -2,8 +2,11 @@
 //! (a machine id plus a reader id) to print servers as a 241 reader in Client Mode.
 //!
 //! **Configuration side.** One HTTP listener (`[listen] rfideas`) serves every device;
-//! the `Host` header (host name without port) names the device. A device may also have
-//! its own port (`[[rfideas]] listen`), which then names the device whatever the `Host`.
+//! the `Host` header (host name without port, or the device's address) names the device.
+//! A device may also have its own port (`[[rfideas]] listen`) or its own address
+//! (`[[rfideas]] address`, on the shared listener's port), which then names the device
+//! whatever the `Host` ([`connection_device`], [`resolve`]). A device with an address also
+//! sends its swipes from it: print servers tell readers apart by source address.
 //! Only configured print-server addresses (`allow`) get any answer but `403`. Two requests
 //! exist, both `GET` (paths configurable, see `docs/bridge-241.md`):
 //!
@@ -21,7 +24,8 @@
 //! `[[rfideas]] swipe_url`, see [`client`]. Attempts are retried with back-off on
 //! connection failures, timeouts and `5xx`, but only until the swipe's expiry: nothing is
 //! sent after it (the attempt in progress is abandoned at that instant). A `3xx` (never
-//! followed), a `4xx` or a certificate that does not verify ends the swipe as failed.
+//! followed), a `4xx` or a certificate that does not verify (against the CA, or the pin:
+//! see [`pin`]) ends the swipe as failed.
 //!
 //! Card numbers only appear masked in logs.
 
