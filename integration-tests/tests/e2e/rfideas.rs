@@ -791,3 +791,48 @@ fn a_retried_swipe_carries_its_event_id_and_the_print_server_drops_the_repeat() 
         s.stdout()
     );
 }
+
+/// A print server's own self-signed `CA:TRUE` certificate for 127.0.0.1: (cert, key, SHA-256
+/// hex of the DER).
+fn self_signed_ca_true(dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
+    use sha2::Digest as _;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(30);
+    let cert = params.self_signed(&key).unwrap();
+    let hash = hex::encode(sha2::Sha256::digest(cert.der()));
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k, hash)
+}
+
+#[test]
+fn a_pinned_self_signed_print_server_certificate_is_accepted_and_an_impostor_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, hash) = self_signed_ca_true(dir.path(), "print");
+    let rig = Rig::start(
+        &[1],
+        &[("SCM__RFIDEAS_BRIDGE__PIN_SHA256", hash.clone())],
+        10_000,
+    );
+    let (s, addr) = https_sim(&cert, &key, &[]);
+    configure_url(&rig, &format!("https://{addr}/swipe?card={{card}}"));
+    swipe(&rig.dev(), 1, "PINS0001");
+    s.wait_stdout("CARD PINS0001");
+    rig.wait_listing("****0001", "delivered");
+    // Another self-signed certificate for the same name is refused before anything is sent.
+    let (cert2, key2, _) = self_signed_ca_true(dir.path(), "impostor");
+    let (imp, addr2) = https_sim(&cert2, &key2, &[]);
+    configure_url(&rig, &format!("https://{addr2}/swipe?card={{card}}"));
+    swipe(&rig.dev(), 1, "PINS0002");
+    let line = rig.scm.wait_for("swipe failed");
+    assert!(line.contains("not the pinned certificate"), "{line}");
+    assert!(!imp.stdout().contains("CARD"), "{}", imp.stdout());
+}
