@@ -758,6 +758,11 @@ fn readers_known_only_by_address_are_configured_and_swipe_from_their_own_address
             "{line}"
         );
     }
+    let st = rig.backoffice(&["status", "2"]);
+    assert!(
+        st.contains("rfideas 2/r1 (host reader-2.localhost, address 127.0.0.22, id "),
+        "{st}"
+    );
     let audit = rig.backoffice(&["audit"]);
     assert!(
         audit.contains("rfideas 3/r1 (reader-3.localhost): reader set to \"reader-3\""),

@@ -672,6 +672,8 @@ pub(crate) struct DeviceStatus {
     pub mac: String,
     /// Its own listener, if any.
     pub listen: Option<SocketAddr>,
+    /// Its own address (configuration there, swipes from there), if any.
+    pub address: Option<IpAddr>,
     /// Settings stored.
     pub settings: usize,
     /// Host and port of the swipe URL in use, if any.
@@ -711,8 +713,12 @@ impl DeviceStatus {
             Some((t, e)) => format!("last error at {}: {e}", time(*t)),
             None => "no errors".into(),
         };
+        let address = self
+            .address
+            .map(|a| format!(", address {a}"))
+            .unwrap_or_default();
         format!(
-            "rfideas {} (host {}, id {}): {} settings, swipes to {url}; {cfg}; {} in flight, {} delivered, {} expired, {} failed, {} failed attempts, {} refused peers; {err}",
+            "rfideas {} (host {}{address}, id {}): {} settings, swipes to {url}; {cfg}; {} in flight, {} delivered, {} expired, {} failed, {} failed attempts, {} refused peers; {err}",
             self.key,
             self.host,
             self.mac,
@@ -1344,6 +1350,7 @@ impl RfideasBridge {
                     host: d.host.clone(),
                     mac: d.mac.clone(),
                     listen: st.listen,
+                    address: d.address,
                     settings: st.settings.len(),
                     swipe_server: template.and_then(|t| {
                         let v = client::Vars {

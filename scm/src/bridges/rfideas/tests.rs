@@ -1305,6 +1305,11 @@ async fn each_address_serves_its_device_and_its_swipes_leave_from_it() {
     }
     assert_eq!(bridge.route(3, "r1"), Route::NotConfigured);
     assert_eq!(bridge.status(Some(2))[0].listen, Some(own[1]));
+    let line = bridge.status(Some(2))[0].summary(|t| t.to_string());
+    assert!(
+        line.starts_with("rfideas 2/r1 (host reader-2.example, address 127.0.0.22, id "),
+        "{line}"
+    );
     // Each device's swipe comes from its own address.
     for (m, from) in [(1u16, "127.0.0.21"), (2, "127.0.0.22")] {
         bridge
