@@ -685,3 +685,159 @@ fn at_its_in_flight_limit_the_241_bridge_answers_busy_counts_and_journals_once()
     let out = rig.backoffice(&["swipes"]);
     assert_eq!(out.matches("****0003").count(), 1, "{out}");
 }
+
+/// Gives each listed machine's 241 device its own address, `127.0.0.2<id>`.
+fn with_addresses(dev: &Path) {
+    let path = dev.join("scm.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    for id in 1..=9 {
+        let host = format!("host = \"reader-{id}.localhost\"\n");
+        text = text.replace(&host, &format!("{host}address = \"127.0.0.2{id}\"\n"));
+    }
+    assert!(text.contains("address = \"127.0.0.21\""), "{text}");
+    std::fs::write(&path, text).unwrap();
+}
+
+/// Starts the print server that knows readers only by address, for the rig's devices
+/// `machines` (read from the SCM's `listening on ADDR (rfideas M/r1)` lines).
+fn ip_sim(rig: &Rig, machines: &[u16], extra: &[&str]) -> Proc {
+    let dev = rig.dev();
+    let (cert, key) = (dev.join("scm.pem"), dev.join("scm-key.pem"));
+    let readers: Vec<String> = machines
+        .iter()
+        .map(|m| {
+            let addr = rig.scm.listening(&format!("rfideas {m}/r1"));
+            format!("reader-{m}={addr}")
+        })
+        .collect();
+    let mut args = vec![
+        "--set",
+        "server_url=https://{https}/swipe?card={card}&event={event}",
+        "--bind-ip",
+        "127.0.0.1",
+        "--check-ms",
+        "200",
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ];
+    for r in &readers {
+        args.extend(["--reader", r.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    Proc::spawn("241-ip-sim", &bin("print-server-241-ip-sim"), &args, &[])
+}
+
+/// Issue 17: a print server that addresses readers by IP (`Host: IP:PORT`) and tells their
+/// swipes apart by source address sees three readers, not one.
+#[test]
+fn readers_known_only_by_address_are_configured_and_swipe_from_their_own_address() {
+    let rig = Rig::start_edited(&[1, 2, 3], &[], 10_000, with_addresses);
+    for m in 1..=3u16 {
+        let own = rig.scm.listening(&format!("rfideas {m}/r1"));
+        assert_eq!(own.ip().to_string(), format!("127.0.0.2{m}"));
+        assert_eq!(own.port(), rig.rfideas.port(), "the shared listener's port");
+    }
+    let s = ip_sim(&rig, &[1, 2, 3], &[]);
+    s.wait_stdout("READY");
+    assert!(!s.stdout().contains("ERROR"), "{}", s.stdout());
+    // Each address stored its own reader's settings; the shared listener also resolves a
+    // Host that is a device's address.
+    let two = rig.scm.listening("rfideas 2/r1");
+    let resp = http(rig.rfideas, &get("/settings", &two.to_string()), None);
+    assert_eq!(status(&resp), "200", "{resp}");
+    assert!(resp.contains("X-Device-Host: reader-2.localhost"), "{resp}");
+    assert!(resp.contains("\nreader=reader-2\n"), "{resp}");
+    for m in 1..=3u16 {
+        let card = format!("ADDR000{m}");
+        swipe(&rig.dev(), m, &card);
+        let line = s.wait_stdout(&format!("CARD {card}"));
+        assert!(
+            line.contains(&format!("READER reader-{m} FROM 127.0.0.2{m} ")),
+            "{line}"
+        );
+    }
+    let st = rig.backoffice(&["status", "2"]);
+    assert!(
+        st.contains("rfideas 2/r1 (host reader-2.localhost, address 127.0.0.22, id "),
+        "{st}"
+    );
+    let audit = rig.backoffice(&["audit"]);
+    assert!(
+        audit.contains("rfideas 3/r1 (reader-3.localhost): reader set to \"reader-3\""),
+        "{audit}"
+    );
+}
+
+#[test]
+fn a_retried_swipe_carries_its_event_id_and_the_print_server_drops_the_repeat() {
+    let rig = Rig::start_edited(
+        &[1],
+        &[("SCM__RFIDEAS_BRIDGE__RESPONSE_TIMEOUT_MS", "400".into())],
+        10_000,
+        with_addresses,
+    );
+    // The first request is taken but its answer never comes: the SCM retries it.
+    let s = ip_sim(&rig, &[1], &["--hang-first", "1"]);
+    s.wait_stdout("READY");
+    swipe(&rig.dev(), 1, "AGAIN001");
+    let first = s.wait_stdout("CARD AGAIN001");
+    let event = first.rsplit("EVENT ").next().unwrap().trim().to_string();
+    assert!(event.len() > 2 && event != "-", "{first}");
+    let repeat = s.wait_stdout("REPEAT");
+    assert_eq!(repeat.trim(), format!("REPEAT {event} READER reader-1"));
+    let l = rig.wait_listing("****N001", "attempt 2");
+    assert!(l.contains("delivered"), "{l}");
+    assert_eq!(
+        s.stdout().matches("CARD AGAIN001").count(),
+        1,
+        "{}",
+        s.stdout()
+    );
+}
+
+/// A print server's own self-signed `CA:TRUE` certificate for 127.0.0.1: (cert, key, SHA-256
+/// hex of the DER).
+fn self_signed_ca_true(dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
+    use sha2::Digest as _;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(30);
+    let cert = params.self_signed(&key).unwrap();
+    let hash = hex::encode(sha2::Sha256::digest(cert.der()));
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k, hash)
+}
+
+#[test]
+fn a_pinned_self_signed_print_server_certificate_is_accepted_and_an_impostor_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, hash) = self_signed_ca_true(dir.path(), "print");
+    let rig = Rig::start(
+        &[1],
+        &[("SCM__RFIDEAS_BRIDGE__PIN_SHA256", hash.clone())],
+        10_000,
+    );
+    let (s, addr) = https_sim(&cert, &key, &[]);
+    configure_url(&rig, &format!("https://{addr}/swipe?card={{card}}"));
+    swipe(&rig.dev(), 1, "PINS0001");
+    s.wait_stdout("CARD PINS0001");
+    rig.wait_listing("****0001", "delivered");
+    // Another self-signed certificate for the same name is refused before anything is sent.
+    let (cert2, key2, _) = self_signed_ca_true(dir.path(), "impostor");
+    let (imp, addr2) = https_sim(&cert2, &key2, &[]);
+    configure_url(&rig, &format!("https://{addr2}/swipe?card={{card}}"));
+    swipe(&rig.dev(), 1, "PINS0002");
+    let line = rig.scm.wait_for("swipe failed");
+    assert!(line.contains("not the pinned certificate"), "{line}");
+    assert!(!imp.stdout().contains("CARD"), "{}", imp.stdout());
+}

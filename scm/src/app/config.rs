@@ -267,8 +267,12 @@ impl ScmConfig {
             *c = resolve(file, c);
         }
         self.database.path = resolve(file, &self.database.path);
-        if let Some(ca) = &mut self.rfideas_bridge.ca {
-            *ca = resolve(file, ca);
+        let b = &mut self.rfideas_bridge;
+        for p in [&mut b.ca, &mut b.pin_cert].into_iter().flatten() {
+            *p = resolve(file, p);
+        }
+        for p in self.rfideas.iter_mut().filter_map(|d| d.pin_cert.as_mut()) {
+            *p = resolve(file, p);
         }
     }
 
@@ -370,8 +374,13 @@ impl ScmConfig {
             }
         }
         let ids: Vec<u16> = self.machines.iter().map(|m| m.id).collect();
-        crate::bridges::rfideas::validate(&self.rfideas, &self.rfideas_bridge, &ids)
-            .map_err(|(key, message)| invalid(key, message))?;
+        crate::bridges::rfideas::validate(
+            &self.rfideas,
+            &self.rfideas_bridge,
+            &ids,
+            &self.listen.rfideas,
+        )
+        .map_err(|(key, message)| invalid(key, message))?;
         let l = &self.limits;
         if l.max_agent_frame_data == 0 || l.max_agent_frame_data > scm_proto::MAX_DATA_LEN {
             return Err(invalid(

@@ -2,8 +2,11 @@
 //! (a machine id plus a reader id) to print servers as a 241 reader in Client Mode.
 //!
 //! **Configuration side.** One HTTP listener (`[listen] rfideas`) serves every device;
-//! the `Host` header (host name without port) names the device. A device may also have
-//! its own port (`[[rfideas]] listen`), which then names the device whatever the `Host`.
+//! the `Host` header (host name without port, or the device's address) names the device.
+//! A device may also have its own port (`[[rfideas]] listen`) or its own address
+//! (`[[rfideas]] address`, on the shared listener's port), which then names the device
+//! whatever the `Host` ([`connection_device`], [`resolve`]). A device with an address also
+//! sends its swipes from it: print servers tell readers apart by source address.
 //! Only configured print-server addresses (`allow`) get any answer but `403`. Two requests
 //! exist, both `GET` (paths configurable, see `docs/bridge-241.md`):
 //!
@@ -21,7 +24,8 @@
 //! `[[rfideas]] swipe_url`, see [`client`]. Attempts are retried with back-off on
 //! connection failures, timeouts and `5xx`, but only until the swipe's expiry: nothing is
 //! sent after it (the attempt in progress is abandoned at that instant). A `3xx` (never
-//! followed), a `4xx` or a certificate that does not verify ends the swipe as failed.
+//! followed), a `4xx` or a certificate that does not verify (against the CA, or the pin:
+//! see [`pin`]) ends the swipe as failed.
 //!
 //! Card numbers only appear masked in logs.
 
@@ -51,6 +55,7 @@ use crate::state::{self, DeviceSettings, SettingChange, now_ms};
 
 pub(crate) mod client;
 pub mod http;
+pub(crate) mod pin;
 #[cfg(test)]
 mod tests;
 
@@ -86,6 +91,22 @@ pub(crate) struct RfideasDevice {
     /// machine and reader when empty.
     #[serde(default)]
     pub mac: String,
+    /// Optional own IP address on the SCM's host, e.g. `127.0.0.23`. A print server that
+    /// knows readers by address (it resolves the reader's name and tells readers apart by
+    /// the source address of their swipes) sees one address per device: configuration
+    /// requests are served on `ADDRESS:<port of [listen] rfideas>` and name this device
+    /// whatever their `Host`, and its swipe requests leave from this address. Empty: the
+    /// SCM's shared listener and its default source address.
+    #[serde(default)]
+    pub address: String,
+    /// Accept exactly this print-server certificate (PEM file), e.g. a self-signed one,
+    /// instead of a chain to `[rfideas_bridge] ca`. Overrides the bridge-wide pin.
+    #[serde(default)]
+    pub pin_cert: Option<PathBuf>,
+    /// Accept exactly the print-server certificate with this SHA-256 (hex, of the DER
+    /// bytes; `:` separators allowed). Overrides the bridge-wide pin.
+    #[serde(default)]
+    pub pin_sha256: String,
 }
 
 fn s(v: &str) -> String {
@@ -99,6 +120,12 @@ pub(crate) struct RfideasSettings {
     /// CA certificate(s) (PEM) that print servers' HTTPS certificates must chain to.
     /// Default: `[tls] ca`.
     pub ca: Option<PathBuf>,
+    /// Accept exactly this print-server certificate (PEM) for every device without its
+    /// own pin, instead of a chain to `ca`.
+    pub pin_cert: Option<PathBuf>,
+    /// Accept exactly the print-server certificate with this SHA-256 (hex) for every
+    /// device without its own pin.
+    pub pin_sha256: String,
     /// Path of the configuration request (`GET <config_path>?name=value&...`).
     pub config_path: String,
     /// Path of the read request (`GET <read_path>`).
@@ -135,6 +162,8 @@ impl Default for RfideasSettings {
     fn default() -> Self {
         Self {
             ca: None,
+            pin_cert: None,
+            pin_sha256: String::new(),
             config_path: s("/config"),
             read_path: s("/settings"),
             url_setting: s("server_url"),
@@ -154,13 +183,19 @@ impl Default for RfideasSettings {
     }
 }
 
-/// Checks the devices and settings. The error is `(key, message)`.
+/// Checks the devices and settings; `shared` is `[listen] rfideas`. The error is
+/// `(key, message)`.
 pub(crate) fn validate(
     devices: &[RfideasDevice],
     st: &RfideasSettings,
     machines: &[u16],
+    shared: &str,
 ) -> Result<(), (String, String)> {
     let err = |k: String, m: String| Err((k, m));
+    if let Err(m) = check_pin(st.pin_cert.as_deref(), &st.pin_sha256) {
+        return err("rfideas_bridge.pin_sha256".into(), m);
+    }
+    let shared_addr = shared.parse::<SocketAddr>().ok();
     for (name, v) in [
         ("max_settings", st.max_settings as u64),
         ("max_value_bytes", st.max_value_bytes as u64),
@@ -313,6 +348,105 @@ pub(crate) fn validate(
         if let Some(j) = devices[..i].iter().position(|o| device_mac(o) == mac) {
             return err(key("mac"), format!("{mac} is already used by rfideas[{j}]"));
         }
+        if let Err(m) = check_pin(d.pin_cert.as_deref(), &d.pin_sha256) {
+            return err(key("pin_sha256"), m);
+        }
+        if let Err(m) = check_address(devices, i, shared, shared_addr) {
+            return err(key("address"), m);
+        }
+    }
+    Ok(())
+}
+
+/// The device's own address, if it has one and it is an IP address (canonical form).
+fn own_address(d: &RfideasDevice) -> Option<IpAddr> {
+    d.address.parse::<IpAddr>().ok().map(|a| a.to_canonical())
+}
+
+/// Checks `rfideas[i].address` against the shared listener and the other devices.
+fn check_address(
+    devices: &[RfideasDevice],
+    i: usize,
+    shared: &str,
+    shared_addr: Option<SocketAddr>,
+) -> Result<(), String> {
+    let d = &devices[i];
+    if d.address.is_empty() {
+        return Ok(());
+    }
+    let Some(ip) = own_address(d) else {
+        return Err(format!(
+            "{:?} is not an IP address; write the device's own address on this host, e.g. \"10.0.0.23\" (no port: the port is [listen] rfideas's), or leave it empty",
+            d.address
+        ));
+    };
+    if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255]) {
+        return Err(format!(
+            "{ip} is not one host's address; give the device an address of its own on this host"
+        ));
+    }
+    if !d.listen.is_empty() {
+        return Err(
+            "set either address (own IP on the [listen] rfideas port) or listen (own IP:PORT), not both"
+                .into(),
+        );
+    }
+    if shared.is_empty() {
+        return Err(
+            "needs [listen] rfideas for its port; set [listen] rfideas (e.g. \"0.0.0.0:80\") or give the device listen = \"IP:PORT\" instead".into(),
+        );
+    }
+    if let Some(sa) = shared_addr {
+        if sa.ip().to_canonical() == ip {
+            return Err(format!(
+                "{ip} is the shared listener's address ([listen] rfideas = {shared:?}), which serves devices by Host; give the device another address or move the shared listener"
+            ));
+        }
+        // Another device's own listener on the same address and port cannot coexist.
+        if let Some(j) = devices.iter().position(|o| {
+            o.listen
+                .parse::<SocketAddr>()
+                .is_ok_and(|l| l.port() == sa.port() && l.ip().to_canonical() == ip)
+        }) {
+            return Err(format!(
+                "{ip}:{} is already rfideas[{j}].listen; give each device its own address",
+                sa.port()
+            ));
+        }
+    }
+    if let Some(j) = devices[..i].iter().position(|o| own_address(o) == Some(ip)) {
+        return Err(format!(
+            "{ip} is already the address of rfideas[{j}]; give each device its own address (a print server tells readers apart by address)"
+        ));
+    }
+    // A Host header with this IP must name one device only.
+    if let Some(j) = devices.iter().enumerate().position(|(k, o)| {
+        k != i
+            && normalise_host(&o.host)
+                .parse::<IpAddr>()
+                .ok()
+                .map(|h| h.to_canonical())
+                == Some(ip)
+    }) {
+        return Err(format!(
+            "{ip} is the host of rfideas[{j}]; a request naming {ip} would name two devices"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a pin: at most one of the two forms, the hash 64 hex digits.
+fn check_pin(cert: Option<&std::path::Path>, sha256: &str) -> Result<(), String> {
+    if cert.is_some() && !sha256.is_empty() {
+        return Err(
+            "set either pin_cert (the certificate file) or pin_sha256 (its hash), not both".into(),
+        );
+    }
+    if !sha256.is_empty() && pin::parse_sha256(sha256).is_none() {
+        return Err(format!(
+            "{:?} is not a SHA-256 in hex; write the 64 hex digits of the certificate's DER hash (e.g. from `openssl x509 -in cert.pem -outform der | sha256sum`), ':' separators allowed",
+            trunc(sha256, 100)
+        ));
     }
     Ok(())
 }
@@ -405,7 +539,10 @@ pub(crate) fn device_mac(d: &RfideasDevice) -> String {
 /// The host part of a `Host` header value: without port, lower case, no trailing dot.
 pub(crate) fn host_name(value: &str) -> String {
     let v = value.trim();
-    let host = if let Some(rest) = v.strip_prefix('[') {
+    // A bare IPv6 address (not valid HTTP, but unambiguous) has no port to drop.
+    let host = if v.parse::<IpAddr>().is_ok() {
+        v
+    } else if let Some(rest) = v.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
     } else {
         match v.rsplit_once(':') {
@@ -416,6 +553,58 @@ pub(crate) fn host_name(value: &str) -> String {
     normalise_host(host)
 }
 
+/// Why a configuration request names no device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Unresolved {
+    /// No (or an empty) `Host` on a listener shared by several devices.
+    #[error("no Host header: name the 241 device by its host name or address")]
+    NoHost,
+    /// No device has that host name or address.
+    #[error("no 241 device is named {0:?}")]
+    Unknown(String),
+}
+
+/// The device a connection is for before its request is read: `listener`'s own device
+/// (a device's `listen` or `address` listener), else the device whose `address` is the
+/// connection's local address (a wildcard shared listener). `None`: decided per request
+/// by [`resolve`]. `addresses` are the devices' `address`es, in order.
+pub(crate) fn connection_device(
+    addresses: impl IntoIterator<Item = Option<IpAddr>>,
+    listener: Option<usize>,
+    local: Option<SocketAddr>,
+) -> Option<usize> {
+    if listener.is_some() {
+        return listener;
+    }
+    let local = local?.ip().to_canonical();
+    addresses.into_iter().position(|a| a == Some(local))
+}
+
+/// The device a request is for. A connection's device ([`connection_device`]) wins
+/// whatever the `Host` says: a print server that knows the reader by address may send
+/// anything there. Otherwise the `Host` header's host part (port dropped, case and a
+/// trailing dot ignored) names the device by its host name, or by its `address` when the
+/// print server addresses the reader by IP (`Host: 127.0.0.23:8241`). `devices` are
+/// (normalised host, address) in order.
+pub(crate) fn resolve<'a>(
+    devices: impl IntoIterator<Item = (&'a str, Option<IpAddr>)> + Clone,
+    fixed: Option<usize>,
+    host: Option<&str>,
+) -> Result<usize, Unresolved> {
+    if let Some(i) = fixed {
+        return Ok(i);
+    }
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        return Err(Unresolved::NoHost);
+    };
+    if let Some(i) = devices.clone().into_iter().position(|(h, _)| h == host) {
+        return Ok(i);
+    }
+    let ip = host.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
+    ip.and_then(|ip| devices.into_iter().position(|(_, a)| a == Some(ip)))
+        .ok_or_else(|| Unresolved::Unknown(host.to_string()))
+}
+
 /// Why the 241 bridge could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -423,6 +612,16 @@ pub enum RfideasError {
     /// The CA file for print servers could not be used.
     #[error("cannot use {} as the CA for print servers ([rfideas_bridge] ca): {detail}", .path.display())]
     Ca {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A pinned print-server certificate could not be used.
+    #[error("cannot use {} as a pinned print-server certificate ({key}): {detail}", .path.display())]
+    Pin {
+        /// The setting.
+        key: String,
         /// The file.
         path: PathBuf,
         /// What is wrong.
@@ -473,6 +672,8 @@ pub(crate) struct DeviceStatus {
     pub mac: String,
     /// Its own listener, if any.
     pub listen: Option<SocketAddr>,
+    /// Its own address (configuration there, swipes from there), if any.
+    pub address: Option<IpAddr>,
     /// Settings stored.
     pub settings: usize,
     /// Host and port of the swipe URL in use, if any.
@@ -512,8 +713,12 @@ impl DeviceStatus {
             Some((t, e)) => format!("last error at {}: {e}", time(*t)),
             None => "no errors".into(),
         };
+        let address = self
+            .address
+            .map(|a| format!(", address {a}"))
+            .unwrap_or_default();
         format!(
-            "rfideas {} (host {}, id {}): {} settings, swipes to {url}; {cfg}; {} in flight, {} delivered, {} expired, {} failed, {} failed attempts, {} refused peers; {err}",
+            "rfideas {} (host {}{address}, id {}): {} settings, swipes to {url}; {cfg}; {} in flight, {} delivered, {} expired, {} failed, {} failed attempts, {} refused peers; {err}",
             self.key,
             self.host,
             self.mac,
@@ -551,7 +756,20 @@ struct Device {
     host: String,
     mac: String,
     allow: Vec<IpAddr>,
+    /// Its own address (configuration served there, swipes sent from there).
+    address: Option<IpAddr>,
+    /// Its own TLS client when it pins a certificate; else the bridge's.
+    tls: Option<PinnedTls>,
     state: Mutex<DevState>,
+}
+
+/// A device's own TLS client (its pin).
+struct PinnedTls(tokio_rustls::TlsConnector);
+
+impl fmt::Debug for PinnedTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PinnedTls")
+    }
 }
 
 impl Device {
@@ -617,8 +835,36 @@ impl fmt::Debug for RfideasBridge {
     }
 }
 
-/// Loads PEM certificates into a root store.
-pub(crate) fn load_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, RfideasError> {
+/// The fingerprint of a pin (`key` names the setting in errors), if one is set.
+fn load_pin(
+    key: &str,
+    cert: Option<&std::path::Path>,
+    sha256: &str,
+) -> Result<Option<pin::Fingerprint>, RfideasError> {
+    if let Some(path) = cert {
+        return pin::load_cert(path)
+            .map(Some)
+            .map_err(|detail| RfideasError::Pin {
+                key: key.into(),
+                path: path.to_path_buf(),
+                detail,
+            });
+    }
+    // The form was checked at load (`validate`).
+    Ok(pin::parse_sha256(sha256))
+}
+
+/// Loads PEM certificates into a root store; also returns them (see [`pin`]: a server
+/// presenting one of them as its own certificate is accepted as if it were pinned).
+pub(crate) fn load_roots(
+    path: &std::path::Path,
+) -> Result<
+    (
+        rustls::RootCertStore,
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+    ),
+    RfideasError,
+> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let bad = |detail: String| RfideasError::Ca {
@@ -626,16 +872,18 @@ pub(crate) fn load_roots(path: &std::path::Path) -> Result<rustls::RootCertStore
         detail,
     };
     let mut roots = rustls::RootCertStore::empty();
+    let mut certs = Vec::new();
     for c in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
         let c = c.map_err(|e| bad(format!("malformed PEM: {e}")))?;
         roots
-            .add(c)
+            .add(c.clone())
             .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+        certs.push(c);
     }
     if roots.is_empty() {
         return Err(bad("no PEM certificate found".into()));
     }
-    Ok(roots)
+    Ok((roots, certs))
 }
 
 // The bridge spawns a task per swipe that outlives the call, so it is shared as an `Arc`.
@@ -676,20 +924,59 @@ impl RfideasBridge {
         outcomes: mpsc::Sender<OutcomeReport>,
     ) -> Result<Arc<RfideasBridge>, RfideasError> {
         let ca = settings.ca.clone().unwrap_or_else(|| ca.to_path_buf());
-        let tls = if devices.is_empty() {
-            // Nothing to send to; do not require the CA file.
-            client::tls_config(rustls::RootCertStore::empty())
+        let provider = client::provider();
+        let connector = |v: pin::PinnedVerifier, path: &std::path::Path| {
+            client::tls_config(Arc::new(v))
+                .map(tokio_rustls::TlsConnector::from)
+                .map_err(|e| RfideasError::Ca {
+                    path: path.to_path_buf(),
+                    detail: e.to_string(),
+                })
+        };
+        let bridge_pin = load_pin(
+            "rfideas_bridge.pin_cert",
+            settings.pin_cert.as_deref(),
+            &settings.pin_sha256,
+        )?;
+        let pinned = |d: &RfideasDevice| d.pin_cert.is_some() || !d.pin_sha256.is_empty();
+        let tls = if let Some(fp) = bridge_pin {
+            connector(pin::PinnedVerifier::pinned(vec![fp], provider.clone()), &ca)?
+        } else if devices.iter().all(pinned) {
+            // Nothing is verified through the CA: do not require the file.
+            connector(
+                pin::PinnedVerifier::pinned(Vec::new(), provider.clone()),
+                &ca,
+            )?
         } else {
-            client::tls_config(load_roots(&ca)?)
+            let (roots, certs) = load_roots(&ca)?;
+            let v = pin::PinnedVerifier::roots(Arc::new(roots), &certs, provider.clone()).map_err(
+                |e| RfideasError::Ca {
+                    path: ca.clone(),
+                    detail: e.to_string(),
+                },
+            )?;
+            connector(v, &ca)?
+        };
+        let mut own_tls = Vec::with_capacity(devices.len());
+        for (i, d) in devices.iter().enumerate() {
+            let fp = load_pin(
+                &format!("rfideas[{i}].pin_cert"),
+                d.pin_cert.as_deref(),
+                &d.pin_sha256,
+            )?;
+            own_tls.push(match fp {
+                Some(fp) => Some(PinnedTls(connector(
+                    pin::PinnedVerifier::pinned(vec![fp], provider.clone()),
+                    d.pin_cert.as_deref().unwrap_or(&ca),
+                )?)),
+                None => None,
+            });
         }
-        .map_err(|e| RfideasError::Ca {
-            path: ca.clone(),
-            detail: e.to_string(),
-        })?;
         let rows = store.load_all()?;
         let devices: Vec<Device> = devices
             .into_iter()
-            .map(|cfg| {
+            .zip(own_tls)
+            .map(|(cfg, tls)| {
                 let key = DeviceKey {
                     machine: cfg.machine,
                     reader: cfg.reader.clone(),
@@ -703,6 +990,8 @@ impl RfideasBridge {
                     host: normalise_host(&cfg.host),
                     mac: device_mac(&cfg),
                     allow: cfg.allow.iter().map(IpAddr::to_canonical).collect(),
+                    address: own_address(&cfg),
+                    tls,
                     key,
                     cfg,
                     state: Mutex::new(DevState {
@@ -722,7 +1011,7 @@ impl RfideasBridge {
             devices,
             settings,
             store,
-            tls: tokio_rustls::TlsConnector::from(tls),
+            tls,
             outcomes,
             config_lock: tokio::sync::Mutex::new(()),
             stop: CancellationToken::new(),
@@ -741,25 +1030,52 @@ impl RfideasBridge {
     }
 
     /// Binds the shared listener at `shared` (if any device exists and the address is not
-    /// empty) and each device's own listener, logging `listening on ADDR (rfideas)` and
-    /// `listening on ADDR (rfideas M/R)`.
+    /// empty), each device's own listener (`listen`), and one listener per device address
+    /// (`address`, on the shared listener's port: a print server configures readers on
+    /// port 80, whatever their address), logging `listening on ADDR (rfideas)` and
+    /// `listening on ADDR (rfideas M/R)`. A shared listener on a wildcard address already
+    /// receives the devices' addresses (and a second socket on the same port could not be
+    /// bound): its connections are told apart by the local address they reached.
     pub(crate) async fn bind(&self, shared: &str) -> std::io::Result<Listeners> {
         let mut out = Listeners::default();
         if self.devices.is_empty() {
             return Ok(out);
         }
+        let mut shared_addr = None;
         if !shared.is_empty() {
-            out.shared = Some(scm_common::bind(shared, "rfideas").await?);
+            let l = scm_common::bind(shared, "rfideas").await?;
+            shared_addr = Some(l.local_addr()?);
+            out.shared = Some(l);
         }
         for (i, d) in self.devices.iter().enumerate() {
-            if d.cfg.listen.is_empty() {
-                continue;
-            }
-            let l = scm_common::bind(&d.cfg.listen, &format!("rfideas {}", d.key)).await?;
+            let name = format!("rfideas {}", d.key);
+            let l = match (d.address, shared_addr) {
+                (Some(ip), Some(sa)) if sa.ip().is_unspecified() => {
+                    tracing::info!(device = %d.key, "served at {} by the shared listener {sa}", SocketAddr::new(ip, sa.port()));
+                    d.lock().listen = Some(SocketAddr::new(ip, sa.port()));
+                    continue;
+                }
+                // Validation requires the shared listener for an address's port.
+                (Some(ip), Some(sa)) => {
+                    scm_common::bind(&SocketAddr::new(ip, sa.port()).to_string(), &name).await?
+                }
+                _ if !d.cfg.listen.is_empty() => scm_common::bind(&d.cfg.listen, &name).await?,
+                _ => continue,
+            };
             d.lock().listen = Some(l.local_addr()?);
             out.per_device.push((i, l));
         }
         Ok(out)
+    }
+
+    /// The device a connection is for before its request is read: the listener's own
+    /// device, else the device whose `address` the connection reached.
+    fn connection_device(
+        &self,
+        listener: Option<usize>,
+        local: Option<SocketAddr>,
+    ) -> Option<usize> {
+        connection_device(self.devices.iter().map(|d| d.address), listener, local)
     }
 
     /// Serves the listeners until `shutdown` is cancelled; then stops swipes in flight.
@@ -782,8 +1098,9 @@ impl RfideasBridge {
                 listener,
                 opts,
                 shutdown.clone(),
-                move |stream, peer, token| {
+                move |stream: tokio::net::TcpStream, peer, token| {
                     let bridge = bridge.clone();
+                    let fixed = bridge.connection_device(fixed, stream.local_addr().ok());
                     async move { bridge.handle_conn(stream, peer, fixed, token).await }
                 },
             ));
@@ -894,6 +1211,7 @@ impl RfideasBridge {
                     time_ms: now_ms(),
                     machine: dev.key.machine,
                     reader: &dev.key.reader,
+                    event: &swipe.event_id,
                 };
                 let target = match client::render(&template, &vars) {
                     Ok(t) => t,
@@ -905,7 +1223,8 @@ impl RfideasBridge {
                 };
                 attempts += 1;
                 let server = target.authority();
-                match client::get(&self.tls, &target, connect, respond).await {
+                let tls = dev.tls.as_ref().map_or(&self.tls, |t| &t.0);
+                match client::get(tls, &target, dev.address, connect, respond).await {
                     Ok(a) if (200..300).contains(&a.status) => {
                         return Outcome::Delivered {
                             server,
@@ -1031,6 +1350,7 @@ impl RfideasBridge {
                     host: d.host.clone(),
                     mac: d.mac.clone(),
                     listen: st.listen,
+                    address: d.address,
                     settings: st.settings.len(),
                     swipe_server: template.and_then(|t| {
                         let v = client::Vars {
@@ -1039,6 +1359,7 @@ impl RfideasBridge {
                             time_ms: 0,
                             machine: 0,
                             reader: "",
+                            event: "",
                         };
                         client::render(&t, &v).ok().map(|t| t.authority())
                     }),
@@ -1300,26 +1621,12 @@ impl RfideasBridge {
                 "a GET request must not have a body (Content-Length or Transfer-Encoding)".into(),
             );
         }
-        let idx = match fixed {
-            Some(i) => i,
-            None => {
-                let Some(host) = host.filter(|h| !h.is_empty()) else {
-                    return Reply::error(
-                        400,
-                        "Bad Request",
-                        "no Host header: name the 241 device by its host name".into(),
-                    );
-                };
-                match self.devices.iter().position(|d| d.host == host) {
-                    Some(i) => i,
-                    None => {
-                        return Reply::error(
-                            404,
-                            "Not Found",
-                            format!("no 241 device is named {host:?}"),
-                        );
-                    }
-                }
+        let names = self.devices.iter().map(|d| (d.host.as_str(), d.address));
+        let idx = match resolve(names, fixed, host.as_deref()) {
+            Ok(i) => i,
+            Err(e @ Unresolved::NoHost) => return Reply::error(400, "Bad Request", e.to_string()),
+            Err(e @ Unresolved::Unknown(_)) => {
+                return Reply::error(404, "Not Found", e.to_string());
             }
         };
         let dev = &self.devices[idx];

@@ -2,21 +2,26 @@
 //!
 //! A template is an `https://` URL whose path and query may hold the placeholders
 //! `{card}`, `{device}` (the MAC-style device id), `{time}` (Unix seconds), `{time_ms}`,
-//! `{machine}` and `{reader}`. Each value is percent-encoded when it is put in, so a card
+//! `{machine}`, `{reader}` and `{event}` (the swipe's event id: the same on every attempt
+//! of one swipe, so a print server can drop a retried request it already took). Each value is percent-encoded when it is put in, so a card
 //! number can never add a parameter or change the path.
 //!
-//! The client sends exactly one `GET` per TLS connection (`Connection: close`), verifies
-//! the server's certificate against the configured CA only (there is no way to turn that
-//! off), reads at most [`MAX_RESPONSE_HEAD`] bytes of the response head and never reads
+//! The client sends exactly one `GET` per TLS connection (`Connection: close`), from the
+//! device's own address when it has one (a print server may tell readers apart by the
+//! source address), verifies the server's certificate against the configured CA or pin
+//! only (there is no way to turn that off, see [`super::pin`]), reads at most [`MAX_RESPONSE_HEAD`] bytes of the response head and never reads
 //! the body. It does not follow redirects: a `3xx` is reported with its `Location` host.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::{IpAddr, SocketAddr};
+
 use rustls::ClientConfig;
+use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::http::{self, Parse, percent_encode};
 
@@ -24,8 +29,9 @@ use super::http::{self, Parse, percent_encode};
 pub(crate) const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
 /// The placeholders a template may use.
-pub(crate) const PLACEHOLDERS: &[&str] =
-    &["card", "device", "time", "time_ms", "machine", "reader"];
+pub(crate) const PLACEHOLDERS: &[&str] = &[
+    "card", "device", "time", "time_ms", "machine", "reader", "event",
+];
 
 /// Longest template.
 pub(crate) const MAX_TEMPLATE: usize = 2048;
@@ -77,6 +83,8 @@ pub(crate) struct Vars<'a> {
     pub machine: u16,
     /// Reader id.
     pub reader: &'a str,
+    /// The swipe's event id (the same on every attempt).
+    pub event: &'a str,
 }
 
 impl std::fmt::Debug for Vars<'_> {
@@ -256,6 +264,7 @@ pub(crate) fn render(t: &str, v: &Vars<'_>) -> Result<Target, TemplateError> {
             "time_ms" => v.time_ms.to_string(),
             "machine" => v.machine.to_string(),
             "reader" => percent_encode(v.reader),
+            "event" => percent_encode(v.event),
             other => return Err(TemplateError::UnknownPlaceholder(other.to_string())),
         };
         out.push_str(&value);
@@ -322,31 +331,70 @@ pub(crate) struct Answer {
     pub location: Option<String>,
 }
 
-/// Builds the client TLS configuration: ring, TLS 1.2 and 1.3, trusting only `roots`,
-/// no client certificate.
-pub(crate) fn tls_config(roots: rustls::RootCertStore) -> Result<Arc<ClientConfig>, rustls::Error> {
-    let cfg =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+/// The crypto provider of every 241 TLS connection.
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the client TLS configuration: ring, TLS 1.2 and 1.3, trusting what `verifier`
+/// accepts (a CA chain or a pin, [`super::pin::PinnedVerifier`]), no client certificate.
+pub(crate) fn tls_config(
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<Arc<ClientConfig>, rustls::Error> {
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     Ok(Arc::new(cfg))
+}
+
+/// Connects to the target, from `source` (port chosen by the system) when given: the
+/// print server may identify the reader by the address its request comes from.
+async fn connect(target: &Target, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect((target.host.as_str(), target.port)).await;
+    };
+    let mut last = None;
+    for addr in tokio::net::lookup_host((target.host.as_str(), target.port)).await? {
+        // Only an address of the source's family can be reached from it.
+        if addr.is_ipv4() != source.is_ipv4() {
+            continue;
+        }
+        let sock = if source.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        sock.bind(SocketAddr::new(source, 0))?;
+        match sock.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("no address of the source's family (from {source})"),
+        )
+    }))
 }
 
 /// Sends one GET and reads the response head.
 pub(crate) async fn get(
     tls: &tokio_rustls::TlsConnector,
     target: &Target,
+    source: Option<IpAddr>,
     connect_timeout: Duration,
     response_timeout: Duration,
 ) -> Result<Answer, AttemptError> {
     let name = ServerName::try_from(target.host.clone())
         .map_err(|_| AttemptError::Connect(format!("bad host name {:?}", target.host)))?;
-    let addr = (target.host.as_str(), target.port);
     let connect = async {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| AttemptError::Connect(format!("{}: {e}", target.authority())))?;
+        let tcp = connect(target, source).await.map_err(|e| {
+            let from = source.map(|s| format!(" from {s}")).unwrap_or_default();
+            AttemptError::Connect(format!("{}{from}: {e}", target.authority()))
+        })?;
         let _ = tcp.set_nodelay(true);
         tls.connect(name, tcp).await.map_err(classify_tls)
     };
@@ -413,6 +461,10 @@ pub(crate) async fn get(
 fn classify_tls(e: std::io::Error) -> AttemptError {
     if let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         return match inner {
+            // A pin's own refusal carries a sentence; webpki's kinds read well as names.
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+                AttemptError::Certificate(o.to_string())
+            }
             rustls::Error::InvalidCertificate(c) => AttemptError::Certificate(format!("{c:?}")),
             other => AttemptError::Tls(other.to_string()),
         };
@@ -434,13 +486,14 @@ mod tests {
             time_ms: 1_700_000_000_123,
             machine: 1,
             reader: "r1",
+            event: "1-7f/0",
         }
     }
 
     #[test]
     fn renders_with_every_value_escaped() {
         let t = render(
-            "https://Print.Example:9192/rfid/{reader}?card={card}&mac={device}&t={time}&ms={time_ms}&m={machine}",
+            "https://Print.Example:9192/rfid/{reader}?card={card}&mac={device}&t={time}&ms={time_ms}&m={machine}&e={event}",
             &vars(),
         )
         .unwrap();
@@ -448,7 +501,7 @@ mod tests {
         assert_eq!(t.port, 9192);
         assert_eq!(
             t.path_and_query,
-            "/rfid/r1?card=AB%2012%26x%3D1%2F%3F%23%25&mac=02%3A53%3A43%3A00%3A01%3A72&t=1700000000&ms=1700000000123&m=1"
+            "/rfid/r1?card=AB%2012%26x%3D1%2F%3F%23%25&mac=02%3A53%3A43%3A00%3A01%3A72&t=1700000000&ms=1700000000123&m=1&e=1-7f%2F0"
         );
         assert_eq!(t.authority(), "print.example:9192");
         assert!(!format!("{t:?}").contains("AB"), "Debug hides the card");

@@ -27,6 +27,9 @@ fn device(machine: u16, host: &str) -> RfideasDevice {
         allow: vec!["127.0.0.1".parse().unwrap()],
         swipe_url: String::new(),
         mac: String::new(),
+        address: String::new(),
+        pin_cert: None,
+        pin_sha256: String::new(),
     }
 }
 
@@ -136,7 +139,7 @@ fn body_of(resp: &str) -> &str {
 #[test]
 fn configuration_is_validated_with_named_keys() {
     let ok = vec![device(1, "Reader-1.Example."), device(2, "10.0.0.9")];
-    validate(&ok, &RfideasSettings::default(), &[1, 2]).unwrap();
+    validate(&ok, &RfideasSettings::default(), &[1, 2], "127.0.0.1:8241").unwrap();
     type Change = Box<dyn Fn(&mut Vec<RfideasDevice>, &mut RfideasSettings)>;
     let cases: Vec<(Change, &str)> = vec![
         (Box::new(|d, _| d[1].machine = 9), "rfideas[1].machine"),
@@ -207,7 +210,7 @@ fn configuration_is_validated_with_named_keys() {
         let mut d = ok.clone();
         let mut s = RfideasSettings::default();
         change(&mut d, &mut s);
-        let (k, msg) = validate(&d, &s, &[1, 2]).unwrap_err();
+        let (k, msg) = validate(&d, &s, &[1, 2], "127.0.0.1:8241").unwrap_err();
         assert_eq!(k, key, "{msg}");
         assert!(!msg.is_empty());
     }
@@ -548,6 +551,8 @@ enum Mode {
     Hang,
     Redirect,
     Status(u16),
+    /// `503` to the first N requests, then `200`.
+    FailFirst(u32),
 }
 
 /// An HTTPS print server on 127.0.0.1:0; every request target is sent on the channel.
@@ -555,17 +560,37 @@ async fn print_server(
     cfg: Arc<rustls::ServerConfig>,
     mode: Mode,
 ) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+    let (addr, mut from) = print_server_peers(cfg, mode).await;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((_, text)) = from.recv().await {
+            let _ = tx.send(text);
+        }
+    });
+    (addr, rx)
+}
+
+/// Like [`print_server`], with each request's source address.
+async fn print_server_peers(
+    cfg: Arc<rustls::ServerConfig>,
+    mode: Mode,
+) -> (
+    SocketAddr,
+    mpsc::UnboundedReceiver<(std::net::IpAddr, String)>,
+) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let served = Arc::new(std::sync::atomic::AtomicU32::new(0));
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = l.accept().await else {
+            let Ok((tcp, from)) = l.accept().await else {
                 return;
             };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let served = served.clone();
             tokio::spawn(async move {
                 let Ok(mut s) = acceptor.accept(tcp).await else {
                     return;
@@ -579,9 +604,16 @@ async fn print_server(
                     }
                 }
                 let text = String::from_utf8_lossy(&buf).into_owned();
-                let _ = tx.send(text);
+                let _ = tx.send((from.ip(), text));
+                let nth = served.fetch_add(1, Ordering::SeqCst);
                 let answer = match mode {
                     Mode::Ok => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_string(),
+                    Mode::FailFirst(n) if nth < n => {
+                        "HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n".to_string()
+                    }
+                    Mode::FailFirst(_) => {
+                        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_string()
+                    }
                     Mode::Hang => {
                         std::future::pending::<()>().await;
                         return;
@@ -953,6 +985,7 @@ async fn the_documented_example_is_exact() {
             time_ms: 1_795_298_400_000,
             machine: 1,
             reader: "r1",
+            event: "",
         },
     )
     .unwrap();
@@ -1019,4 +1052,547 @@ fn a_missing_ca_file_is_named() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("no PEM certificate"), "{e}");
+}
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn resolution_rule_table() {
+    let devices = [
+        ("reader-1.example", None),
+        ("reader-2.example", Some(ip("127.0.0.23"))),
+        ("10.0.0.9", None),
+        ("reader-4.example", Some(ip("fd00::4"))),
+    ];
+    // (connection's device, raw Host header, expected)
+    type Case<'a> = (Option<usize>, Option<&'a str>, Result<usize, Unresolved>);
+    let cases: Vec<Case<'_>> = vec![
+        // A device's own listener (or address) wins whatever the Host says.
+        (Some(0), Some("reader-2.example"), Ok(0)),
+        (Some(1), None, Ok(1)),
+        (Some(1), Some("127.0.0.99:8241"), Ok(1)),
+        // On the shared listener: by host name, port and case ignored ...
+        (None, Some("READER-1.example.:80"), Ok(0)),
+        (None, Some("reader-2.example"), Ok(1)),
+        // ... or by the device's address, with or without port.
+        (None, Some("127.0.0.23"), Ok(1)),
+        (None, Some("127.0.0.23:8241"), Ok(1)),
+        (None, Some("[::ffff:127.0.0.23]:80"), Ok(1)),
+        (None, Some("[fd00::4]:8241"), Ok(3)),
+        (None, Some("fd00::4"), Ok(3)),
+        // A host name that is an IP address still matches as a name.
+        (None, Some("10.0.0.9:80"), Ok(2)),
+        (
+            None,
+            Some("127.0.0.24:8241"),
+            Err(Unresolved::Unknown("127.0.0.24".into())),
+        ),
+        (
+            None,
+            Some("nobody.example"),
+            Err(Unresolved::Unknown("nobody.example".into())),
+        ),
+        (None, None, Err(Unresolved::NoHost)),
+        (None, Some(""), Err(Unresolved::NoHost)),
+    ];
+    for (fixed, host, want) in cases {
+        let h = host.map(host_name);
+        assert_eq!(
+            resolve(devices.iter().copied(), fixed, h.as_deref()),
+            want,
+            "{fixed:?} {host:?}"
+        );
+    }
+    let addresses = || devices.iter().map(|(_, a)| *a);
+    let sa = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+    // (listener's device, local address reached, expected)
+    let cases: Vec<(Option<usize>, Option<SocketAddr>, Option<usize>)> = vec![
+        (Some(0), sa("127.0.0.23:8241"), Some(0)),
+        (None, sa("127.0.0.23:8241"), Some(1)),
+        (None, sa("[::ffff:127.0.0.23]:80"), Some(1)),
+        (None, sa("[fd00::4]:80"), Some(3)),
+        (None, sa("127.0.0.1:8241"), None),
+        (None, None, None),
+    ];
+    for (listener, local, want) in cases {
+        assert_eq!(
+            connection_device(addresses(), listener, local),
+            want,
+            "{listener:?} {local:?}"
+        );
+    }
+}
+
+#[test]
+fn addresses_and_pins_are_validated_with_named_keys() {
+    let ok = || {
+        let mut d = vec![device(1, "reader-1.example"), device(2, "10.0.0.9")];
+        d[0].address = "127.0.0.23".into();
+        d[1].address = "127.0.0.24".into();
+        d
+    };
+    let shared = "127.0.0.1:8241";
+    validate(&ok(), &RfideasSettings::default(), &[1, 2], shared).unwrap();
+    validate(&ok(), &RfideasSettings::default(), &[1, 2], "0.0.0.0:80").unwrap();
+    type Change = Box<dyn Fn(&mut Vec<RfideasDevice>, &mut RfideasSettings)>;
+    let cases: Vec<(Change, &str, &str)> = vec![
+        (
+            Box::new(|d, _| d[0].address = "127.0.0.23:80".into()),
+            "rfideas[0].address",
+            "not an IP address",
+        ),
+        (
+            Box::new(|d, _| d[0].address = "reader-1.example".into()),
+            "rfideas[0].address",
+            "not an IP address",
+        ),
+        (
+            Box::new(|d, _| d[1].address = "127.0.0.23".into()),
+            "rfideas[1].address",
+            "already the address of rfideas[0]",
+        ),
+        (
+            Box::new(|d, _| d[1].address = "::ffff:127.0.0.23".into()),
+            "rfideas[1].address",
+            "already the address of rfideas[0]",
+        ),
+        (
+            Box::new(|d, _| d[0].address = "0.0.0.0".into()),
+            "rfideas[0].address",
+            "not one host's address",
+        ),
+        (
+            Box::new(|d, _| d[0].address = "127.0.0.1".into()),
+            "rfideas[0].address",
+            "shared listener's address",
+        ),
+        (
+            Box::new(|d, _| d[0].listen = "127.0.0.23:9000".into()),
+            "rfideas[0].address",
+            "not both",
+        ),
+        (
+            Box::new(|d, _| d[0].address = "10.0.0.9".into()),
+            "rfideas[0].address",
+            "host of rfideas[1]",
+        ),
+        (
+            Box::new(|d, _| {
+                d[1].address = String::new();
+                d[1].listen = "127.0.0.23:8241".into();
+            }),
+            "rfideas[0].address",
+            "already rfideas[1].listen",
+        ),
+        (
+            Box::new(|d, _| d[0].pin_sha256 = "abcd".into()),
+            "rfideas[0].pin_sha256",
+            "64 hex digits",
+        ),
+        (
+            Box::new(|d, _| {
+                d[0].pin_sha256 = "ab".repeat(32);
+                d[0].pin_cert = Some("print.pem".into());
+            }),
+            "rfideas[0].pin_sha256",
+            "not both",
+        ),
+        (
+            Box::new(|_, s| s.pin_sha256 = "xyz".into()),
+            "rfideas_bridge.pin_sha256",
+            "64 hex digits",
+        ),
+    ];
+    for (change, key, needle) in cases {
+        let mut d = ok();
+        let mut s = RfideasSettings::default();
+        change(&mut d, &mut s);
+        let (k, msg) = validate(&d, &s, &[1, 2], shared).unwrap_err();
+        assert_eq!(k, key, "{msg}");
+        assert!(msg.contains(needle), "{needle:?} not in {msg}");
+    }
+    let (k, msg) = validate(&ok(), &RfideasSettings::default(), &[1, 2], "").unwrap_err();
+    assert_eq!(k, "rfideas[0].address");
+    assert!(msg.contains("needs [listen] rfideas"), "{msg}");
+}
+
+/// A print server that addresses the reader by IP sends `Host: IP:PORT`; today's bridge
+/// answered 404 (it only knew host names).
+#[tokio::test]
+async fn a_host_header_with_the_devices_address_names_it() {
+    let mut d = device(2, "reader-2.example");
+    d.address = "127.0.0.23".into();
+    let h = harness_with(
+        vec![device(1, "reader-1.example"), d],
+        RfideasSettings::default(),
+    );
+    for host in ["127.0.0.23:8241", "127.0.0.23", "[::ffff:127.0.0.23]:80"] {
+        let resp = exchange(&h, "127.0.0.1", &get("/config?mode=client", host)).await;
+        assert_eq!(status_of(&resp), 200, "{host}: {resp}");
+        assert!(resp.contains("X-Device-Host: reader-2.example"), "{resp}");
+    }
+    let resp = exchange(&h, "127.0.0.1", &get("/settings", "127.0.0.24:8241")).await;
+    assert_eq!(status_of(&resp), 404, "{resp}");
+    assert_eq!(h.bridge.settings_of(1, "r1").unwrap().len(), 0);
+}
+
+async fn read_all(addr: SocketAddr, req: &[u8]) -> String {
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(req).await.unwrap();
+    let mut out = String::new();
+    timeout(WAIT, c.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn each_address_serves_its_device_and_its_swipes_leave_from_it() {
+    let h0 = harness_with(Vec::new(), fast());
+    let (server, mut seen) = print_server_peers(h0.pki.server.clone(), Mode::Ok).await;
+    let url = format!("https://127.0.0.1:{}/s?c={{card}}", server.port());
+    let mut devices = Vec::new();
+    for (m, a) in [(1, "127.0.0.21"), (2, "127.0.0.22")] {
+        let mut d = device(m, &format!("reader-{m}.example"));
+        d.address = a.into();
+        devices.push(d);
+    }
+    devices.push(device(3, "reader-3.example"));
+    let (tx, mut outcomes) = mpsc::channel(8);
+    let bridge = RfideasBridge::new(
+        devices,
+        fast(),
+        &h0.pki.ca_path,
+        h0.store.devices().clone(),
+        tx,
+    )
+    .unwrap();
+    let listeners = bridge.bind("127.0.0.1:0").await.unwrap();
+    let port = listeners
+        .shared
+        .as_ref()
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let own: Vec<SocketAddr> = listeners
+        .per_device
+        .iter()
+        .map(|(_, l)| l.local_addr().unwrap())
+        .collect();
+    assert_eq!(
+        own,
+        [
+            SocketAddr::new(ip("127.0.0.21"), port),
+            SocketAddr::new(ip("127.0.0.22"), port)
+        ],
+        "one listener per address, on the shared listener's port"
+    );
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(bridge.clone().serve(listeners, shutdown.clone()));
+    // The address names the device, whatever the Host (here another device's name).
+    for (m, addr) in [(1u16, own[0]), (2, own[1])] {
+        let q = format!("/config?server_url={}", http::percent_encode(&url));
+        let out = read_all(addr, &get(&q, "reader-3.example")).await;
+        assert_eq!(status_of(&out), 200, "{out}");
+        assert!(
+            out.contains(&format!("X-Device-Host: reader-{m}.example")),
+            "{out}"
+        );
+    }
+    assert_eq!(bridge.route(3, "r1"), Route::NotConfigured);
+    assert_eq!(bridge.status(Some(2))[0].listen, Some(own[1]));
+    let line = bridge.status(Some(2))[0].summary(|t| t.to_string());
+    assert!(
+        line.starts_with("rfideas 2/r1 (host reader-2.example, address 127.0.0.22, id "),
+        "{line}"
+    );
+    // Each device's swipe comes from its own address.
+    for (m, from) in [(1u16, "127.0.0.21"), (2, "127.0.0.22")] {
+        bridge
+            .submit(
+                m,
+                "r1",
+                swipe_for(&format!("CARD000{m}"), Duration::from_secs(5)),
+            )
+            .unwrap();
+        let (peer, text) = timeout(WAIT, seen.recv()).await.unwrap().unwrap();
+        assert_eq!(peer, ip(from), "{text}");
+        assert!(text.contains(&format!("c=CARD000{m}")), "{text}");
+        let o = timeout(WAIT, outcomes.recv()).await.unwrap().unwrap();
+        assert!(matches!(o.outcome, Outcome::Delivered { .. }), "{o:?}");
+    }
+    shutdown.cancel();
+    timeout(WAIT, task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_wildcard_shared_listener_tells_devices_apart_by_the_local_address() {
+    let mut d = device(2, "reader-2.example");
+    d.address = "127.0.0.25".into();
+    let h = harness_with(
+        vec![device(1, "reader-1.example"), d],
+        RfideasSettings::default(),
+    );
+    let listeners = h.bridge.bind("0.0.0.0:0").await.unwrap();
+    assert!(
+        listeners.per_device.is_empty(),
+        "the wildcard covers the address"
+    );
+    let port = listeners
+        .shared
+        .as_ref()
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(h.bridge.clone().serve(listeners, shutdown.clone()));
+    let at = |a: &str| SocketAddr::new(ip(a), port);
+    let out = read_all(at("127.0.0.25"), &get("/config?x=2", "reader-1.example")).await;
+    assert!(out.contains("X-Device-Host: reader-2.example"), "{out}");
+    let out = read_all(at("127.0.0.1"), &get("/config?x=1", "reader-1.example")).await;
+    assert!(out.contains("X-Device-Host: reader-1.example"), "{out}");
+    assert_eq!(h.bridge.settings_of(1, "r1").unwrap()["x"], "1");
+    assert_eq!(h.bridge.settings_of(2, "r1").unwrap()["x"], "2");
+    shutdown.cancel();
+    timeout(WAIT, task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_retried_attempt_carries_the_same_event_id() {
+    let mut h = harness_with(Vec::new(), fast());
+    let (addr, mut seen) = print_server(h.pki.server.clone(), Mode::FailFirst(2)).await;
+    let (tx, outcomes) = mpsc::channel(8);
+    h.bridge = RfideasBridge::new(
+        with_url(format!(
+            "https://127.0.0.1:{}/s?c={{card}}&e={{event}}",
+            addr.port()
+        )),
+        fast(),
+        &h.pki.ca_path,
+        h.store.devices().clone(),
+        tx,
+    )
+    .unwrap();
+    h.outcomes = outcomes;
+    let mut swipe = swipe_for("RETRY001", Duration::from_secs(5));
+    swipe.event_id = "7-0000001f/3".into();
+    h.bridge.submit(1, "r1", swipe).unwrap();
+    let o = outcome(&mut h).await;
+    assert!(
+        matches!(o.outcome, Outcome::Delivered { attempts: 3, .. }),
+        "{o:?}"
+    );
+    let mut targets = Vec::new();
+    while let Ok(r) = seen.try_recv() {
+        targets.push(r.lines().next().unwrap().to_string());
+    }
+    assert_eq!(targets.len(), 3, "{targets:?}");
+    for t in &targets {
+        assert!(t.contains("&e=7-0000001f%2F3 "), "{t}");
+    }
+}
+
+/// A self-signed print-server certificate, for `sans`, valid from `from` to `until`
+/// (offsets from now), with `CA:TRUE` when `ca`: (PEM, server configuration).
+fn self_signed(
+    sans: &[&str],
+    from: time::Duration,
+    until: time::Duration,
+    ca: bool,
+) -> (String, Arc<rustls::ServerConfig>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "print server");
+    if ca {
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    }
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now + from;
+    params.not_after = now + until;
+    let cert = params.self_signed(&key).unwrap();
+    let der = cert.der().clone();
+    let key_der = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![der], key_der)
+    .unwrap();
+    (cert.pem(), Arc::new(server))
+}
+
+fn valid_ca_true() -> (String, Arc<rustls::ServerConfig>) {
+    self_signed(
+        &["127.0.0.1", "print.example"],
+        time::Duration::hours(-1),
+        time::Duration::days(30),
+        true,
+    )
+}
+
+/// One swipe to a print server using `server`, with a bridge built by `adjust` from the
+/// device (URL set) and the settings; returns the outcome and the requests it received.
+async fn pinned_swipe(
+    server: Arc<rustls::ServerConfig>,
+    adjust: impl FnOnce(&mut RfideasDevice, &mut RfideasSettings, &std::path::Path),
+) -> (OutcomeReport, usize) {
+    let h = harness_with(Vec::new(), fast());
+    let (addr, mut seen) = print_server(server, Mode::Ok).await;
+    let mut devices = with_url(format!("https://127.0.0.1:{}/s?c={{card}}", addr.port()));
+    let mut settings = fast();
+    adjust(&mut devices[0], &mut settings, h._db.path());
+    let (tx, mut outcomes) = mpsc::channel(8);
+    let bridge = RfideasBridge::new(
+        devices,
+        settings,
+        &h.pki.ca_path,
+        h.store.devices().clone(),
+        tx,
+    )
+    .unwrap();
+    bridge
+        .submit(1, "r1", swipe_for("PIN00001", Duration::from_secs(5)))
+        .unwrap();
+    let o = timeout(WAIT, outcomes.recv()).await.unwrap().unwrap();
+    let mut requests = 0;
+    while seen.try_recv().is_ok() {
+        requests += 1;
+    }
+    (o, requests)
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn sha256_hex(pem: &str) -> String {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    hex::encode(pin::fingerprint(&der))
+}
+
+/// The print server's own self-signed `CA:TRUE` certificate given as the CA: WebPKI alone
+/// refuses it as a server's certificate (`CaUsedAsEndEntity`).
+#[tokio::test]
+async fn a_self_signed_ca_true_certificate_given_as_the_ca_is_accepted() {
+    let (pem, server) = valid_ca_true();
+    let (o, requests) = pinned_swipe(server, |_, s, dir| {
+        s.ca = Some(write(dir, "print-ca.pem", &pem));
+    })
+    .await;
+    assert!(matches!(o.outcome, Outcome::Delivered { .. }), "{o:?}");
+    assert_eq!(requests, 1);
+}
+
+#[tokio::test]
+async fn a_pinned_certificate_is_accepted_by_file_or_hash_per_device_or_bridge() {
+    let (pem, server) = valid_ca_true();
+    let (o, _) = pinned_swipe(server.clone(), |d, _, dir| {
+        d.pin_cert = Some(write(dir, "pin.pem", &pem));
+    })
+    .await;
+    assert!(matches!(o.outcome, Outcome::Delivered { .. }), "{o:?}");
+    let hash = sha256_hex(&pem);
+    let (o, _) = pinned_swipe(server.clone(), |_, s, _| s.pin_sha256 = hash.clone()).await;
+    assert!(matches!(o.outcome, Outcome::Delivered { .. }), "{o:?}");
+    // A leaf without CA:TRUE, pinned by its hash with ':' separators.
+    let (pem, server) = self_signed(
+        &["127.0.0.1"],
+        time::Duration::hours(-1),
+        time::Duration::days(1),
+        false,
+    );
+    let colons = sha256_hex(&pem)
+        .as_bytes()
+        .chunks(2)
+        .map(|c| std::str::from_utf8(c).unwrap().to_ascii_uppercase())
+        .collect::<Vec<_>>()
+        .join(":");
+    let (o, _) = pinned_swipe(server, |d, _, _| d.pin_sha256 = colons.clone()).await;
+    assert!(matches!(o.outcome, Outcome::Delivered { .. }), "{o:?}");
+}
+
+fn refused(o: &OutcomeReport, needle: &str) {
+    match &o.outcome {
+        Outcome::Failed { reason } => {
+            assert!(reason.contains("certificate was not accepted"), "{reason}");
+            assert!(reason.contains(needle), "{needle:?} not in {reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_pin_refuses_another_certificate_with_the_same_name_an_expired_one_and_a_wrong_name() {
+    let (pinned, _) = valid_ca_true();
+    let (_, impostor) = valid_ca_true();
+    let (o, requests) = pinned_swipe(impostor.clone(), |d, _, dir| {
+        d.pin_cert = Some(write(dir, "pin.pem", &pinned));
+    })
+    .await;
+    refused(&o, "not the pinned certificate");
+    assert_eq!(requests, 0, "nothing sent over an unpinned connection");
+    // The device's pin overrides the bridge's, which would accept the impostor.
+    let (o, _) = pinned_swipe(impostor, |d, s, dir| {
+        d.pin_cert = Some(write(dir, "pin.pem", &pinned));
+        s.pin_sha256 = "00".repeat(32);
+    })
+    .await;
+    refused(&o, "not the pinned certificate");
+    let (expired_pem, expired) = self_signed(
+        &["127.0.0.1"],
+        time::Duration::days(-30),
+        time::Duration::days(-1),
+        true,
+    );
+    let (o, requests) = pinned_swipe(expired, |d, _, dir| {
+        d.pin_cert = Some(write(dir, "pin.pem", &expired_pem));
+    })
+    .await;
+    refused(&o, "Expired");
+    assert_eq!(requests, 0);
+    let (other_pem, other_name) = self_signed(
+        &["print.example"],
+        time::Duration::hours(-1),
+        time::Duration::days(1),
+        true,
+    );
+    let hash = sha256_hex(&other_pem);
+    let (o, requests) = pinned_swipe(other_name, |_, s, _| s.pin_sha256 = hash.clone()).await;
+    refused(&o, "NotValidForName");
+    assert_eq!(requests, 0);
+}
+
+#[test]
+fn an_unreadable_pin_file_is_named() {
+    let db = tempfile::tempdir().unwrap();
+    let store = Store::open(&db.path().join("scm.db")).unwrap();
+    let (tx, _rx) = mpsc::channel(1);
+    let mut d = device(1, "a");
+    d.pin_cert = Some(db.path().join("missing-pin.pem"));
+    let e = RfideasBridge::new(
+        vec![d],
+        RfideasSettings::default(),
+        &db.path().join("no-ca-needed.pem"),
+        store.devices().clone(),
+        tx,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("missing-pin.pem") && e.contains("rfideas[0].pin_cert"),
+        "{e}"
+    );
 }
