@@ -40,6 +40,11 @@ pub enum Cmd {
         /// Configuration file to send.
         #[arg(long)]
         file: PathBuf,
+        /// Wait up to SECONDS for machines left pending to answer (a version-0 machine
+        /// that connects per message gets its CONFIG at its next HELLO), and exit on their
+        /// ACK or NACK instead of with 2 at once.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(1..=3600))]
+        wait: Option<u32>,
     },
     /// List the machines.
     Machines,

@@ -99,13 +99,19 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             machine,
             target,
             file,
+            wait,
         } => {
             let content = std::fs::read_to_string(&file).with_context(|| {
                 format!("cannot read {} (it must be UTF-8 text)", file.display())
             })?;
             let target = target.unwrap_or_else(|| machine.unwrap_or_default().to_string());
+            // `push TARGET wait SECONDS` on the console.
+            let command = match wait {
+                Some(s) => format!("{target} wait {s}"),
+                None => target.clone(),
+            };
             let r = client
-                .push_to(&target, &content, |p| eprintln!("progress: {p}"))
+                .push_to(&command, &content, |p| eprintln!("progress: {p}"))
                 .await?;
             if json {
                 let code = exit_of(&r);

@@ -46,8 +46,18 @@ pub(crate) struct LinkSettings {
     pub stall: Duration,
     /// How long an in-band CONFIG waits for its answer.
     pub push_reply: Duration,
-    /// The machines this SCM knows, with the byte order of their version-0 frames.
-    pub machines: std::collections::HashMap<u16, dialect::ByteOrder>,
+    /// The machines this SCM knows, with what their links need to know of them.
+    pub machines: std::collections::HashMap<u16, KnownMachine>,
+}
+
+/// What the link knows of a configured machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct KnownMachine {
+    /// The byte order of its version-0 frames.
+    pub byte_order: dialect::ByteOrder,
+    /// Close its version-0 link once the in-band CONFIG is answered (machines that open
+    /// a connection per message would otherwise hold it until the idle timeout).
+    pub close_after_in_band: bool,
 }
 
 /// A future an [`Upcalls`] method returns.
@@ -202,7 +212,7 @@ where
     // The certificate names the machine before its first frame, so a legacy machine's
     // byte order is known before its HELLO is read.
     let known = ctx.settings.machines.get(&cert_id).copied();
-    let order = known.unwrap_or_default();
+    let order = known.unwrap_or_default().byte_order;
     let mut reader = FrameReader::new(r, order.codec(ctx.settings.max_frame_data));
     // Replies to frames that arrived together leave together: one TLS record and one
     // write for a burst of swipes instead of one per ACK (docs/benchmarks.md).
@@ -214,6 +224,7 @@ where
         idle: ctx.settings.idle,
         stall: ctx.settings.stall,
         push_reply: ctx.settings.push_reply,
+        close_after_in_band: known.is_some_and(|k| k.close_after_in_band),
     });
     let mut link = Driver {
         link_id: ctx.ids.next(),

@@ -259,3 +259,67 @@ fn v0_config_in_band_as_the_answer_to_hello() {
     assert!(out.contains("desired 1, applied 1 (up to date)"), "{out}");
     assert!(out.contains("protocol version: 0"), "{out}");
 }
+
+/// A version-0 machine that opens a new connection per message (as the public
+/// spec-conformant simulators do): `push --wait` waits for the in-band ACK at its next
+/// HELLO and exits 0 instead of 2, and `close_after_config` ends that link once the
+/// CONFIG is answered instead of leaving it to the idle timeout.
+#[test]
+fn push_wait_gets_the_in_band_ack_of_a_machine_that_connects_per_message() {
+    init();
+    let (dir, _pw) = Fleet::init(&[2]);
+    let dev = dir.path().join("dev");
+    make_v0(&dev, 2, None);
+    let p = dev.join("scm.toml");
+    let text = std::fs::read_to_string(&p).unwrap().replace(
+        "name = \"legacy-2\"\nprotocol_version = 0\n",
+        "name = \"legacy-2\"\nprotocol_version = 0\nclose_after_config = true\n",
+    );
+    std::fs::write(&p, text).unwrap();
+    let scm = Fleet::start_scm(dir.path(), &[]);
+    let addr = scm.listening("agents");
+    let telnet = scm.listening("telnet");
+    let bo = dev.join("backoffice.toml");
+    let file = dir.path().join("v0.cfg");
+    std::fs::write(&file, "speed=3\n").unwrap();
+    let m2 = dev_pems(&dev, "machine-2");
+    let pushed = |args: &'static [&'static str]| {
+        let (bo, file) = (bo.clone(), file.clone());
+        std::thread::spawn(move || {
+            let f = file.to_str().unwrap().to_string();
+            let mut full = vec!["push", "--machine", "2", "--file", f.as_str()];
+            full.extend_from_slice(args);
+            backoffice_with(&bo, telnet, &full)
+        })
+    };
+    // Without --wait: pending (2) at once, the machine not being connected.
+    let (code, out, err) = pushed(&[]).join().unwrap();
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(format!("{out}{err}").starts_with("450"), "{out}{err}");
+
+    std::fs::write(&file, "speed=4\n").unwrap();
+    let waiting = pushed(&["--wait", "30"]);
+    rt().block_on(async {
+        // The push is stored before the machine's next HELLO; until then it waits.
+        let deadline = std::time::Instant::now() + WAITING;
+        while !scm.logs().contains("generation = 2") && !scm.logs().contains("generation=2") {
+            assert!(std::time::Instant::now() < deadline, "{}", scm.logs());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let mut s = link(addr, &m2).await;
+        s.write_all(&v0(0, 2, b"hello")).await.unwrap();
+        let (_, code, id, data) = read_v0(&mut s).await.expect("the in-band CONFIG");
+        assert_eq!((code, id, data.as_slice()), (2, 2, &b"speed=4\n"[..]));
+        s.write_all(&v0(ACK, 2, b"OK")).await.unwrap();
+        assert_eq!(read_v0(&mut s).await, None, "closed after the in-band ACK");
+    });
+    let (code, out, err) = waiting.join().unwrap();
+    assert_eq!(
+        code, 0,
+        "the ACK at the next HELLO is the push's result: {out}{err}"
+    );
+    assert!(
+        out.starts_with("250 ACK machine 2 generation 2"),
+        "{out}{err}"
+    );
+}

@@ -311,6 +311,12 @@ impl ScmConfig {
                     "\"big\" is only for version-0 machines that send ID and DATA_LENGTH big-endian; version 1 is always little-endian: remove byte_order or set protocol_version = 0",
                 ));
             }
+            if m.close_after_config && m.protocol_version != 0 {
+                return Err(invalid(
+                    format!("machine[{i}].close_after_config"),
+                    "is only for version-0 machines, whose link carries a CONFIG only as the answer to HELLO; a version-1 link stays up and takes CONFIG at any time: remove it or set protocol_version = 0",
+                ));
+            }
             if m.delivery == Some(crate::ops::fleet::Delivery::Link) && m.config_addr.is_some() {
                 return Err(invalid(
                     format!("machine[{i}].config_addr"),
@@ -475,7 +481,17 @@ impl ScmConfig {
             idle: Timeouts::ms(self.timeouts.agent_idle_ms),
             stall: Timeouts::ms(self.timeouts.frame_stall_ms),
             push_reply: Timeouts::ms(self.timeouts.push_reply_ms),
-            machines: self.machines.iter().map(|m| (m.id, m.byte_order)).collect(),
+            machines: self
+                .machines
+                .iter()
+                .map(|m| {
+                    let k = crate::link::KnownMachine {
+                        byte_order: m.byte_order,
+                        close_after_in_band: m.close_after_config,
+                    };
+                    (m.id, k)
+                })
+                .collect(),
         }
     }
 

@@ -586,6 +586,7 @@ mod tests {
             labels: vec!["hall-a".into()],
             byte_order: Default::default(),
             delivery: None,
+            close_after_config: false,
         }
     }
 

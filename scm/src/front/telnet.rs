@@ -444,7 +444,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     let a = status(&self.ctx.ops, &actor, id).await;
                     self.answer(a).await?
                 }
-                Command::Push(t) => self.push(&actor, t, idle).await?,
+                Command::Push(t) => self.push(&actor, t, idle, Duration::ZERO).await?,
+                Command::PushWait(t, s) => {
+                    let wait = Duration::from_secs(u64::from(s));
+                    self.push(&actor, t, idle, wait).await?
+                }
                 Command::History(id) => {
                     let a = history(&self.ctx.ops, &actor, id).await;
                     self.answer(a).await?
@@ -524,9 +528,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         actor: &Actor,
         target: Target,
         idle: Duration,
+        wait: Duration,
     ) -> Result<(), SessionError> {
         let plan = match operator::authorise_push(&self.ctx.ops, actor, target).await {
-            Ok(p) => p,
+            Ok(p) => p.wait(wait),
             Err(e) => return self.reply(refusal(&e)).await,
         };
         let what = match plan.target() {
@@ -635,7 +640,9 @@ fn help() -> Lines {
         "  push <target>     send a configuration: type it, then a line holding only \".\"",
         "                    (a line that starts with \".\" is sent with one more \".\");",
         "                    target: a machine id, group:NAME, label:TEXT or all;",
-        "                    a fleet push shows 151- progress lines while it runs",
+        "                    a fleet push shows 151- progress lines while it runs;",
+        "                    push <target> wait <s>: also wait up to s seconds for",
+        "                    machines left pending to answer at their next HELLO",
         "  history <id>      the machine's configuration generations",
         "  rollback <id> <g> make generation g's content current again (a new generation)",
         "  swipes            the last card swipes (masked) and what became of them",

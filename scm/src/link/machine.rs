@@ -47,6 +47,8 @@ pub(crate) struct Params {
     pub(crate) stall: Duration,
     /// How long an in-band CONFIG waits for its answer.
     pub(crate) push_reply: Duration,
+    /// Close the link once an in-band CONFIG is answered.
+    pub(crate) close_after_in_band: bool,
 }
 
 /// Something the driver must do.
@@ -431,7 +433,7 @@ impl LinkMachine {
             result,
             elapsed: Some(now.saturating_duration_since(wait.sent_at)),
         });
-        if unreachable {
+        if unreachable || self.p.close_after_in_band {
             self.push(Action::Close(Close::Ended));
         }
     }

@@ -79,7 +79,7 @@ async fn the_link_asks_the_layer_above_through_its_upcalls_only() {
             idle: Duration::from_secs(30),
             stall: Duration::from_secs(5),
             push_reply: Duration::from_secs(5),
-            machines: [(7, dialect::ByteOrder::Little)].into_iter().collect(),
+            machines: [(7, super::KnownMachine::default())].into_iter().collect(),
         },
         fleet: store.fleet().clone(),
         sessions: sessions.clone(),

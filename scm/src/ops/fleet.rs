@@ -52,6 +52,10 @@ pub(crate) struct MachineConfig {
     /// ([`MachineConfig::delivery`]).
     #[serde(default)]
     pub(crate) delivery: Option<Delivery>,
+    /// Version 0: close the link once the machine has answered the in-band CONFIG
+    /// (machines that open a new connection per message).
+    #[serde(default)]
+    pub(crate) close_after_config: bool,
 }
 
 /// How configurations reach a machine.

@@ -252,7 +252,8 @@ pub(crate) async fn await_answers(
                     {
                         *slot = Ok(PushResult::Ack {
                             generation: g,
-                            detail: "applied (seen in the state after the event stream lagged)".into(),
+                            detail: "applied (seen in the state after the event stream lagged)"
+                                .into(),
                         });
                     }
                 }

@@ -22,6 +22,8 @@ pub enum Command {
     Status(u16),
     /// `push <target>`
     Push(Target),
+    /// `push <target> wait <seconds>`: also wait for machines left pending to answer.
+    PushWait(Target, u32),
     /// `history <id>`
     History(u16),
     /// `rollback <id> <generation>`
@@ -89,6 +91,14 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         ("status", [id]) => machine_id(id).map(Command::Status),
         ("history", [id]) => machine_id(id).map(Command::History),
         ("push", [target]) => Ok(Command::Push(target.parse::<Target>()?)),
+        ("push", [target, wait, secs]) if wait.eq_ignore_ascii_case("wait") => {
+            match secs.parse::<u32>() {
+                Ok(s @ 1..=3600) => Ok(Command::PushWait(target.parse::<Target>()?, s)),
+                _ => Err(usage(
+                    "push <machine id | group:NAME | label:TEXT | all> [wait <seconds, 1-3600>]",
+                )),
+            }
+        }
         ("rollback", [id, generation]) => match (id.parse::<u16>(), generation.parse::<u64>()) {
             (Ok(id), Ok(g)) if g > 0 => Ok(Command::Rollback(id, g)),
             _ => Err(usage("rollback <machine id> <generation>")),
@@ -120,6 +130,11 @@ mod tests {
             ("push 7", Command::Push(Target::Machine(7))),
             ("push group:a", Command::Push(Target::Group("a".into()))),
             ("push all", Command::Push(Target::All)),
+            ("push 7 wait 30", Command::PushWait(Target::Machine(7), 30)),
+            (
+                "push group:a WAIT 5",
+                Command::PushWait(Target::Group("a".into()), 5),
+            ),
             ("history 65535", Command::History(65535)),
             ("rollback 1 2", Command::Rollback(1, 2)),
             ("swipes", Command::Swipes),

@@ -14,6 +14,7 @@ fn params(known: bool) -> Params {
         idle: Duration::from_secs(60),
         stall: Duration::from_secs(5),
         push_reply: Duration::from_secs(2),
+        close_after_in_band: false,
     }
 }
 
@@ -910,4 +911,27 @@ async fn an_unanswered_config_over_the_link_is_pending_and_the_link_goes_on() {
             "close read",
         ],
     );
+}
+
+#[test]
+fn a_version_0_link_can_be_closed_once_the_in_band_config_is_answered() {
+    for (close, want) in [
+        (false, vec!["outcome Ack"]),
+        (true, vec!["outcome Ack", "close"]),
+    ] {
+        let mut m = LinkMachine::new(Params {
+            close_after_in_band: close,
+            ..params(true)
+        });
+        m.handle_frame(v0(Code::Hello, ID, b"hello"), Instant::now());
+        drain(&mut m);
+        m.in_band(Some(&generation()), Instant::now());
+        drain(&mut m);
+        m.handle_frame(v0(Code::Ack, ID, b"OK"), Instant::now());
+        assert_actions(
+            &format!("close_after_in_band={close}"),
+            &drain(&mut m),
+            &want,
+        );
+    }
 }
