@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -43,7 +43,7 @@ use scm_common::card::mask;
 use scm_common::lock::LockExt;
 use scm_common::metrics::{Exposition, Kind};
 
-use crate::bridges::{Bridge, BridgeSwipe, DeviceKey, Route, SubmitError};
+use crate::bridges::{Bridge, BridgeSwipe, DeviceKey, Route, SubmitError, WriteLog};
 
 mod flap;
 #[cfg(test)]
@@ -338,6 +338,9 @@ pub(crate) struct GenericBridge {
     expiry_next: Mutex<Option<Instant>>,
     /// Outcome reports dropped because the channel was full or closed.
     lost_reports: AtomicU64,
+    /// Where swipes are recorded as being written before their bytes go out (the swipe
+    /// journal's `writing`); none in the bridge's own tests.
+    write_log: OnceLock<Arc<dyn WriteLog>>,
 }
 
 impl fmt::Debug for GenericBridge {
@@ -472,7 +475,40 @@ impl GenericBridge {
             expiry_wake: Notify::new(),
             expiry_next: Mutex::new(None),
             lost_reports: AtomicU64::new(0),
+            write_log: OnceLock::new(),
         })
+    }
+
+    /// Sets where swipes are recorded as being written (once; later calls are ignored).
+    pub(crate) fn set_write_log(&self, log: Arc<dyn WriteLog>) {
+        let _ = self.write_log.set(log);
+    }
+
+    /// Records the batch as being written and waits (at most until the batch's first
+    /// expiry, or until `stop`) for that record to be committed. Returns false if the
+    /// batch must not be written now (stopped, or a swipe expired while waiting).
+    async fn mark_writing(
+        &self,
+        batch: &[BridgeSwipe],
+        first_expiry: Instant,
+        stop: &CancellationToken,
+    ) -> bool {
+        let Some(log) = self.write_log.get() else {
+            return true;
+        };
+        let Some(done) = log.writing(batch.iter().map(|s| s.event_id.clone()).collect()) else {
+            return true;
+        };
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return false,
+            r = tokio::time::timeout_at(first_expiry, done) => {
+                if matches!(r, Ok(Err(_))) {
+                    tracing::warn!("swipe journal: the writing mark was not confirmed; writing anyway");
+                }
+            }
+        }
+        Instant::now() < first_expiry
     }
 
     /// Binds every device's listener (logging `listening on ADDR (generic M/R)`); the
@@ -863,6 +899,17 @@ impl GenericBridge {
             let Some(first_expiry) = batch.iter().map(|s| s.expires_at).min() else {
                 return Ok(());
             };
+            // Committed as `writing` before any byte goes out: after a crash in the write,
+            // a restart never writes these again.
+            if !self.mark_writing(&batch, first_expiry, stop).await {
+                for swipe in batch.into_iter().rev() {
+                    self.put_back(dev, swipe);
+                }
+                if stop.is_cancelled() {
+                    return Ok(());
+                }
+                continue;
+            }
             lines.clear();
             let prefix = usize::from(std::mem::take(after_reply));
             if prefix == 1 {
