@@ -924,3 +924,101 @@ mod fast_path_tests {
         assert!(journaled(&store, "c"));
     }
 }
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+    use crate::bridges::generic::GenericDevice;
+    use crate::state::JournalOutcome::*;
+
+    fn queued(id: &str, detail: &str, deadline_ms: Option<i64>) -> JournalOp {
+        JournalOp::Insert(
+            Row {
+                event_id: id.into(),
+                machine: 1,
+                reader: "r1".into(),
+                card_masked: "****1234".into(),
+                swiped_at_ms: 0,
+                outcome: Queued,
+                detail: detail.into(),
+                deadline_ms,
+                card: deadline_ms.map(|_| PendingCard(format!("CARD{id}"))),
+            },
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn start_up_requeues_live_queued_swipes_and_ends_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let store = crate::state::Store::open(&d.path().join("scm.db")).unwrap();
+        let now = now_ms();
+        let g = "queued for generic 1/r1";
+        store
+            .journal()
+            .write_batch(&[
+                queued("live", g, Some(now + 30_000)),
+                queued("gone", g, Some(now - 1)),
+                queued("wrote", g, Some(now + 30_000)),
+                JournalOp::Writing(vec!["wrote".into()], None),
+                queued(
+                    "rf",
+                    "queued for generic 1/r1 and rfideas 1/r1",
+                    Some(now + 30_000),
+                ),
+                // Written before migration 0006: no deadline, no card.
+                queued("old", g, None),
+            ])
+            .unwrap();
+        let (otx, orx) = mpsc::channel(16);
+        let device = GenericDevice {
+            machine: 1,
+            reader: "r1".into(),
+            listen: "127.0.0.1:0".into(),
+            allow: vec!["127.0.0.1".parse().unwrap()],
+            version_reply: String::new(),
+        };
+        let bridge = GenericBridge::new(vec![device], Default::default(), otx);
+        let (rtx, rrx) = mpsc::channel(16);
+        let rf = RfideasBridge::new(
+            Vec::new(),
+            Default::default(),
+            &d.path().join("no-ca.pem"),
+            store.devices().clone(),
+            rtx,
+        )
+        .unwrap();
+        let s = Swipes::start(
+            &store,
+            SwipeSettings::default(),
+            CardRules::default(),
+            bridge,
+            orx,
+            rf,
+            rrx,
+            crate::coord::events::Events::new(16),
+        )
+        .unwrap();
+        // Only the live one is in the device's queue again.
+        assert_eq!(s.bridge().status(Some(1))[0].queued, 1);
+        let rows = store.journal().list(10).await.unwrap();
+        let mut got: Vec<(&str, JournalOutcome)> = rows
+            .iter()
+            .map(|r| (r.event_id.as_str(), r.outcome))
+            .collect();
+        got.sort_by_key(|(id, _)| *id);
+        assert_eq!(
+            got,
+            vec![
+                ("gone", Expired),
+                ("live", Queued),
+                ("old", Expired),
+                ("rf", Uncertain),
+                ("wrote", Uncertain),
+            ]
+        );
+        // Their event ids stay de-duplicated: the agent's copy is not taken again.
+        assert!(!s.seen.insert("live", now + 60_000, now));
+        assert!(!s.seen.insert("wrote", now + 60_000, now));
+    }
+}
