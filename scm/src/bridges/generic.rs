@@ -46,10 +46,12 @@ use scm_common::metrics::{Exposition, Kind};
 use crate::bridges::{Bridge, BridgeSwipe, DeviceKey, Route, SubmitError, WriteLog};
 
 mod flap;
+mod stall;
 #[cfg(test)]
 mod tests;
 
 use flap::{Admission, FlapGuard, FlapLimits};
+use stall::{StallGuard, StallLimits, Verdict as StallVerdict};
 
 /// Size of the buffer each connection reads the server's bytes into. Everything read is
 /// discarded, so a connection never holds more than this much of the server's input.
@@ -119,6 +121,10 @@ pub(crate) struct BridgeSettings {
     pub flap_max_replacements: u32,
     /// ...keep the current connection this long and close newer ones at once.
     pub flap_hold_ms: u64,
+    /// A print server that has sent nothing (not even its `\r` keep-alive) for longer is
+    /// taken as not reading: cards are held back in the queue (and expire there) until it
+    /// sends again. 0: off. Set it above the print server's keep-alive interval.
+    pub stall_silence_ms: u64,
 }
 
 impl Default for BridgeSettings {
@@ -135,6 +141,7 @@ impl Default for BridgeSettings {
             flap_window_ms: 2000,
             flap_max_replacements: 5,
             flap_hold_ms: 3000,
+            stall_silence_ms: 0,
         }
     }
 }
@@ -388,6 +395,8 @@ struct DeviceState {
     flaps: u64,
     /// Connections closed at once during hold-offs.
     held_off: u64,
+    /// Stalls: times cards were held back from a silent print server.
+    stalls: u64,
 }
 
 /// The device's current connection.
@@ -823,8 +832,9 @@ impl GenericBridge {
         let (mut rd, mut wr) = stream.split();
         // A version answer ends in CR only; the next card line must not continue it.
         let mut after_reply = false;
+        let mut stall = StallGuard::new(Instant::now());
         loop {
-            self.deliver_pending(dev, &mut wr, peer, stop, &mut after_reply)
+            self.deliver_pending(dev, &mut wr, peer, stop, &mut after_reply, &mut stall)
                 .await?;
             tokio::select! {
                 biased;
@@ -834,6 +844,9 @@ impl GenericBridge {
                     let n = r?;
                     if n == 0 {
                         return Ok(());
+                    }
+                    if let Some(d) = stall.on_input(Instant::now()) {
+                        tracing::info!(device = %dev.key, "print server {peer} sends again after {} ms; cards are written again", d.as_millis());
                     }
                     self.on_input(dev, &buf[..n], &mut wr, stop, &mut after_reply).await?;
                 }
@@ -889,10 +902,31 @@ impl GenericBridge {
         peer: SocketAddr,
         stop: &CancellationToken,
         after_reply: &mut bool,
+        stall: &mut StallGuard,
     ) -> std::io::Result<()> {
         let mut lines = Vec::new();
         loop {
             if stop.is_cancelled() {
+                return Ok(());
+            }
+            if dev.lock().queue.is_empty() {
+                return Ok(());
+            }
+            // A print server that has gone silent may not be reading: what is written now
+            // could reach it late. The cards wait in the queue (and expire there).
+            if let StallVerdict::Hold { started, log } =
+                stall.before_write(&self.stall_limits(), Instant::now())
+            {
+                if started {
+                    dev.lock().stalls += 1;
+                }
+                if let Some(n) = log {
+                    tracing::warn!(
+                        device = %dev.key,
+                        "print server {peer} has sent nothing for more than {} ms: taken as not reading, cards are held back until it sends again ({n} stalls since the last such line)",
+                        self.settings.stall_silence_ms
+                    );
+                }
                 return Ok(());
             }
             let batch = self.take_batch(dev);
@@ -1081,6 +1115,14 @@ impl GenericBridge {
         Duration::from_millis(self.settings.write_timeout_ms)
     }
 
+    fn stall_limits(&self) -> StallLimits {
+        StallLimits {
+            silence: (self.settings.stall_silence_ms > 0)
+                .then(|| Duration::from_millis(self.settings.stall_silence_ms)),
+            log_every: FLAP_LOG_EVERY,
+        }
+    }
+
     fn flap_limits(&self) -> FlapLimits {
         FlapLimits {
             window: Duration::from_millis(self.settings.flap_window_ms),
@@ -1095,12 +1137,12 @@ impl GenericBridge {
     pub(crate) fn metrics_text(&self) -> String {
         let mut e = Exposition::new();
         let names: Vec<String> = self.devices.iter().map(|d| d.key.to_string()).collect();
-        let counts: Vec<(u64, u64, u64)> = self
+        let counts: Vec<[u64; 4]> = self
             .devices
             .iter()
             .map(|d| {
                 let st = d.lock();
-                (st.busy, st.flaps, st.held_off)
+                [st.busy, st.flaps, st.held_off, st.stalls]
             })
             .collect();
         for (metric, help, pick) in [
@@ -1119,10 +1161,15 @@ impl GenericBridge {
                 "Print-server connections to the Generic device closed at once during a hold-off.",
                 2,
             ),
+            (
+                "scm_bridge_stalled_total",
+                "Times cards were held back because the Generic device's print server had gone silent (stall_silence_ms).",
+                3,
+            ),
         ] {
             e.header(metric, Kind::Counter, help);
             for (name, c) in names.iter().zip(&counts) {
-                let v = [c.0, c.1, c.2][pick];
+                let v = c[pick];
                 e.sample(metric, &[("device", name)], v);
             }
         }
