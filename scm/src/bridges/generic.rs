@@ -110,9 +110,9 @@ pub(crate) struct BridgeSettings {
     pub user_timeout_ms: u64,
     /// Connections served at once per device listener.
     pub max_connections_per_device: usize,
-    /// SO_SNDBUF of each print-server connection. Small on purpose: card lines waiting in
-    /// the kernel for a print server that does not read would reach it late; with a small
-    /// buffer the bridge's writes block instead and `write_timeout_ms` cuts the server off.
+    /// SO_SNDBUF of each print-server connection (Linux doubles it). Small on purpose: it
+    /// bounds what waits in the SCM's kernel. It does not bound what the print server's
+    /// kernel takes unread (see `stall_silence_ms` and docs/swipes.md).
     pub send_buffer_bytes: usize,
     /// Flapping: more than `flap_max_replacements` connections replacing each other
     /// within `flap_window_ms` (two print servers on one device)...
