@@ -30,6 +30,16 @@ pub(crate) trait Bridge: Send + Sync {
     fn submit(&self, machine: u16, reader: &str, swipe: BridgeSwipe) -> Result<(), SubmitError>;
 }
 
+/// Where a bridge records, before it writes swipes to a print server, that it is about to
+/// (the swipe journal's `writing` state): a swipe the SCM died writing is never written
+/// again after a restart.
+pub(crate) trait WriteLog: Send + Sync {
+    /// Records that the swipes `event_ids` are about to be written. The receiver, if any,
+    /// is told once that record is committed; `None`: it could not be queued (counted and
+    /// logged by the implementation), and the bridge writes anyway.
+    fn writing(&self, event_ids: Vec<String>) -> Option<tokio::sync::oneshot::Receiver<()>>;
+}
+
 /// Whether a bridge takes the swipes of a reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {

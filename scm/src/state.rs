@@ -205,13 +205,23 @@ pub(crate) struct AuditRow {
 /// swipe (per event id). A swipe the SCM receives gets its row when the bridges have
 /// answered: [`Queued`](Self::Queued) (committed before any bridge may write it),
 /// [`NoRoute`](Self::NoRoute), or refused ([`Busy`](Self::Busy),
-/// [`Rejected`](Self::Rejected)). A queued swipe ends [`Delivered`](Self::Delivered),
-/// [`Expired`](Self::Expired) or [`Failed`](Self::Failed). An agent's retry of a refused
-/// swipe updates the same row (see docs/swipes.md, "Life cycle in the journal").
+/// [`Rejected`](Self::Rejected)). The Generic bridge marks a queued swipe
+/// [`Writing`](Self::Writing) (committed) before its bytes go to the socket. A swipe ends
+/// [`Delivered`](Self::Delivered), [`Expired`](Self::Expired), [`Failed`](Self::Failed) or,
+/// after a restart that found it writing, [`Uncertain`](Self::Uncertain). An agent's retry
+/// of a refused swipe updates the same row (see docs/swipes.md, "Life cycle in the
+/// journal").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum JournalOutcome {
-    /// Handed to a bridge; no final outcome yet (it may be being written).
+    /// Handed to a bridge; no final outcome yet, not written yet. Survives a restart: a
+    /// queued swipe whose deadline has not passed is queued again at start-up.
     Queued,
+    /// About to be written to a print server's socket (committed before the write): a
+    /// swipe the SCM died writing is never written again.
+    Writing,
+    /// The SCM stopped while writing it (or while the 241 bridge was sending it): it may
+    /// have reached the print server, so it is never sent again. Final.
+    Uncertain,
     /// No bridge device for its reader; recorded only.
     NoRoute,
     /// Refused (invalid card).
@@ -239,6 +249,8 @@ impl JournalOutcome {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Queued => "queued",
+            Self::Writing => "writing",
+            Self::Uncertain => "uncertain",
             Self::NoRoute => "no_route",
             Self::Rejected => "rejected",
             Self::Delivered => "delivered",
@@ -252,6 +264,8 @@ impl JournalOutcome {
     pub(crate) fn parse(s: &str) -> Option<JournalOutcome> {
         Some(match s {
             "queued" => Self::Queued,
+            "writing" => Self::Writing,
+            "uncertain" => Self::Uncertain,
             "no_route" => Self::NoRoute,
             "rejected" => Self::Rejected,
             "delivered" => Self::Delivered,
@@ -266,6 +280,17 @@ impl JournalOutcome {
 impl fmt::Display for JournalOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// A card number in clear, kept in the journal only while its swipe is queued (so that a
+/// restart can queue it again). Its `Debug` output is masked.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct PendingCard(pub String);
+
+impl fmt::Debug for PendingCard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&scm_common::card::mask(&self.0))
     }
 }
 
@@ -286,6 +311,33 @@ pub(crate) struct SwipeRecord {
     pub outcome: JournalOutcome,
     /// Details.
     pub detail: String,
+    /// A queued swipe's absolute deadline (wall clock, Unix ms): after it the swipe is
+    /// never written, also after a restart.
+    pub deadline_ms: Option<i64>,
+    /// A queued swipe's card, kept only while the row says `queued` (cleared by every
+    /// later state), for a restart to queue it again.
+    pub card: Option<PendingCard>,
+}
+
+/// A swipe the journal holds as queued or writing, read back at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PendingSwipe {
+    /// The agent's event id.
+    pub event_id: String,
+    /// Machine.
+    pub machine: u16,
+    /// Reader.
+    pub reader: String,
+    /// Masked card.
+    pub card_masked: String,
+    /// `queued` or `writing`.
+    pub outcome: JournalOutcome,
+    /// The absolute deadline (Unix ms), if the row has one.
+    pub deadline_ms: Option<i64>,
+    /// The card, if the row is queued and still has it.
+    pub card: Option<PendingCard>,
+    /// The row's detail (which bridges it was queued for).
+    pub detail: String,
 }
 
 /// One write to the swipe journal.
@@ -304,6 +356,10 @@ pub(crate) enum JournalOp {
         /// Details.
         detail: String,
     },
+    /// These swipes are about to be written: each `queued` row becomes `writing` (its
+    /// card cleared); rows in any other state are left as they are. The sender is told
+    /// once the batch holding it is committed (or has failed), before any byte is written.
+    Writing(Vec<String>, Option<oneshot::Sender<()>>),
 }
 
 /// One row of the swipe listing.
@@ -461,6 +517,9 @@ pub(crate) trait SwipeJournal: Send + Sync {
         limit: usize,
         since_ms: i64,
     ) -> Result<Vec<(String, i64)>, StoreError>;
+    /// The rows that say `queued` or `writing`, received since `since_ms`, oldest first.
+    /// Start-up: blocks the calling thread.
+    fn pending_swipes(&self, since_ms: i64) -> Result<Vec<PendingSwipe>, StoreError>;
     /// Moves committed journal writes to their final place without blocking writers
     /// (SQLite: a PASSIVE checkpoint of the write-ahead log), and keeps the log's file
     /// bounded (SQLite: a TRUNCATE checkpoint, which waits briefly for the writers, once

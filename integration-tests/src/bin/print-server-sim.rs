@@ -11,6 +11,11 @@
 //! * `OTHER <escaped bytes>` for anything else: `\r`-terminated text such as a version
 //!   reply, an empty line, or bytes left unterminated at a disconnect.
 //!
+//! With `--timestamps`, each `CARD` line ends in ` AT <unix ms>`: when the read that
+//! completed the line returned. `--stall-after-cards N --stall-ms MS` plays a print server
+//! that stays connected but stops reading: after its N-th card it neither reads nor sends
+//! anything for MS, then reads again (what the kernel kept for it arrives then).
+//!
 //! Bytes are escaped as `\r`, `\n`, `\t`, `\\` and `\xNN` for other non-printable bytes.
 //! On a disconnect it reconnects with a bounded back-off. It stops after `--max-seconds`
 //! or on SIGTERM/SIGINT. Diagnostics go to stderr.
@@ -59,6 +64,15 @@ struct Args {
     /// Source address for the connections (e.g. one of 127.0.0.0/8).
     #[arg(long, value_name = "IP")]
     bind_ip: Option<IpAddr>,
+    /// Append ` AT <unix ms>` (the moment it was read) to each `CARD` line.
+    #[arg(long)]
+    timestamps: bool,
+    /// Stop reading (and sending) after this many cards, once per connection...
+    #[arg(long, value_name = "N", requires = "stall_ms")]
+    stall_after_cards: Option<usize>,
+    /// ...for this many milliseconds, then read again.
+    #[arg(long, value_name = "MS", requires = "stall_after_cards")]
+    stall_ms: Option<u64>,
     /// Stop after this many seconds.
     #[arg(long, value_name = "N")]
     max_seconds: Option<u64>,
@@ -169,7 +183,18 @@ async fn session(stream: TcpStream, addr: &str, args: &Args) -> std::io::Result<
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending = Vec::new();
     let mut buf = [0u8; 4096];
+    let mut cards = 0usize;
+    let mut stalled = false;
     loop {
+        if let (Some(after), Some(ms), false) = (args.stall_after_cards, args.stall_ms, stalled)
+            && cards >= after
+        {
+            stalled = true;
+            eprintln!("print-server-sim: {addr}: not reading for {ms} ms");
+            emit(&format!("STALLED {addr}"));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            emit(&format!("RESUMED {addr}"));
+        }
         tokio::select! {
             _ = tick.tick() => write(&mut wr, b"\r").await?,
             r = rd.read(&mut buf) => {
@@ -185,7 +210,17 @@ async fn session(stream: TcpStream, addr: &str, args: &Args) -> std::io::Result<
                     return Ok(());
                 }
                 pending.extend_from_slice(&buf[..n]);
+                let at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
                 for line in take_lines(&mut pending, addr) {
+                    if line.starts_with("CARD ") {
+                        cards += 1;
+                        if args.timestamps {
+                            emit(&format!("{line} AT {at}"));
+                            continue;
+                        }
+                    }
                     emit(&line);
                 }
                 if pending.len() > MAX_PENDING {

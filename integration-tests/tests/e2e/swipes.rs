@@ -444,3 +444,100 @@ fn a_print_server_that_never_reads_is_cut_off_and_memory_stays_bounded() {
         "swipes to the stuck server were expired: {bridge}"
     );
 }
+
+/// Unix milliseconds now.
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+#[test]
+fn a_print_server_that_stops_reading_never_reads_a_card_older_than_its_ttl() {
+    const TTL_MS: u128 = 2000;
+    // How late a card may be read: the agent, the SCM and the simulator's scheduling.
+    const TOLERANCE_MS: u128 = 500;
+    // The SCM takes the print server as not reading once it has been silent this long.
+    const SILENCE_MS: u128 = 400;
+    // Its keep-alive interval (`sim`) and the card rate below.
+    const KEEPALIVE_MS: u128 = 200;
+    const CARD_EVERY_MS: u128 = 100;
+    // Cards written between the print server's last keep-alive and the SCM holding cards
+    // back are in the kernels' buffers and reach it late: at most these.
+    const LATE_MAX: usize = ((SILENCE_MS + KEEPALIVE_MS) / CARD_EVERY_MS + 1) as usize;
+    let (dir, _pw) = Fleet::init(&[1]);
+    let dev = dir.path().join("dev");
+    let scm = Fleet::start_scm(
+        dir.path(),
+        &[("SCM__BRIDGE__STALL_SILENCE_MS", SILENCE_MS.to_string())],
+    );
+    let agents = scm.listening("agents");
+    let port = scm.listening("generic 1/r1");
+    let agent = Fleet::start_agent(
+        dir.path(),
+        1,
+        agents,
+        &[("AGENT__SWIPES__TTL_MS", TTL_MS.to_string())],
+    );
+    agent.wait_for("connected to SCM");
+    agent.wait_for("reader r1");
+    // Connects, reads 3 cards, then stops reading for three times the lifetime.
+    let s = sim(
+        port,
+        &[
+            "--timestamps",
+            "--stall-after-cards",
+            "3",
+            "--stall-ms",
+            "6000",
+        ],
+    );
+    s.wait_stdout("CONNECTED");
+    // Each card is the moment it was swiped (Unix ms): the simulator's read time minus
+    // the card is its age when the print server read it.
+    let mut swiped = Vec::new();
+    let mut swipe_now = || {
+        let card = format!("T{}", unix_ms());
+        swipe(&dev, 1, &card);
+        swiped.push(card);
+    };
+    for _ in 0..3 {
+        swipe_now();
+        // The card rate, not a wait for state.
+        std::thread::sleep(std::time::Duration::from_millis(CARD_EVERY_MS as u64));
+    }
+    s.wait_stdout("STALLED");
+    // The agent keeps swiping while the print server does not read, and a while after.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    while std::time::Instant::now() < until {
+        swipe_now();
+        std::thread::sleep(std::time::Duration::from_millis(CARD_EVERY_MS as u64));
+    }
+    s.wait_stdout("RESUMED");
+    scm.wait_for("taken as not reading");
+    scm.wait_for("sends again after");
+    let last = swiped.last().cloned().unwrap();
+    s.wait_stdout(&format!("CARD {last} FROM"));
+    let out = s.stdout();
+    let mut late = Vec::new();
+    let mut read = 0;
+    for line in out.lines().filter(|l| l.starts_with("CARD T")) {
+        let mut w = line.split_whitespace();
+        let card: u128 = w.nth(1).unwrap()[1..].parse().unwrap();
+        let at: u128 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        read += 1;
+        if at.saturating_sub(card) > TTL_MS + TOLERANCE_MS {
+            late.push(at - card);
+        }
+    }
+    eprintln!(
+        "{} swiped, {read} read by the print server, {} read later than {TTL_MS} + {TOLERANCE_MS} ms (ages {late:?})",
+        swiped.len(),
+        late.len()
+    );
+    assert!(
+        late.len() <= LATE_MAX,
+        "{} cards read late: {late:?}",
+        late.len()
+    );
+}

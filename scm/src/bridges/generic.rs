@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -43,13 +43,15 @@ use scm_common::card::mask;
 use scm_common::lock::LockExt;
 use scm_common::metrics::{Exposition, Kind};
 
-use crate::bridges::{Bridge, BridgeSwipe, DeviceKey, Route, SubmitError};
+use crate::bridges::{Bridge, BridgeSwipe, DeviceKey, Route, SubmitError, WriteLog};
 
 mod flap;
+mod stall;
 #[cfg(test)]
 mod tests;
 
 use flap::{Admission, FlapGuard, FlapLimits};
+use stall::{StallGuard, StallLimits, Verdict as StallVerdict};
 
 /// Size of the buffer each connection reads the server's bytes into. Everything read is
 /// discarded, so a connection never holds more than this much of the server's input.
@@ -108,9 +110,9 @@ pub(crate) struct BridgeSettings {
     pub user_timeout_ms: u64,
     /// Connections served at once per device listener.
     pub max_connections_per_device: usize,
-    /// SO_SNDBUF of each print-server connection. Small on purpose: card lines waiting in
-    /// the kernel for a print server that does not read would reach it late; with a small
-    /// buffer the bridge's writes block instead and `write_timeout_ms` cuts the server off.
+    /// SO_SNDBUF of each print-server connection (Linux doubles it). Small on purpose: it
+    /// bounds what waits in the SCM's kernel. It does not bound what the print server's
+    /// kernel takes unread (see `stall_silence_ms` and docs/swipes.md).
     pub send_buffer_bytes: usize,
     /// Flapping: more than `flap_max_replacements` connections replacing each other
     /// within `flap_window_ms` (two print servers on one device)...
@@ -119,6 +121,10 @@ pub(crate) struct BridgeSettings {
     pub flap_max_replacements: u32,
     /// ...keep the current connection this long and close newer ones at once.
     pub flap_hold_ms: u64,
+    /// A print server that has sent nothing (not even its `\r` keep-alive) for longer is
+    /// taken as not reading: cards are held back in the queue (and expire there) until it
+    /// sends again. 0: off. Set it above the print server's keep-alive interval.
+    pub stall_silence_ms: u64,
 }
 
 impl Default for BridgeSettings {
@@ -135,6 +141,7 @@ impl Default for BridgeSettings {
             flap_window_ms: 2000,
             flap_max_replacements: 5,
             flap_hold_ms: 3000,
+            stall_silence_ms: 0,
         }
     }
 }
@@ -338,6 +345,9 @@ pub(crate) struct GenericBridge {
     expiry_next: Mutex<Option<Instant>>,
     /// Outcome reports dropped because the channel was full or closed.
     lost_reports: AtomicU64,
+    /// Where swipes are recorded as being written before their bytes go out (the swipe
+    /// journal's `writing`); none in the bridge's own tests.
+    write_log: OnceLock<Arc<dyn WriteLog>>,
 }
 
 impl fmt::Debug for GenericBridge {
@@ -385,6 +395,8 @@ struct DeviceState {
     flaps: u64,
     /// Connections closed at once during hold-offs.
     held_off: u64,
+    /// Stalls: times cards were held back from a silent print server.
+    stalls: u64,
 }
 
 /// The device's current connection.
@@ -472,7 +484,40 @@ impl GenericBridge {
             expiry_wake: Notify::new(),
             expiry_next: Mutex::new(None),
             lost_reports: AtomicU64::new(0),
+            write_log: OnceLock::new(),
         })
+    }
+
+    /// Sets where swipes are recorded as being written (once; later calls are ignored).
+    pub(crate) fn set_write_log(&self, log: Arc<dyn WriteLog>) {
+        let _ = self.write_log.set(log);
+    }
+
+    /// Records the batch as being written and waits (at most until the batch's first
+    /// expiry, or until `stop`) for that record to be committed. Returns false if the
+    /// batch must not be written now (stopped, or a swipe expired while waiting).
+    async fn mark_writing(
+        &self,
+        batch: &[BridgeSwipe],
+        first_expiry: Instant,
+        stop: &CancellationToken,
+    ) -> bool {
+        let Some(log) = self.write_log.get() else {
+            return true;
+        };
+        let Some(done) = log.writing(batch.iter().map(|s| s.event_id.clone()).collect()) else {
+            return true;
+        };
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return false,
+            r = tokio::time::timeout_at(first_expiry, done) => {
+                if matches!(r, Ok(Err(_))) {
+                    tracing::warn!("swipe journal: the writing mark was not confirmed; writing anyway");
+                }
+            }
+        }
+        Instant::now() < first_expiry
     }
 
     /// Binds every device's listener (logging `listening on ADDR (generic M/R)`); the
@@ -787,8 +832,9 @@ impl GenericBridge {
         let (mut rd, mut wr) = stream.split();
         // A version answer ends in CR only; the next card line must not continue it.
         let mut after_reply = false;
+        let mut stall = StallGuard::new(Instant::now());
         loop {
-            self.deliver_pending(dev, &mut wr, peer, stop, &mut after_reply)
+            self.deliver_pending(dev, &mut wr, peer, stop, &mut after_reply, &mut stall)
                 .await?;
             tokio::select! {
                 biased;
@@ -798,6 +844,9 @@ impl GenericBridge {
                     let n = r?;
                     if n == 0 {
                         return Ok(());
+                    }
+                    if let Some(d) = stall.on_input(Instant::now()) {
+                        tracing::info!(device = %dev.key, "print server {peer} sends again after {} ms; cards are written again", d.as_millis());
                     }
                     self.on_input(dev, &buf[..n], &mut wr, stop, &mut after_reply).await?;
                 }
@@ -853,16 +902,48 @@ impl GenericBridge {
         peer: SocketAddr,
         stop: &CancellationToken,
         after_reply: &mut bool,
+        stall: &mut StallGuard,
     ) -> std::io::Result<()> {
         let mut lines = Vec::new();
         loop {
             if stop.is_cancelled() {
                 return Ok(());
             }
+            if dev.lock().queue.is_empty() {
+                return Ok(());
+            }
+            // A print server that has gone silent may not be reading: what is written now
+            // could reach it late. The cards wait in the queue (and expire there).
+            if let StallVerdict::Hold { started, log } =
+                stall.before_write(&self.stall_limits(), Instant::now())
+            {
+                if started {
+                    dev.lock().stalls += 1;
+                }
+                if let Some(n) = log {
+                    tracing::warn!(
+                        device = %dev.key,
+                        "print server {peer} has sent nothing for more than {} ms: taken as not reading, cards are held back until it sends again ({n} stalls since the last such line)",
+                        self.settings.stall_silence_ms
+                    );
+                }
+                return Ok(());
+            }
             let batch = self.take_batch(dev);
             let Some(first_expiry) = batch.iter().map(|s| s.expires_at).min() else {
                 return Ok(());
             };
+            // Committed as `writing` before any byte goes out: after a crash in the write,
+            // a restart never writes these again.
+            if !self.mark_writing(&batch, first_expiry, stop).await {
+                for swipe in batch.into_iter().rev() {
+                    self.put_back(dev, swipe);
+                }
+                if stop.is_cancelled() {
+                    return Ok(());
+                }
+                continue;
+            }
             lines.clear();
             let prefix = usize::from(std::mem::take(after_reply));
             if prefix == 1 {
@@ -1034,6 +1115,14 @@ impl GenericBridge {
         Duration::from_millis(self.settings.write_timeout_ms)
     }
 
+    fn stall_limits(&self) -> StallLimits {
+        StallLimits {
+            silence: (self.settings.stall_silence_ms > 0)
+                .then(|| Duration::from_millis(self.settings.stall_silence_ms)),
+            log_every: FLAP_LOG_EVERY,
+        }
+    }
+
     fn flap_limits(&self) -> FlapLimits {
         FlapLimits {
             window: Duration::from_millis(self.settings.flap_window_ms),
@@ -1048,12 +1137,12 @@ impl GenericBridge {
     pub(crate) fn metrics_text(&self) -> String {
         let mut e = Exposition::new();
         let names: Vec<String> = self.devices.iter().map(|d| d.key.to_string()).collect();
-        let counts: Vec<(u64, u64, u64)> = self
+        let counts: Vec<[u64; 4]> = self
             .devices
             .iter()
             .map(|d| {
                 let st = d.lock();
-                (st.busy, st.flaps, st.held_off)
+                [st.busy, st.flaps, st.held_off, st.stalls]
             })
             .collect();
         for (metric, help, pick) in [
@@ -1072,10 +1161,15 @@ impl GenericBridge {
                 "Print-server connections to the Generic device closed at once during a hold-off.",
                 2,
             ),
+            (
+                "scm_bridge_stalled_total",
+                "Times cards were held back because the Generic device's print server had gone silent (stall_silence_ms).",
+                3,
+            ),
         ] {
             e.header(metric, Kind::Counter, help);
             for (name, c) in names.iter().zip(&counts) {
-                let v = [c.0, c.1, c.2][pick];
+                let v = c[pick];
                 e.sample(metric, &[("device", name)], v);
             }
         }

@@ -22,10 +22,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::bridges::generic::{GenericBridge, Outcome, OutcomeReport};
 use crate::bridges::rfideas::{self, RfideasBridge};
-use crate::bridges::{Bridge, BridgeSwipe, Route, SubmitError};
+use crate::bridges::{Bridge, BridgeSwipe, Route, SubmitError, WriteLog};
 use crate::coord::dedup::{Dedup, LocalDedup};
 use crate::state::{
-    JournalOp, JournalOutcome, StoreError, SwipeJournal, SwipeRecord as Row, now_ms,
+    JournalOp, JournalOutcome, PendingCard, PendingSwipe, StoreError, SwipeJournal,
+    SwipeRecord as Row, now_ms,
 };
 
 /// `[swipes]` in the SCM configuration.
@@ -164,6 +165,11 @@ impl Swipes {
         let stats = swipes.stats.clone();
         let checkpoint_conn = conn.clone();
         let retention = Retention::of(&swipes.settings);
+        swipes.requeue_pending(conn.as_ref(), horizon)?;
+        swipes.bridge.set_write_log(Arc::new(JournalWriteLog {
+            journal: swipes.journal.clone(),
+            stats: swipes.stats.clone(),
+        }));
         tokio::task::spawn_blocking(move || journal_writer(conn, rx, stats));
         tokio::spawn(checkpointer(
             checkpoint_conn,
@@ -297,6 +303,8 @@ impl Swipes {
             swiped_at_ms: s.swiped_at_unix_ms as i64,
             outcome,
             detail,
+            deadline_ms: None,
+            card: None,
         };
         if !valid_id(&s.event_id, 64) || !valid_id(&s.reader_id, 32) {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -379,7 +387,13 @@ impl Swipes {
         // Commit the event id before forwarding, so a restart cannot forward it twice.
         // At a low rate the link commits it itself (no hand-off to the writer thread);
         // otherwise the writer thread commits it with the other swipes of the moment.
-        if let Some(record) = self.commit_now(row(outcome, detail.clone())) {
+        let mut record = row(outcome, detail.clone());
+        if outcome == JournalOutcome::Queued {
+            // What a restart needs to queue it again until its deadline.
+            record.deadline_ms = Some(now + ttl as i64);
+            record.card = Some(PendingCard(s.card.clone()));
+        }
+        if let Some(record) = self.commit_now(record) {
             let (done_tx, done_rx) = oneshot::channel();
             if self
                 .journal
@@ -469,7 +483,121 @@ impl Swipes {
     }
 }
 
+/// The Generic bridge's [`WriteLog`]: `writing` marks go to the journal's writer thread,
+/// batched with the rest (a commit without fsync, no extra transaction per swipe).
+struct JournalWriteLog {
+    journal: mpsc::Sender<JournalOp>,
+    stats: Arc<SwipeStats>,
+}
+
+impl WriteLog for JournalWriteLog {
+    fn writing(&self, event_ids: Vec<String>) -> Option<oneshot::Receiver<()>> {
+        let (tx, rx) = oneshot::channel();
+        let n = event_ids.len();
+        if self
+            .journal
+            .try_send(JournalOp::Writing(event_ids, Some(tx)))
+            .is_err()
+        {
+            self.stats
+                .journal_lost
+                .fetch_add(n as u64, Ordering::Relaxed);
+            tracing::warn!(
+                "swipe journal queue full; {n} swipes written without their writing mark"
+            );
+            return None;
+        }
+        Some(rx)
+    }
+}
+
 impl Swipes {
+    /// Start-up: the journal's `queued` and `writing` rows since `horizon`. A queued
+    /// swipe whose deadline has not passed goes back to its Generic device's queue (its
+    /// event id is already de-duplicated); one whose deadline passed is `expired`. A
+    /// `writing` one may have reached the print server: `uncertain`, never written again;
+    /// so is a queued one that the 241 bridge had (it may have sent it). Blocks for one
+    /// journal transaction.
+    fn requeue_pending(&self, conn: &dyn SwipeJournal, horizon: i64) -> Result<(), StoreError> {
+        let pending = conn.pending_swipes(horizon)?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let (mut again, mut expired, mut uncertain) = (0u64, 0u64, 0u64);
+        let mut ops = Vec::new();
+        let mut end = |p: &PendingSwipe, outcome, detail: String| {
+            match outcome {
+                JournalOutcome::Expired => expired += 1,
+                _ => uncertain += 1,
+            }
+            tracing::info!(machine = p.machine, reader = %p.reader, card = %p.card_masked, event = %p.event_id, "after the restart: {detail}");
+            ops.push(JournalOp::Outcome {
+                event_id: p.event_id.clone(),
+                outcome,
+                detail,
+            });
+        };
+        for p in &pending {
+            let generic = self.bridge.has_device(p.machine, &p.reader);
+            // The bridges it was queued for, as the row says ("queued for generic 1/r1 and
+            // rfideas 1/r1"): the 241 bridge may have sent it already.
+            let rfideas = p.detail.contains("rfideas ");
+            if p.outcome == JournalOutcome::Writing {
+                end(
+                    p,
+                    JournalOutcome::Uncertain,
+                    "the SCM stopped while writing it to the print server; never written again"
+                        .into(),
+                );
+                continue;
+            }
+            match (p.deadline_ms, &p.card) {
+                (Some(d), _) if d <= now => end(
+                    p,
+                    JournalOutcome::Expired,
+                    "its deadline passed while the SCM was stopped".into(),
+                ),
+                _ if rfideas => end(
+                    p,
+                    JournalOutcome::Uncertain,
+                    "the SCM stopped while the rfideas bridge had it (it may have been sent); never sent again".into(),
+                ),
+                (Some(d), Some(card)) if generic => {
+                    let left = Duration::from_millis((d - now) as u64);
+                    let at = tokio::time::Instant::now();
+                    let swipe = BridgeSwipe {
+                        event_id: p.event_id.clone(),
+                        card: card.0.clone(),
+                        expires_at: at + left,
+                        received_at: at,
+                    };
+                    match self.bridge.submit(p.machine, &p.reader, swipe) {
+                        Ok(()) => {
+                            again += 1;
+                            tracing::info!(machine = p.machine, reader = %p.reader, card = %p.card_masked, event = %p.event_id, "queued again after the restart ({} ms left)", left.as_millis());
+                        }
+                        Err(e) => end(
+                            p,
+                            JournalOutcome::Expired,
+                            format!("not queued again after the restart: {e}"),
+                        ),
+                    }
+                }
+                _ => end(
+                    p,
+                    JournalOutcome::Expired,
+                    "not queued again after the restart (no device, deadline or card)".into(),
+                ),
+            }
+        }
+        conn.write_batch(&ops)?;
+        tracing::info!(
+            "swipe journal: {again} queued swipes queued again after the restart, {expired} expired, {uncertain} uncertain (never sent again)"
+        );
+        Ok(())
+    }
+
     /// Refuses a swipe as BUSY: forgets its event id (the agent's next copy is taken) and
     /// journals `record` (one row per swipe: the next refusal updates it).
     fn refuse_busy(&self, event_id: &str, record: Row) -> Verdict {
@@ -616,7 +744,7 @@ fn journal_writer(
             tracing::error!("swipe journal: cannot write {} records: {e}", batch.len());
         }
         for op in batch {
-            if let JournalOp::Insert(_, Some(done)) = op {
+            if let JournalOp::Insert(_, Some(done)) | JournalOp::Writing(_, Some(done)) = op {
                 let _ = done.send(());
             }
         }
@@ -674,6 +802,8 @@ mod journal_tests {
             swiped_at_ms: 0,
             outcome: JournalOutcome::Queued,
             detail: "queued for generic 1/r1 and rfideas 1/r1".into(),
+            deadline_ms: None,
+            card: None,
         };
         tx.blocking_send(JournalOp::Insert(row, None)).unwrap();
         for (o, detail) in outcomes {
@@ -755,6 +885,8 @@ mod fast_path_tests {
             swiped_at_ms: 0,
             outcome: JournalOutcome::NoRoute,
             detail: String::new(),
+            deadline_ms: None,
+            card: None,
         }
     }
 
@@ -790,5 +922,103 @@ mod fast_path_tests {
         tokio::time::advance(INLINE_GAP * 2).await;
         assert!(s.commit_now(row("c")).is_none());
         assert!(journaled(&store, "c"));
+    }
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+    use crate::bridges::generic::GenericDevice;
+    use crate::state::JournalOutcome::*;
+
+    fn queued(id: &str, detail: &str, deadline_ms: Option<i64>) -> JournalOp {
+        JournalOp::Insert(
+            Row {
+                event_id: id.into(),
+                machine: 1,
+                reader: "r1".into(),
+                card_masked: "****1234".into(),
+                swiped_at_ms: 0,
+                outcome: Queued,
+                detail: detail.into(),
+                deadline_ms,
+                card: deadline_ms.map(|_| PendingCard(format!("CARD{id}"))),
+            },
+            None,
+        )
+    }
+
+    #[tokio::test]
+    async fn start_up_requeues_live_queued_swipes_and_ends_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let store = crate::state::Store::open(&d.path().join("scm.db")).unwrap();
+        let now = now_ms();
+        let g = "queued for generic 1/r1";
+        store
+            .journal()
+            .write_batch(&[
+                queued("live", g, Some(now + 30_000)),
+                queued("gone", g, Some(now - 1)),
+                queued("wrote", g, Some(now + 30_000)),
+                JournalOp::Writing(vec!["wrote".into()], None),
+                queued(
+                    "rf",
+                    "queued for generic 1/r1 and rfideas 1/r1",
+                    Some(now + 30_000),
+                ),
+                // Written before migration 0006: no deadline, no card.
+                queued("old", g, None),
+            ])
+            .unwrap();
+        let (otx, orx) = mpsc::channel(16);
+        let device = GenericDevice {
+            machine: 1,
+            reader: "r1".into(),
+            listen: "127.0.0.1:0".into(),
+            allow: vec!["127.0.0.1".parse().unwrap()],
+            version_reply: String::new(),
+        };
+        let bridge = GenericBridge::new(vec![device], Default::default(), otx);
+        let (rtx, rrx) = mpsc::channel(16);
+        let rf = RfideasBridge::new(
+            Vec::new(),
+            Default::default(),
+            &d.path().join("no-ca.pem"),
+            store.devices().clone(),
+            rtx,
+        )
+        .unwrap();
+        let s = Swipes::start(
+            &store,
+            SwipeSettings::default(),
+            CardRules::default(),
+            bridge,
+            orx,
+            rf,
+            rrx,
+            crate::coord::events::Events::new(16),
+        )
+        .unwrap();
+        // Only the live one is in the device's queue again.
+        assert_eq!(s.bridge().status(Some(1))[0].queued, 1);
+        let rows = store.journal().list(10).await.unwrap();
+        let mut got: Vec<(&str, JournalOutcome)> = rows
+            .iter()
+            .map(|r| (r.event_id.as_str(), r.outcome))
+            .collect();
+        got.sort_by_key(|(id, _)| *id);
+        assert_eq!(
+            got,
+            vec![
+                ("gone", Expired),
+                ("live", Queued),
+                ("old", Expired),
+                ("rf", Uncertain),
+                ("wrote", Uncertain),
+            ]
+        );
+        // Their event ids stay de-duplicated: the agent's copy is not taken again.
+        assert!(!s.seen.insert("live", now + 60_000, now));
+        assert!(!s.seen.insert("wrote", now + 60_000, now));
     }
 }

@@ -6,8 +6,8 @@ use std::any::Any;
 use std::time::Duration;
 
 use super::{
-    Durability, JournalOp, JournalOutcome, Outcome, SettingChange, Store, SwipeRecord, now_ms,
-    sha256_hex,
+    Durability, JournalOp, JournalOutcome, Outcome, PendingCard, SettingChange, Store, SwipeRecord,
+    now_ms, sha256_hex,
 };
 
 /// A fresh store and whatever keeps it alive (a temporary directory, a scratch schema).
@@ -43,6 +43,7 @@ macro_rules! conformance_suite {
             journal_recent_ids_leave_out_refused_swipes,
             journal_retention_by_rows_and_age,
             journal_commit_now_when_idle,
+            journal_queued_swipes_are_read_back_and_writing_is_never_queued_again,
             device_settings_are_stored_with_their_audit,
             health_probe_answers,
         );
@@ -323,6 +324,8 @@ fn record(id: &str, outcome: JournalOutcome) -> SwipeRecord {
         swiped_at_ms: 0,
         outcome,
         detail: "queued for generic 1/r1".into(),
+        deadline_ms: None,
+        card: None,
     }
 }
 
@@ -573,4 +576,94 @@ pub(crate) async fn health_probe_answers(new: Factory) {
     f.store.health().probe().await.unwrap();
     f.store.health().write_probe().await.unwrap();
     f.store.health().write_probe().await.unwrap();
+}
+
+pub(crate) async fn journal_queued_swipes_are_read_back_and_writing_is_never_queued_again(
+    new: Factory,
+) {
+    use JournalOutcome::*;
+    let f = new();
+    let j = f.store.journal().clone();
+    let queued = |id: &str, card: &str| {
+        JournalOp::Insert(
+            SwipeRecord {
+                deadline_ms: Some(1_000 + id.len() as i64),
+                card: Some(PendingCard(card.into())),
+                ..record(id, Queued)
+            },
+            None,
+        )
+    };
+    j.write_batch(&[
+        queued("q1", "11111111"),
+        queued("q22", "22222222"),
+        queued("q333", "33333333"),
+        JournalOp::Insert(record("d", Delivered), None),
+        // A busy row keeps no card; its retry, taken, does.
+        JournalOp::Insert(
+            SwipeRecord {
+                card: Some(PendingCard("44444444".into())),
+                ..record("b", Busy)
+            },
+            None,
+        ),
+    ])
+    .unwrap();
+    j.write_batch(&[queued("b", "44444444")]).unwrap();
+    // q22 is being written; q333 was delivered; a writing mark on it changes nothing.
+    j.write_batch(&[
+        JournalOp::Writing(vec!["q22".into()], None),
+        outcome("q333", Delivered, "generic 1/r1 to 127.0.0.1:1"),
+        JournalOp::Writing(vec!["q333".into()], None),
+    ])
+    .unwrap();
+    let p = j.pending_swipes(0).unwrap();
+    let got: Vec<_> = p
+        .iter()
+        .map(|p| {
+            (
+                p.event_id.as_str(),
+                p.outcome,
+                p.deadline_ms,
+                p.card.as_ref().map(|c| c.0.as_str()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("q1", Queued, Some(1_002), Some("11111111")),
+            ("q22", Writing, Some(1_003), None),
+            ("b", Queued, Some(1_001), Some("44444444")),
+        ]
+    );
+    assert_eq!(p[0].card_masked, "****1234");
+    assert!(
+        format!("{:?}", p[0]).contains("****1111"),
+        "masked in Debug"
+    );
+    assert!(!format!("{:?}", p[0]).contains("11111111"));
+    // Outcomes end them (and clear the card); a writing row ends like a queued one.
+    j.write_batch(&[
+        outcome("q1", Expired, "deadline"),
+        outcome("q22", Uncertain, "restart"),
+        outcome("b", Delivered, "g"),
+    ])
+    .unwrap();
+    assert!(j.pending_swipes(0).unwrap().is_empty());
+    let rows = j.list(10).await.unwrap();
+    let q22 = rows.iter().find(|r| r.event_id == "q22").unwrap();
+    assert_eq!((q22.outcome, q22.detail.as_str()), (Uncertain, "restart"));
+    // The horizon: rows received before it are not read back.
+    j.write_batch(&[queued("late", "55555555")]).unwrap();
+    assert!(j.pending_swipes(now_ms() + 60_000).unwrap().is_empty());
+    assert_eq!(j.pending_swipes(0).unwrap().len(), 1);
+    // Writing and uncertain rows stay de-duplicated.
+    let ids: Vec<String> = j
+        .recent_event_ids(100, 0)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert!(ids.contains(&"q22".to_string()), "{ids:?}");
 }

@@ -43,6 +43,10 @@ const MIGRATIONS: &[(u32, &str)] = &[
         include_str!("migrations/0004_swipes_one_row_per_event.sql"),
     ),
     (5, include_str!("migrations/0005_health_probe.sql")),
+    (
+        6,
+        include_str!("migrations/0006_swipes_survive_restarts.sql"),
+    ),
 ];
 
 /// Maps SQLite's error to the backend-neutral error, by its error code.

@@ -10,7 +10,9 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 use super::{WriteGate, is_busy, queries as q, store_error};
-use crate::state::{JournalOp, StoreError, StoreFuture, SwipeJournal, SwipeRecord, SwipeRow};
+use crate::state::{
+    JournalOp, PendingSwipe, StoreError, StoreFuture, SwipeJournal, SwipeRecord, SwipeRow,
+};
 
 /// How long the journal's connection waits for SQLite's write lock.
 const JOURNAL_BUSY: Duration = Duration::from_secs(5);
@@ -120,6 +122,11 @@ impl SwipeJournal for SqliteJournal {
     ) -> Result<Vec<(String, i64)>, StoreError> {
         let mut conn = self.conn.lock_unpoisoned();
         q::recent_event_ids(&mut conn, limit, since_ms).map_err(|e| store_error(&self.path, e))
+    }
+
+    fn pending_swipes(&self, since_ms: i64) -> Result<Vec<PendingSwipe>, StoreError> {
+        let mut conn = self.conn.lock_unpoisoned();
+        q::pending_swipes(&mut conn, since_ms).map_err(|e| store_error(&self.path, e))
     }
 
     fn checkpoint(&self) -> StoreFuture<'_, ()> {

@@ -5,7 +5,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::state::{
     AttemptRow, AuditRow, DesiredRow, DeviceSetting, Generation, HistoryRow, JournalOp,
-    JournalOutcome, MachineRow, Outcome, SettingChange, SwipeRow, now_ms, sha256_hex,
+    JournalOutcome, MachineRow, Outcome, PendingCard, PendingSwipe, SettingChange, SwipeRow,
+    now_ms, sha256_hex,
 };
 
 /// Begins a transaction that will write, holding SQLite's write lock from its first
@@ -484,17 +485,34 @@ pub(super) fn write_journal_batch(
                 // row (same machine only: another machine's agent cannot overwrite it); a
                 // row in any other state is never replaced.
                 tx.prepare_cached(
-                    "INSERT INTO swipes (event_id, machine_id, reader, card_masked, swiped_at_ms, received_ms, outcome, detail, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?6)
+                    "INSERT INTO swipes (event_id, machine_id, reader, card_masked, swiped_at_ms, received_ms, outcome, detail, updated_ms, deadline_ms, card)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?6, ?9, ?10)
                      ON CONFLICT (event_id) DO UPDATE SET
                         outcome = excluded.outcome,
                         detail = excluded.detail,
                         updated_ms = excluded.updated_ms,
+                        deadline_ms = excluded.deadline_ms,
+                        card = excluded.card,
                         attempts = attempts + 1
                      WHERE swipes.outcome IN ('busy', 'rejected')
                        AND swipes.machine_id = excluded.machine_id",
                 )?
-                .execute(params![r.event_id, r.machine, r.reader, r.card_masked, r.swiped_at_ms, now, r.outcome.as_str(), r.detail])?;
+                .execute(params![
+                    r.event_id,
+                    r.machine,
+                    r.reader,
+                    r.card_masked,
+                    r.swiped_at_ms,
+                    now,
+                    r.outcome.as_str(),
+                    r.detail,
+                    r.deadline_ms,
+                    // The card in clear only while the row says queued.
+                    r.card
+                        .as_ref()
+                        .filter(|_| r.outcome == JournalOutcome::Queued)
+                        .map(|c| c.0.as_str()),
+                ])?;
             }
             JournalOp::Outcome {
                 event_id,
@@ -503,18 +521,30 @@ pub(super) fn write_journal_batch(
             } => {
                 // A swipe sent to two bridges (Generic and 241) gets two outcomes:
                 // `delivered` wins over `failed`, which wins over the rest; the
-                // second detail is appended.
+                // second detail is appended. Every outcome clears the card.
                 tx.prepare_cached(
                     "UPDATE swipes SET
                         outcome = CASE
                             WHEN outcome = 'delivered' THEN outcome
                             WHEN outcome = 'failed' AND ?2 <> 'delivered' THEN outcome
                             ELSE ?2 END,
-                        detail = CASE WHEN outcome = 'queued' THEN ?3 ELSE detail || '; ' || ?3 END,
-                        updated_ms = ?4
+                        detail = CASE WHEN outcome IN ('queued', 'writing') THEN ?3 ELSE detail || '; ' || ?3 END,
+                        updated_ms = ?4,
+                        card = NULL
                      WHERE event_id = ?1",
                 )?
                 .execute(params![event_id, outcome.as_str(), detail, now])?;
+            }
+            JournalOp::Writing(event_ids, _) => {
+                // Only a queued row: one a restart found writing (uncertain) or that
+                // has an outcome is left as it is.
+                let mut st = tx.prepare_cached(
+                    "UPDATE swipes SET outcome = 'writing', card = NULL, updated_ms = ?2
+                     WHERE event_id = ?1 AND outcome = 'queued'",
+                )?;
+                for id in event_ids {
+                    st.execute(params![id, now])?;
+                }
             }
         }
     }
@@ -549,6 +579,42 @@ pub(super) fn recent_event_ids(
     }
     recent.reverse();
     Ok(recent)
+}
+
+/// The journal rows that say `queued` or `writing`, received since `since_ms`, oldest
+/// first. Rows are appended as swipes arrive: the newest by id, back to the horizon.
+pub(super) fn pending_swipes(
+    conn: &mut Connection,
+    since_ms: i64,
+) -> rusqlite::Result<Vec<PendingSwipe>> {
+    let mut st = conn.prepare(
+        "SELECT event_id, machine_id, reader, card_masked, outcome, deadline_ms, card, detail, received_ms
+         FROM swipes ORDER BY id DESC",
+    )?;
+    let mut rows = st.query([])?;
+    let mut pending = Vec::new();
+    while let Some(r) = rows.next()? {
+        let at: i64 = r.get(8)?;
+        if at < since_ms {
+            break;
+        }
+        let outcome = match JournalOutcome::parse(&r.get::<_, String>(4)?) {
+            Some(o @ (JournalOutcome::Queued | JournalOutcome::Writing)) => o,
+            _ => continue,
+        };
+        pending.push(PendingSwipe {
+            event_id: r.get(0)?,
+            machine: r.get(1)?,
+            reader: r.get(2)?,
+            card_masked: r.get(3)?,
+            outcome,
+            deadline_ms: r.get(5)?,
+            card: r.get::<_, Option<String>>(6)?.map(PendingCard),
+            detail: r.get(7)?,
+        });
+    }
+    pending.reverse();
+    Ok(pending)
 }
 
 /// Retention: deletes, among the oldest `chunk` rows, those beyond the newest `max_rows`
