@@ -209,6 +209,9 @@ pub(crate) fn op_status(e: OpError) -> Status {
         OpError::Empty => {
             ApiError::Invalid("empty configuration; nothing was stored or sent".into()).into()
         }
+        e @ OpError::NotText(_) => {
+            ApiError::Invalid(format!("{e}; nothing was stored or sent")).into()
+        }
         e @ OpError::TooLarge { .. } => ApiError::Invalid(format!(
             "{e} (limits.max_config_bytes); nothing was stored or sent"
         ))
