@@ -4,6 +4,7 @@
 mod admin;
 mod admin_table;
 mod bigendian;
+mod closing;
 mod crash;
 mod faults;
 mod fencing;

@@ -562,17 +562,120 @@ pub(crate) async fn handle(
         .keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT);
     let builder = builder.http2_only();
-    let conn = builder.serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
+    let (back, returned) = tokio::sync::oneshot::channel();
+    let mut conn = Box::pin(builder.serve_connection(TokioIo::new(GiveBack::new(tls, back)), svc));
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            // hyper's graceful close waits for the client's answer to a PING after the
+            // first GOAWAY; a client that never answers would keep the connection until
+            // the listener's grace period aborts this task, without any TLS close.
+            match tokio::time::timeout(GRACEFUL_TIME, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::debug!(%peer, "admin connection: no answer to GOAWAY; closing");
+                    Ok(())
+                }
+            }
         }
     };
+    drop(conn);
+    // hyper drops the stream without shutting it down: send the TLS close_notify
+    // ourselves, or clients cannot tell the end from a cut connection (`openssl
+    // s_client`: "unexpected eof while reading").
+    if let Ok(mut tls) = returned.await {
+        let _ =
+            tokio::time::timeout(CLOSE_TIME, tokio::io::AsyncWriteExt::shutdown(&mut tls)).await;
+    }
     drop(registration);
     result.map_err(ConnError::Http)
+}
+
+/// How long in-flight calls get to finish after shutdown (within the listener's 5 s
+/// grace period, so that there is time left to close TLS).
+const GRACEFUL_TIME: Duration = Duration::from_secs(3);
+
+/// How long sending the close_notify may take (a client that stopped reading).
+const CLOSE_TIME: Duration = Duration::from_secs(2);
+
+/// A stream that, when dropped, hands itself back through a channel: hyper's connection
+/// owns its stream to the end and drops it, and this lets [`handle`] close it properly
+/// afterwards.
+struct GiveBack<S> {
+    io: Option<S>,
+    back: Option<tokio::sync::oneshot::Sender<S>>,
+}
+
+impl<S> GiveBack<S> {
+    fn new(io: S, back: tokio::sync::oneshot::Sender<S>) -> Self {
+        GiveBack {
+            io: Some(io),
+            back: Some(back),
+        }
+    }
+
+    fn io(&mut self) -> Pin<&mut S>
+    where
+        S: Unpin,
+    {
+        // `io` is only taken in `drop`.
+        Pin::new(self.io.as_mut().expect("stream present until dropped"))
+    }
+}
+
+impl<S> Drop for GiveBack<S> {
+    fn drop(&mut self) {
+        if let (Some(io), Some(back)) = (self.io.take(), self.back.take()) {
+            let _ = back.send(io);
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for GiveBack<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io().poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for GiveBack<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.io().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.io().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io().poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
