@@ -10,6 +10,7 @@ mod faults;
 mod fencing;
 mod fleet;
 mod frames;
+mod grpc_standard;
 mod halfopen;
 mod hardening;
 mod initdev;

@@ -16,6 +16,8 @@
 //! shutdown, each connection is closed gracefully: open event streams end, in-flight
 //! calls finish, then HTTP/2 GOAWAY.
 
+pub(crate) mod standard;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -66,6 +68,9 @@ pub(crate) enum ConnError {
     /// The TLS handshake failed (reason label in the message).
     #[error("TLS handshake refused ({reason}): {0}", reason = .0.reason())]
     Handshake(#[from] scm_certs::tls::HandshakeError),
+    /// The reflection service could not be built (a bug in the embedded descriptors).
+    #[error("gRPC reflection unavailable: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
     /// HTTP/2 failed on the connection.
     #[error("HTTP/2 error on the admin connection: {0}")]
     Http(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -537,9 +542,18 @@ pub(crate) async fn handle(
     let limit = ctx.ops.settings.max_config_bytes + REQUEST_MARGIN;
     let svc = AdminServer::new(AdminService::new(ctx.ops.clone(), shutdown.clone()))
         .max_decoding_message_size(limit);
+    // The standard services: health for probes, reflection for generic clients. The
+    // health answers follow the listeners' token (`shutdown` of this connection's
+    // listener), so a shutting-down SCM says NOT_SERVING.
+    let health = standard::HealthService::new(ctx.ops.clone(), shutdown.clone()).server();
+    let reflection = standard::reflection_v1()?;
+    let reflection_alpha = standard::reflection_v1alpha()?;
     let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(caller.clone());
         let mut svc = svc.clone();
+        let mut health = health.clone();
+        let mut reflection = reflection.clone();
+        let mut reflection_alpha = reflection_alpha.clone();
         async move {
             // gRPC over HTTP/2: anything but `application/grpc[+proto|;...]` is refused
             // with 415 before any method runs (so that, e.g., a browser's form or
@@ -549,7 +563,17 @@ pub(crate) async fn handle(
                 *refused.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
                 return Ok::<_, Infallible>(refused);
             }
-            Ok::<_, Infallible>(svc.call(req).await.unwrap_or_else(|e| match e {}))
+            let path = req.uri().path();
+            let r = if path.starts_with("/grpc.health.v1.Health/") {
+                health.call(req).await
+            } else if path.starts_with("/grpc.reflection.v1.ServerReflection/") {
+                reflection.call(req).await
+            } else if path.starts_with("/grpc.reflection.v1alpha.ServerReflection/") {
+                reflection_alpha.call(req).await
+            } else {
+                svc.call(req).await
+            };
+            Ok::<_, Infallible>(r.unwrap_or_else(|e| match e {}))
         }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
