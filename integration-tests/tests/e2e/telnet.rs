@@ -985,3 +985,75 @@ fn backoffice_shell_forwards_stdin() {
     sh.until("221 bye");
     assert_eq!(sh.wait_exit(), Some(0), "{}", sh.all());
 }
+
+#[test]
+fn telnet_ssl_logs_in_with_an_rsa_operator_certificate() {
+    // telnet-ssl loads only RSA keys: `scm init-dev --operator-key rsa`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = dir.path().join("dev");
+    let (code, out, err) = run(
+        &bin("scm"),
+        &[
+            "init-dev",
+            "--out",
+            dev.to_str().expect("utf-8 path"),
+            "--machines",
+            "1",
+            "--operator-key",
+            "rsa",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let key = std::fs::read_to_string(dev.join("operator-admin-key.pem")).expect("key");
+    let (_, text, _) = run(
+        Path::new("openssl"),
+        &[
+            "pkey",
+            "-noout",
+            "-text",
+            "-in",
+            dev.join("operator-admin-key.pem").to_str().unwrap_or(""),
+        ],
+        &[],
+    );
+    assert!(text.contains("Private-Key: (2048 bit"), "{text}{key}");
+    // The Generic device's fixed port: port 0 instead (as `Fleet::init` does).
+    let toml = dev.join("scm.toml");
+    let cfg = std::fs::read_to_string(&toml).expect("scm.toml");
+    let cfg: Vec<String> = cfg
+        .lines()
+        .map(|l| {
+            if l.starts_with("listen = \"127.0.0.1:") {
+                "listen = \"127.0.0.1:0\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(&toml, cfg.join("\n") + "\n").expect("write scm.toml");
+    let scm = Fleet::start_scm(dir.path(), &[]);
+    let addr = scm.listening("telnet-tls");
+    let p = |f: &str| dev.join(f).to_string_lossy().into_owned();
+    // `-z verify=1`: the SCM's certificate must chain to the dev CA. (`-z certrequired`
+    // also compares its CN, `scm`, with the host name typed, which is 127.0.0.1 here.)
+    let mut tn = in_pty(&format!(
+        "telnet-ssl -z ssl -z verify=1 -z cert={} -z key={} -z cacert={} {} {}",
+        p("operator-admin.pem"),
+        p("operator-admin-key.pem"),
+        p("ca.pem"),
+        addr.ip(),
+        addr.port()
+    ));
+    tn.until("220 SCM hub ");
+    let text = tn.until("scm> ");
+    assert!(
+        text.contains("230 logged in as admin (admin) by certificate"),
+        "{text:?}"
+    );
+    tn.write(b"machines\n");
+    tn.until("250 1 machines");
+    tn.write(b"quit\n");
+    tn.until("221 bye");
+    tn.wait_exit();
+}
