@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v telnet >/dev/null 2>&1 || need+=(inetutils-telnet)
 command -v busybox >/dev/null 2>&1 || need+=(busybox)
+command -v telnet-ssl >/dev/null 2>&1 || need+=(telnet-ssl)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

@@ -94,6 +94,22 @@ pub async fn connect_with(
     client: &ClientConfig,
     timeout: Duration,
 ) -> Result<Client, AdminError> {
+    let channel = channel_with(addr, client, timeout).await?;
+    Ok(AdminClient::with_origin(channel, origin()))
+}
+
+/// The origin the clients name in their requests (the SCM does not route on it).
+pub fn origin() -> http::Uri {
+    http::Uri::from_static("https://scm.hub.internal")
+}
+
+/// The HTTP/2 connection under [`connect_with`], for other clients of the admin port
+/// (`grpc.health.v1`, `grpc.reflection.v1`).
+pub async fn channel_with(
+    addr: &str,
+    client: &ClientConfig,
+    timeout: Duration,
+) -> Result<H2Channel, AdminError> {
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| AdminError::Tcp {
@@ -115,8 +131,7 @@ pub async fn connect_with(
             tracing::debug!("admin API connection ended: {e}");
         }
     });
-    let origin = http::Uri::from_static("https://scm.hub.internal");
-    Ok(AdminClient::with_origin(H2Channel { send }, origin))
+    Ok(H2Channel { send })
 }
 
 /// Connects as configured: `[admin] address` with the operator certificate of `[tls]`.

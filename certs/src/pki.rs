@@ -106,10 +106,13 @@ pub struct LeafSpec {
     pub extra_hosts: Vec<String>,
     /// Extended key usages.
     pub eku: Eku,
+    /// The kind of key generated for it.
+    pub key: KeyKind,
 }
 
 impl LeafSpec {
-    /// A spec with no extra hosts and the role's default EKU ([`Eku::for_role`]).
+    /// A spec with no extra hosts, the role's default EKU ([`Eku::for_role`]) and an
+    /// ECDSA P-256 key.
     pub fn new(identity: Identity, validity: Validity) -> LeafSpec {
         let eku = Eku::for_role(identity.role());
         LeafSpec {
@@ -117,6 +120,42 @@ impl LeafSpec {
             validity,
             extra_hosts: Vec::new(),
             eku,
+            key: KeyKind::default(),
+        }
+    }
+}
+
+/// The key a leaf certificate gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum KeyKind {
+    /// ECDSA P-256 with SHA-256: small and fast, what the SCM and the agents use.
+    #[default]
+    EcdsaP256,
+    /// RSA 2048 (PKCS#1 v1.5 with SHA-256), for operator tools that load only RSA keys
+    /// (telnet-ssl).
+    Rsa2048,
+}
+
+impl KeyKind {
+    /// A new key pair of this kind. ring cannot generate RSA keys, so the `rsa` crate
+    /// makes one and rcgen (ring) signs with it.
+    fn generate(self) -> Result<KeyPair, PkiError> {
+        match self {
+            KeyKind::EcdsaP256 => Ok(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?),
+            KeyKind::Rsa2048 => {
+                use rsa::pkcs8::EncodePrivateKey;
+                let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
+                    .map_err(|e| PkiError::Rsa(e.to_string()))?;
+                let der = key
+                    .to_pkcs8_der()
+                    .map_err(|e| PkiError::Rsa(e.to_string()))?;
+                let der = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
+                Ok(KeyPair::from_pkcs8_der_and_sign_algo(
+                    &der,
+                    &rcgen::PKCS_RSA_SHA256,
+                )?)
+            }
         }
     }
 }
@@ -262,6 +301,9 @@ pub enum PkiError {
     /// rcgen refused to build a certificate or CRL.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// An RSA key could not be generated or encoded.
+    #[error("cannot generate an RSA key: {0}")]
+    Rsa(String),
 }
 
 /// The private certificate authority: its certificate and its signing key.
@@ -423,6 +465,12 @@ impl Ca {
         if let Some(name) = spec.identity.server_name() {
             seen.insert(name.clone());
             sans.push(SanType::DnsName(ia5(name)?));
+            // The CN as a DNS name too: clients that check the CN against the SANs (or
+            // are told to connect to `scm`, as telnet-ssl with `-z certrequired`) find it.
+            let cn = spec.identity.common_name();
+            if seen.insert(cn.clone()) {
+                sans.push(SanType::DnsName(ia5(cn)?));
+            }
         }
         for host in &spec.extra_hosts {
             let host = host.trim();
@@ -451,13 +499,23 @@ impl Ca {
         params.extended_key_usages = spec.eku.purposes();
         params.not_before = spec.validity.not_before;
         params.not_after = spec.validity.not_after;
-        self.sign(params)
+        self.sign_with(params, spec.key)
     }
 
     /// Signs arbitrary leaf parameters (tests use it to build malformed certificates).
     /// Sets the serial, key usage, CA flag and authority key identifier.
-    pub(crate) fn sign(&self, mut params: CertificateParams) -> Result<IssuedCert, PkiError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    #[cfg(test)]
+    pub(crate) fn sign(&self, params: CertificateParams) -> Result<IssuedCert, PkiError> {
+        self.sign_with(params, KeyKind::EcdsaP256)
+    }
+
+    /// [`sign`](Self::sign) with a key of `kind`.
+    fn sign_with(
+        &self,
+        mut params: CertificateParams,
+        kind: KeyKind,
+    ) -> Result<IssuedCert, PkiError> {
+        let key = kind.generate()?;
         let serial = random_serial()?;
         params.serial_number = Some(serial.clone());
         params.is_ca = IsCa::ExplicitNoCa;
@@ -554,6 +612,15 @@ pub struct DevPkiFiles {
 /// certificates with 0644 (Unix). Nothing is written if any of the files already exists;
 /// if a write fails midway, the files written by this call are removed again.
 pub fn write_dev_pki(dir: &Path, opts: &DevPkiOptions) -> Result<DevPkiFiles, PkiError> {
+    write_dev_pki_with(dir, opts, KeyKind::default())
+}
+
+/// [`write_dev_pki`], with operator keys of `operator_key` (the others stay ECDSA).
+pub fn write_dev_pki_with(
+    dir: &Path,
+    opts: &DevPkiOptions,
+    operator_key: KeyKind,
+) -> Result<DevPkiFiles, PkiError> {
     opts.validity.check()?;
     let mut seen_machines = HashSet::new();
     for id in &opts.machines {
@@ -581,6 +648,8 @@ pub fn write_dev_pki(dir: &Path, opts: &DevPkiOptions) -> Result<DevPkiFiles, Pk
         let mut spec = LeafSpec::new(identity, opts.validity.clone());
         if spec.identity.role() != Role::Operator {
             spec.extra_hosts = opts.hosts.clone();
+        } else {
+            spec.key = operator_key;
         }
         ca.issue(&spec)
     };

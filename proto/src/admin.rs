@@ -14,3 +14,7 @@ include!(concat!(env!("OUT_DIR"), "/scm.admin.v1.rs"));
 
 /// The gRPC service name, as on the wire (`/scm.admin.v1.Admin/...`).
 pub const SERVICE_NAME: &str = "scm.admin.v1.Admin";
+
+/// The encoded `FileDescriptorSet` of `admin.proto`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/scm.admin.v1.descriptor.bin"));

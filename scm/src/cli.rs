@@ -50,6 +50,10 @@ pub enum Cmd {
         /// Default: 127.0.0.1 and a specific --bind address.
         #[arg(long, value_name = "IP")]
         allow: Vec<std::net::IpAddr>,
+        /// Key of the operator certificate: ecdsa (P-256), or rsa (2048 bits) for
+        /// tools that load only RSA keys, such as telnet-ssl.
+        #[arg(long, value_name = "KIND", default_value = "ecdsa", value_parser = ["ecdsa", "rsa"])]
+        operator_key: String,
     },
     /// Hash a password (read from standard input) for `[[operator]] password_hash`.
     HashPassword,

@@ -69,9 +69,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bind,
             scm_host,
             allow,
+            operator_key,
         } => {
             let ids = scm::app::initdev::parse_machines(&machines)?;
-            let opts = scm::app::initdev::InitDevOptions::for_bind(bind, scm_host, allow);
+            let mut opts = scm::app::initdev::InitDevOptions::for_bind(bind, scm_host, allow);
+            if operator_key == "rsa" {
+                opts.operator_key = scm_certs::pki::KeyKind::Rsa2048;
+            }
             let r = scm::app::initdev::init_dev_with(&out, &ids, &opts)?;
             print!("{}", r.summary(&out));
             println!("(this summary is also in {})", r.init_txt.display());

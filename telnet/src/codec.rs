@@ -16,6 +16,10 @@ use tokio_util::codec::{Decoder, Encoder};
 use crate::consts::{DO, DONT, IAC, SB, SE, WILL, WONT};
 
 const NUL: u8 = 0;
+/// Ctrl-C as a byte (End of Text): what plink and telnetlib3 send instead of `IAC IP`.
+const ETX: u8 = 0x03;
+/// Ctrl-D as a byte (End of Transmission).
+const EOT: u8 = 0x04;
 const BS: u8 = 0x08;
 const LF: u8 = b'\n';
 const CR: u8 = b'\r';
@@ -95,6 +99,13 @@ pub enum Event {
         /// The configured `max_line`.
         limit: usize,
     },
+    /// [`Mode::Lines`]: a raw Ctrl-C byte (0x03), which clients that do not map Ctrl-C to
+    /// `IAC IP` (plink, telnetlib3) send as it is. In line mode it can only mean an
+    /// interrupt, never text: the line being typed is dropped, as for `IAC IP`.
+    Interrupt,
+    /// [`Mode::Lines`]: Ctrl-D (0x04) at the start of a line, the terminal convention
+    /// for end of input. Elsewhere in a line 0x04 stays text.
+    EndOfInput,
 }
 
 /// An item to encode.
@@ -302,8 +313,16 @@ impl TelnetCodec {
             self.raw.put_u8(b);
             return None;
         }
+        if b == ETX {
+            self.line.clear();
+            self.discarding = false;
+            return Some(Event::Interrupt);
+        }
         if self.discarding {
             return None;
+        }
+        if b == EOT && self.line.is_empty() {
+            return Some(Event::EndOfInput);
         }
         if b == BS || b == DEL {
             // Erase one character: a UTF-8 lead byte with its continuation bytes.
@@ -634,6 +653,36 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn raw_ctrl_c_interrupts_and_ctrl_d_ends_input_at_line_start() {
+        // plink's Ctrl-C in the middle of a push body: the half-typed text is dropped and
+        // the next line is a line of its own, not glued to a 0x03.
+        assert_eq!(
+            lines(&[b"pl=partial\r\nhalf\x03machines\r\n"]),
+            vec![line(b"pl=partial"), Event::Interrupt, line(b"machines")]
+        );
+        // Even in the middle of an over-long line being discarded.
+        let mut c = TelnetCodec::with_limits(Mode::Lines, 4, 16);
+        assert_eq!(
+            feed(&mut c, &[b"abcdefgh\x03ok\r\n"]),
+            vec![
+                Event::LineTooLong { limit: 4 },
+                Event::Interrupt,
+                line(b"ok")
+            ]
+        );
+        assert_eq!(lines(&[b"\x04"]), vec![Event::EndOfInput]);
+        assert_eq!(lines(&[b"a\r\n\x04"]), vec![line(b"a"), Event::EndOfInput]);
+        // Inside a line 0x04 is text (the content rules refuse it later).
+        assert_eq!(lines(&[b"a\x04b\r\n"]), vec![line(b"a\x04b")]);
+        // The client side sees the bytes as they are.
+        assert_eq!(
+            decode_chunks(Mode::Raw, &[b"\x03\x04"]),
+            vec![data(b"\x03\x04")]
+        );
+        assert_split_invariant(Mode::Lines, b"ab\x03cd\r\n\x04\x04x\x04\r\n");
+    }
+
+    #[test]
     fn iac_iac_is_data() {
         assert_eq!(lines(&[b"a\xff\xffb\r\n"]), vec![line(b"a\xffb")]);
         assert_eq!(lines(&[b"a\xff", b"\xffb\r\n"]), vec![line(b"a\xffb")]);
@@ -944,10 +993,10 @@ pub(crate) mod tests {
         for _ in 0..1 + rng.below(30) {
             match rng.below(8) {
                 0 | 1 => {
-                    // Text bytes; in Lines mode no terminators or editing bytes.
+                    // Text bytes; in Lines mode no terminators, editing or interrupt bytes.
                     let chunk: Vec<u8> = (0..rng.below(12))
                         .map(|_| rng.byte())
-                        .filter(|b| mode == Mode::Raw || ![CR, LF, BS, DEL].contains(b))
+                        .filter(|b| mode == Mode::Raw || ![CR, LF, BS, DEL, ETX, EOT].contains(b))
                         .filter(|&b| b != CR)
                         .collect();
                     text.extend_from_slice(&chunk);

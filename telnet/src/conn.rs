@@ -117,6 +117,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TelnetConn<S> {
         Ok(self.framed.feed(out).await?)
     }
 
+    /// Flushes everything queued, then shuts the stream's write side down: a TLS stream
+    /// sends its close_notify, a TCP stream its FIN.
+    pub async fn shutdown(&mut self) -> Result<(), ConnError> {
+        SinkExt::<Out>::flush(&mut self.framed).await?;
+        tokio::io::AsyncWriteExt::shutdown(self.framed.get_mut()).await?;
+        Ok(())
+    }
+
     /// Flushes everything queued.
     pub async fn flush(&mut self) -> Result<(), ConnError> {
         Ok(SinkExt::<Out>::flush(&mut self.framed).await?)

@@ -82,7 +82,11 @@ fn leaf_contents_follow_the_identity_model() {
     let p = parse(&machine.cert_pem);
     assert_eq!(p.cn, "machine-42");
     assert_eq!(p.uris, ["urn:scm:machine:42"]);
-    assert_eq!(p.dns, ["machine-42.hub.internal", "localhost"]);
+    // The CN is a DNS name too, for clients that look for it among the SANs.
+    assert_eq!(
+        p.dns,
+        ["machine-42.hub.internal", "machine-42", "localhost"]
+    );
     assert_eq!(p.ips.len(), 2);
     assert_eq!(p.ips[0], vec![127, 0, 0, 1]);
     assert!(p.server_auth && p.client_auth);
@@ -97,7 +101,7 @@ fn leaf_contents_follow_the_identity_model() {
     );
     assert_eq!(scm.cn, "scm");
     assert_eq!(scm.uris, ["urn:scm:scm"]);
-    assert_eq!(scm.dns, ["scm.hub.internal"]);
+    assert_eq!(scm.dns, ["scm.hub.internal", "scm"]);
     assert!(scm.server_auth && scm.client_auth);
 
     let op_spec = LeafSpec::new(Identity::Operator("alice".into()), v.clone());
@@ -284,7 +288,7 @@ fn write_dev_pki_writes_everything_with_private_key_modes() {
     assert_eq!(files.machines.len(), 2);
     assert_eq!(files.operators.len(), 2);
     let scm = parse(&fs::read_to_string(&files.scm_cert).expect("read"));
-    assert_eq!(scm.dns, ["scm.hub.internal", "localhost"]);
+    assert_eq!(scm.dns, ["scm.hub.internal", "scm", "localhost"]);
     let alice = parse(&fs::read_to_string(&files.operators[0].1).expect("read"));
     assert!(alice.dns.is_empty() && alice.ips.is_empty());
 
@@ -422,4 +426,17 @@ fn pem_encoding_round_trips() {
         let back = CertificateDer::from_pem_slice(pem.as_bytes()).expect("parse");
         assert_eq!(back.as_ref(), data.as_slice(), "len {len}");
     }
+}
+
+#[test]
+fn an_rsa_operator_key_signs_and_loads() {
+    let ca = new_ca("SCM test CA");
+    let mut spec = LeafSpec::new(Identity::Operator("alice".into()), validity());
+    spec.key = KeyKind::Rsa2048;
+    let op = ca.issue(&spec).expect("issue");
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(op.key_pem.as_bytes())
+        .expect("a PKCS#8 key");
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key).expect("ring loads it");
+    assert_eq!(signer.algorithm(), rustls::SignatureAlgorithm::RSA);
+    assert_eq!(parse(&op.cert_pem).cn, "operator-alice");
 }

@@ -4,12 +4,14 @@
 mod admin;
 mod admin_table;
 mod bigendian;
+mod closing;
 mod configlink;
 mod crash;
 mod faults;
 mod fencing;
 mod fleet;
 mod frames;
+mod grpc_standard;
 mod halfopen;
 mod hardening;
 mod initdev;

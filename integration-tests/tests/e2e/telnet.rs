@@ -394,6 +394,24 @@ fn inetutils_telnet_logs_in_pushes_survives_ctrl_c_and_quits() {
     );
     tn.until("scm> ");
 
+    // Ctrl-C in the middle of a push body: telnet shows nothing it receives before the
+    // answer to its DO TM, so the SCM answers the mark first, then says what happened.
+    tn.write(b"push 1\n");
+    tn.until("354 send the configuration for machine 1");
+    tn.write(b"pl=partial\n");
+    tn.write(b"\x03");
+    tn.until("^C");
+    let text = tn.until("scm> ");
+    assert!(
+        text.contains("426 push cancelled; nothing sent\r\n"),
+        "{text:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(fleet.agent_dir(1).join("config.current"))
+            .expect("the first configuration stays"),
+        "printer.tray = 2\n.hidden\n",
+    );
+
     tn.write(b"quit\n");
     tn.until("221 bye");
     tn.until("Connection closed by foreign host.");
@@ -490,8 +508,8 @@ fn overlong_lines_are_refused_and_the_session_goes_on() {
     let text = t.until("scm> ");
     assert_eq!(
         text,
-        "552 configuration refused (larger than 61440 bytes, a line over the limit, or not \
-         UTF-8); nothing sent\r\nscm> "
+        "552 configuration refused (larger than 61440 bytes, or a line over the limit); \
+         nothing sent\r\nscm> "
     );
     assert!(!s.agent_file().exists(), "nothing may reach the agent");
 
@@ -515,20 +533,23 @@ fn ctrl_c_timing_mark_ayt_and_iac_iac() {
     let s = Scm::start(&[], false);
     let mut t = logged_in(s.telnet, &s.password);
 
-    // inetutils' Ctrl-C. The IP gives a fresh prompt; DO TIMING-MARK must be answered
-    // (WONT TM), or inetutils discards all further output.
+    // inetutils' Ctrl-C. DO TIMING-MARK is answered (WONT TM) before anything else,
+    // since inetutils discards everything before that answer; then a fresh prompt.
     t.send(&CTRL_C);
     let raw = raw_until_all(&mut t.stream, &[&[IAC, WONT, TM], b"scm> "]);
-    assert_eq!(raw, b"\r\nscm> \xff\xfc\x06", "{raw:?}");
+    assert_eq!(raw, b"\xff\xfc\x06\r\nscm> ", "{raw:?}");
     let text = command(&mut t, "machines");
     assert!(text.ends_with("\r\n250 1 machines\r\nscm> "), "{text:?}");
 
     // Twice more: TIMING-MARK is a one-shot request, answered every time.
     t.send(&CTRL_C);
     t.send(&CTRL_C);
-    let raw = raw_until_all(&mut t.stream, &[b"\xff\xfc\x06\r\nscm> \xff\xfc\x06"]);
+    let raw = raw_until_all(
+        &mut t.stream,
+        &[b"\xff\xfc\x06\r\nscm> \xff\xfc\x06\r\nscm> "],
+    );
     assert_eq!(
-        raw, b"\r\nscm> \xff\xfc\x06\r\nscm> \xff\xfc\x06",
+        raw, b"\xff\xfc\x06\r\nscm> \xff\xfc\x06\r\nscm> ",
         "{raw:?}"
     );
 
@@ -820,14 +841,24 @@ fn push_edge_cases_over_raw_telnet() {
         "501 empty configuration; nothing sent\r\nscm> "
     );
 
-    // A line that is not UTF-8 (IAC IAC is a 0xFF byte) refuses the push, with one reply.
+    // A line that is not UTF-8 (IAC IAC is a 0xFF byte) refuses the push, with one reply
+    // that names the line.
     t.line("push 1");
     assert_eq!(t.until("\r\n"), go);
     t.send(b"good = 1\r\nbad = \xff\xff\r\n.\r\n");
     assert_eq!(
         t.until("scm> "),
-        "552 configuration refused (larger than 61440 bytes, a line over the limit, or not \
-         UTF-8); nothing sent\r\nscm> "
+        "552 line 2 is not UTF-8; configurations are UTF-8 text with TAB as the only control \
+         character; nothing sent\r\nscm> "
+    );
+    // So does a control byte (an ESC from a terminal's arrow key).
+    t.line("push 1");
+    assert_eq!(t.until("\r\n"), go);
+    t.send(b"good = 1\r\nup = \x1b[A\r\n.\r\n");
+    assert_eq!(
+        t.until("scm> "),
+        "552 line 2 has control byte 0x1B (ESC); configurations are UTF-8 text with TAB as \
+         the only control character; nothing sent\r\nscm> "
     );
 
     // Ctrl-C in the middle of the body cancels the push.
@@ -837,9 +868,10 @@ fn push_edge_cases_over_raw_telnet() {
     t.send(&CTRL_C);
     let raw = raw_until_all(&mut t.stream, &[b"scm> ", &[IAC, WONT, TM]]);
     assert_eq!(
-        strip_iac(&raw),
-        "500 push cancelled; nothing sent\r\nscm> ",
-        "{raw:?}"
+        raw,
+        b"\xff\xfc\x06426 push cancelled; nothing sent\r\nscm> ",
+        "{}",
+        strip_iac(&raw)
     );
     // The rest of the body is now taken as commands.
     assert_eq!(
@@ -952,4 +984,76 @@ fn backoffice_shell_forwards_stdin() {
     sh.close_stdin();
     sh.until("221 bye");
     assert_eq!(sh.wait_exit(), Some(0), "{}", sh.all());
+}
+
+#[test]
+fn telnet_ssl_logs_in_with_an_rsa_operator_certificate() {
+    // telnet-ssl loads only RSA keys: `scm init-dev --operator-key rsa`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dev = dir.path().join("dev");
+    let (code, out, err) = run(
+        &bin("scm"),
+        &[
+            "init-dev",
+            "--out",
+            dev.to_str().expect("utf-8 path"),
+            "--machines",
+            "1",
+            "--operator-key",
+            "rsa",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let key = std::fs::read_to_string(dev.join("operator-admin-key.pem")).expect("key");
+    let (_, text, _) = run(
+        Path::new("openssl"),
+        &[
+            "pkey",
+            "-noout",
+            "-text",
+            "-in",
+            dev.join("operator-admin-key.pem").to_str().unwrap_or(""),
+        ],
+        &[],
+    );
+    assert!(text.contains("Private-Key: (2048 bit"), "{text}{key}");
+    // The Generic device's fixed port: port 0 instead (as `Fleet::init` does).
+    let toml = dev.join("scm.toml");
+    let cfg = std::fs::read_to_string(&toml).expect("scm.toml");
+    let cfg: Vec<String> = cfg
+        .lines()
+        .map(|l| {
+            if l.starts_with("listen = \"127.0.0.1:") {
+                "listen = \"127.0.0.1:0\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(&toml, cfg.join("\n") + "\n").expect("write scm.toml");
+    let scm = Fleet::start_scm(dir.path(), &[]);
+    let addr = scm.listening("telnet-tls");
+    let p = |f: &str| dev.join(f).to_string_lossy().into_owned();
+    // `-z verify=1`: the SCM's certificate must chain to the dev CA. (`-z certrequired`
+    // also compares its CN, `scm`, with the host name typed, which is 127.0.0.1 here.)
+    let mut tn = in_pty(&format!(
+        "telnet-ssl -z ssl -z verify=1 -z cert={} -z key={} -z cacert={} {} {}",
+        p("operator-admin.pem"),
+        p("operator-admin-key.pem"),
+        p("ca.pem"),
+        addr.ip(),
+        addr.port()
+    ));
+    tn.until("220 SCM hub ");
+    let text = tn.until("scm> ");
+    assert!(
+        text.contains("230 logged in as admin (admin) by certificate"),
+        "{text:?}"
+    );
+    tn.write(b"machines\n");
+    tn.until("250 1 machines");
+    tn.write(b"quit\n");
+    tn.until("221 bye");
+    tn.wait_exit();
 }

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use scm_certs::pki::{DevPkiOptions, Validity, write_dev_pki};
+use scm_certs::pki::{DevPkiOptions, KeyKind, Validity, write_dev_pki_with};
 
 /// Why `init-dev` failed.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,9 @@ pub struct InitDevOptions {
     pub scm_host: String,
     /// Print-server addresses allowed on the Generic and RFIDeas 241 devices.
     pub allow: Vec<IpAddr>,
+    /// The operator certificate's key (RSA for tools that load only RSA keys, such as
+    /// telnet-ssl; the SCM's and the machines' keys stay ECDSA).
+    pub operator_key: KeyKind,
 }
 
 impl Default for InitDevOptions {
@@ -102,6 +105,7 @@ impl Default for InitDevOptions {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             scm_host: "127.0.0.1".into(),
             allow: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            operator_key: KeyKind::default(),
         }
     }
 }
@@ -135,6 +139,7 @@ impl InitDevOptions {
             bind,
             scm_host,
             allow,
+            operator_key: KeyKind::default(),
         }
     }
 
@@ -254,7 +259,7 @@ pub fn init_dev_with(
     if scm_config.exists() {
         return Err(InitDevError::Exists(scm_config));
     }
-    let files = write_dev_pki(
+    let files = write_dev_pki_with(
         out,
         &DevPkiOptions {
             machines: machines.to_vec(),
@@ -268,6 +273,7 @@ pub fn init_dev_with(
             },
             validity: Validity::days_from_now(825),
         },
+        opts.operator_key,
     )?;
     let name = |p: &Path| -> String {
         p.file_name()
@@ -471,6 +477,7 @@ mod tests {
             bind: "0.0.0.0".parse().unwrap(),
             scm_host: "scm".into(),
             allow: vec!["10.213.0.50".parse().unwrap(), "127.0.0.1".parse().unwrap()],
+            operator_key: KeyKind::default(),
         };
         let r = init_dev_with(d.path(), &[1, 2], &opts).unwrap();
         let cfg = crate::app::config::ScmConfig::load(&r.scm_config, &Default::default()).unwrap();

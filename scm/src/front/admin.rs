@@ -16,6 +16,8 @@
 //! shutdown, each connection is closed gracefully: open event streams end, in-flight
 //! calls finish, then HTTP/2 GOAWAY.
 
+pub(crate) mod standard;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -66,6 +68,9 @@ pub(crate) enum ConnError {
     /// The TLS handshake failed (reason label in the message).
     #[error("TLS handshake refused ({reason}): {0}", reason = .0.reason())]
     Handshake(#[from] scm_certs::tls::HandshakeError),
+    /// The reflection service could not be built (a bug in the embedded descriptors).
+    #[error("gRPC reflection unavailable: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
     /// HTTP/2 failed on the connection.
     #[error("HTTP/2 error on the admin connection: {0}")]
     Http(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -208,6 +213,9 @@ pub(crate) fn op_status(e: OpError) -> Status {
         }
         OpError::Empty => {
             ApiError::Invalid("empty configuration; nothing was stored or sent".into()).into()
+        }
+        e @ OpError::NotText(_) => {
+            ApiError::Invalid(format!("{e}; nothing was stored or sent")).into()
         }
         e @ OpError::TooLarge { .. } => ApiError::Invalid(format!(
             "{e} (limits.max_config_bytes); nothing was stored or sent"
@@ -534,9 +542,18 @@ pub(crate) async fn handle(
     let limit = ctx.ops.settings.max_config_bytes + REQUEST_MARGIN;
     let svc = AdminServer::new(AdminService::new(ctx.ops.clone(), shutdown.clone()))
         .max_decoding_message_size(limit);
+    // The standard services: health for probes, reflection for generic clients. The
+    // health answers follow the listeners' token (`shutdown` of this connection's
+    // listener), so a shutting-down SCM says NOT_SERVING.
+    let health = standard::HealthService::new(ctx.ops.clone(), shutdown.clone()).server();
+    let reflection = standard::reflection_v1()?;
+    let reflection_alpha = standard::reflection_v1alpha()?;
     let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(caller.clone());
         let mut svc = svc.clone();
+        let mut health = health.clone();
+        let mut reflection = reflection.clone();
+        let mut reflection_alpha = reflection_alpha.clone();
         async move {
             // gRPC over HTTP/2: anything but `application/grpc[+proto|;...]` is refused
             // with 415 before any method runs (so that, e.g., a browser's form or
@@ -546,7 +563,17 @@ pub(crate) async fn handle(
                 *refused.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
                 return Ok::<_, Infallible>(refused);
             }
-            Ok::<_, Infallible>(svc.call(req).await.unwrap_or_else(|e| match e {}))
+            let path = req.uri().path();
+            let r = if path.starts_with("/grpc.health.v1.Health/") {
+                health.call(req).await
+            } else if path.starts_with("/grpc.reflection.v1.ServerReflection/") {
+                reflection.call(req).await
+            } else if path.starts_with("/grpc.reflection.v1alpha.ServerReflection/") {
+                reflection_alpha.call(req).await
+            } else {
+                svc.call(req).await
+            };
+            Ok::<_, Infallible>(r.unwrap_or_else(|e| match e {}))
         }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -559,17 +586,120 @@ pub(crate) async fn handle(
         .keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT);
     let builder = builder.http2_only();
-    let conn = builder.serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
+    let (back, returned) = tokio::sync::oneshot::channel();
+    let mut conn = Box::pin(builder.serve_connection(TokioIo::new(GiveBack::new(tls, back)), svc));
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            // hyper's graceful close waits for the client's answer to a PING after the
+            // first GOAWAY; a client that never answers would keep the connection until
+            // the listener's grace period aborts this task, without any TLS close.
+            match tokio::time::timeout(GRACEFUL_TIME, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::debug!(%peer, "admin connection: no answer to GOAWAY; closing");
+                    Ok(())
+                }
+            }
         }
     };
+    drop(conn);
+    // hyper drops the stream without shutting it down: send the TLS close_notify
+    // ourselves, or clients cannot tell the end from a cut connection (`openssl
+    // s_client`: "unexpected eof while reading").
+    if let Ok(mut tls) = returned.await {
+        let _ =
+            tokio::time::timeout(CLOSE_TIME, tokio::io::AsyncWriteExt::shutdown(&mut tls)).await;
+    }
     drop(registration);
     result.map_err(ConnError::Http)
+}
+
+/// How long in-flight calls get to finish after shutdown (within the listener's 5 s
+/// grace period, so that there is time left to close TLS).
+const GRACEFUL_TIME: Duration = Duration::from_secs(3);
+
+/// How long sending the close_notify may take (a client that stopped reading).
+const CLOSE_TIME: Duration = Duration::from_secs(2);
+
+/// A stream that, when dropped, hands itself back through a channel: hyper's connection
+/// owns its stream to the end and drops it, and this lets [`handle`] close it properly
+/// afterwards.
+struct GiveBack<S> {
+    io: Option<S>,
+    back: Option<tokio::sync::oneshot::Sender<S>>,
+}
+
+impl<S> GiveBack<S> {
+    fn new(io: S, back: tokio::sync::oneshot::Sender<S>) -> Self {
+        GiveBack {
+            io: Some(io),
+            back: Some(back),
+        }
+    }
+
+    fn io(&mut self) -> Pin<&mut S>
+    where
+        S: Unpin,
+    {
+        // `io` is only taken in `drop`.
+        Pin::new(self.io.as_mut().expect("stream present until dropped"))
+    }
+}
+
+impl<S> Drop for GiveBack<S> {
+    fn drop(&mut self) {
+        if let (Some(io), Some(back)) = (self.io.take(), self.back.take()) {
+            let _ = back.send(io);
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for GiveBack<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io().poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for GiveBack<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.io().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.io().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.io().poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

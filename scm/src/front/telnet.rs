@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scm_certs::identity::{Identity, Role};
-use scm_telnet::{Event, Mode, TelnetConn, consts};
+use scm_telnet::{Event, Mode, TelnetConn, Verb, consts};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,16 @@ use crate::ops::push::{self, PushResult};
 
 /// The prompt shown before each command.
 pub(crate) const PROMPT: &str = "scm> ";
+
+/// How long after an `IAC IP` the session waits for the `IAC DO TIMING-MARK` that
+/// inetutils sends with it: that client discards all output until the mark is answered,
+/// so nothing may be said about the interrupt before the answer. Clients that send IP
+/// alone get their answer after this time.
+const TIMING_MARK_GRACE: Duration = Duration::from_millis(300);
+
+/// How long closing a session (TLS close_notify, TCP FIN) may take: a peer that stopped
+/// reading must not hold the task.
+const CLOSE_TIME: Duration = Duration::from_secs(2);
 
 /// What the console needs of the configuration.
 #[derive(Debug, Clone)]
@@ -86,7 +96,9 @@ pub(crate) async fn handle_plain(
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
     let mut s = Session::new(ctx, TelnetConn::new(tcp, Mode::Lines), peer);
-    s.run(None, shutdown).await
+    let r = s.run(None, shutdown).await;
+    s.close().await;
+    r
 }
 
 /// Serves one TLS telnet connection: the operator certificate logs the operator in.
@@ -109,7 +121,11 @@ pub(crate) async fn handle_tls(
     };
     let mut s = Session::new(ctx, TelnetConn::new(tls, Mode::Lines), peer);
     s.revoked = Some(registration.revoked().clone());
-    s.run(Some(name), registration.token.clone()).await
+    let r = s.run(Some(name), registration.token.clone()).await;
+    // TLS close_notify: without it the client cannot tell our close from a cut
+    // connection (`openssl s_client`: "unexpected eof while reading").
+    s.close().await;
+    r
 }
 
 /// Serves one session on any stream, logged in as `operator` as if by a certificate: the
@@ -123,14 +139,20 @@ pub(crate) async fn serve_logged_in<S: AsyncRead + AsyncWrite + Unpin>(
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
     let mut s = Session::new(ctx, TelnetConn::new(io, Mode::Lines), peer);
-    s.run(Some(operator), shutdown).await
+    let r = s.run(Some(operator), shutdown).await;
+    s.close().await;
+    r
 }
 
 /// One line of input, or what happened instead.
 enum Input {
     Line(String),
-    /// Ctrl-C (IAC IP).
+    /// A line of a push body, as received: the content rules of the use case judge it.
+    Raw(Vec<u8>),
+    /// Ctrl-C (`IAC IP`, or a raw 0x03).
     Interrupt,
+    /// Ctrl-D at the start of a line.
+    CtrlD,
     /// Over-long line (already answered, except in a push body).
     TooLong,
     /// Not UTF-8 (already answered, except in a push body).
@@ -145,6 +167,9 @@ struct Session<S> {
     operator: Option<OperatorConfig>,
     /// Cancelled when a reload revoked the operator's certificate (TLS telnet).
     revoked: Option<CancellationToken>,
+    /// An event read while waiting for a timing mark, to be handled next (`Some(None)`:
+    /// the end of the stream).
+    held: Option<Option<Event>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -159,7 +184,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             peer,
             operator: None,
             revoked: None,
+            held: None,
         }
+    }
+
+    /// Ends the connection properly: TLS close_notify, then FIN.
+    async fn close(&mut self) {
+        if tokio::time::timeout(CLOSE_TIME, self.conn.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::debug!(peer = %self.peer, "telnet session: peer did not take the close in time");
+        }
+    }
+
+    /// The next event, the held one first.
+    async fn next_event(&mut self) -> Result<Option<Event>, SessionError> {
+        if let Some(ev) = self.held.take() {
+            return Ok(ev);
+        }
+        Ok(self.conn.next_event().await?)
+    }
+
+    /// After `IAC IP`: waits (briefly) for the client's `IAC DO TIMING-MARK` and lets
+    /// the negotiator answer it before anything else is written. Anything else that
+    /// arrives meanwhile is held for the next read.
+    async fn timing_mark(&mut self) -> Result<(), SessionError> {
+        if self.held.is_some() {
+            return Ok(());
+        }
+        match tokio::time::timeout(TIMING_MARK_GRACE, self.conn.next_event()).await {
+            Err(_) => {}
+            Ok(ev) => match ev? {
+                // Answered (WONT TIMING-MARK) and flushed by `next_event`.
+                Some(Event::Negotiate {
+                    verb: Verb::Do,
+                    option: consts::opt::TIMING_MARK,
+                }) => {}
+                other => self.held = Some(other),
+            },
+        }
+        Ok(())
     }
 
     /// The logged-in operator as the use cases see it (`None` before login).
@@ -202,7 +267,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Reads the next line with a timeout, answering telnet commands on the way.
     /// Over-long and non-UTF-8 lines are answered at once, except in a push body
-    /// (`in_body`): that push gets one final reply (552) instead of one per bad line.
+    /// (`in_body`): there lines come as received, and that push gets one final reply
+    /// instead of one per bad line. A session idle for `timeout` is told so (`421`)
+    /// before it is closed.
     async fn read_input(
         &mut self,
         timeout: Duration,
@@ -210,11 +277,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<Input, SessionError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let ev = tokio::time::timeout_at(deadline, self.conn.next_event())
-                .await
-                .map_err(|_| SessionError::Timeout("operator session idle; closed"))??;
-            match ev {
+            let Ok(ev) = tokio::time::timeout_at(deadline, self.next_event()).await else {
+                let _ = self
+                    .reply(Reply::new(
+                        ReplyCode::Closing,
+                        format!("session idle for {} s; closing", timeout.as_secs().max(1)),
+                    ))
+                    .await;
+                return Err(SessionError::Timeout("operator session idle; closed"));
+            };
+            match ev? {
                 None => return Ok(Input::Eof),
+                Some(Event::Line(bytes)) if in_body => return Ok(Input::Raw(bytes)),
                 Some(Event::Line(bytes)) => {
                     return Ok(match String::from_utf8(bytes) {
                         Ok(s) => Input::Line(s),
@@ -243,8 +317,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Some(Event::Command(consts::IP)) => {
                     // Ctrl-C: forget the half-typed line too.
                     self.conn.codec_mut().clear_line();
+                    self.timing_mark().await?;
                     return Ok(Input::Interrupt);
                 }
+                // The codec has dropped the half-typed line already.
+                Some(Event::Interrupt) => return Ok(Input::Interrupt),
+                Some(Event::EndOfInput) => return Ok(Input::CtrlD),
                 Some(Event::Command(consts::AYT)) => {
                     self.conn.send_text("\r\n[scm: yes]\r\n").await?;
                 }
@@ -336,6 +414,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let user = match self.read_input(t, false).await? {
                 Input::Line(l) => l.trim().to_string(),
                 Input::Eof => return Ok(false),
+                Input::CtrlD => {
+                    self.reply(Reply::new(ReplyCode::Bye, "bye")).await?;
+                    return Ok(false);
+                }
                 _ => continue,
             };
             self.conn.request_us(consts::opt::ECHO, true).await?;
@@ -346,6 +428,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let pass = match pass {
                 Input::Line(l) => l,
                 Input::Eof => return Ok(false),
+                Input::CtrlD => {
+                    self.reply(Reply::new(ReplyCode::Bye, "bye")).await?;
+                    return Ok(false);
+                }
                 _ => continue,
             };
             let op = self.ctx.ops.operator(&user).cloned();
@@ -399,13 +485,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.conn.send_text(PROMPT).await?;
             let input = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    let revoked = self.revoked.as_ref().is_some_and(|r| r.is_cancelled());
-                    let text = if revoked {
-                        "your certificate has been revoked; closing"
-                    } else {
-                        "SCM shutting down"
-                    };
-                    let _ = self.reply(Reply::new(ReplyCode::Closing, text)).await;
+                    let _ = self.reply(self.closing("closing")).await;
                     return Ok(());
                 }
                 i = self.read_input(idle, false) => i?,
@@ -413,11 +493,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let line = match input {
                 Input::Line(l) => l,
                 Input::Eof => return Ok(()),
+                Input::CtrlD => {
+                    self.reply(Reply::new(ReplyCode::Bye, "bye")).await?;
+                    return Ok(());
+                }
                 Input::Interrupt => {
                     self.conn.send_text("\r\n").await?;
                     continue;
                 }
-                Input::TooLong | Input::Invalid => continue,
+                Input::Raw(_) | Input::TooLong | Input::Invalid => continue,
             };
             let cmd = match crate::front::telnet::command::parse(&line) {
                 Ok(c) => c,
@@ -444,10 +528,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     let a = status(&self.ctx.ops, &actor, id).await;
                     self.answer(a).await?
                 }
-                Command::Push(t) => self.push(&actor, t, idle, Duration::ZERO).await?,
+                Command::Push(t) => {
+                    if !self.push(&actor, t, idle, Duration::ZERO, &shutdown).await? {
+                        return Ok(());
+                    }
+                }
                 Command::PushWait(t, s) => {
                     let wait = Duration::from_secs(u64::from(s));
-                    self.push(&actor, t, idle, wait).await?
+                    if !self.push(&actor, t, idle, wait, &shutdown).await? {
+                        return Ok(());
+                    }
                 }
                 Command::History(id) => {
                     let a = history(&self.ctx.ops, &actor, id).await;
@@ -473,66 +563,92 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// Reads a configuration body (dot-terminated, dot-stuffed). `None` when the session
-    /// ended or the body was refused while it was read (the reply has been sent). The
-    /// limit is enforced here as well, as the body arrives, so that a session never holds
-    /// more than `limits.max_config_bytes`; the content checks proper are the use case's.
-    async fn read_body(&mut self, idle: Duration) -> Result<Option<Vec<u8>>, SessionError> {
+    /// The `421` line before the SCM closes the session (`what`: what becomes of it).
+    fn closing(&self, what: &str) -> Reply {
+        let revoked = self.revoked.as_ref().is_some_and(|r| r.is_cancelled());
+        let why = if revoked {
+            "your certificate has been revoked"
+        } else {
+            "SCM shutting down"
+        };
+        Reply::new(ReplyCode::Closing, format!("{why}; {what}"))
+    }
+
+    /// Reads a configuration body (dot-terminated, dot-stuffed), as received: the use
+    /// case checks the content (text rules, size). [`Body::Ended`] when the session ended,
+    /// [`Body::Refused`] when the push was cancelled or refused while it was read (the
+    /// reply has been sent). The limit is enforced here as well, as the body arrives, so
+    /// that a session never holds more than `limits.max_config_bytes`.
+    async fn read_body(
+        &mut self,
+        idle: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<Body, SessionError> {
         let max = self.ctx.ops.settings.max_config_bytes;
         let mut body: Vec<u8> = Vec::new();
         let mut too_large = false;
         loop {
-            match self.read_input(idle, true).await? {
-                Input::Eof => return Ok(None),
-                Input::Interrupt => {
+            let input = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = self.reply(self.closing("push cancelled, nothing sent; closing")).await;
+                    return Ok(Body::Ended);
+                }
+                i = self.read_input(idle, true) => i?,
+            };
+            match input {
+                Input::Eof => return Ok(Body::Ended),
+                Input::Interrupt | Input::CtrlD => {
                     self.reply(Reply::new(
-                        ReplyCode::Unknown,
+                        ReplyCode::Cancelled,
                         "push cancelled; nothing sent",
                     ))
                     .await?;
-                    return Ok(None);
+                    return Ok(Body::Refused);
                 }
                 // Not answered line by line: the whole push is refused at the end.
-                Input::TooLong | Input::Invalid => too_large = true,
-                Input::Line(l) => {
-                    if l == "." {
+                Input::TooLong => too_large = true,
+                Input::Raw(l) => {
+                    if l == b"." {
                         break;
                     }
-                    let l = l.strip_prefix('.').unwrap_or(&l);
+                    let l = l.strip_prefix(b".").unwrap_or(&l);
                     if body.len() + l.len() + 1 > max {
                         too_large = true;
                     } else {
-                        body.extend_from_slice(l.as_bytes());
+                        body.extend_from_slice(l);
                         body.push(b'\n');
                     }
                 }
+                Input::Line(_) | Input::Invalid => {}
             }
         }
         if too_large {
             self.reply(Reply::new(
                 ReplyCode::BodyRefused,
                 format!(
-                    "configuration refused (larger than {max} bytes, a line over the limit, or not UTF-8); nothing sent"
+                    "configuration refused (larger than {max} bytes, or a line over the limit); nothing sent"
                 ),
             ))
             .await?;
-            return Ok(None);
+            return Ok(Body::Refused);
         }
-        Ok(Some(body))
+        Ok(Body::Content(body))
     }
 
     /// `push <target>`: authorised before the body is asked for, so that a refused push
     /// never gets a 354.
+    /// `Ok(false)` when the session ended meanwhile.
     async fn push(
         &mut self,
         actor: &Actor,
         target: Target,
         idle: Duration,
         wait: Duration,
-    ) -> Result<(), SessionError> {
+        shutdown: &CancellationToken,
+    ) -> Result<bool, SessionError> {
         let plan = match operator::authorise_push(&self.ctx.ops, actor, target).await {
             Ok(p) => p.wait(wait),
-            Err(e) => return self.reply(refusal(&e)).await,
+            Err(e) => return self.reply(refusal(&e)).await.map(|()| true),
         };
         let what = match plan.target() {
             Target::Machine(id) => format!("machine {id}"),
@@ -543,9 +659,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             format!("send the configuration for {what}; end with a line holding only \".\""),
         ))
         .await?;
-        let Some(body) = self.read_body(idle).await? else {
-            return Ok(());
+        let body = match self.read_body(idle, shutdown).await? {
+            Body::Content(b) => b,
+            Body::Refused => return Ok(true),
+            Body::Ended => return Ok(false),
         };
+        self.run_push(actor, plan, body).await?;
+        Ok(true)
+    }
+
+    /// Runs a push whose body has been read, and answers it.
+    async fn run_push(
+        &mut self,
+        actor: &Actor,
+        plan: operator::PushPlan,
+        body: Vec<u8>,
+    ) -> Result<(), SessionError> {
         if matches!(plan.target(), Target::Machine(_)) {
             let r = operator::push(&self.ctx.ops, actor, plan, body, None).await;
             return self.reply(push_one_reply(r)).await;
@@ -590,6 +719,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
+/// What became of a push body.
+enum Body {
+    /// The content, to be checked and pushed.
+    Content(Vec<u8>),
+    /// Cancelled or refused while it was read (answered).
+    Refused,
+    /// The session ended.
+    Ended,
+}
+
 fn locked_out(ip: std::net::IpAddr, left: Duration) -> Reply {
     Reply::new(
         ReplyCode::Closing,
@@ -608,6 +747,7 @@ pub(crate) fn refusal(e: &OpError) -> Reply {
         | OpError::UnknownMachine(_)
         | OpError::NoGeneration { .. }
         | OpError::TooLarge { .. } => ReplyCode::Refused,
+        OpError::NotText(_) => ReplyCode::BodyRefused,
         OpError::Empty => ReplyCode::Syntax,
         OpError::Store(_) | OpError::TaskFailed => ReplyCode::Failed,
     };
@@ -619,6 +759,7 @@ pub(crate) fn refusal(e: &OpError) -> Reply {
             "machine {machine} has no generation {generation}; `history {machine}` lists them"
         ),
         OpError::Empty => "empty configuration; nothing sent".into(),
+        OpError::NotText(t) => format!("{t}; nothing sent"),
         OpError::TaskFailed => {
             "the push task failed; see the SCM's log, then check `machines`".into()
         }

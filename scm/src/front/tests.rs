@@ -30,8 +30,17 @@ const MAX: usize = 64;
 /// The console's context (and through it the use-case layer) over a fresh development setup (machines 1 and 2, operators `admin` and the
 /// read-only `viewer`), with a small configuration limit.
 async fn console(dir: &std::path::Path) -> Arc<TelnetContext> {
+    console_with(dir, |_| {}).await
+}
+
+/// [`console`], with the configuration changed by `change` first.
+async fn console_with(
+    dir: &std::path::Path,
+    change: impl FnOnce(&mut ScmConfig),
+) -> Arc<TelnetContext> {
     let r = crate::app::initdev::init_dev(dir, &[1, 2]).expect("init-dev");
     let mut cfg = ScmConfig::load(&r.scm_config, &Default::default()).expect("config");
+    change(&mut cfg);
     cfg.operators.push(OperatorConfig {
         name: "viewer".into(),
         password_hash: Secret::default(),
@@ -52,13 +61,22 @@ struct Console {
 
 impl Console {
     async fn open(ctx: &Arc<TelnetContext>, operator: &str) -> Console {
+        Console::open_until(ctx, operator, CancellationToken::new()).await
+    }
+
+    /// A session that ends when `shutdown` is cancelled.
+    async fn open_until(
+        ctx: &Arc<TelnetContext>,
+        operator: &str,
+        shutdown: CancellationToken,
+    ) -> Console {
         let (client, server) = tokio::io::duplex(1 << 16);
         tokio::spawn(crate::front::telnet::serve_logged_in(
             ctx.clone(),
             server,
             peer(),
             operator.to_owned(),
-            CancellationToken::new(),
+            shutdown,
         ));
         let mut c = Console { io: client };
         let hello = c.until_prompt().await;
@@ -68,9 +86,16 @@ impl Console {
 
     /// Everything up to the next prompt.
     async fn until_prompt(&mut self) -> String {
+        let got = self.until(crate::front::telnet::PROMPT.as_bytes()).await;
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// The bytes up to and including `end` (read byte by byte, so nothing after it is
+    /// consumed).
+    async fn until(&mut self, end: &[u8]) -> Vec<u8> {
         let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !got.ends_with(crate::front::telnet::PROMPT.as_bytes()) {
+        let mut buf = [0u8; 1];
+        while !got.ends_with(end) {
             let n = tokio::time::timeout(Duration::from_secs(20), self.io.read(&mut buf))
                 .await
                 .expect("the console answers")
@@ -78,7 +103,29 @@ impl Console {
             assert!(n > 0, "console closed: {}", String::from_utf8_lossy(&got));
             got.extend_from_slice(&buf[..n]);
         }
+        got
+    }
+
+    /// Everything until the console closes the session.
+    async fn until_closed(&mut self) -> String {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), self.io.read_to_end(&mut got))
+            .await
+            .expect("the console closes")
+            .expect("read");
         String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// Sends bytes as they are.
+    async fn raw(&mut self, bytes: &[u8]) {
+        self.io.write_all(bytes).await.expect("write");
+    }
+
+    /// `push <target>` up to the 354 line.
+    async fn start_push(&mut self, target: &str) {
+        self.raw(format!("push {target}\r\n").as_bytes()).await;
+        let go = self.until(b"\r\n").await;
+        assert!(go.starts_with(b"354 "), "{}", String::from_utf8_lossy(&go));
     }
 
     /// Sends lines (CR LF after each), returns the answer up to the next prompt.
@@ -368,4 +415,155 @@ fn every_refusal_renders_alike_on_both_front_ends() {
         refusal(&e).to_string(),
         "550 machine 1 has no generation 77; `history 1` lists them"
     );
+}
+
+/// What inetutils telnet sends for Ctrl-C: `IAC IP IAC DO TIMING-MARK`.
+const CTRL_C: &[u8] = b"\xff\xf4\xff\xfd\x06";
+/// The answer to it: `IAC WONT TIMING-MARK`.
+const WONT_TM: &[u8] = b"\xff\xfc\x06";
+
+async fn history_len(ctx: &TelnetContext, id: u16) -> usize {
+    ctx.ops.store.fleet().history(id, 10).await.unwrap().len()
+}
+
+#[tokio::test]
+async fn ctrl_c_answers_the_timing_mark_before_anything_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = console(dir.path()).await;
+    let mut admin = Console::open(&ctx, "admin").await;
+
+    // inetutils discards everything it receives between its IP and the answer to its DO
+    // TIMING-MARK: the answer must come first, then the cancellation and the prompt.
+    admin.start_push("2").await;
+    admin.raw(b"pl=partial\r\n").await;
+    admin.raw(CTRL_C).await;
+    let got = admin.until_prompt().await;
+    let want = format!(
+        "{}426 push cancelled; nothing sent\r\nscm> ",
+        String::from_utf8_lossy(WONT_TM)
+    );
+    assert_eq!(got, want);
+    // At the prompt too: the mark, then a fresh prompt.
+    admin.raw(CTRL_C).await;
+    let got = admin.until_prompt().await;
+    assert_eq!(
+        got,
+        format!("{}\r\nscm> ", String::from_utf8_lossy(WONT_TM))
+    );
+    let got = admin.send(&["machines"]).await;
+    assert!(got.contains("250 2 machines"), "{got}");
+    assert_eq!(history_len(&ctx, 2).await, 0, "nothing was stored");
+}
+
+#[tokio::test]
+async fn raw_ctrl_c_and_ctrl_d_cancel_a_push_and_ctrl_d_ends_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = console(dir.path()).await;
+    let mut admin = Console::open(&ctx, "admin").await;
+
+    // plink and telnetlib3 send Ctrl-C as the byte 0x03: an interrupt, not text, and
+    // what follows it is the next command, not a configuration line.
+    admin.start_push("2").await;
+    admin.raw(b"pl=partial\r\n\x03machines\r\n").await;
+    let got = admin.until_prompt().await;
+    assert_eq!(got, "426 push cancelled; nothing sent\r\nscm> ");
+    let got = admin.until_prompt().await;
+    assert!(got.contains("250 2 machines"), "{got}");
+
+    // Ctrl-D at the start of a body line cancels the push too.
+    admin.start_push("2").await;
+    admin.raw(b"a=1\r\n\x04").await;
+    let got = admin.until_prompt().await;
+    assert_eq!(got, "426 push cancelled; nothing sent\r\nscm> ");
+    assert_eq!(history_len(&ctx, 2).await, 0, "nothing was stored");
+
+    // At the prompt, Ctrl-D ends the session politely.
+    admin.raw(b"\x04").await;
+    assert_eq!(admin.until_closed().await, "221 bye\r\n");
+}
+
+#[tokio::test]
+async fn both_front_ends_refuse_control_bytes_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = console_with(dir.path(), |c| c.limits.max_config_bytes = 4096).await;
+    let svc = AdminService::new(ctx.ops.clone(), CancellationToken::new());
+    let mut admin = Console::open(&ctx, "admin").await;
+    let rule = "configurations are UTF-8 text with TAB as the only control character";
+    let cases: [(&[u8], &str); 6] = [
+        (
+            b"a=1\nb=2\n\x1b[1mc\n",
+            "line 3 has control byte 0x1B (ESC)",
+        ),
+        (b"a=\x00\n", "line 1 has control byte 0x00 (NUL)"),
+        (b"ok\nbell=\x07\n", "line 2 has control byte 0x07 (BEL)"),
+        (b"eot=\x04\n", "line 1 has control byte 0x04 (EOT)"),
+        (b"etx\tok\nx=\x1f\n", "line 2 has control byte 0x1F (US)"),
+        (b"a=1\nname=caf\xe9\n", "line 2 is not UTF-8"),
+    ];
+    for (content, why) in cases {
+        admin.start_push("2").await;
+        let mut body = Vec::new();
+        for l in content.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            body.extend_from_slice(l);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b".\r\n");
+        admin.raw(&body).await;
+        let console = admin.until_prompt().await;
+        let status = grpc_push(&svc, "admin", "2", content).await;
+        assert_eq!(
+            console,
+            format!("552 {why}; {rule}; nothing sent\r\nscm> "),
+            "{content:?}"
+        );
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(
+            status.message(),
+            format!("{why}; {rule}; nothing was stored or sent"),
+            "{content:?}"
+        );
+    }
+    assert_eq!(history_len(&ctx, 2).await, 0, "nothing was stored");
+    // TAB and CR LF line ends are text.
+    let console = admin.send(&["push 2", "a\t= 1", "."]).await;
+    assert!(console.contains("450 machine 2 unreachable"), "{console}");
+}
+
+#[tokio::test]
+async fn idle_and_shutdown_are_announced_before_the_session_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = console_with(dir.path(), |c| c.timeouts.telnet_idle_ms = 300).await;
+    let mut idle = Console::open(&ctx, "admin").await;
+    assert_eq!(
+        idle.until_closed().await,
+        "421 session idle for 1 s; closing\r\n"
+    );
+    let mut mid_push = Console::open(&ctx, "admin").await;
+    mid_push.start_push("2").await;
+    // Idle in the middle of a body as well.
+    assert_eq!(
+        mid_push.until_closed().await,
+        "421 session idle for 1 s; closing\r\n"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = console(dir.path()).await;
+    let shutdown = CancellationToken::new();
+    let mut at_prompt = Console::open_until(&ctx, "admin", shutdown.clone()).await;
+    let mut mid_push = Console::open_until(&ctx, "admin", shutdown.clone()).await;
+    mid_push.start_push("2").await;
+    mid_push.raw(b"a=1\r\n").await;
+    // The body line has been read when the session answers an AYT after it.
+    mid_push.raw(b"\xff\xf6").await;
+    mid_push.until(b"[scm: yes]\r\n").await;
+    shutdown.cancel();
+    assert_eq!(
+        at_prompt.until_closed().await,
+        "421 SCM shutting down; closing\r\n"
+    );
+    assert_eq!(
+        mid_push.until_closed().await,
+        "421 SCM shutting down; push cancelled, nothing sent; closing\r\n"
+    );
+    assert_eq!(history_len(&ctx, 2).await, 0, "nothing was stored");
 }

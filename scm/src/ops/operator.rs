@@ -86,6 +86,9 @@ pub(crate) enum OpError {
         /// Limit.
         max: usize,
     },
+    /// Not UTF-8 text, or a control character other than TAB and the line ends.
+    #[error("{0}")]
+    NotText(#[from] TextError),
     /// The database failed; nothing was stored or sent.
     #[error("{hint}", hint = .0.operator_hint())]
     Store(#[from] StoreError),
@@ -169,7 +172,8 @@ pub(crate) async fn authorise_push(
     })
 }
 
-/// The content limits: not empty, at most `limits.max_config_bytes`.
+/// The content limits: not empty, at most `limits.max_config_bytes`, and text
+/// ([`check_text`]).
 pub(crate) fn check_content(ops: &Ops, content: &[u8]) -> Result<(), OpError> {
     let max = ops.settings.max_config_bytes;
     if content.is_empty() {
@@ -180,6 +184,78 @@ pub(crate) fn check_content(ops: &Ops, content: &[u8]) -> Result<(), OpError> {
             size: content.len(),
             max,
         });
+    }
+    check_text(content)?;
+    Ok(())
+}
+
+/// Why a configuration is not text: its line (from 1) and what is wrong there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "line {line} {problem}; configurations are UTF-8 text with TAB as the only control character"
+)]
+pub(crate) struct TextError {
+    /// The line, counted from 1.
+    pub line: usize,
+    /// What is wrong with it.
+    pub problem: TextProblem,
+}
+
+/// What makes a line not text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TextProblem {
+    /// A byte sequence that is not UTF-8.
+    NotUtf8,
+    /// A control character (C0, DEL or C1) other than TAB, or a CR not ending a line.
+    Control(char),
+}
+
+impl fmt::Display for TextProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            TextProblem::NotUtf8 => f.write_str("is not UTF-8"),
+            TextProblem::Control(c) if c.is_ascii() => write!(
+                f,
+                "has control byte 0x{:02X} ({})",
+                c as u32,
+                control_name(c)
+            ),
+            TextProblem::Control(c) => write!(f, "has control character U+{:04X}", c as u32),
+        }
+    }
+}
+
+/// The ASCII name of a control character (others by their code point).
+pub(crate) fn control_name(c: char) -> String {
+    const C0: [&str; 32] = [
+        "NUL", "SOH", "STX", "ETX", "EOT", "ENQ", "ACK", "BEL", "BS", "TAB", "LF", "VT", "FF",
+        "CR", "SO", "SI", "DLE", "DC1", "DC2", "DC3", "DC4", "NAK", "SYN", "ETB", "CAN", "EM",
+        "SUB", "ESC", "FS", "GS", "RS", "US",
+    ];
+    match c as u32 {
+        n @ 0..=31 => C0[n as usize].to_string(),
+        0x7f => "DEL".to_string(),
+        n => format!("U+{n:04X}"),
+    }
+}
+
+/// The one rule for configuration content, whichever front end it came through: UTF-8
+/// text whose only control characters are TAB and the line ends (LF, or CR LF). A
+/// configuration is read by people (`history`, the agent's file) and by parsers on the
+/// machines: an ESC or a NUL in it is a typing accident (a terminal's arrow key, a
+/// client's Ctrl-C) or worse, never a setting.
+pub(crate) fn check_text(content: &[u8]) -> Result<(), TextError> {
+    for (i, line) in content.split(|&b| b == b'\n').enumerate() {
+        let at = |problem| TextError {
+            line: i + 1,
+            problem,
+        };
+        let text = std::str::from_utf8(line).map_err(|_| at(TextProblem::NotUtf8))?;
+        // A CR is a line end only right before the LF (or at the very end).
+        let text = text.strip_suffix('\r').unwrap_or(text);
+        if let Some(c) = text.chars().find(|&c| c != '\t' && c.is_control()) {
+            return Err(at(TextProblem::Control(c)));
+        }
     }
     Ok(())
 }
@@ -348,4 +424,34 @@ pub(crate) async fn audit_log(
 pub(crate) async fn swipes(ops: &Ops, actor: &Actor, limit: u32) -> Result<Vec<SwipeRow>, OpError> {
     tracing::debug!(operator = %actor.name, via = %actor.front, "swipes");
     Ok(ops.store.journal().list(limit).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configurations_are_text_with_tab_as_the_only_control_character() {
+        for ok in [
+            &b"a = 1\n"[..],
+            b"a = 1\r\nb\t= 2\r\n",
+            b"no final line end",
+            "caf\u{e9} = \u{2713}\n".as_bytes(),
+            b"ends with CR\r",
+        ] {
+            assert_eq!(check_text(ok), Ok(()), "{ok:?}");
+        }
+        let refused = |c: &[u8]| check_text(c).unwrap_err().to_string();
+        assert_eq!(
+            refused(b"a\nb\n\x1b[1mc\n"),
+            "line 3 has control byte 0x1B (ESC); configurations are UTF-8 text with TAB as the only control character"
+        );
+        assert!(refused(b"\0").starts_with("line 1 has control byte 0x00 (NUL);"));
+        assert!(refused(b"x\x07\n").starts_with("line 1 has control byte 0x07 (BEL);"));
+        assert!(refused(b"a\n\x04").starts_with("line 2 has control byte 0x04 (EOT);"));
+        assert!(refused(b"a\x7f").starts_with("line 1 has control byte 0x7F (DEL);"));
+        assert!(refused(b"a\rb\n").starts_with("line 1 has control byte 0x0D (CR);"));
+        assert!(refused("\u{9b}2J".as_bytes()).starts_with("line 1 has control character U+009B;"));
+        assert!(refused(b"ok\n\xff\xfe\n").starts_with("line 2 is not UTF-8;"));
+    }
 }

@@ -2,8 +2,6 @@
 //! in, a [`Command`] or a typed refusal ([`ParseError`], which knows its reply) out. Kept pure so it can be unit-tested
 //! exhaustively and fuzzed.
 
-use scm_common::text::quoted;
-
 use crate::front::telnet::reply::{Reply, ReplyCode};
 use crate::ops::fleet::{SelectError, Target};
 
@@ -42,8 +40,8 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ParseError {
-    /// Not a command (its first 40 characters).
-    #[error("unknown command {0:?}; type help for the list")]
+    /// Not a command: the word as typed, quoted and cut ([`typed`]).
+    #[error("unknown command {0}; type help for the list")]
     Unknown(String),
     /// The command with the wrong arguments: its usage.
     #[error("usage: {0}")]
@@ -74,11 +72,12 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         return Ok(Command::Empty);
     }
     let mut words = line.split_whitespace();
-    let cmd = words.next().unwrap_or("").to_ascii_lowercase();
+    let word = words.next().unwrap_or("");
+    let cmd = word.to_ascii_lowercase();
     let args: Vec<&str> = words.collect();
     let machine_id = |s: &str| -> Result<u16, ParseError> {
         s.parse::<u16>()
-            .map_err(|_| ParseError::NotAMachineId(quoted(s, 40)))
+            .map_err(|_| ParseError::NotAMachineId(typed(s, 40)))
     };
     let usage = |u: &str| ParseError::Usage(u.to_owned());
     match (cmd.as_str(), args.as_slice()) {
@@ -109,8 +108,36 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         ("machines" | "groups" | "audit" | "swipes" | "quit" | "exit" | "logout", _) => {
             Err(usage(&format!("{cmd} (no arguments)")))
         }
-        _ => Err(ParseError::Unknown(cmd.chars().take(40).collect())),
+        _ => Err(ParseError::Unknown(typed(word, 40))),
     }
+}
+
+/// What the operator typed, as a terminal user reads it: in double quotes, with control
+/// characters in caret notation (ESC is `^[`, DEL `^?`; others as `<U+009B>`) rather than
+/// Rust escapes, case kept, at most `max` bytes between the quotes (after the caret
+/// notation; a cut is marked `...` after the closing quote).
+pub(crate) fn typed(s: &str, max: usize) -> String {
+    let mut out = String::from("\"");
+    let mut cut = false;
+    for c in s.chars() {
+        let shown = match c as u32 {
+            n @ 0..=0x1f => format!("^{}", char::from(b'@' + n as u8)),
+            0x7f => "^?".to_string(),
+            n if c.is_control() => format!("<U+{n:04X}>"),
+            _ if c == '"' => "\\\"".to_string(),
+            _ => c.to_string(),
+        };
+        if out.len() - 1 + shown.len() > max {
+            cut = true;
+            break;
+        }
+        out.push_str(&shown);
+    }
+    out.push('"');
+    if cut {
+        out.push_str("...");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -176,6 +203,28 @@ mod tests {
             ),
         ];
         for (line, want) in bad {
+            let got = parse(line).map_err(|e| e.reply().to_string());
+            assert_eq!(got, Err(want.to_string()), "{line:?}");
+        }
+        // Control bytes shown as a terminal user knows them, the case as typed.
+        for (line, want) in [
+            (
+                "machines\u{1b}[d\u{1b}[dx",
+                "500 unknown command \"machines^[[d^[[dx\"; type help for the list",
+            ),
+            (
+                "Machines\u{7f}X",
+                "500 unknown command \"Machines^?X\"; type help for the list",
+            ),
+            (
+                "a\u{0}\u{9b}\"",
+                "500 unknown command \"a^@<U+009B>\\\"\"; type help for the list",
+            ),
+            (
+                "status 1\u{1b}",
+                "501 \"1^[\" is not a machine id (0-65535)",
+            ),
+        ] {
             let got = parse(line).map_err(|e| e.reply().to_string());
             assert_eq!(got, Err(want.to_string()), "{line:?}");
         }

@@ -29,11 +29,13 @@ pub enum ReplyCode {
     SendBody = 354,
     /// 421: the session is closing (time-out, lockout, shutdown, revocation).
     Closing = 421,
+    /// 426: a push cancelled by the operator (Ctrl-C, Ctrl-D) while its body was typed.
+    Cancelled = 426,
     /// 450: pending (the machine is unreachable; retried).
     Pending = 450,
     /// 451: the SCM failed (database); try again.
     Failed = 451,
-    /// 500: unknown command, over-long line, cancelled push.
+    /// 500: unknown command, over-long line.
     Unknown = 500,
     /// 501: syntax (arguments, body).
     Syntax = 501,
