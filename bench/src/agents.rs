@@ -100,6 +100,8 @@ pub fn swipe_frame(id: u16, seq: u64, request_id: u64) -> scm_proto::Frame {
         card: format!("{seq:010}"),
         swiped_at_unix_ms: 0,
         ttl_ms: 30_000,
+        // Stamped like a real agent's, so the SCM's wait estimate is on the measured path.
+        sent_at_unix_ms: scm_common::clock::now_ms_u64(),
     });
     scm_proto::reply_frame(&m, id)
 }

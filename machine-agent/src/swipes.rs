@@ -254,6 +254,7 @@ impl SwipeQueue {
                 ttl_ms: u32::try_from(remaining.as_millis())
                     .unwrap_or(u32::MAX)
                     .max(1),
+                sent_at_unix_ms: scm_common::clock::now_ms_u64(),
             }));
         }
         out

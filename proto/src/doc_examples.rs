@@ -106,6 +106,7 @@ fn examples() -> Vec<(&'static str, Frame)> {
                     card: "12345678".into(),
                     swiped_at_unix_ms: 1_767_225_600_000,
                     ttl_ms: 10_000,
+                    sent_at_unix_ms: 0,
                 }),
                 0x0102,
             ),

@@ -25,6 +25,7 @@ use crate::coord::ids::Ids;
 use crate::coord::sessions::{Session, SessionRegistry};
 use crate::state::{self, FleetState};
 
+pub(crate) mod clock;
 pub(crate) mod dialect;
 pub(crate) mod machine;
 pub(crate) mod mailbox;
@@ -73,6 +74,7 @@ pub(crate) trait Upcalls: Send + Sync + std::fmt::Debug {
         &'a self,
         machine: u16,
         swipe: &'a scm_proto::v1::Swipe,
+        waited: Duration,
     ) -> UpcallFuture<'a, SwipeVerdict>;
     /// Brings `machine` up to date in the background (its version-1 HELLO was accepted).
     fn deliver_pending(&self, machine: u16);
@@ -407,8 +409,8 @@ impl Driver {
                     self.machine
                         .msg_address_checked(dialect, &text, last_peer.as_deref());
                 }
-                Action::Swipe(s) => {
-                    let verdict = self.ctx.upcalls.swipe(id, &s).await;
+                Action::Swipe(s, waited) => {
+                    let verdict = self.ctx.upcalls.swipe(id, &s, waited).await;
                     self.machine.swipe_verdict(s.request_id, verdict);
                 }
                 Action::ConfigAnswered { result } => {

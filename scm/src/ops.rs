@@ -152,8 +152,9 @@ impl crate::link::Upcalls for LinkUpcalls {
         &'a self,
         machine: u16,
         swipe: &'a scm_proto::v1::Swipe,
+        waited: std::time::Duration,
     ) -> crate::link::UpcallFuture<'a, crate::link::SwipeVerdict> {
-        Box::pin(self.0.swipes.receive(machine, swipe))
+        Box::pin(self.0.swipes.receive(machine, swipe, waited))
     }
 
     fn deliver_pending(&self, machine: u16) {

@@ -293,6 +293,7 @@ async fn flood_no_read(args: &Args, p: &Pems) -> anyhow::Result<()> {
             card: format!("ROGUE{:08}", sent % 100_000_000),
             swiped_at_unix_ms: 0,
             ttl_ms: 60_000,
+            sent_at_unix_ms: 0,
         });
         let frame = scm_proto::reply_frame(&m, id);
         match tokio::time::timeout(Duration::from_secs(2), write_frame(&mut w, &frame)).await {

@@ -21,6 +21,7 @@ mod mtls;
 mod relay;
 mod rfideas;
 mod swipe_path;
+mod stall;
 mod swipes;
 mod tables;
 mod telnet;

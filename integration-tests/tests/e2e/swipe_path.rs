@@ -43,6 +43,7 @@ async fn send_swipe(c: &mut FrameClient, request_id: u64, event_id: &str, card: 
         card: card.into(),
         swiped_at_unix_ms: 1,
         ttl_ms: 30_000,
+        sent_at_unix_ms: 0,
     });
     c.send(&scm_proto::reply_frame(&s, 1)).await.unwrap();
     Message::decode(&c.recv().await.unwrap().expect("SWIPE answered")).expect("decodes")

@@ -332,6 +332,7 @@ fn swipe_frame_with_another_machine_id_is_refused() {
             card: "SPOOF123".into(),
             swiped_at_unix_ms: 1,
             ttl_ms: 5_000,
+            sent_at_unix_ms: 0,
         });
         c.send(&scm_proto::reply_frame(&swipe, 2)).await.unwrap();
         match Message::decode(&c.recv().await.unwrap().unwrap()) {
@@ -348,6 +349,7 @@ fn swipe_frame_with_another_machine_id_is_refused() {
             card: "BAD CARD".into(),
             swiped_at_unix_ms: 1,
             ttl_ms: 5_000,
+            sent_at_unix_ms: 0,
         });
         c.send(&scm_proto::reply_frame(&bad, 1)).await.unwrap();
         match Message::decode(&c.recv().await.unwrap().unwrap()) {

@@ -38,6 +38,7 @@ fn every_message() -> Vec<Message> {
             card: "12345678".into(),
             swiped_at_unix_ms: 1_767_225_600_000,
             ttl_ms: 10_000,
+            sent_at_unix_ms: 1_767_225_600_002,
         }),
         Message::Heartbeat(Heartbeat {
             request_id: 6,
@@ -277,6 +278,7 @@ fn field_numbers_are_fixed() {
             card: "c".into(),
             swiped_at_unix_ms: 5,
             ttl_ms: 6,
+            sent_at_unix_ms: 0,
         }
     );
     let hb = Heartbeat::decode(&[0x08, 1, 0x10, 2][..]).expect("valid");

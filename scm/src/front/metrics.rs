@@ -65,7 +65,8 @@ pub(crate) fn render(s: &Snapshot<'_>) -> String {
     // Delivered and expired come from the bridge's own per-device counters, which change
     // at the moment of the write or the expiry (the journal learns of them a moment later).
     let delivered: u64 = s.devices.iter().map(|d| d.delivered).sum();
-    let expired: u64 = s.devices.iter().map(|d| d.expired).sum();
+    let expired: u64 = s.devices.iter().map(|d| d.expired).sum::<u64>()
+        + sw.expired_unread.load(Ordering::Relaxed);
     for (outcome, v) in [
         ("queued", sw.queued.load(Ordering::Relaxed)),
         ("no_route", sw.no_route.load(Ordering::Relaxed)),

@@ -529,7 +529,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.answer(a).await?
                 }
                 Command::Push(t) => {
-                    if !self.push(&actor, t, idle, Duration::ZERO, &shutdown).await? {
+                    if !self
+                        .push(&actor, t, idle, Duration::ZERO, &shutdown)
+                        .await?
+                    {
                         return Ok(());
                     }
                 }

@@ -76,7 +76,7 @@ pub(crate) enum Request {
     /// MSG and its text.
     Msg { request_id: u64, text: String },
     /// HEARTBEAT (version 1).
-    Heartbeat { request_id: u64 },
+    Heartbeat { request_id: u64, sent_at_ms: u64 },
     /// SWIPE (version 1).
     Swipe(v1::Swipe),
     /// An ACK or NACK: never answered.
@@ -149,6 +149,7 @@ impl Dialect {
                 },
                 Message::Heartbeat(h) => Request::Heartbeat {
                     request_id: h.request_id,
+                    sent_at_ms: h.sent_at_unix_ms,
                 },
                 Message::Swipe(s) => Request::Swipe(s),
                 Message::Ack(_) | Message::Nack(_) => Request::Answer(code),

@@ -19,6 +19,7 @@ use scm_proto::v1::{self, NackReason};
 use scm_proto::{Code, Frame, FrameError};
 use tokio::time::Instant;
 
+use super::clock::ClockOffset;
 use super::dialect::PushResult;
 use super::dialect::{self, Dialect, Request};
 use crate::state::Generation;
@@ -82,8 +83,10 @@ pub(crate) enum Action {
     /// Look up the address of the machine's last HELLO and call
     /// [`LinkMachine::msg_address_checked`].
     CheckMsgAddress { dialect: Dialect, text: String },
-    /// Hand the swipe to the bridge and call [`LinkMachine::swipe_verdict`].
-    Swipe(v1::Swipe),
+    /// Hand the swipe to the bridge and call [`LinkMachine::swipe_verdict`]; the
+    /// duration is how long the frame waited before it was handled (counted against its
+    /// time to live, `link::clock`).
+    Swipe(v1::Swipe, Duration),
     /// Count and record the outcome of the in-band CONFIG (the delivery lock is free
     /// after this).
     PushOutcome {
@@ -134,6 +137,11 @@ pub(crate) struct LinkMachine {
     /// Dialect of the accepted HELLO on this link.
     hello: Option<Dialect>,
     awaiting: Option<Awaiting>,
+    /// The agent's clock against ours, from its stamped frames.
+    clock: ClockOffset,
+    /// A wall-clock reading and the instant it was taken: wall time derived from the
+    /// monotonic `now` the driver passes in (a stepped SCM clock does not move it).
+    epoch: (i64, Instant),
     actions: VecDeque<Action>,
 }
 
@@ -143,6 +151,8 @@ impl LinkMachine {
             p,
             hello: None,
             awaiting: None,
+            clock: ClockOffset::default(),
+            epoch: (scm_common::clock::now_ms(), Instant::now()),
             actions: VecDeque::new(),
         }
     }
@@ -185,6 +195,13 @@ impl LinkMachine {
             }
             None => (Some(self.p.idle), self.p.stall),
         }
+    }
+
+    /// Wall-clock milliseconds at `now`.
+    fn wall_ms(&self, now: Instant) -> i64 {
+        let (ms, at) = self.epoch;
+        let since = now.saturating_duration_since(at).as_millis();
+        ms.saturating_add(i64::try_from(since).unwrap_or(i64::MAX))
     }
 
     fn push(&mut self, a: Action) {
@@ -273,15 +290,15 @@ impl LinkMachine {
                 return;
             }
         };
-        self.on_request(dialect, request);
+        self.on_request(dialect, request, now);
     }
 
-    fn on_request(&mut self, dialect: Dialect, request: Request) {
+    fn on_request(&mut self, dialect: Dialect, request: Request, now: Instant) {
         let id = self.p.cert_id;
         let rid = match &request {
             Request::Hello { request_id, .. }
             | Request::Msg { request_id, .. }
-            | Request::Heartbeat { request_id }
+            | Request::Heartbeat { request_id, .. }
             | Request::NotAccepted { request_id, .. } => *request_id,
             Request::Swipe(s) => s.request_id,
             Request::Answer(_) => 0,
@@ -343,11 +360,15 @@ impl LinkMachine {
                     self.push(Action::CheckMsgAddress { dialect, text });
                 }
             }
-            Request::Heartbeat { .. } => {
+            Request::Heartbeat { sent_at_ms, .. } => {
+                self.clock.observe(sent_at_ms, self.wall_ms(now));
                 let ack = dialect.ack(id, rid, "OK", 0);
                 self.answer(dialect, ack);
             }
-            Request::Swipe(s) => self.push(Action::Swipe(s)),
+            Request::Swipe(s) => {
+                let waited = self.clock.observe(s.sent_at_unix_ms, self.wall_ms(now));
+                self.push(Action::Swipe(s, Duration::from_millis(waited)))
+            }
             Request::NotAccepted { code, .. } => {
                 let text = format!("{} is not accepted from machines", code.name());
                 let nack = dialect.nack(id, rid, NackReason::NotAllowed, text);

@@ -19,7 +19,12 @@ struct StandIn {
 }
 
 impl Upcalls for StandIn {
-    fn swipe<'a>(&'a self, machine: u16, swipe: &'a v1::Swipe) -> UpcallFuture<'a, SwipeVerdict> {
+    fn swipe<'a>(
+        &'a self,
+        machine: u16,
+        swipe: &'a v1::Swipe,
+        _waited: Duration,
+    ) -> UpcallFuture<'a, SwipeVerdict> {
         self.swipes
             .lock_unpoisoned()
             .push((machine, swipe.event_id.clone()));

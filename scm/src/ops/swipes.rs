@@ -75,6 +75,8 @@ pub(crate) struct SwipeStats {
     pub busy: AtomicU64,
     /// Journal records lost because the journal queue was full or the database failed.
     pub journal_lost: AtomicU64,
+    /// Expired before they were handled: the frame waited longer than its time to live.
+    pub expired_unread: AtomicU64,
 }
 
 pub(crate) use crate::link::SwipeVerdict as Verdict;
@@ -285,14 +287,17 @@ impl Swipes {
 
     /// Handles one SWIPE from machine `machine` (the id already checked against the
     /// certificate), and publishes the answer on the event bus (card masked).
-    pub(crate) async fn receive(&self, machine: u16, s: &v1::Swipe) -> Verdict {
-        let verdict = self.answer(machine, s).await;
+    /// The verdict on swipe `s` from `machine`, which waited `waited` before it was
+    /// handled (unread in a socket, or the SCM stopped: `link::clock`); that time counts
+    /// against its time to live.
+    pub(crate) async fn receive(&self, machine: u16, s: &v1::Swipe, waited: Duration) -> Verdict {
+        let verdict = self.answer(machine, s, waited).await;
         self.events
             .swipe(machine, &s.reader_id, mask(&s.card), &verdict);
         verdict
     }
 
-    async fn answer(&self, machine: u16, s: &v1::Swipe) -> Verdict {
+    async fn answer(&self, machine: u16, s: &v1::Swipe, waited: Duration) -> Verdict {
         let received_at = tokio::time::Instant::now();
         let masked = mask(&s.card);
         let row = |outcome, detail: String| Row {
@@ -327,6 +332,22 @@ impl Swipes {
             0 => self.settings.default_ttl_ms,
             t => u64::from(t).min(self.settings.max_ttl_ms),
         };
+        let waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+        if waited_ms >= ttl {
+            // Its lifetime ran out while the frame waited: a swipe is never forwarded
+            // later than its TTL after it was sent. Not de-duplicated: nothing was sent.
+            self.stats.expired_unread.fetch_add(1, Ordering::Relaxed);
+            let text = format!(
+                "expired: the frame waited {waited_ms} ms before the SCM could read it, longer than its remaining {ttl} ms"
+            );
+            tracing::warn!(machine, reader = %s.reader_id, card = %masked, event = %s.event_id, "swipe not forwarded: {text}");
+            self.journal(JournalOp::Insert(
+                row(JournalOutcome::Expired, text.clone()),
+                None,
+            ));
+            return Verdict::Nack(NackReason::Expired, text);
+        }
+        let ttl = ttl - waited_ms;
         let now = now_ms();
         let fresh = self.seen.insert(
             &s.event_id,

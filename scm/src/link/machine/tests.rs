@@ -119,7 +119,9 @@ fn describe(a: &Action) -> String {
         Action::CheckMsgAddress { dialect, text } => {
             format!("check-address v{} '{text}'", dialect.version())
         }
-        Action::Swipe(s) => format!("swipe #{} {}", s.request_id, s.event_id),
+        Action::Swipe(s, waited) => {
+            format!("swipe #{} {} waited {waited:?}", s.request_id, s.event_id)
+        }
         Action::PushOutcome { result, elapsed } => format!("outcome {result:?} {elapsed:?}"),
         Action::ConfigAnswered { result } => format!("answered {result:?}"),
         Action::Close(Close::Ended) => "close".into(),
@@ -723,7 +725,7 @@ fn actions_reuse_one_queue() {
     let mut m = after_hello(1);
     for rid in 0..100 {
         m.handle_frame(v1(swipe1(rid), ID), Instant::now());
-        assert!(matches!(m.poll_action(), Some(Action::Swipe(_))));
+        assert!(matches!(m.poll_action(), Some(Action::Swipe(..))));
         m.swipe_verdict(rid, SwipeVerdict::Ack("ok".into()));
         assert!(matches!(m.poll_action(), Some(Action::Reply(_))));
         assert!(m.poll_action().is_none());
