@@ -265,7 +265,16 @@ where
                     .await
                     .map_err(|e| LinkError::Lost(e.to_string()))?;
             }
-            _ = sleep_until(timer) => link.handle_timeout(tokio::time::Instant::now()),
+            _ = sleep_until(timer) => {
+                let st = &queue.stats;
+                let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+                link.set_refusals(machine::Refusals {
+                    invalid: load(&st.refused),
+                    queue_full: load(&st.queue_full),
+                    expired: load(&st.expired),
+                });
+                link.handle_timeout(tokio::time::Instant::now())
+            }
             _ = queue.changed(), if up => link.swipes_due(),
             _ = tokio::time::sleep_until(swipe_deadline), if up => link.swipes_due(),
             f = reader.read_frame(idle, stall) => match f {

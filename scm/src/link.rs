@@ -368,6 +368,11 @@ impl Driver {
                     let _ = w.write(&f).await;
                 }
                 Action::Count(reason) => crate::metrics::global().frames_refused.inc(&[reason]),
+                Action::AgentReport(r) => {
+                    if self.registered {
+                        self.ctx.sessions.report_refusals(id, self.link_id, r);
+                    }
+                }
                 Action::RecordHello {
                     dialect,
                     config_address,
@@ -453,6 +458,7 @@ impl Driver {
                 readers: hello.readers,
                 link_id: self.link_id,
                 mailbox: self.mailbox.clone(),
+                refusals: Default::default(),
             },
         );
         self.registered = true;

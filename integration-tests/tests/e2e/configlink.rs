@@ -140,6 +140,7 @@ fn an_agent_that_never_answers_a_config_on_its_link_leaves_it_pending_and_the_li
         let hb = Message::Heartbeat(v1::Heartbeat {
             request_id: 2,
             sent_at_unix_ms: 1,
+            ..Default::default()
         });
         c.send(&hb.to_frame(1).unwrap()).await.unwrap();
         loop {

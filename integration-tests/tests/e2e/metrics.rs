@@ -22,7 +22,7 @@ fn http(addr: SocketAddr, request: &str) -> String {
     out
 }
 
-fn get(addr: SocketAddr, path: &str) -> String {
+pub(crate) fn get(addr: SocketAddr, path: &str) -> String {
     http(
         addr,
         &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),

@@ -50,3 +50,57 @@ fn swipes_that_waited_out_their_ttl_while_the_scm_was_stopped_are_never_forwarde
     let logs = scm.wait_for_n("the frame waited", stale.len());
     assert!(logs.contains("swipe not forwarded: expired"), "{logs}");
 }
+
+/// Refusals at the agent reach the operator: the agent counts the swipes it refused
+/// (card rules, a full queue) or dropped (expired) and reports them in its heartbeats;
+/// `status`, `swipes` and the SCM's metrics show them.
+#[test]
+fn swipes_the_agent_refuses_are_reported_to_the_scm_and_shown_to_the_operator() {
+    crate::init();
+    let (dir, _password) = Fleet::init(&[1]);
+    let scm = Fleet::start_scm(
+        dir.path(),
+        &[("SCM__LISTEN__METRICS", "127.0.0.1:0".into())],
+    );
+    let agent = Fleet::start_agent(
+        dir.path(),
+        1,
+        scm.listening("agents"),
+        &[("AGENT__TIMEOUTS__HEARTBEAT_MS", "200".into())],
+    );
+    agent.wait_for("connected to SCM");
+    agent.wait_for("reader r1");
+    let dev = dir.path().join("dev");
+    for c in ["12-34", "56 78", "not/a/card"] {
+        swipe(&dev, 1, c);
+    }
+    agent.wait_for_n("swipe refused", 3);
+    let bo = dev.join("backoffice.toml");
+    let telnet = scm.listening("telnet");
+    let deadline = std::time::Instant::now() + integration_tests::WAIT;
+    let status = loop {
+        let (code, out, err) = integration_tests::backoffice_with(&bo, telnet, &["status", "1"]);
+        assert_eq!(code, 0, "{out}{err}");
+        if out.contains("swipes dropped at the agent (since it started): 3 invalid card") {
+            break out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reported: {out}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.contains("0 queue full, 0 expired"), "{status}");
+    let (code, out, _) = integration_tests::backoffice_with(&bo, telnet, &["swipes"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("connected agents report, since they started: 3 refused as invalid cards"),
+        "{out}"
+    );
+    let metrics = scm.listening("metrics");
+    let body = crate::metrics::get(metrics, "/metrics");
+    assert!(
+        body.contains("scm_agent_swipes_dropped{reason=\"invalid_card\"} 3"),
+        "{body}"
+    );
+}

@@ -51,6 +51,14 @@ pub(crate) struct Answer {
     pub(crate) detail: String,
 }
 
+/// The agent's counts of swipes that never reached the SCM, reported in heartbeats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Refusals {
+    pub(crate) invalid: u64,
+    pub(crate) queue_full: u64,
+    pub(crate) expired: u64,
+}
+
 /// Something the driver must do.
 #[derive(Debug)]
 pub(crate) enum Action {
@@ -92,6 +100,8 @@ pub(crate) struct AgentLink {
     phase: Phase,
     /// The last request id used on this connection (counted up from 1).
     request_id: u64,
+    /// What the next heartbeat reports.
+    refusals: Refusals,
     actions: VecDeque<Action>,
 }
 
@@ -116,6 +126,7 @@ impl AgentLink {
             p,
             phase: Phase::Hello { request_id },
             request_id,
+            refusals: Refusals::default(),
             actions: VecDeque::new(),
         };
         link.push(Action::Send(frame));
@@ -171,6 +182,11 @@ impl AgentLink {
         }
     }
 
+    /// The counts the next heartbeat reports (the driver reads them from the queue).
+    pub(crate) fn set_refusals(&mut self, r: Refusals) {
+        self.refusals = r;
+    }
+
     /// Time has passed: a heartbeat may be due, or an answer overdue.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         let Phase::Up {
@@ -198,6 +214,9 @@ impl AgentLink {
         let hb = Message::Heartbeat(v1::Heartbeat {
             request_id: self.request_id,
             sent_at_unix_ms: super::now_ms(),
+            swipes_invalid: self.refusals.invalid,
+            swipes_queue_full: self.refusals.queue_full,
+            swipes_expired: self.refusals.expired,
         });
         let frame = scm_proto::reply_frame(&hb, self.p.machine_id);
         self.push(Action::Send(frame));

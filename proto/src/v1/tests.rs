@@ -43,6 +43,7 @@ fn every_message() -> Vec<Message> {
         Message::Heartbeat(Heartbeat {
             request_id: 6,
             sent_at_unix_ms: 1_767_225_600_123,
+            ..Default::default()
         }),
         Message::ack(7, "stored", 4),
         Message::nack(8, NackReason::InvalidCard, "card has a space"),

@@ -12,6 +12,18 @@ use std::sync::Mutex;
 
 use scm_common::lock::LockExt;
 
+/// What an agent reports in its heartbeats of the swipes that never reached the SCM,
+/// counted since the agent started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct AgentRefusals {
+    /// Refused by the agent's card rules.
+    pub invalid: u64,
+    /// Refused because the agent's queue was full.
+    pub queue_full: u64,
+    /// Dropped at the agent when their time to live ran out before an ACK.
+    pub expired: u64,
+}
+
 /// A machine's live event link.
 #[derive(Debug, Clone)]
 pub(crate) struct Session {
@@ -29,6 +41,8 @@ pub(crate) struct Session {
     pub link_id: u64,
     /// Where a CONFIG for the machine goes to be sent over this link (version 1).
     pub mailbox: Option<std::sync::Arc<crate::link::mailbox::Mailbox>>,
+    /// The agent's last report of swipes it refused or dropped.
+    pub refusals: AgentRefusals,
 }
 
 /// Who holds which machine's link.
@@ -37,6 +51,10 @@ pub(crate) trait SessionRegistry: Send + Sync + std::fmt::Debug {
     fn register(&self, id: u16, session: Session);
     /// Removes the machine's link if it is still `link_id`.
     fn unregister(&self, id: u16, link_id: u64);
+    /// Records the agent's report on link `link_id` (ignored if that link was replaced).
+    fn report_refusals(&self, id: u16, link_id: u64, refusals: AgentRefusals);
+    /// The reports of every connected agent, summed.
+    fn refusals_total(&self) -> AgentRefusals;
     /// The machine's live link, if any.
     fn session(&self, id: u16) -> Option<Session>;
     /// Number of connected machines.
@@ -61,6 +79,27 @@ impl SessionRegistry for LocalSessions {
         }
     }
 
+    fn report_refusals(&self, id: u16, link_id: u64, refusals: AgentRefusals) {
+        if let Some(s) = self
+            .sessions
+            .lock_unpoisoned()
+            .get_mut(&id)
+            .filter(|s| s.link_id == link_id)
+        {
+            s.refusals = refusals;
+        }
+    }
+
+    fn refusals_total(&self) -> AgentRefusals {
+        let s = self.sessions.lock_unpoisoned();
+        s.values()
+            .fold(AgentRefusals::default(), |t, s| AgentRefusals {
+                invalid: t.invalid + s.refusals.invalid,
+                queue_full: t.queue_full + s.refusals.queue_full,
+                expired: t.expired + s.refusals.expired,
+            })
+    }
+
     fn session(&self, id: u16) -> Option<Session> {
         self.sessions.lock_unpoisoned().get(&id).cloned()
     }
@@ -83,6 +122,7 @@ mod tests {
             readers: vec!["r1".into()],
             link_id,
             mailbox: None,
+            refusals: AgentRefusals::default(),
         }
     }
 
@@ -98,6 +138,30 @@ mod tests {
             Some(2),
             "old link gone, new kept"
         );
+        let report = AgentRefusals {
+            invalid: 2,
+            queue_full: 1,
+            expired: 4,
+        };
+        r.report_refusals(3, 1, AgentRefusals::default());
+        r.report_refusals(3, 2, report);
+        r.register(4, link(3));
+        r.report_refusals(4, 3, report);
+        r.report_refusals(4, 9, AgentRefusals::default());
+        assert_eq!(
+            r.session(3).unwrap().refusals,
+            report,
+            "the old link's report is ignored"
+        );
+        assert_eq!(
+            r.refusals_total(),
+            AgentRefusals {
+                invalid: 4,
+                queue_full: 2,
+                expired: 8
+            }
+        );
+        r.unregister(4, 3);
         r.unregister(3, 2);
         assert!(r.session(3).is_none());
         assert_eq!(r.connected(), 0);

@@ -792,6 +792,7 @@ mod tests {
             readers: vec![],
             link_id: 1,
             mailbox: None,
+            refusals: Default::default(),
         };
         let m = machine_to_proto(&machine_cfg(), Some(&row), Some(&session), desired);
         assert!(m.connected);

@@ -25,6 +25,8 @@ pub(crate) struct Snapshot<'a> {
     pub swipes: &'a SwipeStats,
     /// Generic devices.
     pub devices: Vec<DeviceStatus>,
+    /// What the connected agents report of swipes they refused or dropped.
+    pub agent_refusals: crate::coord::sessions::AgentRefusals,
 }
 
 /// Renders the text exposition.
@@ -77,6 +79,19 @@ pub(crate) fn render(s: &Snapshot<'_>) -> String {
         ("expired", expired),
     ] {
         e.sample("scm_swipes_total", &[("outcome", outcome)], v);
+    }
+    e.header(
+        "scm_agent_swipes_dropped",
+        Kind::Gauge,
+        "Swipes the connected agents refused or dropped before they reached the SCM, as their heartbeats report (counted since each agent started), by reason.",
+    );
+    let r = s.agent_refusals;
+    for (reason, v) in [
+        ("invalid_card", r.invalid),
+        ("queue_full", r.queue_full),
+        ("expired", r.expired),
+    ] {
+        e.sample("scm_agent_swipes_dropped", &[("reason", reason)], v);
     }
     e.histogram(
         "scm_swipe_forward_seconds",
@@ -245,6 +260,7 @@ impl scm_common::http::Endpoints for Endpoints {
             agents_connected: self.ops.sessions.connected(),
             swipes: &self.ops.swipes.stats,
             devices: self.ops.swipes.bridge().status(None),
+            agent_refusals: self.ops.sessions.refusals_total(),
         });
         text.push_str(&self.ops.swipes.bridge().metrics_text());
         text.push_str(&self.ops.swipes.rfideas().metrics_text());
@@ -315,9 +331,16 @@ mod tests {
             agents_connected: 2,
             swipes: &sw,
             devices,
+            agent_refusals: crate::coord::sessions::AgentRefusals {
+                invalid: 3,
+                queue_full: 0,
+                expired: 1,
+            },
         });
         for line in [
             "scm_agents_connected 2",
+            "scm_agent_swipes_dropped{reason=\"invalid_card\"} 3",
+            "scm_agent_swipes_dropped{reason=\"expired\"} 1",
             "scm_agent_connections_total 1",
             "scm_handshake_failures_total{listener=\"agents\",reason=\"unknown_ca\"} 1",
             "scm_pushes_total{outcome=\"ack\"} 1",

@@ -891,6 +891,11 @@ async fn status(ops: &Ops, actor: &Actor, id: u16) -> Result<Lines, Reply> {
                 s.readers.join(", ")
             }
         ));
+        let r = s.refusals;
+        lines.push(format!(
+            "swipes dropped at the agent (since it started): {} invalid card, {} queue full, {} expired",
+            r.invalid, r.queue_full, r.expired
+        ));
     }
     for d in ops.swipes.bridge().status(Some(id)) {
         let conn = match d.connected {
@@ -960,6 +965,11 @@ async fn swipes(ops: &Ops, actor: &Actor) -> Result<Lines, Reply> {
         st.rejected.load(Relaxed),
         st.busy.load(Relaxed),
         st.no_route.load(Relaxed),
+    ));
+    let r = ops.sessions.refusals_total();
+    lines.push(format!(
+        "connected agents report, since they started: {} refused as invalid cards, {} refused with a full queue, {} expired before the SCM acknowledged them",
+        r.invalid, r.queue_full, r.expired
     ));
     Ok(Lines::new(ReplyCode::Done, lines))
 }

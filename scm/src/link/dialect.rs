@@ -76,7 +76,11 @@ pub(crate) enum Request {
     /// MSG and its text.
     Msg { request_id: u64, text: String },
     /// HEARTBEAT (version 1).
-    Heartbeat { request_id: u64, sent_at_ms: u64 },
+    Heartbeat {
+        request_id: u64,
+        sent_at_ms: u64,
+        refusals: crate::coord::sessions::AgentRefusals,
+    },
     /// SWIPE (version 1).
     Swipe(v1::Swipe),
     /// An ACK or NACK: never answered.
@@ -150,6 +154,11 @@ impl Dialect {
                 Message::Heartbeat(h) => Request::Heartbeat {
                     request_id: h.request_id,
                     sent_at_ms: h.sent_at_unix_ms,
+                    refusals: crate::coord::sessions::AgentRefusals {
+                        invalid: h.swipes_invalid,
+                        queue_full: h.swipes_queue_full,
+                        expired: h.swipes_expired,
+                    },
                 },
                 Message::Swipe(s) => Request::Swipe(s),
                 Message::Ack(_) | Message::Nack(_) => Request::Answer(code),

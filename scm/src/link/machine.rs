@@ -63,6 +63,8 @@ pub(crate) enum Action {
     Farewell(Frame),
     /// Count a refused frame under this reason (`frames_refused`).
     Count(&'static str),
+    /// Record what the agent reports of swipes it refused or dropped.
+    AgentReport(crate::coord::sessions::AgentRefusals),
     /// Record the accepted HELLO (address, session) and, the first time on this link,
     /// announce the connection.
     RecordHello {
@@ -360,8 +362,15 @@ impl LinkMachine {
                     self.push(Action::CheckMsgAddress { dialect, text });
                 }
             }
-            Request::Heartbeat { sent_at_ms, .. } => {
+            Request::Heartbeat {
+                sent_at_ms,
+                refusals,
+                ..
+            } => {
                 self.clock.observe(sent_at_ms, self.wall_ms(now));
+                if refusals != Default::default() {
+                    self.push(Action::AgentReport(refusals));
+                }
                 let ack = dialect.ack(id, rid, "OK", 0);
                 self.answer(dialect, ack);
             }

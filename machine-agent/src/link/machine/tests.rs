@@ -244,6 +244,7 @@ fn once_up_frames_that_are_not_answers_are_ignored() {
     let hb = Message::Heartbeat(v1::Heartbeat {
         request_id: 4,
         sent_at_unix_ms: 0,
+        ..Default::default()
     });
     l.handle_frame(frame(hb), Instant::now());
     l.handle_frame(scm_proto::text_frame(Code::Ack, ID, "OK"), Instant::now());
@@ -350,4 +351,28 @@ fn the_hello_announces_the_config_port_address() {
         (h.config_port, h.config_address.as_str()),
         (9301, "127.0.0.9:9301")
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_report_the_swipes_the_agent_refused_or_dropped() {
+    let mut l = up();
+    let r = Refusals {
+        invalid: 3,
+        queue_full: 1,
+        expired: 2,
+    };
+    l.set_refusals(r);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    l.handle_timeout(Instant::now());
+    let Some(Action::Send(f)) = l.poll_action() else {
+        panic!("a heartbeat")
+    };
+    let Ok(Message::Heartbeat(h)) = Message::decode(&f) else {
+        panic!("not a heartbeat: {f}")
+    };
+    assert_eq!(
+        (h.swipes_invalid, h.swipes_queue_full, h.swipes_expired),
+        (3, 1, 2)
+    );
+    assert!(h.sent_at_unix_ms > 0, "stamped for the SCM's wait estimate");
 }

@@ -67,6 +67,7 @@ fn heartbeat1(rid: u64) -> Message {
     Message::Heartbeat(v1::Heartbeat {
         request_id: rid,
         sent_at_unix_ms: 1,
+        ..Default::default()
     })
 }
 
@@ -103,6 +104,7 @@ fn describe(a: &Action) -> String {
         Action::ReplyNow(f) => format!("now {}", show(f)),
         Action::Farewell(f) => format!("farewell {}", show(f)),
         Action::Count(r) => format!("count {r}"),
+        Action::AgentReport(r) => format!("report {r:?}"),
         Action::RecordHello {
             dialect,
             config_address,
