@@ -429,8 +429,17 @@ fn acknowledged_swipes_queued_for_an_absent_print_server_survive_kill_9_and_arri
     s.wait_stdout("CARD AFTER001");
     let counts = card_counts(&[s.stdout()], &cards);
     assert!(counts.iter().all(|(_, n)| *n == 1), "{counts:?}");
-    let (_, _, by) = journal_counts(&dev.join("scm.db"));
-    assert_eq!(by, vec![("delivered".to_string(), 11)], "{by:?}");
+    // The journal learns each outcome from the bridge a moment after the write (its writer
+    // batches them): wait for the last one, within the bound.
+    let deadline = std::time::Instant::now() + integration_tests::WAIT;
+    loop {
+        let (_, _, by) = journal_counts(&dev.join("scm.db"));
+        if by == vec![("delivered".to_string(), 11)] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{by:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[test]
