@@ -144,6 +144,10 @@ pub(crate) struct LinkMachine {
     /// A wall-clock reading and the instant it was taken: wall time derived from the
     /// monotonic `now` the driver passes in (a stepped SCM clock does not move it).
     epoch: (i64, Instant),
+    /// When the last complete frame arrived (or the link began): the idle timeout counts
+    /// from here, not from the start of each read, which a CONFIG's answer timer or a
+    /// posted CONFIG restarts.
+    last_frame_at: Instant,
     actions: VecDeque<Action>,
 }
 
@@ -155,6 +159,7 @@ impl LinkMachine {
             awaiting: None,
             clock: ClockOffset::default(),
             epoch: (scm_common::clock::now_ms(), Instant::now()),
+            last_frame_at: Instant::now(),
             actions: VecDeque::new(),
         }
     }
@@ -187,15 +192,16 @@ impl LinkMachine {
     /// read's idle timeout then stands for "no answer" (no timer of its own in every
     /// idle link's task).
     pub(crate) fn read_limits(&self, now: Instant) -> (Option<Duration>, Duration) {
+        let idle = (self.last_frame_at + self.p.idle).saturating_duration_since(now);
         match self.awaiting {
             Some(Awaiting {
                 sent: Sent::InBand, ..
             }) => (Some(self.p.push_reply), self.p.push_reply),
             Some(Awaiting { sent_at, .. }) => {
                 let due = (sent_at + self.p.push_reply).saturating_duration_since(now);
-                (Some(self.p.idle.min(due)), self.p.stall)
+                (Some(idle.min(due)), self.p.stall)
             }
-            None => (Some(self.p.idle), self.p.stall),
+            None => (Some(idle), self.p.stall),
         }
     }
 
@@ -222,6 +228,7 @@ impl LinkMachine {
     /// A complete frame arrived.
     pub(crate) fn handle_frame(&mut self, frame: Frame, now: Instant) {
         let id = self.p.cert_id;
+        self.last_frame_at = now;
         match self.awaiting {
             Some(
                 wait @ Awaiting {
@@ -411,6 +418,7 @@ impl LinkMachine {
             if wait.sent != Sent::InBand
                 && matches!(e, ReadError::Idle(_))
                 && now >= wait.sent_at + self.p.push_reply
+                && now < self.last_frame_at + self.p.idle
             {
                 // The answer's time is up (see `read_limits`), not the link's: the
                 // generation stays pending, and the link goes on.
@@ -448,6 +456,11 @@ impl LinkMachine {
                 if matches!(e, ReadError::Stalled { .. }) {
                     self.push(Action::Count("stall"));
                 }
+                // The read's own timeout was what was left of the link's: name the link's.
+                let e = match e {
+                    ReadError::Idle(_) => ReadError::Idle(self.p.idle),
+                    e => e,
+                };
                 self.push(Action::Close(Close::Read(e)));
             }
         }

@@ -676,10 +676,13 @@ async fn in_band_config_answers_are_recorded_with_their_time() {
         let want: Vec<&str> = want.iter().map(String::as_str).collect();
         assert_actions(case, &drain(&mut m), &want);
         assert!(!m.awaits_answer(), "{case}");
-        assert_eq!(
-            m.read_limits(Instant::now()),
-            (Some(Duration::from_secs(60)), Duration::from_secs(5)),
-            "{case}: back to the link's timeouts"
+        // Back to the link's timeouts; the idle one counts from the last frame.
+        let (idle, stall) = m.read_limits(Instant::now());
+        assert_eq!(stall, Duration::from_secs(5), "{case}");
+        let idle = idle.expect("an idle timeout");
+        assert!(
+            idle > Duration::from_secs(59) && idle <= Duration::from_secs(60),
+            "{case}: {idle:?}"
         );
     }
 }
@@ -880,7 +883,8 @@ async fn an_unanswered_config_over_the_link_is_pending_and_the_link_goes_on() {
     assert!(m.takes_config(), "the link stays usable");
     assert_eq!(
         m.read_limits(Instant::now()),
-        (Some(Duration::from_secs(60)), Duration::from_secs(5))
+        (Some(Duration::from_secs(58)), Duration::from_secs(5)),
+        "the idle timeout counts from the last frame, not from the unanswered CONFIG"
     );
     // The answer that comes after all is an ordinary, unanswered frame.
     m.handle_frame(v1(Message::ack(70, "stored", 3), ID), Instant::now());
@@ -938,4 +942,40 @@ fn a_version_0_link_can_be_closed_once_the_in_band_config_is_answered() {
             &want,
         );
     }
+}
+
+/// Seen in the container scenario of an agent cut off from the network: a CONFIG retried
+/// every few seconds restarted the read's idle timeout each time, so the dead link was
+/// never closed and the push never reached the agent's next link.
+#[tokio::test(start_paused = true)]
+async fn configs_retried_over_a_silent_link_do_not_keep_it_open_past_its_idle_timeout() {
+    let mut m = link_config_sent();
+    let mut sent = 0;
+    loop {
+        let (idle, _) = m.read_limits(Instant::now());
+        let idle = idle.expect("an idle timeout");
+        tokio::time::advance(idle).await;
+        m.handle_error(ReadError::Idle(idle), None, Instant::now());
+        let actions = drain(&mut m);
+        if actions.iter().any(|a| a.starts_with("close")) {
+            assert!(
+                actions.iter().any(|a| a.contains("idle timeout of 60s")),
+                "closed for the link's idle timeout: {actions:?}"
+            );
+            break;
+        }
+        assert!(
+            m.takes_config(),
+            "retry {sent}: the link takes the retried CONFIG"
+        );
+        assert!(sent < 40, "the silent link was never closed");
+        sent += 1;
+        let at = Instant::now();
+        m.send_config(&generation(), 70 + sent, at);
+        drain(&mut m);
+    }
+    assert!(
+        sent >= 25,
+        "about 60 s of 2 s answer timeouts before the close ({sent})"
+    );
 }
